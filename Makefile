@@ -1,0 +1,36 @@
+# The README's commands. `make quickstart` and `make test` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+OUT ?= out/quickstart
+
+.PHONY: install quickstart test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/sftmix-ray prepare --config configs/quickstart.yaml --output-dir $(OUT)
+
+test: install
+	DS_ACCELERATOR=cpu $(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	DS_ACCELERATOR=cpu $(PY) benchmarks/bench_losses.py --json benchmarks/results/losses.json
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,445 @@
+"""Typed, validated configuration for every stage: YAML files plus `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from sftmix_ray.errors import ConfigError
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError naming the key, the value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: {allowed}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the corpus comes from and how it is tokenized."""
+
+    path: str = "demo"  # file, directory, HF dataset id, or "demo" (the bundled generator)
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    hf_split: str = "train"  # split used when `path` is a Hugging Face dataset id
+    eval_path: str | None = None  # held-out file; "demo" data brings its own held-out split
+    eval_fraction: float = 0.0  # else hold out this fraction of `path` (by example id)
+    on_invalid: Literal["skip", "error"] = "skip"  # rejected rows: report and skip, or fail
+    max_length: int = 512  # tokens per example
+    truncation: Literal["drop", "truncate"] = "drop"  # what to do with longer examples
+    demo_train_size: int = 4000
+    demo_eval_size: int = 400
+    tokenize_batch_size: int = 256  # rows per Ray Data tokenization batch
+    num_workers: int = 2  # Ray Data tokenization actors
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        _check(
+            0.0 <= self.eval_fraction < 1.0,
+            "data.eval_fraction",
+            self.eval_fraction,
+            "a number in [0, 1)",
+        )
+        _check(self.demo_train_size > 0, "data.demo_train_size", self.demo_train_size, "> 0")
+        _check(self.demo_eval_size >= 0, "data.demo_eval_size", self.demo_eval_size, ">= 0")
+        _check(self.num_workers >= 1, "data.num_workers", self.num_workers, ">= 1")
+        _check(
+            self.tokenize_batch_size > 0,
+            "data.tokenize_batch_size",
+            self.tokenize_batch_size,
+            "> 0",
+        )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The base model SFTMix trains."""
+
+    name_or_path: str = "tiny"  # HF id, local HF directory, or "tiny" (built-in offline preset)
+    trust_remote_code: bool = False  # off unless set: remote code runs arbitrary Python
+    attn_implementation: str = "sdpa"
+    tiny_hidden_size: int = 256  # sizes of the "tiny" preset (seeded random init)
+    tiny_num_layers: int = 4
+    tiny_vocab_size: int = 2048  # BPE vocab trained locally on the corpus
+    tiny_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "non-empty")
+        _check(
+            self.tiny_hidden_size % 32 == 0 and self.tiny_hidden_size > 0,
+            "model.tiny_hidden_size",
+            self.tiny_hidden_size,
+            "a positive multiple of 32",
+        )
+        _check(self.tiny_num_layers > 0, "model.tiny_num_layers", self.tiny_num_layers, "> 0")
+        _check(
+            self.tiny_vocab_size >= 300,
+            "model.tiny_vocab_size",
+            self.tiny_vocab_size,
+            ">= 300 (byte alphabet plus merges)",
+        )
+
+
+@dataclass(kw_only=True)
+class ReferenceConfig:
+    """The reference NTP run whose checkpoints score confidence."""
+
+    model: str | None = None  # smaller reference model (compute-constrained mode); None = base
+    num_checkpoints: int = 3  # T checkpoints spread evenly over the run
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    learning_rate: float | None = None  # None = train.learning_rate
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_checkpoints >= 1,
+            "reference.num_checkpoints",
+            self.num_checkpoints,
+            "an integer >= 1",
+        )
+        _check(
+            self.num_train_epochs > 0,
+            "reference.num_train_epochs",
+            self.num_train_epochs,
+            "> 0",
+        )
+        _check(
+            self.learning_rate is None or self.learning_rate > 0,
+            "reference.learning_rate",
+            self.learning_rate,
+            "> 0 or null",
+        )
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    """Ray Data confidence scoring."""
+
+    num_actors: int = 2  # scorer actors (one per GPU on GPU clusters)
+    num_gpus_per_actor: float = 0.0
+    batch_tokens: int = 8192  # token budget per forward (after sorting by length)
+    chunk_size: int = 1024  # positions per log-sum-exp chunk
+
+    def __post_init__(self) -> None:
+        _check(self.num_actors >= 1, "score.num_actors", self.num_actors, "an integer >= 1")
+        _check(self.batch_tokens >= 64, "score.batch_tokens", self.batch_tokens, ">= 64")
+        _check(self.chunk_size >= 1, "score.chunk_size", self.chunk_size, ">= 1")
+        _check(
+            self.num_gpus_per_actor >= 0,
+            "score.num_gpus_per_actor",
+            self.num_gpus_per_actor,
+            ">= 0",
+        )
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    """Confidence split."""
+
+    ratio: float = 0.5  # fraction of examples (highest confidence first) that are "confident"
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.ratio < 1.0, "split.ratio", self.ratio, "a number in the open range (0, 1)")
+
+
+@dataclass(kw_only=True)
+class MixupConfig:
+    """The SFTMix regularizer; mu = 0 with uniform sampling is the NTP baseline."""
+
+    alpha: float = 0.5  # Beta(alpha, alpha) for the interpolation weight lambda
+    mu: float = 0.2  # weight of L_mix in L = L_ntp + mu * L_mix
+    lambda_per: Literal["pair", "batch"] = "pair"
+    pairing: Literal["confidence", "random"] = "confidence"  # random = ablation
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0, "mixup.alpha", self.alpha, "a number > 0")
+        _check(self.mu >= 0, "mixup.mu", self.mu, "a number >= 0 (0 = NTP baseline)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Ray Train settings shared by the reference run and SFTMix training."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_workers: int = 1
+    use_gpu: bool = False
+    per_device_train_batch_size: int = 8  # rows per device per micro-step (SFTMix: b conf + b unconf)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    max_failures: int = 0  # Ray Train FailureConfig(max_failures)
+    seed: int = 42
+    bf16: bool = False  # autocast on GPU
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
+    save_total_limit: int = 2
+    deepspeed_stage: Literal[2, 3] = 2
+    deepspeed_config: str | None = None  # a user's DeepSpeed JSON replaces ours
+    loss_chunk_size: int = 1024
+    storage_path: str | None = None  # shared storage for checkpoints; default OUT/ray_storage
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
+        _check(
+            self.per_device_train_batch_size >= 1,
+            "train.per_device_train_batch_size",
+            self.per_device_train_batch_size,
+            ">= 1",
+        )
+        _check(
+            self.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            ">= 1",
+        )
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1")
+        _check(self.num_train_epochs > 0, "train.num_train_epochs", self.num_train_epochs, "> 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        _check(self.logging_steps >= 1, "train.logging_steps", self.logging_steps, ">= 1")
+        _check(self.save_steps >= 0, "train.save_steps", self.save_steps, ">= 0")
+        _check(self.save_total_limit >= 1, "train.save_total_limit", self.save_total_limit, ">= 1")
+        _check(self.loss_chunk_size >= 1, "train.loss_chunk_size", self.loss_chunk_size, ">= 1")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation."""
+
+    compare_ntp: bool = False  # also train an NTP baseline (mixup.mu = 0) and evaluate it
+    exact_match: bool = True  # greedy generation vs the demo corpus's answers
+    max_new_tokens: int = 32
+    max_examples: int = 200
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(self.max_examples >= 1, "eval.max_examples", self.max_examples, ">= 1")
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    """Ray Tune sweep over train (+ split)."""
+
+    num_samples: int = 3
+    max_concurrent_trials: int = 1
+    search: Literal["grid", "random", "optuna"] = "random"
+    space: str | None = None  # search-space YAML; None = tuning/default_space.yaml
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", self.num_samples, "an integer >= 1")
+        _check(
+            self.max_concurrent_trials >= 1,
+            "tune.max_concurrent_trials",
+            self.max_concurrent_trials,
+            ">= 1",
+        )
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    """How to reach Ray: an existing cluster, or a local one."""
+
+    address: str | None = None  # None: RAY_ADDRESS if set, else start a local cluster
+    num_cpus: int | None = None  # local cluster only
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"  # never exposed beyond loopback by default
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe), as written to OUT/config.yaml."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML and --set overrides
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce `value` to the annotated type `tp`, or raise a ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1] if errors else f"config key '{key}' = {value!r} is invalid")
+    if origin is Literal:
+        allowed = get_args(tp)
+        for a in allowed:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise ConfigError(
+            f"config key '{key}' = {value!r} is invalid: one of {', '.join(map(repr, allowed))}"
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected an integer")
+        try:
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(value)
+        except ValueError:
+            raise ConfigError(
+                f"config key '{key}' = {value!r} is invalid: expected an integer"
+            ) from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a number")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(
+                f"config key '{key}' = {value!r} is invalid: expected a number"
+            ) from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a string")
+        return str(value)
+    return value
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    guess = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict; errors name the offending key."""
+    return _build(Config, raw or {}, "")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `--set key=value`; the value is read as YAML (so 0.5, true, null work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw_value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (optional), apply `key=value` overrides, validate, return it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw = loaded or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+SECRET_MARKERS = ("token", "secret", "password", "api_key")
+
+
+def redacted(obj: Any) -> Any:
+    """Copy of a nested dict with values of secret-looking keys replaced."""
+    if isinstance(obj, dict):
+        return {
+            k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redacted(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redacted(v) for v in obj]
+    return obj
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (secrets redacted) atomically."""
+    from sftmix_ray.io_utils import atomic_write_text
+
+    text = yaml.safe_dump(redacted(config.to_dict()), sort_keys=False)
+    atomic_write_text(Path(path), text)

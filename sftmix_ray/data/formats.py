@@ -1,0 +1,219 @@
+"""Normalize one raw corpus row (alpaca, sharegpt or messages) to a list of chat messages.
+
+The result is always `[{"role": "system"|"user"|"assistant", "content": str}, ...]` with an
+optional leading system message, then user and assistant turns alternating, starting with a
+user turn and ending with an assistant turn. A row that cannot be normalized raises
+`RowRejected` with a precise reason; turns are numbered from 1 as they appear in the row.
+
+Rules (the same for every format):
+- content is a string; user and assistant content must not be empty or only whitespace;
+- an empty system prompt means "no system prompt" and is dropped (it changes nothing);
+- roles are known (aliases from real dumps are mapped, case-insensitively); tool/function
+  roles are not supported and are rejected by name;
+- a system message may only come first; at least one assistant turn; the conversation
+  starts with a user turn, alternates, and ends with an assistant turn (a trailing user turn
+  would have no response to learn from, and chat templates reject non-alternating roles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import pairwise
+from typing import Any
+
+from sftmix_ray.errors import DataError, RowRejected
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+ROLES = ("system", "user", "assistant")
+ROLE_ALIASES: dict[str, str] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
+# Key pairs a turn may use, the format's own first: (role key, content key).
+_TURN_KEYS = {
+    "sharegpt": (("from", "value"), ("role", "content")),
+    "messages": (("role", "content"), ("from", "value")),
+}
+_LIST_FIELD = {"sharegpt": "conversations", "messages": "messages"}
+
+Message = dict[str, str]
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON name of `value`'s type: null, bool, int, float, string, list, object."""
+    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string"}
+    names.update({list: "list", dict: "object"})
+    return names.get(type(value), type(value).__name__)
+
+
+def row_format(row: Any) -> str | None:
+    """The format a single row's keys point to, or None when they match none."""
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    return None
+
+
+def detect_format(rows: Iterable[Any]) -> str:
+    """The format of a corpus, from the keys of its first row that matches a known format."""
+    for row in rows:
+        fmt = row_format(row)
+        if fmt is not None:
+            return fmt
+    raise DataError(
+        "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
+        "'instruction' field; pass the format explicitly (alpaca, sharegpt or messages)"
+    )
+
+
+def normalize_row(row: Any, fmt: str) -> list[Message]:
+    """Normalize one raw row to chat messages; raise `RowRejected` saying why it is invalid."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not isinstance(row, dict):
+        raise RowRejected(f"row is not an object (got {json_type_name(row)})")
+    if fmt == "auto":
+        detected = row_format(row)
+        if detected is None:
+            raise RowRejected(
+                "row matches no format (no 'messages', 'conversations' or 'instruction' field)"
+            )
+        fmt = detected
+    if fmt == "alpaca":
+        return _normalize_alpaca(row)
+    return _normalize_conversation(row, fmt)
+
+
+def _normalize_alpaca(row: dict[str, Any]) -> list[Message]:
+    """instruction (+ "\\n\\n" + input) -> user, output -> assistant, optional system first."""
+    instruction = _required_text(row, "instruction", "alpaca")
+    output = _required_text(row, "output", "alpaca")
+    extra_input = _optional_text(row, "input")
+    system = _optional_text(row, "system")
+    prompt = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": output})
+    return messages
+
+
+def _normalize_conversation(row: dict[str, Any], fmt: str) -> list[Message]:
+    """Normalize a sharegpt `conversations` or a `messages` list of turns."""
+    field = _LIST_FIELD[fmt]
+    if field not in row:
+        raise RowRejected(f"missing field {field!r}{_looks_like(row, fmt)}")
+    turns = row[field]
+    if not isinstance(turns, list):
+        raise RowRejected(f"field {field!r} must be a list (got {json_type_name(turns)})")
+    if not turns:
+        raise RowRejected(f"field {field!r} is empty")
+
+    numbered: list[tuple[int, str, str]] = []  # (turn number, role, content)
+    system = _optional_text(row, "system") if fmt == "sharegpt" else ""
+    if system.strip():
+        numbered.append((0, "system", system))
+    for number, turn in enumerate(turns, start=1):
+        role, content = _parse_turn(turn, number, fmt)
+        if not content.strip():
+            if role == "system":
+                continue
+            raise RowRejected(f"turn {number} content is empty")
+        if role == "system" and system.strip():
+            raise RowRejected(f"row has both a 'system' field and a system turn (turn {number})")
+        numbered.append((number, role, content))
+    _check_order(numbered)
+    return [{"role": role, "content": content} for _, role, content in numbered]
+
+
+def _parse_turn(turn: Any, number: int, fmt: str) -> tuple[str, str]:
+    """Read one turn's (canonical role, content); reject malformed turns."""
+    if not isinstance(turn, dict):
+        raise RowRejected(f"turn {number} is not an object (got {json_type_name(turn)})")
+    keys = _TURN_KEYS[fmt]
+    role_key, content_key = next((pair for pair in keys if pair[0] in turn), keys[0])
+    if role_key not in turn:
+        raise RowRejected(f"turn {number} has no {role_key!r} field")
+    raw_role = turn[role_key]
+    if not isinstance(raw_role, str):
+        raise RowRejected(f"turn {number} role must be a string (got {json_type_name(raw_role)})")
+    role = ROLE_ALIASES.get(raw_role.strip().lower())
+    if role is None:
+        raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}")
+    if content_key not in turn:
+        raise RowRejected(f"turn {number} has no {content_key!r} field")
+    content = turn[content_key]
+    if not isinstance(content, str):
+        raise RowRejected(f"turn {number} content must be a string (got {json_type_name(content)})")
+    return role, content
+
+
+def _check_order(numbered: list[tuple[int, str, str]]) -> None:
+    """System first; then user/assistant alternating, from user to assistant."""
+    for position, (number, role, _) in enumerate(numbered):
+        if role == "system" and position > 0:
+            raise RowRejected(f"system message must come first (turn {number})")
+    body = [(number, role) for number, role, _ in numbered if role != "system"]
+    if not body:
+        raise RowRejected("no user or assistant turn")
+    if all(role != "assistant" for _, role in body):
+        raise RowRejected("no assistant turn")
+    first_number, first_role = body[0]
+    if first_role != "user":
+        raise RowRejected(
+            f"conversation must start with a user turn (turn {first_number} is {first_role})"
+        )
+    for (_, previous), (number, role) in pairwise(body):
+        if role == previous:
+            raise RowRejected(
+                f"turn {number} repeats role {role!r} (user and assistant turns must alternate)"
+            )
+    last_number, last_role = body[-1]
+    if last_role != "assistant":
+        raise RowRejected(
+            f"conversation ends with a user turn (turn {last_number}) without a reply"
+        )
+
+
+def _required_text(row: dict[str, Any], key: str, fmt: str) -> str:
+    """A required, non-empty string field."""
+    if key not in row:
+        raise RowRejected(f"missing field {key!r}{_looks_like(row, fmt)}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowRejected(f"field {key!r} must be a string (got {json_type_name(value)})")
+    if not value.strip():
+        raise RowRejected(f"field {key!r} is empty")
+    return value
+
+
+def _optional_text(row: dict[str, Any], key: str) -> str:
+    """An optional string field; absent or null reads as ""."""
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowRejected(f"field {key!r} must be a string (got {json_type_name(value)})")
+    return value
+
+
+def _looks_like(row: dict[str, Any], fmt: str) -> str:
+    """A hint when a row rejected as `fmt` has the keys of another format."""
+    other = row_format(row)
+    return f" (row looks like {other})" if other is not None and other != fmt else ""
+
+
+def _show(value: str, limit: int = 40) -> str:
+    """`repr` of a user-supplied string, shortened so reasons stay one readable line."""
+    return repr(value if len(value) <= limit else value[: limit - 3] + "...")

@@ -1,0 +1,173 @@
+"""The `prepare` stage: read, validate, normalize, template and tokenize the corpus -> OUT/data/."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftmix_ray.config import Config
+from sftmix_ray.errors import DataError
+from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"  # OUT/data: the training corpus (example_id, input_ids, labels)
+HELDOUT_DIR = "heldout"  # OUT/heldout: the held-out corpus, plus messages/answer for eval
+DEMO = "demo"
+
+
+@dataclass
+class Corpus:
+    """Validated conversations of one split: (example_id, messages, answer) and the report."""
+
+    rows: list[tuple[int, list[dict], str | None]]
+    total: int
+    rejections: list[dict]
+    source: str
+
+
+def _answer(row: Any) -> str | None:
+    return row.get("answer") if isinstance(row, dict) else None
+
+
+def _validated(raw_rows: list[Any], fmt: str, source: str, on_invalid: str) -> Corpus:
+    from sftmix_ray.data.validation import validate_rows
+
+    valid, report = validate_rows(raw_rows, fmt)
+    rejections = [{"index": r.index, "reason": r.reason} for r in report.rejections]
+    if rejections and on_invalid == "error":
+        first = rejections[0]
+        raise DataError(
+            f"{source}: {len(rejections)} invalid rows (data.on_invalid=error); first: "
+            f"row {first['index']}: {first['reason']}"
+        )
+    rows = [(idx, messages, _answer(raw_rows[idx])) for idx, messages in valid]
+    return Corpus(rows=rows, total=report.total, rejections=rejections, source=source)
+
+
+def load_corpora(cfg: Config) -> tuple[Corpus, Corpus | None]:
+    """Train and held-out corpora from the demo generator, files, or a HF dataset."""
+    from sftmix_ray.data.readers import read_records
+
+    d = cfg.data
+    if d.path == DEMO:
+        from sftmix_ray.data.demo import generate_demo
+
+        train_raw, eval_raw = generate_demo(d.demo_train_size, d.demo_eval_size, seed=0)
+        train = _validated(train_raw, "messages", "demo:train", d.on_invalid)
+        heldout = _validated(eval_raw, "messages", "demo:eval", d.on_invalid) if eval_raw else None
+        return train, heldout
+    train = _validated(read_records(d.path, hf_split=d.hf_split), d.format, d.path, d.on_invalid)
+    if d.eval_path:
+        raw = read_records(d.eval_path, hf_split=d.hf_split)
+        return train, _validated(raw, d.format, d.eval_path, d.on_invalid)
+    if d.eval_fraction > 0:
+        # Every k-th example by id, so the held-out split is stable across runs.
+        every = max(2, round(1 / d.eval_fraction))
+        kept = [r for r in train.rows if r[0] % every != every - 1]
+        held = [r for r in train.rows if r[0] % every == every - 1]
+        heldout = Corpus(rows=held, total=len(held), rejections=[], source=f"{d.path}[heldout]")
+        train.rows = kept
+        return train, heldout
+    return train, None
+
+
+def tokenizer_training_texts(rows: list[tuple[int, list[dict], str | None]]) -> list[str]:
+    """Texts the tiny preset's BPE is trained on: every turn's content and the role names."""
+    texts = [m["content"] for _, messages, _ in rows for m in messages]
+    return [*texts, "system user assistant"]
+
+
+def _tokenize(corpus: Corpus, tokenizer_path: str, cfg: Config, keep_messages: bool) -> pa.Table:
+    """Tokenize with Ray Data `map_batches` on an actor pool; returns every row with its fate."""
+    import ray
+
+    from sftmix_ray.data.tokenize import TokenizeBatch
+
+    table = pa.table(
+        {
+            "example_id": pa.array([r[0] for r in corpus.rows], type=pa.int64()),
+            "messages_json": pa.array([json.dumps(r[1]) for r in corpus.rows], type=pa.string()),
+            "answer": pa.array([r[2] for r in corpus.rows], type=pa.string()),
+        }
+    )
+    n_actors = max(1, min(cfg.data.num_workers, len(corpus.rows) // cfg.data.tokenize_batch_size))
+    ds = ray.data.from_arrow(table).repartition(max(1, n_actors * 2))
+    ds = ds.map_batches(
+        TokenizeBatch,
+        fn_constructor_args=(tokenizer_path, cfg.data.max_length, cfg.data.truncation),
+        fn_constructor_kwargs={"trust": cfg.model.trust_remote_code},
+        batch_size=cfg.data.tokenize_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_cpus=1,
+    )
+    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("example_id")
+    if not keep_messages:
+        out = out.drop_columns(["messages_json", "answer"])
+    return out
+
+
+def _write_split(table: pa.Table, target: Path, rows_per_file: int = 2048) -> None:
+    """Write kept rows as Parquet shards into `target`, atomically (tmp dir then rename)."""
+    tmp = fresh_tmp_dir(target)
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        pq.write_table(table.slice(start, rows_per_file), tmp / f"part-{i:05d}.parquet")
+    replace_dir(tmp, target)
+
+
+def _finish(corpus: Corpus, tokenized: pa.Table, target: Path) -> dict[str, Any]:
+    """Split tokenized rows into kept and rejected, write the kept ones, return the counts."""
+    import pyarrow.compute as pc
+
+    reasons = tokenized.column("reject_reason")
+    kept = tokenized.filter(pc.equal(reasons, "")).drop_columns(["reject_reason"])
+    dropped = tokenized.filter(pc.not_equal(reasons, ""))
+    _write_split(kept.drop_columns(["truncated"]), target)
+    token_rejections = [
+        {"index": int(i), "reason": str(r)}
+        for i, r in zip(
+            dropped.column("example_id").to_pylist(), dropped.column("reject_reason").to_pylist()
+        )
+    ]
+    rejections = corpus.rejections + token_rejections
+    n_tokens = pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0
+    return {
+        "source": corpus.source,
+        "input": corpus.total,
+        "rejected": len(rejections),
+        "written": kept.num_rows,
+        "truncated": int(pc.sum(kept.column("truncated")).as_py() or 0),
+        "tokens": int(n_tokens),
+        "rejection_reasons": dict(Counter(r["reason"] for r in rejections).most_common()),
+        "rejections": rejections[:1000],
+    }
+
+
+def run_prepare(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Prepare OUT/data (and OUT/heldout); builds the tiny preset when the model is `tiny`."""
+    from sftmix_ray.modeling import BASE_MODEL_DIR, TINY, materialize_tiny
+
+    train, heldout = load_corpora(cfg)
+    if not train.rows:
+        raise DataError(f"{train.source}: no valid rows ({train.total} read, all rejected)")
+    tokenizer_path = cfg.model.name_or_path
+    if cfg.model.name_or_path == TINY:
+        texts = tokenizer_training_texts(train.rows)
+        tokenizer_path = str(materialize_tiny(cfg.model, texts, out_dir / BASE_MODEL_DIR))
+    counts = {
+        "train": _finish(train, _tokenize(train, tokenizer_path, cfg, False), out_dir / DATA_DIR)
+    }
+    if heldout is not None and heldout.rows:
+        tokenized = _tokenize(heldout, tokenizer_path, cfg, True)
+        counts["heldout"] = _finish(heldout, tokenized, out_dir / HELDOUT_DIR)
+    if counts["train"]["written"] == 0:
+        raise DataError(f"{train.source}: every row was rejected during tokenization")
+    return counts

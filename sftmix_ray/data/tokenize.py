@@ -1,0 +1,110 @@
+"""Chat-template rendering and tokenization with response-only labels."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from sftmix_ray.errors import RowRejected
+from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+
+IGNORE_INDEX = -100
+
+
+def _render(tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+    )
+
+
+def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the character spans of assistant turns.
+
+    Each span runs from where the generation prompt ends to where the rendered turn ends, so
+    it covers the assistant content and its end-of-turn token (the model must learn to stop).
+    Templates that are not prefix-stable (rendering a conversation changes an earlier turn's
+    text) are rejected, since their labels could not be aligned.
+    """
+    template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+    full = _render(tokenizer, messages, template, generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
+        if not (full.startswith(upto) and upto.startswith(prompt)):
+            raise RowRejected(
+                f"chat template is not prefix-stable at turn {i}; cannot align assistant labels"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict], max_length: int, truncation: str
+) -> tuple[list[int], list[int], bool]:
+    """Token ids and labels (-100 outside assistant spans); returns (ids, labels, truncated)."""
+    text, spans = render_with_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    span_idx = 0
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
+        # A token is supervised when it starts inside an assistant span.
+        while span_idx < len(spans) and start >= spans[span_idx][1]:
+            span_idx += 1
+        if span_idx < len(spans) and spans[span_idx][0] <= start < spans[span_idx][1]:
+            labels[t] = ids[t]
+        elif span_idx < len(spans) and start < spans[span_idx][0] < end:
+            labels[t] = ids[t]  # a token that straddles the span start belongs to the answer
+    truncated = False
+    if len(ids) > max_length:
+        if truncation == "drop":
+            raise RowRejected(f"too long: {len(ids)} tokens > data.max_length={max_length}")
+        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+    if all(label == IGNORE_INDEX for label in labels):
+        reason = "no supervised tokens after truncation" if truncated else "no supervised tokens"
+        raise RowRejected(reason)
+    return ids, labels, truncated
+
+
+class TokenizeBatch:
+    """Ray Data callable class: tokenizes a batch of conversations, marking rejected rows.
+
+    Input columns: `example_id`, `messages_json`. Output adds `input_ids`, `labels`,
+    `truncated` and `reject_reason` ("" for kept rows), so the driver counts every outcome.
+    """
+
+    def __init__(self, tokenizer_path: str, max_length: int, truncation: str, trust: bool = False):
+        from sftmix_ray.modeling import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust)
+        self.max_length = max_length
+        self.truncation = truncation
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        input_ids, labels, truncated, reasons = [], [], [], []
+        for raw in batch.column("messages_json").to_pylist():
+            try:
+                ids, labs, trunc = tokenize_conversation(
+                    self.tokenizer, json.loads(raw), self.max_length, self.truncation
+                )
+                reason = ""
+            except RowRejected as exc:
+                ids, labs, trunc, reason = [], [], False, exc.reason
+            input_ids.append(ids)
+            labels.append(labs)
+            truncated.append(trunc)
+            reasons.append(reason)
+        return (
+            batch.append_column("input_ids", pa.array(input_ids, type=pa.list_(pa.int32())))
+            .append_column("labels", pa.array(labels, type=pa.list_(pa.int32())))
+            .append_column("truncated", pa.array(truncated, type=pa.bool_()))
+            .append_column("reject_reason", pa.array(reasons, type=pa.string()))
+        )

@@ -1,0 +1,123 @@
+"""Validate a corpus row by row: keep every valid row, report every rejected one with its reason.
+
+Rows are numbered from 0 in file order (for JSON Lines, blank lines are not rows and are not
+numbered). `total == valid + rejected` always holds: no row is dropped without a reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftmix_ray.data.formats import FORMATS, Message, detect_format, normalize_row
+from sftmix_ray.data.readers import read_records
+from sftmix_ray.errors import DataError, RowRejected
+
+ValidPair = tuple[int, list[Message]]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One rejected row: its 0-based index in the corpus and why it was rejected."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class ValidationReport:
+    """Counts of valid and rejected rows, each rejection with its reason, and the format used."""
+
+    total: int
+    valid: int
+    rejected: int
+    rejections: list[Rejection] = field(default_factory=list)
+    format: str = "auto"
+
+    def __post_init__(self) -> None:
+        assert self.total == self.valid + self.rejected, "total must equal valid + rejected"
+        assert self.rejected == len(self.rejections), "one Rejection per rejected row"
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as the JSON object `validate-data --json` prints."""
+        assert self.total == self.valid + self.rejected
+        return {
+            "total": self.total,
+            "valid": self.valid,
+            "rejected": self.rejected,
+            "rejections": [{"index": r.index, "reason": r.reason} for r in self.rejections],
+            "format": self.format,
+        }
+
+
+def validate_rows(
+    rows: Sequence[Any], fmt: str = "auto", *, source: str | None = None
+) -> tuple[list[ValidPair], ValidationReport]:
+    """Normalize every row; return the valid (row index, messages) pairs and the report.
+
+    `source` (a file name) prefixes the DataError raised when `auto` cannot detect a format.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        resolved = detect_format(rows) if fmt == "auto" else fmt
+    except DataError as exc:
+        raise DataError(f"{source}: {exc}" if source else str(exc)) from None
+    valid: list[ValidPair] = []
+    rejections: list[Rejection] = []
+    for index, row in enumerate(rows):
+        try:
+            valid.append((index, normalize_row(row, resolved)))
+        except RowRejected as exc:
+            rejections.append(Rejection(index, exc.reason))
+    report = ValidationReport(
+        total=len(rows),
+        valid=len(valid),
+        rejected=len(rejections),
+        rejections=rejections,
+        format=resolved,
+    )
+    return valid, report
+
+
+def validate_file(
+    path: str | os.PathLike[str], fmt: str = "auto", *, hf_split: str = "train"
+) -> tuple[list[ValidPair], ValidationReport]:
+    """Read a corpus (file, directory or HF dataset) and validate every row."""
+    rows = read_records(path, hf_split=hf_split)
+    return validate_rows(rows, fmt, source=os.fspath(path))
+
+
+def format_report(
+    report: ValidationReport, path: str | os.PathLike[str], max_listed: int = 20
+) -> str:
+    """A human-readable summary: counts, reasons grouped with counts, then the first rejections."""
+    lines = [
+        f"{os.fspath(path)}: {report.total} {_plural(report.total, 'row')}, {report.valid} valid, "
+        f"{report.rejected} rejected (format: {report.format})"
+    ]
+    if not report.rejections:
+        return "\n".join(lines)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for rejection in report.rejections:
+        groups[rejection.reason].append(rejection.index)
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[1][0]))
+    lines.append(f"rejected {report.rejected} {_plural(report.rejected, 'row')} by reason:")
+    for reason, indices in ordered:
+        shown = ", ".join(str(i) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
+        lines.append(f'  {len(indices)} x "{reason}" ({_plural(len(indices), "row")} {shown})')
+    listed = report.rejections[: max(max_listed, 0)]
+    if listed:
+        lines.append(f"first {len(listed)} rejected {_plural(len(listed), 'row')} (0-based):")
+        lines.extend(f"  row {r.index}: {r.reason}" for r in listed)
+    if report.rejected > len(listed):
+        lines.append(f"  ... and {report.rejected - len(listed)} more")
+    return "\n".join(lines)
+
+
+def _plural(count: int, word: str) -> str:
+    """`word` or `word + "s"` to agree with `count`."""
+    return word if count == 1 else f"{word}s"

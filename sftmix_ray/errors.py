@@ -1,0 +1,27 @@
+"""User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+
+class SftmixError(Exception):
+    """An error caused by the user's input or environment, reported as one clear message."""
+
+
+class ConfigError(SftmixError):
+    """A config key, value or file is invalid."""
+
+
+class DataError(SftmixError):
+    """A data file cannot be read or parsed; the message names the file and the position."""
+
+
+class RowRejected(Exception):
+    """One row of a corpus is invalid; `reason` says why. Counted and reported, never silent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotImplementedStage(SftmixError):
+    """A pipeline stage whose implementation has not landed yet."""

@@ -1,0 +1,63 @@
+"""Atomic file writes: a reader never sees a partial file, a crash never leaves one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sftmix_ray.errors import SftmixError
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` if needed and check we can write there; clear error otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise SftmixError(f"output directory {path} is not writable: {exc.strerror}") from None
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise SftmixError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (sorted keys, indented, trailing newline)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a finished temporary directory into place, replacing any previous one."""
+    if final_dir.exists():
+        trash = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final_dir, trash)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+
+
+def fresh_tmp_dir(final_dir: Path) -> Path:
+    """An empty sibling directory to build `final_dir` in before `replace_dir`."""
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp

@@ -1,0 +1,81 @@
+"""Chunked soft-target cross-entropy: the one kernel behind NTP, Mixup and the scorer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn.Module) -> Tensor:
+    """Per-row `sum_k w[:, k] * (lse(z) - z[targets[:, k]])` for one chunk of rows."""
+    # Upcast before the log-sum-exp: bf16 logits lose the small differences that matter here.
+    logits = lm_head(hidden).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets)
+    return (weights * (lse.unsqueeze(1) - picked)).sum(dim=1)
+
+
+def chunked_soft_ce(
+    hidden: Tensor,
+    lm_head: nn.Module,
+    targets: Tensor,
+    weights: Tensor,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Weighted multi-target cross-entropy per position, `[N]` fp32, never holding `N x V` logits.
+
+    `hidden` is `[N, d]`, `targets` `[N, K]` token ids, `weights` `[N, K]`; position `n` costs
+    `sum_k weights[n, k] * (logsumexp(z_n) - z_n[targets[n, k]])` with `z_n = lm_head(hidden[n])`.
+    Positions whose weights are all zero are skipped (their loss is 0) and their targets may
+    be anything, `-100` included.
+    """
+    if hidden.dim() != 2 or targets.dim() != 2 or targets.shape != weights.shape:
+        raise ValueError(
+            f"chunked_soft_ce wants hidden [N, d], targets and weights [N, K]; got "
+            f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(weights.shape)}"
+        )
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden rows but {targets.shape[0]} target rows")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n_positions = hidden.shape[0]
+    weights = weights.to(device=hidden.device, dtype=torch.float32)
+    targets = targets.to(hidden.device)
+
+    active = (weights != 0).any(dim=1)
+    # One host sync here buys skipping every padded position in the expensive part.
+    index = active.nonzero().squeeze(1)
+    n_active = int(index.numel())
+    if n_active == 0:
+        # Keep a (zero) gradient path through the LM head and the hidden states, so every
+        # parameter still gets a gradient and DDP/FSDP reductions stay in step across ranks.
+        zero = lm_head(hidden[:0]).float().sum() * 0.0
+        return hidden.new_zeros(n_positions, dtype=torch.float32) + zero
+    if n_active < n_positions:
+        hidden, targets, weights = hidden[index], targets[index], weights[index]
+    # A zero-weight target is never read for its value; clamp it so -100 cannot index.
+    targets = torch.where(weights != 0, targets, torch.zeros_like(targets))
+
+    # Recompute each chunk's logits in backward rather than keep them: memory O(chunk x V).
+    recompute = torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, n_active, chunk_size):
+        args = (
+            hidden[start : start + chunk_size],
+            targets[start : start + chunk_size],
+            weights[start : start + chunk_size],
+            lm_head,
+        )
+        if recompute:
+            piece = checkpoint(_chunk_soft_ce, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            piece = _chunk_soft_ce(*args)
+        pieces.append(piece)
+    per_active = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    if n_active == n_positions:
+        return per_active
+    out = per_active.new_zeros(n_positions)
+    return out.index_copy(0, index, per_active)

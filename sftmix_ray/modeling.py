@@ -1,0 +1,149 @@
+"""Load and save Hugging Face causal LMs; the built-in offline `tiny` preset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftmix_ray.config import ModelConfig
+from sftmix_ray.errors import SftmixError
+
+TINY = "tiny"
+BASE_MODEL_DIR = "base_model"  # OUT/base_model holds the materialized tiny preset
+
+# ChatML, used when a tokenizer has no chat template of its own. The assistant turn's
+# end-of-turn token is part of the assistant span, so the model learns to stop.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def resolve_model_path(name_or_path: str, out_dir: Path) -> str:
+    """The id or directory a stage loads: the materialized preset for `tiny`, else as given."""
+    if name_or_path == TINY:
+        path = Path(out_dir) / BASE_MODEL_DIR
+        if not (path / "config.json").exists():
+            raise SftmixError(
+                f"the tiny preset has not been built in {path}; run `sftmix-ray prepare` first"
+            )
+        return str(path)
+    return name_or_path
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+    )
+    fast.chat_template = BUILTIN_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int):
+    """A small Llama-style causal LM with seeded random init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = cfg.tiny_hidden_size
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 32 * 32 + 32,
+        num_hidden_layers=cfg.tiny_num_layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(cfg.tiny_seed)
+    model = LlamaForCausalLM(config)
+    return model
+
+
+def materialize_tiny(cfg: ModelConfig, texts: Iterable[str], target: Path) -> Path:
+    """Build the tiny preset (tokenizer trained on `texts`, seeded model) into `target`."""
+    from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
+
+    tokenizer = train_tiny_tokenizer(texts, cfg.tiny_vocab_size)
+    model = build_tiny_model(
+        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    )
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = fresh_tmp_dir(target)
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    replace_dir(tmp, target)
+    return target
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer with a pad token (falls back to EOS) and a chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise SftmixError(f"cannot load tokenizer '{name_or_path}': {exc}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = "sdpa",
+) -> Any:
+    """AutoModelForCausalLM from an id or directory (safetensors preferred)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:
+        raise SftmixError(f"cannot load model '{name_or_path}': {exc}") from None
+
+
+def save_hf(model: Any, tokenizer: Any, target: Path) -> Path:
+    """Save a plain HF model + tokenizer as a loadable directory, atomically (safetensors)."""
+    from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
+
+    tmp = fresh_tmp_dir(Path(target))
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, Path(target))
+    return Path(target)
+

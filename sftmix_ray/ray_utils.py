@@ -1,0 +1,30 @@
+"""Connect to Ray: an existing cluster (`ray.address` / RAY_ADDRESS) or a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from sftmix_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once per process; the local dashboard stays on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.include_dashboard,
+        dashboard_host=cfg.dashboard_host,
+        log_to_driver=True,
+        configure_logging=False,
+    )

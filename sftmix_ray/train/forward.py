@@ -1,0 +1,144 @@
+"""One module that runs a Hugging Face causal LM's decoder and the training loss together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from sftmix_ray.losses import NTPLoss, SFTMixLoss
+
+
+class _TransformedHead(nn.Module):
+    """The LM head followed by the logit scaling/soft-capping some models apply after it."""
+
+    lm_head: nn.Module
+
+    def __init__(self, lm_head: nn.Module, scale: float, softcap: float | None) -> None:
+        super().__init__()
+        # Not registered as a submodule: the head already belongs to the wrapped model, and a
+        # second path to it would duplicate its weight in the state dict.
+        object.__setattr__(self, "lm_head", lm_head)
+        self.scale, self.softcap = scale, softcap
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """Logits exactly as the model's own forward computes them."""
+        logits = self.lm_head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = (logits.float() / self.softcap).tanh() * self.softcap
+        return logits
+
+
+def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """The `(scale, softcap)` a model applies to `lm_head` outputs before its own loss."""
+    config = getattr(model, "config", None)
+    scale = 1.0
+    # Cohere multiplies by `logit_scale`; Granite divides by `logits_scaling`.
+    logit_scale = getattr(model, "logit_scale", None)
+    if isinstance(logit_scale, (int, float)):
+        scale *= float(logit_scale)
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if isinstance(logits_scaling, (int, float)) and logits_scaling != 1:
+        scale /= float(logits_scaling)
+    # Gemma 2/3 soft-cap the final logits.
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
+
+
+class CausalLMWithLoss(nn.Module):
+    """A causal LM whose forward returns the training loss without materializing all logits.
+
+    `forward(input_ids, attention_mask, labels, lam, normalizers)` runs the decoder body, then
+    the loss on the final (post-norm) hidden states, calling the LM head as a module chunk by
+    chunk. Both happen inside this module's forward, so a strategy that wraps *this* module
+    (DDP, FSDP2 `fully_shard` on each decoder layer and then on the wrapper, DeepSpeed ZeRO-3)
+    has the head's weight gathered whenever the loss uses it. The training loop must therefore
+    call the wrapper (`loss, metrics = wrapped(input_ids, attention_mask, labels, lam=lam,
+    normalizers=normalizers)`) and never call the loss on a head or weight captured outside;
+    `lam` comes from `loss.sample_lambda(...)` and `normalizers` from the all-reduced
+    `loss.normalizer_counts(...)` (see `NTPLoss`). Save `wrapper.model`, the plain HF model.
+
+    The loss calls the head once per chunk, and the number of chunks depends on each rank's
+    data. A strategy that gathers the head's weight on *every call* would then issue different
+    numbers of collectives on different ranks and hang. Hence: under FSDP2, shard the head with
+    the wrapper (the root `fully_shard`), never as its own unit (checked at forward); under
+    ZeRO-3, call `register_head_for_zero3()` before `deepspeed.initialize`, so DeepSpeed gathers
+    the head once per forward/backward of the wrapper (checked at forward).
+    """
+
+    def __init__(self, model: nn.Module, loss: NTPLoss | SFTMixLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def register_head_for_zero3(self) -> None:
+        """Make DeepSpeed ZeRO-3 gather the LM head for the wrapper's whole forward/backward."""
+        from deepspeed.runtime.zero import register_external_parameter
+
+        for param in self._raw_head().parameters():
+            register_external_parameter(self, param)
+
+    def _raw_head(self) -> nn.Module:
+        """The model's LM head module, as `get_output_embeddings()` returns it."""
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"{type(self.model).__name__} has no output embeddings (LM head)")
+        return head
+
+    def _check_head_gathering(self, head: nn.Module) -> None:
+        """Raise if a strategy would gather the head once per chunk (a hang across ranks)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(head, FSDPModule):
+            raise RuntimeError(
+                "the LM head is its own FSDP unit; the chunked loss calls it a data-dependent "
+                "number of times per rank, which desynchronizes FSDP's all-gathers. Shard it "
+                "with the root: fully_shard(CausalLMWithLoss) and not fully_shard(lm_head)"
+            )
+        external = getattr(self, "_external_params", {})
+        for param in head.parameters():
+            if hasattr(param, "ds_id") and id(param) not in external:
+                raise RuntimeError(
+                    "the LM head is partitioned by DeepSpeed ZeRO-3 but not registered with the "
+                    "wrapper; call CausalLMWithLoss.register_head_for_zero3() before "
+                    "deepspeed.initialize, or ranks with different token counts will hang"
+                )
+
+    def decoder(self) -> nn.Module:
+        """The decoder body: embeddings, layers and final norm, without the LM head."""
+        get_decoder = getattr(self.model, "get_decoder", None)
+        body = get_decoder() if callable(get_decoder) else None
+        if body is None:
+            body = getattr(self.model, "base_model", None)
+        if not isinstance(body, nn.Module) or body is self.model:
+            raise TypeError(f"{type(self.model).__name__} exposes no decoder body (get_decoder)")
+        return body
+
+    def output_head(self) -> nn.Module:
+        """The LM head module (`get_output_embeddings()`), plus any logit scaling/capping."""
+        head = self._raw_head()
+        self._check_head_gathering(head)
+        scale, softcap = _logit_transform(self.model)
+        if scale != 1.0 or softcap is not None:
+            return _TransformedHead(head, scale, softcap)
+        return head
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        labels: Tensor,
+        lam: Tensor | None = None,
+        normalizers: Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Return `(loss, metrics)` for one batch; extra kwargs go to the decoder."""
+        head = self.output_head()  # checks how the head is sharded before any collective
+        outputs = self.decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+        )
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return self.loss(hidden, labels, head, lam=lam, normalizers=normalizers)

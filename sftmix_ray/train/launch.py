@@ -1,0 +1,173 @@
+"""Driver side of the `reference` and `train` stages: datasets, TorchTrainer, results."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sftmix_ray.config import Config
+from sftmix_ray.errors import SftmixError
+
+REFERENCE_DIR = "reference"
+MODEL_DIR = "model"
+
+
+def _read_table(path: Path) -> Any:
+    import ray
+
+    if not path.exists():
+        raise SftmixError(f"{path} does not exist; run the stage that writes it first")
+    return ray.data.read_parquet(str(path.resolve()), file_extensions=["parquet"])
+
+
+def _select_ids(batch: Any, ids: Any) -> Any:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("example_id"), value_set=ids))
+
+
+def _subset(data: Any, split_file: Path) -> Any:
+    """Rows of OUT/data whose example_id is listed in a split file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not split_file.exists():
+        raise SftmixError(f"{split_file} does not exist; run `sftmix-ray split` first")
+    ids = pq.read_table(split_file, columns=["example_id"]).column("example_id")
+    return data.map_batches(
+        _select_ids, fn_kwargs={"ids": pa.array(ids.to_pylist(), pa.int64())},
+        batch_format="pyarrow",
+    )
+
+
+def _run_name(mode: str, spec: dict[str, Any]) -> str:
+    """Same config -> same name (a rerun resumes); any change -> a fresh run."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{mode}-{digest[:10]}"
+
+
+def _torch_threads(cfg: Config) -> int:
+    total = cfg.ray.num_cpus or os.cpu_count() or 1
+    return max(1, total // cfg.train.num_workers)
+
+
+def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
+    """The train-loop config dict for `mode` ("reference" or "train")."""
+    from sftmix_ray.modeling import resolve_model_path
+
+    train = dataclasses.asdict(cfg.train)
+    out = out_dir.resolve()
+    spec: dict[str, Any] = {"mode": mode, "trust": cfg.model.trust_remote_code}
+    if mode == "reference":
+        model_path = resolve_model_path(cfg.reference.model or cfg.model.name_or_path, out)
+        if cfg.reference.learning_rate:
+            train["learning_rate"] = cfg.reference.learning_rate
+        spec.update(
+            streams=["data"],
+            loss={"name": "ntp", "kwargs": {"chunk_size": cfg.train.loss_chunk_size}},
+            num_train_epochs=cfg.reference.num_train_epochs,
+            max_steps=cfg.reference.max_steps,
+            export_count=cfg.reference.num_checkpoints,
+            export_dir=str(out / REFERENCE_DIR),
+            final_export=None,
+        )
+    else:
+        model_path = resolve_model_path(cfg.model.name_or_path, out)
+        mixup = cfg.mixup
+        if mixup.mu == 0:
+            loss = {"name": "ntp", "kwargs": {"chunk_size": cfg.train.loss_chunk_size}}
+        else:
+            loss = {
+                "name": "sftmix",
+                "kwargs": {
+                    "alpha": mixup.alpha, "mu": mixup.mu, "lambda_per": mixup.lambda_per,
+                    "chunk_size": cfg.train.loss_chunk_size,
+                },
+            }
+        # NTP and random pairing sample the whole corpus; SFTMix pairs confident/unconfident.
+        uniform = mixup.mu == 0 or mixup.pairing == "random"
+        spec.update(
+            streams=["data"] if uniform else ["confident", "unconfident"],
+            loss=loss,
+            num_train_epochs=cfg.train.num_train_epochs,
+            max_steps=cfg.train.max_steps,
+            export_count=0,
+            export_dir=str(out / export_name),
+            final_export=str(out / export_name),
+        )
+    spec.update(
+        train=train,
+        model_path=model_path,
+        tokenizer_path=model_path,
+        heldout=(out / "heldout").exists(),
+        eval_steps=0,
+        torch_threads=_torch_threads(cfg),
+    )
+    spec["history_path"] = str(out / "logs" / f"{mode}-{export_name}-history.json")
+    return spec
+
+
+def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
+    """Run the reference or SFTMix training with Ray Train; returns the stage summary."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sftmix_ray.train.loop import train_loop_per_worker
+
+    spec = build_spec(cfg, out_dir, mode, export_name)
+    data_dir = out_dir / "data"
+    data = _read_table(data_dir)
+    datasets: dict[str, Any] = {}
+    if spec["streams"] == ["data"]:
+        datasets["data"] = data
+    else:
+        datasets["confident"] = _subset(data, out_dir / "split" / "confident.parquet")
+        datasets["unconfident"] = _subset(data, out_dir / "split" / "unconfident.parquet")
+    if spec["heldout"]:
+        datasets["heldout"] = _read_table(out_dir / "heldout")
+    storage = Path(cfg.train.storage_path or out_dir / "ray_storage").resolve()
+    name = _run_name(mode, {k: v for k, v in spec.items() if k != "torch_threads"})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker=None if cfg.train.use_gpu else {"CPU": 1},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}
+            if not cfg.train.use_gpu
+            else None,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise SftmixError(f"{mode} training failed: {exc}") from None
+    history = json.loads(Path(spec["history_path"]).read_text(encoding="utf-8"))
+    last = history["history"][-1] if history["history"] else {}
+    summary: dict[str, Any] = {
+        "steps": int(last.get("step", 0)),
+        "restarts": history["restarts"],
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)},
+        "run_name": name,
+        "storage_path": str(storage),
+    }
+    if mode == "reference":
+        summary["checkpoints"] = sorted(
+            str(p) for p in (out_dir / REFERENCE_DIR).glob("checkpoint-*")
+        )
+    else:
+        summary["model_dir"] = spec["final_export"]
+    return summary

@@ -1,0 +1,290 @@
+"""The Ray Train loop for both objectives: the reference NTP run and SFTMix training.
+
+Everything comes from the config dict handed to `train_loop_per_worker`; no module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sftmix_ray.data.tokenize import IGNORE_INDEX
+from sftmix_ray.train.sampling import BatchPlan
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+
+
+def load_rows(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All rows of a (replicated) Ray Data shard, ordered by example_id."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    ids: list[int] = []
+    inputs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        ids.extend(batch.column("example_id").to_pylist())
+        inputs.extend(np.asarray(x, dtype=np.int64) for x in batch.column("input_ids").to_pylist())
+        labels.extend(np.asarray(x, dtype=np.int64) for x in batch.column("labels").to_pylist())
+    order = np.argsort(np.asarray(ids), kind="stable")
+    return [inputs[i] for i in order], [labels[i] for i in order]
+
+
+def collate(
+    inputs: list[np.ndarray], labels: list[np.ndarray], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Right-pad one micro-batch to its longest row (pads are masked and ignored)."""
+    length = max(len(x) for x in inputs)
+    ids = np.full((len(inputs), length), pad_id, dtype=np.int64)
+    labs = np.full((len(inputs), length), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(inputs), length), dtype=np.int64)
+    for i, (x, y) in enumerate(zip(inputs, labels)):
+        ids[i, : len(x)], labs[i, : len(y)], mask[i, : len(x)] = x, y, 1
+    return {
+        "input_ids": torch.from_numpy(ids).to(device),
+        "labels": torch.from_numpy(labs).to(device),
+        "attention_mask": torch.from_numpy(mask).to(device),
+    }
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def checkpoint_steps(total: int, count: int) -> list[int]:
+    """`count` steps spread evenly over a run of `total` steps, the last one included."""
+    return sorted({max(1, round(total * (k + 1) / count)) for k in range(count)})
+
+
+class Trainer:
+    """One worker's training run."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import ray.train
+
+        from sftmix_ray.losses import NTPLoss, build_loss
+        from sftmix_ray.modeling import load_model, load_tokenizer
+        from sftmix_ray.train.forward import CausalLMWithLoss
+        from sftmix_ray.train.sampling import total_steps
+        from sftmix_ray.train.strategies import build_strategy
+
+        self.spec = spec
+        self.train_cfg: dict[str, Any] = spec["train"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = torch.device("cuda" if self.train_cfg["use_gpu"] else "cpu")
+        if self.train_cfg["use_gpu"]:
+            self.device = ray.train.torch.get_device()
+        torch.manual_seed(self.train_cfg["seed"])
+
+        self.streams = [load_rows(name) for name in spec["streams"]]
+        self.heldout = load_rows("heldout") if spec.get("heldout") else None
+        self.plan = BatchPlan(
+            sizes=tuple(len(s[0]) for s in self.streams),
+            rows_per_device=self.train_cfg["per_device_train_batch_size"],
+            world_size=self.world,
+            grad_accum=self.train_cfg["gradient_accumulation_steps"],
+            seed=self.train_cfg["seed"],
+        )
+        self.total_steps = total_steps(
+            self.plan, spec["num_train_epochs"], spec["max_steps"]
+        )
+        self.tokenizer = load_tokenizer(spec["tokenizer_path"], trust_remote_code=spec["trust"])
+        model = load_model(spec["model_path"], trust_remote_code=spec["trust"])
+        if self.train_cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        self.config_json = model.config.to_json_string()
+        self.loss = build_loss(spec["loss"]["name"], **spec["loss"]["kwargs"])
+        self.eval_loss = NTPLoss(chunk_size=self.train_cfg["loss_chunk_size"])
+        wrapper = CausalLMWithLoss(model, self.loss).to(self.device)
+        self.strategy = build_strategy(
+            self.train_cfg["strategy"], wrapper, self.train_cfg, self.total_steps
+        )
+        self.step = 0
+        self.restarts = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ batches and losses
+    def _micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        per_stream = self.plan.rows(step, micro, self.rank)
+        inputs = [self.streams[s][0][i] for s, rows in enumerate(per_stream) for i in rows]
+        labels = [self.streams[s][1][i] for s, rows in enumerate(per_stream) for i in rows]
+        pad = self.tokenizer.pad_token_id
+        return collate(inputs, labels, pad if pad is not None else 0, self.device)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
+        accum = self.train_cfg["gradient_accumulation_steps"]
+        batches = [self._micro_batch(self.step, m) for m in range(accum)]
+        lams = [
+            self.loss.sample_lambda(
+                self.plan.per_stream, seed=self.train_cfg["seed"], step=self.step,
+                rank=self.rank, micro=m,
+            )
+            for m in range(accum)
+        ]
+        # Normalize by the global count over ranks and micro-batches, so neither changes
+        # the loss or its gradients (DDP/FSDP/DeepSpeed average gradients over ranks).
+        counts = sum(
+            self.loss.normalizer_counts(b["labels"], lam) for b, lam in zip(batches, lams)
+        )
+        normalizers = _all_reduce(counts.to(self.device).double()).float() / self.world
+        metrics_sum: dict[str, float] = {}
+        tokens = 0
+        for m, (batch, lam) in enumerate(zip(batches, lams)):
+            with self.strategy.no_sync(m == accum - 1), self._autocast():
+                loss, metrics = self.strategy.module(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"],
+                    lam=lam, normalizers=normalizers,
+                )
+            self.strategy.backward(loss)
+            tokens += int(batch["attention_mask"].sum())
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
+        grad_norm = self.strategy.step()
+        lr = self.strategy.lr()
+        self.step += 1
+        # Each micro-batch's metrics are its share of the global mean: sum over micro-batches,
+        # then sum over ranks (all normalized by the same global counts).
+        keys = sorted(metrics_sum)
+        reduced = _all_reduce(torch.tensor([metrics_sum[k] for k in keys], dtype=torch.float64))
+        out = {k: float(v) * self.world / self.world for k, v in zip(keys, reduced.tolist())}
+        out.update({"grad_norm": grad_norm, "lr": lr, "tokens": float(tokens)})
+        return out
+
+    def _autocast(self) -> Any:
+        if self.train_cfg["bf16"] and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out mean response NLL over all workers (token-weighted)."""
+        if self.heldout is None:
+            return float("nan")
+        inputs, labels = self.heldout
+        mine = range(self.rank, len(inputs), self.world)
+        rows = self.plan.rows_per_device
+        total = torch.zeros(2, dtype=torch.float64)
+        idx = list(mine)
+        # Equal number of forward calls on every rank (FSDP/ZeRO-3 forwards are collective).
+        n_batches = -(-len(range(0, len(inputs), self.world)) // rows)
+        one = torch.ones(1, device=self.device)
+        for b in range(n_batches):
+            part = idx[b * rows : (b + 1) * rows] or idx[:1]
+            batch = collate([inputs[i] for i in part], [labels[i] for i in part],
+                            self.tokenizer.pad_token_id or 0, self.device)
+            with self._autocast():
+                loss, _ = self.strategy.module(
+                    batch["input_ids"], batch["attention_mask"], batch["labels"],
+                    normalizers=one, loss=self.eval_loss,
+                )
+            if idx[b * rows : (b + 1) * rows]:
+                total[0] += float(loss)
+                total[1] += float(self.eval_loss.normalizer_counts(batch["labels"]).sum())
+        _all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: Path) -> None:
+        self.strategy.save(directory)
+        if self.rank == 0:
+            state = {"step": self.step, "restarts": self.restarts, "history": self.history}
+            (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+
+    def restore(self, directory: Path) -> None:
+        self.strategy.load(directory)
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        self.step = int(state["step"])
+        self.history = state["history"]
+        self.restarts = int(state["restarts"]) + 1
+
+    def export_hf(self, target: str) -> None:
+        """Gather the full weights (collective) and save a HF directory from rank 0."""
+        state = self.strategy.full_state_dict()
+        if self.rank != 0:
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from sftmix_ray.modeling import save_hf
+
+        config = AutoConfig.from_pretrained(self.spec["model_path"])
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"export is missing weights: {missing[:5]}")
+        save_hf(model, self.tokenizer, Path(target))
+
+
+def train_loop_per_worker(spec: dict[str, Any]) -> None:
+    """Ray Train entry: resume if a checkpoint exists, train, report, export."""
+    import ray.train
+
+    torch.set_num_threads(spec.get("torch_threads", 1))
+    trainer = Trainer(spec)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore(Path(d))
+    save_every = spec["train"]["save_steps"]
+    export_steps = set(spec.get("export_steps", []))
+    if spec.get("export_count"):
+        export_steps |= set(checkpoint_steps(trainer.total_steps, spec["export_count"]))
+    log_every = spec["train"]["logging_steps"]
+    eval_every = spec.get("eval_steps", 0)
+    last_time = time.perf_counter()
+    while trainer.step < trainer.total_steps:
+        metrics = trainer.train_step()
+        step = trainer.step
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(now - last_time, 1e-9)
+        last_time = now
+        metrics["step"] = float(step)
+        trainer.history.append({k: round(v, 6) for k, v in metrics.items()})
+        is_last = step == trainer.total_steps
+        if step in export_steps:
+            trainer.export_hf(str(Path(spec["export_dir"]) / f"checkpoint-{step}"))
+        save = is_last or (save_every and step % save_every == 0) or step in export_steps
+        if not (save or step % log_every == 0):
+            continue
+        if (eval_every and step % eval_every == 0) or is_last:
+            metrics["eval_loss"] = trainer.evaluate()
+        metrics["restarts"] = float(trainer.restarts)
+        if save:
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer.save_checkpoint(Path(tmp))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if trainer.rank == 0:
+            log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
+    if spec.get("final_export"):
+        trainer.export_hf(spec["final_export"])
+    if trainer.rank == 0:
+        history_path = Path(spec["history_path"])
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        history_path.write_text(
+            json.dumps({"restarts": trainer.restarts, "history": trainer.history}),
+            encoding="utf-8",
+        )
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")

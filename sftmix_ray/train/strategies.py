@@ -1,0 +1,265 @@
+"""Distribution strategies: wrap a plain model (DDP, FSDP2, DeepSpeed ZeRO-2/3); model code stays plain.
+
+Every strategy exposes the same small surface the loop needs: `module` (call it for the loss),
+`backward`, `step` (clip, optimizer, scheduler; returns the grad norm), `no_sync` for
+accumulation, sharded training checkpoints, and `full_state_dict` for the Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sftmix_ray.train.forward import CausalLMWithLoss
+
+MODEL_PREFIX = "model."  # the wrapper's state-dict prefix in front of the HF model's keys
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, kind: str) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a step: linear warmup, then cosine/linear/flat."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return f
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class TorchStrategy:
+    """DDP (or a single process) and FSDP2 share the torch optimizer path."""
+
+    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
+        self.wrapper = wrapper
+        self.train = train
+        self.module = self._wrap(wrapper)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.module.parameters() if p.requires_grad],
+            lr=train["learning_rate"],
+            weight_decay=train["weight_decay"],
+        )
+        warmup = math.ceil(train["warmup_ratio"] * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, warmup, train["lr_scheduler_type"])
+        )
+
+    def _wrap(self, wrapper: nn.Module) -> nn.Module:
+        if _world() == 1:
+            return wrapper
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(wrapper)
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all-reduce on micro-batches that do not end an optimizer step."""
+        if sync or not hasattr(self.module, "no_sync"):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip, step optimizer and scheduler, zero grads; returns the pre-clip grad norm."""
+        max_norm = self.train["max_grad_norm"] or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole HF model's weights on rank 0 (None elsewhere); a collective call."""
+        return _strip_prefix(self.wrapper.state_dict()) if _rank() == 0 else None
+
+    def save(self, directory: Path) -> None:
+        """Training state for resume; rank 0 writes it (DDP replicas are identical)."""
+        if _rank() != 0:
+            return
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in self.wrapper.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            directory / "optimizer.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        """Restore model, optimizer and scheduler from `save`."""
+        from safetensors.torch import load_file
+
+        self.wrapper.load_state_dict(load_file(str(directory / "model.safetensors")))
+        state = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class FSDPStrategy(TorchStrategy):
+    """FSDP2: `fully_shard` each decoder layer, then the wrapper (which owns the LM head)."""
+
+    def _wrap(self, wrapper: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {}
+        if self.train["bf16"] and torch.cuda.is_available():
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+        for layer in _decoder_layers(wrapper):
+            fully_shard(layer, **kwargs)
+        fully_shard(wrapper, **kwargs)
+        return wrapper
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        self.module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=options)
+        return _strip_prefix(state) if _rank() == 0 else None
+
+    def save(self, directory: Path) -> None:
+        """Sharded DCP checkpoint: each rank writes its own shard (merged by Ray's storage)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+        if _rank() == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
+
+    def load(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+        sched = torch.load(directory / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(sched["scheduler"])
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO-2/3 from our config, or a user's DeepSpeed JSON."""
+
+    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
+        import deepspeed
+
+        self.wrapper = wrapper
+        self.train = train
+        ds_config = deepspeed_config(train)
+        optimizer = torch.optim.AdamW(
+            wrapper.parameters(), lr=train["learning_rate"], weight_decay=train["weight_decay"]
+        )
+        warmup = math.ceil(train["warmup_ratio"] * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, warmup, train["lr_scheduler_type"])
+        )
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False,
+        )
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # DeepSpeed counts micro-batches itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Our loss is already normalized over the whole accumulation window: no extra 1/GAS.
+        self.module.backward(loss, scale_wrt_gas=False)
+        self.module.step()  # an optimizer step only at DeepSpeed's accumulation boundary
+
+    def step(self) -> float:
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.stage == 3:
+            state = self.module._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.wrapper.state_dict() if _rank() == 0 else None
+        return _strip_prefix(state) if _rank() == 0 and state is not None else None
+
+    def save(self, directory: Path) -> None:
+        self.module.save_checkpoint(str(directory), tag="ds")
+
+    def load(self, directory: Path) -> None:
+        self.module.load_checkpoint(str(directory), tag="ds")
+
+
+def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
+    """Our ZeRO config, or the user's JSON with batch keys filled in from our config."""
+    if train.get("deepspeed_config"):
+        config = json.loads(Path(train["deepspeed_config"]).read_text(encoding="utf-8"))
+    else:
+        stage = int(train["deepspeed_stage"])
+        zero: dict[str, Any] = {"stage": stage, "overlap_comm": False}
+        if stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        config = {"zero_optimization": zero}
+    config["train_micro_batch_size_per_gpu"] = train["per_device_train_batch_size"]
+    config["gradient_accumulation_steps"] = train["gradient_accumulation_steps"]
+    config["gradient_clipping"] = train["max_grad_norm"]
+    config.setdefault("bf16", {"enabled": bool(train["bf16"] and torch.cuda.is_available())})
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def _decoder_layers(wrapper: nn.Module) -> Iterator[nn.Module]:
+    """The repeated transformer blocks (the usual FSDP wrapping unit)."""
+    layers = getattr(wrapper.decoder(), "layers", None)  # type: ignore[operator]
+    if layers is None:
+        raise ValueError("FSDP needs a decoder with a `layers` ModuleList (Llama-style models)")
+    yield from layers
+
+
+STRATEGIES = {"ddp": TorchStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
+
+
+def build_strategy(
+    name: str, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int
+) -> TorchStrategy | DeepSpeedStrategy:
+    """Wrap the model with the strategy named by `train.strategy`."""
+    return STRATEGIES[name](wrapper, train, total_steps)

@@ -1,0 +1,290 @@
+"""Reading corpora (JSON, JSONL, Parquet, directories, HF by name) and every file-level error."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sftmix_ray.data.readers import looks_like_hub_id, read_records
+from sftmix_ray.data.validation import format_report, validate_file
+from sftmix_ray.errors import DataError
+
+ROWS: list[Any] = [
+    {"instruction": "q1", "output": "a1"},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    None,
+    5,
+]
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.write_bytes(data)
+    return path
+
+
+def jsonl(rows: list[Any], newline: str = "\n") -> str:
+    return "".join(json.dumps(row) + newline for row in rows)
+
+
+def data_error(path: Any, *fragments: str) -> str:
+    """Read `path`, expect a DataError naming the file and every fragment; return the message."""
+    with pytest.raises(DataError) as info:
+        read_records(path)
+    message = str(info.value)
+    assert Path(path).name in message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+# --- formats that read ----------------------------------------------------------------------
+
+
+def test_json_array(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", json.dumps(ROWS, indent=2))
+    assert read_records(path) == ROWS
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.ndjson", "c.json", "C.JSONL"])
+def test_json_lines(tmp_path: Path, name: str) -> None:
+    assert read_records(str(write(tmp_path / name, jsonl(ROWS)))) == ROWS
+
+
+def test_bom_and_crlf(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    lines = write(tmp_path / "c.jsonl", bom + jsonl(ROWS, "\r\n").encode())
+    array = write(
+        tmp_path / "c.json", bom + json.dumps(ROWS, indent=1).replace("\n", "\r\n").encode()
+    )
+    assert read_records(lines) == ROWS
+    assert read_records(array) == ROWS
+
+
+def test_blank_lines_are_ignored_not_rows(tmp_path: Path) -> None:
+    text = "\n" + json.dumps(ROWS[0]) + "\n  \n\r\n" + json.dumps(ROWS[1]) + "\n\n"
+    assert read_records(write(tmp_path / "c.jsonl", text)) == ROWS[:2]
+
+
+def test_line_separator_inside_a_string_is_not_a_line_break(tmp_path: Path) -> None:
+    row = {"instruction": "a\u2028b\u0085c", "output": "d"}
+    path = write(tmp_path / "c.jsonl", json.dumps(row, ensure_ascii=False) + "\n")
+    assert read_records(path) == [row]
+
+
+def test_parquet_nested_columns(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    records = read_records(tmp_path / "c.parquet")
+    assert records == rows
+    assert isinstance(records[0]["messages"], list) and isinstance(records[0]["messages"][0], dict)
+
+
+def test_directory_of_parquet_reads_sorted(tmp_path: Path) -> None:
+    for name, value in [("part-1.parquet", "b"), ("part-0.parquet", "a"), ("part-2.parquet", "c")]:
+        pq.write_table(
+            pa.Table.from_pylist([{"instruction": value, "output": "x"}]), tmp_path / name
+        )
+    write(tmp_path / "README.md", "not data")
+    assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b", "c"]
+
+
+def test_directory_mixing_parquet_and_jsonl(tmp_path: Path) -> None:
+    pq.write_table(
+        pa.Table.from_pylist([{"instruction": "a", "output": "x"}]), tmp_path / "a.parquet"
+    )
+    write(tmp_path / "b.jsonl", jsonl([{"instruction": "b", "output": "y"}]))
+    assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b"]
+
+
+# --- file-level errors ----------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    data_error(tmp_path / "nope.jsonl", "no such file")
+
+
+def test_missing_relative_path_is_not_a_hub_id() -> None:
+    data_error("data/missing-corpus.jsonl", "no such file")
+
+
+def test_directory_without_data_files(tmp_path: Path) -> None:
+    write(tmp_path / "notes.txt", "x")
+    data_error(tmp_path, "directory without .parquet, .jsonl or .ndjson files")
+
+
+def test_not_utf8_reports_byte_offset_and_line(tmp_path: Path) -> None:
+    good = json.dumps(ROWS[0]) + "\n"
+    path = write(tmp_path / "c.jsonl", good.encode() + b'{"instruction": "caf\xe9"}\n')
+    offset = len(good.encode()) + len('{"instruction": "caf')
+    data_error(path, f"not valid UTF-8 at byte {offset} (line 2)", "0xe9")
+
+
+def test_not_utf8_offset_counts_the_bom(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", b"\xef\xbb\xbf[\xff]")
+    data_error(path, "not valid UTF-8 at byte 4 (line 1)")
+
+
+def test_malformed_json_array_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", '[\n  {"instruction": "q",\n   "output" "a"}\n]')
+    data_error(path, "invalid JSON at line 3, column 13", "Expecting ':' delimiter")
+
+
+def test_truncated_json_array(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", json.dumps(ROWS, indent=2)[:-10])
+    data_error(path, "invalid JSON at line")
+
+
+def test_malformed_jsonl_line_number(tmp_path: Path) -> None:
+    text = jsonl(ROWS[:2]) + "\n" + '{"instruction": "q", "output": }\n' + jsonl(ROWS[:1])
+    data_error(write(tmp_path / "c.jsonl", text), "invalid JSON at line 4, column 32")
+
+
+def test_truncated_jsonl_last_line(tmp_path: Path) -> None:
+    text = jsonl(ROWS[:2]) + '{"instruction": "q", "outp'
+    data_error(write(tmp_path / "c.jsonl", text), "invalid JSON at line 3")
+
+
+def test_json_lines_in_dot_json_with_bad_line(tmp_path: Path) -> None:
+    text = jsonl(ROWS[:2]) + "{oops}\n"
+    data_error(write(tmp_path / "c.json", text), "invalid JSON at line 3, column 2")
+
+
+def test_json_array_followed_by_junk(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", json.dumps(ROWS, indent=2) + "\n{}\n")
+    data_error(
+        path,
+        f"invalid JSON at line {len(json.dumps(ROWS, indent=2).splitlines()) + 1}, "
+        "column 1: Extra data",
+    )
+
+
+def test_json_lines_in_dot_json_after_blank_lines(tmp_path: Path) -> None:
+    assert read_records(write(tmp_path / "c.json", "\n\n" + jsonl(ROWS))) == ROWS
+
+
+def test_json_array_in_dot_jsonl_gets_a_hint(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.jsonl", json.dumps(ROWS, indent=2))
+    data_error(path, "line 1", "name the file .json")
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\r\n", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("name", ["c.json", "c.jsonl"])
+def test_empty_file(tmp_path: Path, content: bytes, name: str) -> None:
+    data_error(write(tmp_path / name, content), "file is empty")
+
+
+def test_empty_array_has_no_rows(tmp_path: Path) -> None:
+    data_error(write(tmp_path / "c.json", "[]"), "contains no rows")
+
+
+@pytest.mark.parametrize("name", ["c.csv", "c.txt", "corpus"])
+def test_unsupported_extension(tmp_path: Path, name: str) -> None:
+    data_error(write(tmp_path / name, "a,b\n"), "unsupported file extension")
+
+
+def test_top_level_object(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.json", '\n  {"data": [], "version": 1}')
+    data_error(
+        path, "line 2, column 3", "must be an array", "got object with keys 'data', 'version'"
+    )
+
+
+def test_top_level_scalar(tmp_path: Path) -> None:
+    data_error(write(tmp_path / "c.json", "null"), "line 1, column 1", "(got null)")
+
+
+def test_corrupt_parquet(tmp_path: Path) -> None:
+    data_error(write(tmp_path / "c.parquet", b"PAR1 this is not parquet"), "not a readable Parquet")
+
+
+def test_empty_parquet(tmp_path: Path) -> None:
+    table = pa.table(
+        {"instruction": pa.array([], pa.string()), "output": pa.array([], pa.string())}
+    )
+    pq.write_table(table, tmp_path / "c.parquet")
+    data_error(tmp_path / "c.parquet", "contains no rows")
+
+
+def test_error_in_a_directory_names_the_member_file(tmp_path: Path) -> None:
+    write(tmp_path / "a.jsonl", jsonl(ROWS[:1]))
+    write(tmp_path / "b.jsonl", "{bad\n")
+    message = data_error(tmp_path, "line 1")
+    assert "b.jsonl" in message
+
+
+# --- Hugging Face by name -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("tatsu-lab/alpaca", True),
+        ("org/name.v2", True),
+        ("data/train.jsonl", False),
+        ("/abs/path", False),
+        ("./org/name", False),
+        ("plainname", False),
+        ("a/b/c", False),
+    ],
+)
+def test_looks_like_hub_id(name: str, expected: bool) -> None:
+    assert looks_like_hub_id(name) is expected
+
+
+def test_unreachable_hf_dataset_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)  # so the name cannot resolve to a local path
+    datasets = pytest.importorskip("datasets")
+    # The libraries read these variables at import time; another test may have imported them.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    name = "sftmix-test-nonexistent/no-such-dataset"
+    with pytest.raises(DataError) as info:
+        read_records(name)
+    message = str(info.value)
+    assert name in message and "cannot be loaded" in message and "split 'train'" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+# --- validate_file --------------------------------------------------------------------------
+
+
+def test_validate_file_mixed_jsonl(tmp_path: Path) -> None:
+    ok = {"instruction": "q", "output": "a"}
+    rows = [ok, {"instruction": "q"}, None, ok, {"instruction": 3, "output": "a"}, ok]
+    path = write(tmp_path / "mixed.jsonl", jsonl(rows[:3]) + "\n\n" + jsonl(rows[3:]))
+    valid, report = validate_file(path)
+    assert [index for index, _ in valid] == [0, 3, 5]
+    assert report.total == report.valid + report.rejected == 6
+    assert [(r.index, r.reason) for r in report.rejections] == [
+        (1, "missing field 'output'"),
+        (2, "row is not an object (got null)"),
+        (4, "field 'instruction' must be a string (got int)"),
+    ]
+    assert format_report(report, path).startswith(f"{path}: 6 rows, 3 valid, 3 rejected")
+
+
+def test_validate_file_undetectable_format_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "plain.jsonl", jsonl([{"text": "a"}, {"text": "b"}]))
+    with pytest.raises(DataError, match=r"plain\.jsonl: cannot detect the corpus format"):
+        validate_file(path)
+    _, report = validate_file(path, "alpaca")
+    assert (report.total, report.rejected) == (2, 2)

@@ -1,0 +1,309 @@
+"""Loss normalization is invariant to worker count and gradient accumulation (real gloo + DDP).
+
+One process on the whole batch, two DDP processes on half each, and one process accumulating
+two micro-batches must give the same loss and the same gradients when the loop follows the
+losses' contract: all-reduce the counts, pass `global_counts / world_size`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from sftmix_ray.losses import NTPLoss, SFTMixLoss
+
+V, D, L, PAIRS, WORLD = 53, 16, 9, 4, 2
+TOL = 1e-5
+
+
+class Toy(nn.Module):
+    """A stand-in LM: embedding, one layer, LM head; the loss runs inside forward."""
+
+    def __init__(self, loss: NTPLoss | SFTMixLoss) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(V, D)
+        self.layer = nn.Linear(D, D)
+        self.lm_head = nn.Linear(D, V, bias=False)
+        # Large logits make per-token losses differ a lot between rows, so that a mean of
+        # per-rank means is visibly not the global mean.
+        nn.init.normal_(self.lm_head.weight, std=2.0)
+        self.loss = loss
+
+    def forward(self, ids: Tensor, labels: Tensor, lam: Tensor | None, normalizers: Tensor | None):
+        hidden = torch.tanh(self.layer(self.embed(ids)))
+        return self.loss(hidden, labels, self.lm_head, lam=lam, normalizers=normalizers)
+
+
+def make_data() -> dict[str, Tensor]:
+    """2 * PAIRS rows (confident then unconfident) with very unequal response lengths."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (2 * PAIRS, L), generator=g)
+    labels = ids.clone()
+    # Responses of 8, 8, 1, 1 tokens (confident) and 7, 8, 2, 1 (unconfident) after the shift:
+    # the first half of the pairs holds 31 tokens, the second half 5.
+    for row, start in enumerate([0, 0, 7, 7, 1, 0, 6, 7]):
+        labels[row, : start + 1] = -100
+    lam = torch.tensor([0.2, 0.9, 0.55, 0.03])
+    return {"ids": ids, "labels": labels, "lam": lam}
+
+
+def shard(data: dict[str, Tensor], part: int, parts: int) -> dict[str, Tensor]:
+    """Part `part` of `parts`: its confident rows, then the unconfident rows they pair with."""
+    per = PAIRS // parts
+    pairs = list(range(part * per, (part + 1) * per))
+    rows = pairs + [PAIRS + p for p in pairs]
+    return {"ids": data["ids"][rows], "labels": data["labels"][rows], "lam": data["lam"][pairs]}
+
+
+def make_loss(name: str) -> NTPLoss | SFTMixLoss:
+    # NTP sees the same 2b rows as SFTMix; it just ignores the pairing.
+    return NTPLoss(chunk_size=5) if name == "ntp" else SFTMixLoss(mu=0.7, chunk_size=5)
+
+
+def grad_vector(model: nn.Module) -> Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def run_single(name: str, micro_batches: int, global_counts: bool) -> tuple[float, Tensor]:
+    """One process; with `global_counts`, counts are summed over the step's micro-batches."""
+    model = Toy(make_loss(name))
+    data = make_data()
+    parts = [shard(data, m, micro_batches) for m in range(micro_batches)]
+    totals = sum(model.loss.normalizer_counts(p["labels"], p["lam"]) for p in parts)
+    loss_sum = 0.0
+    for part in parts:
+        normalizers = totals if global_counts else None
+        loss, _ = model(part["ids"], part["labels"], part["lam"], normalizers)
+        # Without global counts, a naive loop averages the micro-batch means.
+        (loss if global_counts else loss / micro_batches).backward()
+        loss_sum += float(loss.detach()) if global_counts else float(loss.detach()) / micro_batches
+    return loss_sum, grad_vector(model)
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name in ("ntp", "sftmix"):
+            for use_global in (True, False):
+                model = nn.parallel.DistributedDataParallel(Toy(make_loss(name)))
+                part = shard(make_data(), rank, WORLD)
+                normalizers = None
+                if use_global:
+                    counts = model.module.loss.normalizer_counts(part["labels"], part["lam"])
+                    dist.all_reduce(counts)  # SUM over ranks
+                    normalizers = counts / WORLD
+                loss, _ = model(part["ids"], part["labels"], part["lam"], normalizers)
+                loss.backward()  # DDP averages the gradients over ranks
+                value = loss.detach().clone()
+                dist.all_reduce(value)
+                results[(name, use_global)] = (float(value) / WORLD, grad_vector(model.module))
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_rel(actual: Tensor | float, expected: Tensor | float, tol: float = TOL) -> None:
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    err = float((actual - expected).abs().max() / expected.abs().max())
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def rel_diff(actual: Tensor | float, expected: Tensor | float) -> float:
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.slow
+def test_loss_and_grads_invariant_to_workers_and_accumulation(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for name in ("ntp", "sftmix"):
+        ref_loss, ref_grad = run_single(name, micro_batches=1, global_counts=True)
+        accum_loss, accum_grad = run_single(name, micro_batches=2, global_counts=True)
+        ddp_loss, ddp_grad = ddp[(name, True)]
+        assert_rel(accum_loss, ref_loss)
+        assert_rel(accum_grad, ref_grad)
+        assert_rel(ddp_loss, ref_loss)
+        assert_rel(ddp_grad, ref_grad)
+
+        # Per-rank / per-micro-batch means are off by far more than the tolerance on these
+        # data, so the checks above can fail.
+        naive_ddp_loss, naive_ddp_grad = ddp[(name, False)]
+        naive_accum_loss, naive_accum_grad = run_single(name, micro_batches=2, global_counts=False)
+        assert rel_diff(naive_ddp_loss, ref_loss) > 100 * TOL, name
+        assert rel_diff(naive_ddp_grad, ref_grad) > 100 * TOL, name
+        assert rel_diff(naive_accum_loss, ref_loss) > 100 * TOL, name
+        assert rel_diff(naive_accum_grad, ref_grad) > 100 * TOL, name
+
+
+def _tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _llama_batch() -> dict[str, Tensor]:
+    """Two pairs: rows 0, 1 confident, rows 2, 3 unconfident; unequal response lengths."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 101, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[3, 6:] = 0
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, :10] = -100
+    labels[mask == 0] = -100
+    return {"ids": ids, "mask": mask, "labels": labels, "lam": torch.tensor([0.3, 0.8])}
+
+
+def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = {}
+        for shard_head in (False, True):
+            wrapper = CausalLMWithLoss(_tiny_llama(), SFTMixLoss(mu=0.3, chunk_size=3))
+            for layer in wrapper.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            if shard_head:  # the head as its own FSDP unit: gathered once per chunk, must fail
+                fully_shard(wrapper.model.lm_head, mesh=mesh)
+            fully_shard(wrapper, mesh=mesh)
+            data = _llama_batch()
+            rows = [rank, 2 + rank]  # this rank's pair
+            counts = wrapper.loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
+            dist.all_reduce(counts)
+            try:
+                loss, _ = wrapper(
+                    data["ids"][rows],
+                    data["mask"][rows],
+                    data["labels"][rows],
+                    lam=data["lam"][[rank]],
+                    normalizers=counts / WORLD,
+                )
+            except RuntimeError as error:
+                results[shard_head] = str(error)
+                continue
+            loss.backward()  # FSDP2 averages the gradients over ranks
+            value = loss.detach().clone()
+            dist.all_reduce(value)
+            full = {n: p.grad.full_tensor() for n, p in wrapper.model.named_parameters()}
+            results[shard_head] = (float(value) / WORLD, full)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_wrapper_under_fsdp2_matches_one_process(tmp_path: Path) -> None:
+    """FSDP2 shards the head's weight; the wrapper still sees it whole, recompute included."""
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    wrapper = CausalLMWithLoss(_tiny_llama(), SFTMixLoss(mu=0.3, chunk_size=3))
+    data = _llama_batch()
+    ref_loss, _ = wrapper(data["ids"], data["mask"], data["labels"], lam=data["lam"])
+    ref_loss.backward()
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    loss, grads = sharded[False]
+    assert_rel(loss, float(ref_loss.detach()))
+    for name, param in wrapper.model.named_parameters():
+        assert_rel(grads[name], param.grad)
+    # Unequal token counts per rank + a head gathered per call would hang: refused up front.
+    assert "own FSDP unit" in sharded[True]
+
+
+def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_allow_untested_optimizer": True,
+        # Threshold 0: even the tiny head is partitioned, as a real one would be.
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    try:
+        results: dict[str, object] = {}
+        for register in (True, False):
+            wrapper = CausalLMWithLoss(_tiny_llama(), SFTMixLoss(mu=0.3, chunk_size=3))
+            if register:
+                wrapper.register_head_for_zero3()
+            optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.0)
+            engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=config)
+            data = _llama_batch()
+            rows = [rank, 2 + rank]
+            counts = wrapper.loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
+            dist.all_reduce(counts)
+            try:
+                loss, _ = engine(
+                    data["ids"][rows],
+                    data["mask"][rows],
+                    data["labels"][rows],
+                    lam=data["lam"][[rank]],
+                    normalizers=counts / WORLD,
+                )
+            except RuntimeError as error:
+                results["unregistered"] = str(error)
+                continue
+            engine.backward(loss)  # DeepSpeed averages the gradients over ranks
+            value = loss.detach().clone()
+            dist.all_reduce(value)
+            full = {
+                n: safe_get_full_grad(p).clone() for n, p in engine.module.model.named_parameters()
+            }
+            results["registered"] = (float(value) / WORLD, full)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "zero3.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> None:
+    """ZeRO-3 gathers the registered head once per pass, whatever each rank's chunk count."""
+    pytest.importorskip("deepspeed")
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    mp.spawn(_zero3_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    wrapper = CausalLMWithLoss(_tiny_llama(), SFTMixLoss(mu=0.3, chunk_size=3))
+    data = _llama_batch()
+    ref_loss, _ = wrapper(data["ids"], data["mask"], data["labels"], lam=data["lam"])
+    ref_loss.backward()
+    results = torch.load(tmp_path / "zero3.pt")
+    loss, grads = results["registered"]
+    assert_rel(loss, float(ref_loss.detach()))
+    for name, param in wrapper.model.named_parameters():
+        assert_rel(grads[name], param.grad)
+    assert "register_head_for_zero3" in results["unregistered"]

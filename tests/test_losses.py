@@ -1,0 +1,527 @@
+"""The chunked losses against naive oracles (full logits, materialized Mixup targets)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sftmix_ray.losses import (
+    NTPLoss,
+    SFTMixLoss,
+    build_loss,
+    chunked_soft_ce,
+    confidence_and_variability,
+    mixup_target_mass,
+    response_token_nll,
+    sftmix_mixup_loss,
+)
+
+B, L, D, V = 3, 11, 32, 97
+TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def naive_mixup_loss(
+    h_conf: Tensor, h_unconf: Tensor, y_conf: Tensor, y_unconf: Tensor, lm_head: nn.Module, lam
+) -> Tensor:
+    """DESIGN's formula literally: materialize Y [b, L-1, V] and take a full log_softmax."""
+    b = h_conf.shape[0]
+    lam = torch.as_tensor(lam, dtype=torch.float32).expand(b).reshape(b, 1, 1)
+    mixed = lam * h_conf + (1 - lam) * h_unconf
+    log_probs = torch.log_softmax(lm_head(mixed[:, :-1]).float(), dim=-1)
+    vocab = log_probs.shape[-1]
+    y_c, y_u = y_conf[:, 1:], y_unconf[:, 1:]
+    m_c, m_u = (y_c != -100).unsqueeze(-1), (y_u != -100).unsqueeze(-1)
+    onehot_c = F.one_hot(y_c.clamp_min(0), vocab).float()
+    onehot_u = F.one_hot(y_u.clamp_min(0), vocab).float()
+    target = lam * onehot_c * m_c + (1 - lam) * onehot_u * m_u
+    return -(target * log_probs).sum() / target.sum()
+
+
+def naive_ntp_loss(hidden: Tensor, labels: Tensor, lm_head: nn.Module) -> Tensor:
+    """Hugging Face's loss: full logits, shift, token-mean cross-entropy."""
+    logits = lm_head(hidden[:, :-1]).float()
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def assert_rel(actual: Tensor, expected: Tensor, tol: float = TOL) -> None:
+    """Max abs error relative to the largest magnitude of `expected` is at most `tol`."""
+    assert actual.shape == expected.shape
+    scale = expected.detach().abs().max().clamp_min(1e-12)
+    err = float((actual.detach() - expected.detach()).abs().max() / scale)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def make_head(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(D, V, bias=False)
+
+
+def make_pairs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Confident rows: prompt then response to the end. Unconfident rows: shorter, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    h_c = torch.randn(B, L, D, generator=g).requires_grad_()
+    h_u = torch.randn(B, L, D, generator=g).requires_grad_()
+    y_c = torch.randint(0, V, (B, L), generator=g)
+    y_u = torch.randint(0, V, (B, L), generator=g)
+    for i, (prompt_c, prompt_u, length_u) in enumerate([(2, 1, 7), (3, 2, 5), (1, 4, 11)]):
+        y_c[i, :prompt_c] = -100
+        y_u[i, :prompt_u] = -100
+        y_u[i, length_u:] = -100
+    return h_c, h_u, y_c, y_u
+
+
+def grads(loss: Tensor, *tensors: Tensor) -> list[Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+class RecordingLinear(nn.Linear):
+    """An LM head that records how many rows each call sees."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows.append(x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1])
+        return super().forward(x)
+
+
+LAMBDAS = {
+    "per_pair": torch.tensor([0.3, 0.85, 0.05]),
+    "per_batch": 0.37,
+    "zero": 0.0,
+    "one": 1.0,
+}
+
+
+# ----------------------------------------------------------------------------- Mixup
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("lam_name", list(LAMBDAS))
+def test_mixup_loss_and_grads_match_oracle(lam_name: str, chunk_size: int) -> None:
+    lam = LAMBDAS[lam_name]
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    expected = naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
+    expected_grads = grads(expected, h_c, h_u, head.weight)
+    actual = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, chunk_size=chunk_size)
+    actual_grads = grads(actual, h_c, h_u, head.weight)
+    assert_rel(actual, expected)
+    for a, e in zip(actual_grads, expected_grads, strict=True):
+        assert_rel(a, e)
+    # lam = 1 trains only on the confident side, lam = 0 only on the unconfident one.
+    if lam_name == "one":
+        assert float(actual_grads[1].abs().max()) == 0.0
+    if lam_name == "zero":
+        assert float(actual_grads[0].abs().max()) == 0.0
+
+
+def test_mixup_is_independent_of_chunk_size() -> None:
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs(seed=3)
+    lam = LAMBDAS["per_pair"]
+    with torch.no_grad():
+        values = [
+            float(sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, chunk_size=c))
+            for c in (1, 7, 1000)
+        ]
+    assert max(values) - min(values) <= 1e-6 * abs(values[0])
+
+
+def test_mixup_with_a_shorter_side_differs_from_equal_lengths() -> None:
+    """Padding on one side really changes the targets: the test data exercises it."""
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    lam = LAMBDAS["per_pair"]
+    y_u_full = y_u.clone()
+    y_u_full[y_u_full == -100] = 5
+    padded = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
+    full = sftmix_mixup_loss(h_c, h_u, y_c, y_u_full, head, lam)
+    assert abs(float(padded.detach()) - float(full.detach())) > 1e-3
+    assert_rel(padded, naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam))
+
+
+def test_all_ignored_pair_contributes_nothing() -> None:
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    lam = LAMBDAS["per_pair"]
+    y_c2, y_u2 = y_c.clone(), y_u.clone()
+    y_c2[1], y_u2[1] = -100, -100
+    with_dead_row = sftmix_mixup_loss(h_c, h_u, y_c2, y_u2, head, lam)
+    keep = [0, 2]
+    without = sftmix_mixup_loss(h_c[keep], h_u[keep], y_c[keep], y_u[keep], head, lam[keep])
+    assert_rel(with_dead_row, without)
+    assert_rel(with_dead_row, naive_mixup_loss(h_c, h_u, y_c2, y_u2, head, lam))
+    g_c, g_u = grads(with_dead_row, h_c, h_u)
+    assert float(g_c[1].abs().max()) == 0.0 and float(g_u[1].abs().max()) == 0.0
+
+
+def test_all_ignored_batch_is_zero_with_a_gradient_path() -> None:
+    head = make_head()
+    h_c, h_u, _, _ = make_pairs()
+    ignored = torch.full((B, L), -100)
+    loss = sftmix_mixup_loss(h_c, h_u, ignored, ignored, head, 0.4)
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    for tensor in (h_c.grad, h_u.grad, head.weight.grad):
+        assert tensor is not None and torch.isfinite(tensor).all()
+        assert float(tensor.abs().max()) == 0.0
+
+
+def test_mixup_normalizer_replaces_sum_y() -> None:
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    lam = LAMBDAS["per_pair"]
+    mass = mixup_target_mass(y_c, y_u, lam)
+    default = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
+    doubled = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, normalizer=2 * mass)
+    assert_rel(doubled, default / 2)
+    # sum Y by hand: lam * (#confident targets) + (1 - lam) * (#unconfident targets) per pair.
+    n_c = (y_c[:, 1:] != -100).sum(1).float()
+    n_u = (y_u[:, 1:] != -100).sum(1).float()
+    assert_rel(mass, (lam * n_c + (1 - lam) * n_u).sum())
+
+
+def test_tied_embeddings() -> None:
+    """Gradients reach a weight shared by the embedding and the LM head through both uses."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(V, D)
+    head = nn.Linear(D, V, bias=False)
+    head.weight = embed.weight
+    proj = nn.Linear(D, D)
+    _, _, y_c, y_u = make_pairs()
+    ids = torch.randint(0, V, (2 * B, L), generator=torch.Generator().manual_seed(1))
+
+    def losses(fast: bool) -> tuple[Tensor, Tensor]:
+        hidden = torch.tanh(proj(embed(ids)))
+        lam = LAMBDAS["per_pair"]
+        if fast:
+            return sftmix_mixup_loss(hidden[:B], hidden[B:], y_c, y_u, head, lam, chunk_size=4)
+        return naive_mixup_loss(hidden[:B], hidden[B:], y_c, y_u, head, lam)
+
+    actual, expected = losses(True), losses(False)
+    assert_rel(actual, expected)
+    actual_grad, expected_grad = grads(actual, embed.weight)[0], grads(expected, embed.weight)[0]
+    assert_rel(actual_grad, expected_grad)
+
+
+def test_bf16_is_close_to_fp32() -> None:
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    lam = LAMBDAS["per_pair"]
+    expected = naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
+    head_bf16 = make_head().to(torch.bfloat16)
+    actual = sftmix_mixup_loss(
+        h_c.detach().bfloat16(), h_u.detach().bfloat16(), y_c, y_u, head_bf16, lam
+    )
+    assert actual.dtype == torch.float32
+    assert_rel(actual, expected, tol=2e-2)
+
+
+def test_mixup_rejects_bad_inputs() -> None:
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    with pytest.raises(ValueError, match="one shape"):
+        sftmix_mixup_loss(h_c, h_u[:, :-1], y_c, y_u[:, :-1], head, 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, 1.5)
+    with pytest.raises(ValueError, match=r"\[3\] tensor"):
+        sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, torch.tensor([0.5, 0.5]))
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def test_kernel_never_sees_more_than_a_chunk_and_skips_padding() -> None:
+    torch.manual_seed(0)
+    head = RecordingLinear(D, V, bias=False)
+    n, chunk = 300, 16
+    hidden = torch.randn(n, D, requires_grad=True)
+    targets = torch.randint(0, V, (n, 2))
+    weights = torch.rand(n, 2)
+    weights[::3] = 0.0  # a third of the positions are padding
+    targets[::3] = -100
+    per_position = chunked_soft_ce(hidden, head, targets, weights, chunk_size=chunk)
+    n_active = n - len(range(0, n, 3))
+    assert max(head.rows) <= chunk
+    assert sum(head.rows) == n_active  # padding rows never reach the LM head
+    per_position.sum().backward()
+    # Backward recomputes each chunk's logits instead of keeping N x V of them.
+    assert max(head.rows) <= chunk and sum(head.rows) == 2 * n_active
+    assert float(per_position.detach()[::3].abs().max()) == 0.0
+
+    # Per-position value: sum_k w_k * (lse - z[t_k]) with one lse for both targets.
+    logits = F.linear(hidden, head.weight)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    safe = targets.clamp_min(0)
+    expected = (weights * (lse - logits.gather(1, safe))).sum(1)
+    assert_rel(per_position, expected)
+
+
+def test_kernel_without_grad_does_not_checkpoint() -> None:
+    head = make_head()
+    hidden = torch.randn(20, D)
+    with torch.no_grad():
+        out = chunked_soft_ce(hidden, head, torch.zeros(20, 1, dtype=torch.long), torch.ones(20, 1))
+    assert out.shape == (20,) and not out.requires_grad
+
+
+# ----------------------------------------------------------------------------- NTP
+
+
+def make_batch(rows: int = 2 * B, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, L, D, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (rows, L), generator=g)
+    for i in range(rows):
+        labels[i, : 1 + i % 4] = -100
+        labels[i, L - (i % 3) :] = -100
+    return hidden, labels
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_ntp_matches_cross_entropy(chunk_size: int) -> None:
+    head = make_head()
+    hidden, labels = make_batch()
+    expected = naive_ntp_loss(hidden, labels, head)
+    expected_grads = grads(expected, hidden, head.weight)
+    actual, metrics = NTPLoss(chunk_size=chunk_size)(hidden, labels, head)
+    assert_rel(actual, expected)
+    for a, e in zip(grads(actual, hidden, head.weight), expected_grads, strict=True):
+        assert_rel(a, e)
+    assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=TOL)
+    assert metrics["n_tokens"] == float((labels[:, 1:] != -100).sum())
+
+
+def test_ntp_normalizers_and_counts() -> None:
+    head = make_head()
+    hidden, labels = make_batch()
+    loss_fn = NTPLoss()
+    counts = loss_fn.normalizer_counts(labels)
+    assert counts.dtype == torch.float32 and counts.tolist() == [(labels[:, 1:] != -100).sum()]
+    default, _ = loss_fn(hidden, labels, head)
+    halved, _ = loss_fn(hidden, labels, head, normalizers=2 * counts)
+    assert_rel(halved, default / 2)
+    assert loss_fn.sample_lambda(3, seed=0, step=0, rank=0) is None
+
+
+def test_response_token_nll_per_row() -> None:
+    head = make_head()
+    hidden, labels = make_batch()
+    nll_sum, n_tokens = response_token_nll(hidden, labels, head, chunk_size=5)
+    logits = head(hidden[:, :-1])
+    per_token = F.cross_entropy(
+        logits.reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(labels.shape[0], L - 1)
+    assert_rel(nll_sum, per_token.sum(1))
+    assert n_tokens.dtype == torch.long
+    assert n_tokens.tolist() == (labels[:, 1:] != -100).sum(1).tolist()
+
+
+def test_ntp_all_ignored_batch_is_zero_with_grad() -> None:
+    head = make_head()
+    hidden, labels = make_batch()
+    loss, _ = NTPLoss()(hidden, torch.full_like(labels, -100), head)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert head.weight.grad is not None and float(head.weight.grad.abs().max()) == 0.0
+
+
+# ----------------------------------------------------------------------------- SFTMixLoss
+
+
+def test_sftmix_with_mu_zero_is_exactly_ntp() -> None:
+    head = make_head()
+    hidden, labels = make_batch()
+    recorder = RecordingLinear(D, V, bias=False)
+    recorder.weight = head.weight
+    ntp, _ = NTPLoss(chunk_size=4)(hidden, labels, head)
+    sftmix = SFTMixLoss(mu=0.0, chunk_size=4)
+    lam = sftmix.sample_lambda(B, seed=0, step=0, rank=0)
+    mixed, metrics = sftmix(hidden, labels, recorder, lam=lam)
+    assert torch.equal(mixed, ntp)
+    g_ntp = grads(ntp, hidden, head.weight)
+    g_mix = grads(mixed, hidden, head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(g_ntp, g_mix, strict=True))
+    # The Mixup forward is skipped: the head only ever saw the NTP positions.
+    assert sum(recorder.rows) == 2 * int((labels[:, 1:] != -100).sum())
+    assert metrics["mix"] == 0.0
+
+
+@pytest.mark.parametrize("lambda_per", ["pair", "batch"])
+def test_sftmix_loss_matches_oracle(lambda_per: str) -> None:
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs()
+    hidden = torch.cat([h_c, h_u]).detach().requires_grad_()
+    labels = torch.cat([y_c, y_u])
+    loss_fn = build_loss("sftmix", alpha=0.5, mu=0.2, lambda_per=lambda_per, chunk_size=7)
+    lam = loss_fn.sample_lambda(B, seed=1, step=2, rank=0)
+    expected = naive_ntp_loss(hidden, labels, head) + 0.2 * naive_mixup_loss(
+        hidden[:B], hidden[B:], y_c, y_u, head, lam
+    )
+    actual, metrics = loss_fn(hidden, labels, head, lam=lam)
+    assert_rel(actual, expected)
+    for a, e in zip(
+        grads(actual, hidden, head.weight), grads(expected, hidden, head.weight), strict=True
+    ):
+        assert_rel(a, e)
+    assert set(metrics) >= {"loss", "ntp", "mix", "lambda_mean"}
+    assert metrics["loss"] == pytest.approx(metrics["ntp"] + 0.2 * metrics["mix"], rel=1e-6)
+    assert metrics["lambda_mean"] == pytest.approx(float(lam.mean()))
+    counts = loss_fn.normalizer_counts(labels, lam)
+    assert counts.shape == (2,) and counts.dtype == torch.float32
+    assert float(counts[0]) == float((labels[:, 1:] != -100).sum())
+    assert_rel(counts[1], mixup_target_mass(y_c, y_u, lam))
+
+
+def test_lambda_is_reproducible_per_step_and_rank() -> None:
+    loss_fn = SFTMixLoss(alpha=0.5, lambda_per="pair")
+    a = loss_fn.sample_lambda(8, seed=7, step=3, rank=0)
+    assert torch.equal(a, loss_fn.sample_lambda(8, seed=7, step=3, rank=0))
+    assert not torch.equal(a, loss_fn.sample_lambda(8, seed=7, step=3, rank=1))
+    assert not torch.equal(a, loss_fn.sample_lambda(8, seed=7, step=4, rank=0))
+    assert not torch.equal(a, loss_fn.sample_lambda(8, seed=7, step=3, rank=0, micro=1))
+    assert a.shape == (8,) and a.dtype == torch.float32
+    assert bool(((a >= 0) & (a <= 1)).all()) and len(set(a.tolist())) == 8
+    per_batch = SFTMixLoss(lambda_per="batch").sample_lambda(8, seed=7, step=3, rank=0)
+    assert len(set(per_batch.tolist())) == 1
+    # Beta(0.5, 0.5) is U-shaped: most draws sit near 0 or 1, and the mean is 1/2.
+    draws = SFTMixLoss(alpha=0.5).sample_lambda(20000, seed=0, step=0, rank=0)
+    assert abs(float(draws.mean()) - 0.5) < 0.02
+    assert float(((draws < 0.1) | (draws > 0.9)).float().mean()) > 0.35
+
+
+def test_build_loss_and_config_errors() -> None:
+    assert isinstance(build_loss("ntp"), NTPLoss)
+    assert build_loss("sftmix", mu=0.5).mu == 0.5
+    with pytest.raises(ValueError, match=r"unknown loss 'mixup'.*ntp.*sftmix"):
+        build_loss("mixup")
+    with pytest.raises(ValueError, match="alpha"):
+        SFTMixLoss(alpha=0.0)
+    with pytest.raises(ValueError, match="lambda_per"):
+        SFTMixLoss(lambda_per="token")
+    hidden, labels = make_batch(rows=5)
+    with pytest.raises(ValueError, match="2b rows"):
+        SFTMixLoss()(hidden, labels, make_head(), lam=torch.full((2,), 0.5))
+    hidden, labels = make_batch()
+    with pytest.raises(ValueError, match="needs lam"):
+        SFTMixLoss(mu=0.2)(hidden, labels, make_head())
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def test_confidence_and_variability_by_hand() -> None:
+    nll = np.array([[0.0, math.log(2), math.log(4)], [1.0, 1.0, 1.0]])
+    confidence, variability = confidence_and_variability(nll)
+    # Row 0: exp(-nll) = 1, 1/2, 1/4; mean 7/12; population variance 1/3*sum (p - 7/12)^2.
+    mean0 = 7 / 12
+    std0 = math.sqrt(((1 - mean0) ** 2 + (0.5 - mean0) ** 2 + (0.25 - mean0) ** 2) / 3)
+    np.testing.assert_allclose(confidence, [mean0, math.exp(-1)], rtol=1e-12)
+    np.testing.assert_allclose(variability, [std0, 0.0], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="checkpoints"):
+        confidence_and_variability(np.zeros(3))
+
+
+# ----------------------------------------------------------------------------- HF wrapper
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def lm_batch(vocab: int = 101) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (4, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # right padding
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[attention_mask == 0] = -100
+    return input_ids, attention_mask, labels
+
+
+def test_wrapper_matches_hugging_face_loss() -> None:
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    model = tiny_llama()
+    wrapper = CausalLMWithLoss(model, NTPLoss(chunk_size=5))
+    assert wrapper.model is model
+    input_ids, attention_mask, labels = lm_batch()
+    expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    params = [p for p in model.parameters()]
+    expected_grads = grads(expected, *params)
+    actual, metrics = wrapper(input_ids, attention_mask, labels)
+    assert_rel(actual, expected)
+    for a, e in zip(grads(actual, *params), expected_grads, strict=True):
+        assert_rel(a, e)
+    assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=TOL)
+
+
+def test_wrapper_sftmix_uses_post_norm_hidden_states() -> None:
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    model = tiny_llama()
+    loss_fn = SFTMixLoss(mu=0.3, chunk_size=4)
+    wrapper = CausalLMWithLoss(model, loss_fn)
+    input_ids, attention_mask, labels = lm_batch()
+    lam = loss_fn.sample_lambda(2, seed=0, step=0, rank=0)
+    hidden = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    last = hidden.hidden_states[-1]  # HF's last entry is after the final norm
+    head = model.get_output_embeddings()
+    expected = naive_ntp_loss(last, labels, head) + 0.3 * naive_mixup_loss(
+        last[:2], last[2:], labels[:2], labels[2:], head, lam
+    )
+    actual, _ = wrapper(input_ids, attention_mask, labels, lam=lam)
+    assert_rel(actual, expected)
+
+
+def test_wrapper_applies_gemma_soft_capping_with_tied_head() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=2.0,  # small, so capping changes the loss a lot
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    input_ids, attention_mask, labels = lm_batch()
+    expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    actual, _ = CausalLMWithLoss(model, NTPLoss(chunk_size=5))(input_ids, attention_mask, labels)
+    assert_rel(actual, expected)
+    shared = model.get_input_embeddings().weight
+    assert_rel(grads(actual, shared)[0], grads(expected, shared)[0])
