@@ -3,10 +3,11 @@
     python benchmarks/bench_losses.py --json out/bench_losses.json [--quick] [--check]
 
 Memory is the peak of live tensor bytes allocated during one forward+backward (inputs and the
-LM head's weight excluded, its gradient included), measured by PyTorch's own
-`torch.distributed._tools.mem_tracker.MemTracker`, which follows every tensor storage created
-under it; it sees the allocator's tensors, not Python's heap (what `tracemalloc` sees) nor
-allocator caching (what RSS sees). Time is wall time of forward+backward, median of repeats.
+LM head's weight excluded, its gradient included), measured by a `TorchDispatchMode` that
+follows every tensor storage created under it until it is freed (the method of PyTorch's
+`torch.distributed._tools.mem_tracker`); it sees the tensors, not Python's heap (what
+`tracemalloc` sees) nor allocator caching (what RSS sees). Time is the wall time of one
+forward+backward: median, min and max over repeats.
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sftmix_ray.losses import NTPLoss, chunked_soft_ce, sftmix_mixup_loss  # noqa: E402
+from sftmix_ray.losses import NTPLoss, chunked_soft_ce, sftmix_mixup_loss
 
 Step = Callable[[], None]
 TARGETS = {
@@ -37,15 +43,43 @@ TARGETS = {
 }
 
 
-def peak_tensor_bytes(step: Step) -> int:
-    """Peak bytes of tensors allocated while `step` runs (a fresh tracker per call)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created while active (views counted once, freed on GC)."""
 
-    tracker = MemTracker()
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int, _ref: object) -> None:
+        self.current -= nbytes
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self._live:
+            return
+        nbytes = storage.nbytes()
+        # The storage's Python object lives as long as the memory, so its weakref callback
+        # marks the moment the memory is freed.
+        self._live[storage] = weakref.ref(storage, partial(self._free, nbytes))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor) and item.device.type != "meta":
+                self._track(item)
+        return out
+
+
+def peak_tensor_bytes(step: Step) -> int:
+    """Peak bytes of tensors allocated while `step` runs."""
+    tracker = PeakTensorBytes()
     with tracker:
         step()
-    peak = tracker.get_tracker_snapshot("peak")
-    return int(sum(stats["Total"] for stats in peak.values()))
+    return tracker.peak
 
 
 def timings(step: Step, repeats: int) -> dict[str, float]:
@@ -209,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_size": chunk,
             "repeats": repeats,
             "quick": args.quick,
-            "memory": "peak live tensor bytes during forward+backward (MemTracker)",
+            "memory": "peak live tensor bytes during forward+backward (dispatch-mode tracker)",
         },
         "cases": cases,
         "ratios": ratios,

@@ -32,7 +32,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set mixup.alpha=0.5 (repeatable)",
     )
-    p.add_argument("--output-dir", metavar="DIR", default="out", help="stage outputs (default: out)")
+    p.add_argument(
+        "--output-dir", metavar="DIR", default="out", help="stage outputs (default: out)"
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -51,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Count valid and rejected rows of a corpus file, with reasons.",
     )
     v.add_argument("--data", required=True, metavar="FILE", help="JSON, JSONL, Parquet or HF id")
-    v.add_argument(
-        "--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"]
-    )
+    v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"])
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ class SplitConfig:
     ratio: float = 0.5  # fraction of examples (highest confidence first) that are "confident"
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.ratio < 1.0, "split.ratio", self.ratio, "a number in the open range (0, 1)")
+        _check(
+            0.0 < self.ratio < 1.0, "split.ratio", self.ratio, "a number in the open range (0, 1)"
+        )
 
 
 @dataclass(kw_only=True)
@@ -169,7 +172,9 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     num_workers: int = 1
     use_gpu: bool = False
-    per_device_train_batch_size: int = 8  # rows per device per micro-step (SFTMix: b conf + b unconf)
+    per_device_train_batch_size: int = (
+        8  # rows per device per micro-step (SFTMix: b conf + b unconf)
+    )
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -422,15 +427,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw)
 
 
-SECRET_MARKERS = ("token", "secret", "password", "api_key")
+# Keys whose values are secrets: `token`, `hf_token`, `api_key`, `password`, `aws_secret`, ...
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|access_key)$", re.IGNORECASE)
 
 
 def redacted(obj: Any) -> Any:
     """Copy of a nested dict with values of secret-looking keys replaced."""
     if isinstance(obj, dict):
         return {
-            k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redacted(v))
-            for k, v in obj.items()
+            k: ("***" if SECRET_KEY.search(str(k)) and v else redacted(v)) for k, v in obj.items()
         }
     if isinstance(obj, list):
         return [redacted(v) for v in obj]

@@ -16,8 +16,8 @@ def ensure_writable_dir(path: Path) -> Path:
     """Create `path` if needed and check we can write there; clear error otherwise."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
     except OSError as exc:
         raise SftmixError(f"output directory {path} is not writable: {exc.strerror}") from None
     return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -9,13 +11,36 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+class _SoftCrossEntropy(torch.autograd.Function):
+    """`sum_k w[:, k] * (lse(z) - z[t[:, k]])` per row, with a backward that allocates one `[c, V]`.
+
+    Autograd's own graph for this formula would hold about four `[chunk, V]` temporaries in
+    backward (softmax, its product with the gradient, the gather's scatter, their sum); this
+    builds the logit gradient `softmax(z) * sum_k w_k - sum_k w_k * onehot(t_k)` in place.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = (weights * (lse.unsqueeze(1) - logits.gather(1, targets))).sum(dim=1)
+        ctx.save_for_backward(logits, lse, targets, weights)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, lse, targets, weights = ctx.saved_tensors
+        grad_logits = (logits - lse.unsqueeze(1)).exp_()  # softmax, one [c, V] allocation
+        grad_logits.mul_((grad * weights.sum(dim=1)).unsqueeze(1))
+        # scatter_add_ also sums the two terms when both targets are the same token.
+        grad_logits.scatter_add_(1, targets, -(grad.unsqueeze(1) * weights))
+        return grad_logits, None, None
+
+
 def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn.Module) -> Tensor:
     """Per-row `sum_k w[:, k] * (lse(z) - z[targets[:, k]])` for one chunk of rows."""
     # Upcast before the log-sum-exp: bf16 logits lose the small differences that matter here.
     logits = lm_head(hidden).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(1, targets)
-    return (weights * (lse.unsqueeze(1) - picked)).sum(dim=1)
+    return _SoftCrossEntropy.apply(logits, targets, weights)
 
 
 def chunked_soft_ce(

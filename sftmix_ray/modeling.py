@@ -146,4 +146,3 @@ def save_hf(model: Any, tokenizer: Any, target: Path) -> Path:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, Path(target))
     return Path(target)
-

@@ -254,6 +254,7 @@ def test_kernel_never_sees_more_than_a_chunk_and_skips_padding() -> None:
     weights = torch.rand(n, 2)
     weights[::3] = 0.0  # a third of the positions are padding
     targets[::3] = -100
+    targets[1::5, 1] = targets[1::5, 0]  # both targets the same token: their terms add up
     per_position = chunked_soft_ce(hidden, head, targets, weights, chunk_size=chunk)
     n_active = n - len(range(0, n, 3))
     assert max(head.rows) <= chunk
@@ -269,6 +270,16 @@ def test_kernel_never_sees_more_than_a_chunk_and_skips_padding() -> None:
     safe = targets.clamp_min(0)
     expected = (weights * (lse - logits.gather(1, safe))).sum(1)
     assert_rel(per_position, expected)
+    # Gradients of a non-uniform upstream gradient, against autograd on the formula.
+    upstream = torch.linspace(-1.0, 2.0, n)
+    actual = grads(
+        (chunked_soft_ce(hidden, head, targets, weights, chunk) * upstream).sum(),
+        hidden,
+        head.weight,
+    )
+    wanted = grads((expected * upstream).sum(), hidden, head.weight)
+    for a, e in zip(actual, wanted, strict=True):
+        assert_rel(a, e)
 
 
 def test_kernel_without_grad_does_not_checkpoint() -> None:
@@ -481,6 +492,18 @@ def test_wrapper_matches_hugging_face_loss() -> None:
     for a, e in zip(grads(actual, *params), expected_grads, strict=True):
         assert_rel(a, e)
     assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=TOL)
+
+
+def test_wrapper_loss_override_for_evaluation() -> None:
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    model = tiny_llama()
+    wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3))
+    input_ids, attention_mask, labels = lm_batch()
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+        actual, _ = wrapper(input_ids, attention_mask, labels, loss=NTPLoss())
+    assert_rel(actual, expected)
 
 
 def test_wrapper_sftmix_uses_post_norm_hidden_states() -> None:

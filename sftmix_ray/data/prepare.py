@@ -99,7 +99,11 @@ def _tokenize(corpus: Corpus, tokenizer_path: str, cfg: Config, keep_messages: b
         }
     )
     n_actors = max(1, min(cfg.data.num_workers, len(corpus.rows) // cfg.data.tokenize_batch_size))
-    ds = ray.data.from_arrow(table).repartition(max(1, n_actors * 2))
+    # Pre-sliced blocks: a repartition would need free CPUs while the actor pool holds them.
+    per_block = -(-table.num_rows // (n_actors * 2))
+    ds = ray.data.from_arrow(
+        [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
+    )
     ds = ds.map_batches(
         TokenizeBatch,
         fn_constructor_args=(tokenizer_path, cfg.data.max_length, cfg.data.truncation),

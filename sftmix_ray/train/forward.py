@@ -133,12 +133,18 @@ class CausalLMWithLoss(nn.Module):
         labels: Tensor,
         lam: Tensor | None = None,
         normalizers: Tensor | None = None,
+        loss: nn.Module | None = None,
         **model_kwargs: Any,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Return `(loss, metrics)` for one batch; extra kwargs go to the decoder."""
+        """Return `(loss, metrics)` for one batch; extra kwargs go to the decoder.
+
+        `loss` overrides the training loss for this call (e.g. NTP for held-out evaluation),
+        still inside this module's forward so sharded weights are gathered.
+        """
         head = self.output_head()  # checks how the head is sharded before any collective
         outputs = self.decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
         )
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        return self.loss(hidden, labels, head, lam=lam, normalizers=normalizers)
+        loss_fn = self.loss if loss is None else loss
+        return loss_fn(hidden, labels, head, lam=lam, normalizers=normalizers)

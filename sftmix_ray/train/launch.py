@@ -39,7 +39,8 @@ def _subset(data: Any, split_file: Path) -> Any:
         raise SftmixError(f"{split_file} does not exist; run `sftmix-ray split` first")
     ids = pq.read_table(split_file, columns=["example_id"]).column("example_id")
     return data.map_batches(
-        _select_ids, fn_kwargs={"ids": pa.array(ids.to_pylist(), pa.int64())},
+        _select_ids,
+        fn_kwargs={"ids": pa.array(ids.to_pylist(), pa.int64())},
         batch_format="pyarrow",
     )
 
@@ -84,7 +85,9 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
             loss = {
                 "name": "sftmix",
                 "kwargs": {
-                    "alpha": mixup.alpha, "mu": mixup.mu, "lambda_per": mixup.lambda_per,
+                    "alpha": mixup.alpha,
+                    "mu": mixup.mu,
+                    "lambda_per": mixup.lambda_per,
                     "chunk_size": cfg.train.loss_chunk_size,
                 },
             }
@@ -136,7 +139,8 @@ def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL
         train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
             resources_per_worker=None if cfg.train.use_gpu else {"CPU": 1},
         ),
         run_config=ray.train.RunConfig(

@@ -98,9 +98,7 @@ class Trainer:
             grad_accum=self.train_cfg["gradient_accumulation_steps"],
             seed=self.train_cfg["seed"],
         )
-        self.total_steps = total_steps(
-            self.plan, spec["num_train_epochs"], spec["max_steps"]
-        )
+        self.total_steps = total_steps(self.plan, spec["num_train_epochs"], spec["max_steps"])
         self.tokenizer = load_tokenizer(spec["tokenizer_path"], trust_remote_code=spec["trust"])
         model = load_model(spec["model_path"], trust_remote_code=spec["trust"])
         if self.train_cfg["gradient_checkpointing"]:
@@ -130,24 +128,28 @@ class Trainer:
         batches = [self._micro_batch(self.step, m) for m in range(accum)]
         lams = [
             self.loss.sample_lambda(
-                self.plan.per_stream, seed=self.train_cfg["seed"], step=self.step,
-                rank=self.rank, micro=m,
+                self.plan.per_stream,
+                seed=self.train_cfg["seed"],
+                step=self.step,
+                rank=self.rank,
+                micro=m,
             )
             for m in range(accum)
         ]
         # Normalize by the global count over ranks and micro-batches, so neither changes
         # the loss or its gradients (DDP/FSDP/DeepSpeed average gradients over ranks).
-        counts = sum(
-            self.loss.normalizer_counts(b["labels"], lam) for b, lam in zip(batches, lams)
-        )
+        counts = sum(self.loss.normalizer_counts(b["labels"], lam) for b, lam in zip(batches, lams))
         normalizers = _all_reduce(counts.to(self.device).double()).float() / self.world
         metrics_sum: dict[str, float] = {}
         tokens = 0
         for m, (batch, lam) in enumerate(zip(batches, lams)):
             with self.strategy.no_sync(m == accum - 1), self._autocast():
                 loss, metrics = self.strategy.module(
-                    batch["input_ids"], batch["attention_mask"], batch["labels"],
-                    lam=lam, normalizers=normalizers,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    lam=lam,
+                    normalizers=normalizers,
                 )
             self.strategy.backward(loss)
             tokens += int(batch["attention_mask"].sum())
@@ -156,11 +158,18 @@ class Trainer:
         grad_norm = self.strategy.step()
         lr = self.strategy.lr()
         self.step += 1
-        # Each micro-batch's metrics are its share of the global mean: sum over micro-batches,
-        # then sum over ranks (all normalized by the same global counts).
+        # Loss terms are each micro-batch's share of the global mean (summed over micro-batches,
+        # averaged over ranks); token counts add up; anything else is a mean over calls.
         keys = sorted(metrics_sum)
         reduced = _all_reduce(torch.tensor([metrics_sum[k] for k in keys], dtype=torch.float64))
-        out = {k: float(v) * self.world / self.world for k, v in zip(keys, reduced.tolist())}
+        out = {}
+        for k, v in zip(keys, reduced.tolist()):
+            if k in ("loss", "ntp", "mix"):
+                out[k] = v / self.world
+            elif k == "n_tokens":
+                out[k] = v
+            else:
+                out[k] = v / (self.world * accum)
         out.update({"grad_norm": grad_norm, "lr": lr, "tokens": float(tokens)})
         return out
 
@@ -186,12 +195,19 @@ class Trainer:
         one = torch.ones(1, device=self.device)
         for b in range(n_batches):
             part = idx[b * rows : (b + 1) * rows] or idx[:1]
-            batch = collate([inputs[i] for i in part], [labels[i] for i in part],
-                            self.tokenizer.pad_token_id or 0, self.device)
+            batch = collate(
+                [inputs[i] for i in part],
+                [labels[i] for i in part],
+                self.tokenizer.pad_token_id or 0,
+                self.device,
+            )
             with self._autocast():
                 loss, _ = self.strategy.module(
-                    batch["input_ids"], batch["attention_mask"], batch["labels"],
-                    normalizers=one, loss=self.eval_loss,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    normalizers=one,
+                    loss=self.eval_loss,
                 )
             if idx[b * rows : (b + 1) * rows]:
                 total[0] += float(loss)

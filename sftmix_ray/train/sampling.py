@@ -74,10 +74,7 @@ class BatchPlan:
         """Row indices per stream for one micro-batch of one rank at optimizer step `step`."""
         start = step * self.global_per_stream + (micro * self.world_size + rank) * self.per_stream
         return [
-            [
-                _cycled_index(n, start + j, self.seed, stream)
-                for j in range(self.per_stream)
-            ]
+            [_cycled_index(n, start + j, self.seed, stream) for j in range(self.per_stream)]
             for stream, n in enumerate(self.sizes)
         ]
 

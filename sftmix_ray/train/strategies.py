@@ -1,4 +1,4 @@
-"""Distribution strategies: wrap a plain model (DDP, FSDP2, DeepSpeed ZeRO-2/3); model code stays plain.
+"""Distribution strategies: wrap a plain model in DDP, FSDP2 or DeepSpeed ZeRO-2/3.
 
 Every strategy exposes the same small surface the loop needs: `module` (call it for the loss),
 `backward`, `step` (clip, optimizer, scheduler; returns the grad norm), `no_sync` for
@@ -170,7 +170,9 @@ class FSDPStrategy(TorchStrategy):
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
-            self.module, self.optimizer, model_state_dict=state["model"],
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
         sched = torch.load(directory / "scheduler.pt", weights_only=True)
@@ -186,6 +188,9 @@ class DeepSpeedStrategy:
         self.wrapper = wrapper
         self.train = train
         ds_config = deepspeed_config(train)
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.stage == 3:
+            wrapper.register_head_for_zero3()
         optimizer = torch.optim.AdamW(
             wrapper.parameters(), lr=train["learning_rate"], weight_decay=train["weight_decay"]
         )
@@ -194,10 +199,12 @@ class DeepSpeedStrategy:
             optimizer, lr_lambda(total_steps, warmup, train["lr_scheduler_type"])
         )
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model=wrapper,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
             dist_init_required=False,
         )
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()  # DeepSpeed counts micro-batches itself

@@ -1,0 +1,64 @@
+"""Shared fixtures: one local Ray cluster per session, and a tiny prepared run directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A run small enough for 2 CPU cores: 200 demo rows, a 2-layer 64-wide model.
+TINY_OVERRIDES = [
+    "data.demo_train_size=200",
+    "data.demo_eval_size=24",
+    "data.max_length=96",
+    "model.tiny_hidden_size=64",
+    "model.tiny_num_layers=2",
+    "model.tiny_vocab_size=400",
+    "reference.max_steps=3",
+    "reference.num_checkpoints=2",
+    "train.per_device_train_batch_size=8",
+    "train.logging_steps=1",
+    "ray.num_cpus=2",
+]
+
+
+def tiny_config(*extra: str):
+    """The tiny test config with extra `key=value` overrides."""
+    from sftmix_ray.config import load_config
+
+    return load_config(None, [*TINY_OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster shared by the session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_out(ray_local, tmp_path_factory) -> Path:
+    """OUT with data/, heldout/ and base_model/ from `prepare` on the tiny demo."""
+    from sftmix_ray.pipeline import run_stage
+
+    out = tmp_path_factory.mktemp("prepared")
+    run_stage("prepare", tiny_config(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_out(prepared_out: Path) -> Path:
+    """`prepared_out` plus two reference checkpoints (3 NTP steps)."""
+    from sftmix_ray.pipeline import run_stage
+
+    run_stage("reference", tiny_config(), prepared_out)
+    return prepared_out

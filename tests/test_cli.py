@@ -1,0 +1,101 @@
+"""The real `sftmix-ray` console script: help, validate-data, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).with_name("sftmix-ray")
+COMMANDS = [
+    "prepare",
+    "reference",
+    "score",
+    "split",
+    "train",
+    "eval",
+    "tune",
+    "pipeline",
+    "validate-data",
+]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script; never raises on a non-zero exit."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run(
+        [str(BIN), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: sftmix-ray " + command in result.stdout
+    if command != "validate-data":
+        for flag in ("--config", "--set", "--output-dir"):
+            assert flag in result.stdout
+
+
+def _corpus(tmp_path: Path) -> Path:
+    rows = [
+        {"instruction": "Say hi", "output": "hi"},
+        {"instruction": "Add 1 and 2", "input": "", "output": "3"},
+        {"instruction": "No answer", "output": ""},
+        {"instruction": 5, "output": "x"},
+        None,
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_validate_data_json_contract(tmp_path):
+    result = run_cli("validate-data", "--data", str(_corpus(tmp_path)), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["total"], report["valid"], report["rejected"]) == (5, 2, 3)
+    assert report["total"] == report["valid"] + report["rejected"]
+    assert [r["index"] for r in report["rejections"]] == [2, 3, 4]
+    assert all(isinstance(r["reason"], str) and r["reason"] for r in report["rejections"])
+
+
+def test_validate_data_text_report(tmp_path):
+    result = run_cli("validate-data", "--data", str(_corpus(tmp_path)), "--format", "alpaca")
+    assert result.returncode == 0
+    assert "2" in result.stdout and "rejected" in result.stdout.lower()
+
+
+def test_validate_data_unparseable_file_exits_1_without_traceback(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ')
+    result = run_cli("validate-data", "--data", str(bad))
+    assert result.returncode == 1
+    assert "broken.json" in result.stderr and "line 1" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    missing = run_cli("validate-data", "--data", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 1 and "nope.jsonl" in missing.stderr
+
+
+def test_config_error_exits_1_naming_key(tmp_path):
+    result = run_cli("prepare", "--set", "mixup.alpha=0", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "mixup.alpha" in result.stderr and "Traceback" not in result.stderr
+    typo = run_cli("train", "--set", "train.max_stpes=3", "--output-dir", str(tmp_path))
+    assert typo.returncode == 1 and "did you mean 'train.max_steps'" in typo.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run_cli("prepare", "--set", "split.ratio=2", "--debug", "--output-dir", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_stage_needing_missing_inputs_fails_clearly(tmp_path):
+    result = run_cli("train", "--output-dir", str(tmp_path / "empty"))
+    assert result.returncode == 1
+    assert "run `sftmix-ray prepare` first" in result.stderr

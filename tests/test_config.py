@@ -1,0 +1,116 @@
+"""Config: YAML + --set overrides, type coercion, validation errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftmix_ray.config import Config, load_config, parse_override, redacted, save_config
+from sftmix_ray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_match_design():
+    cfg = Config()
+    assert (cfg.mixup.alpha, cfg.mixup.mu, cfg.split.ratio) == (0.5, 0.2, 0.5)
+    assert cfg.reference.num_checkpoints == 3
+    assert cfg.train.strategy == "ddp"
+    assert cfg.model.trust_remote_code is False
+    assert cfg.ray.dashboard_host == "127.0.0.1"
+
+
+def test_overrides_coerce_types(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "mixup.alpha=0.3",
+            "mixup.mu=0",
+            "train.num_workers=2",
+            "train.bf16=true",
+            "train.strategy=fsdp",
+            "train.deepspeed_stage=3",
+            "reference.model=null",
+            "data.path=/x/y.jsonl",
+            "split.ratio=0.25",
+        ],
+    )
+    assert cfg.mixup.alpha == pytest.approx(0.3) and isinstance(cfg.mixup.mu, float)
+    assert cfg.train.num_workers == 2 and cfg.train.bf16 is True
+    assert cfg.train.strategy == "fsdp" and cfg.train.deepspeed_stage == 3
+    assert cfg.reference.model is None and cfg.data.path == "/x/y.jsonl"
+    assert cfg.split.ratio == 0.25
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mixup:\n  alpha: 0.7\n  mu: 0.5\ntrain:\n  max_steps: 9\n")
+    cfg = load_config(path, ["mixup.mu=0.1"])
+    assert (cfg.mixup.alpha, cfg.mixup.mu, cfg.train.max_steps) == (0.7, 0.1, 9)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("mixup.alpha=0", "'mixup.alpha' = 0"),
+        ("mixup.alpha=-1", "a number > 0"),
+        ("mixup.mu=-0.1", "'mixup.mu'"),
+        ("split.ratio=1", "open range (0, 1)"),
+        ("split.ratio=0", "'split.ratio'"),
+        ("train.strategy=horovod", "one of 'ddp', 'fsdp', 'deepspeed'"),
+        ("train.num_workers=two", "expected an integer"),
+        ("train.num_workers=1.5", "expected an integer"),
+        ("train.bf16=maybe", "expected true or false"),
+        ("reference.num_checkpoints=0", "'reference.num_checkpoints'"),
+        ("data.format=csv", "'data.format'"),
+        ("data.max_length=2", "'data.max_length'"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'mixup.alhpa' \(did you mean 'mixup.alpha'\?\)"
+    ):
+        load_config(None, ["mixup.alhpa=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(None, ["trian.max_steps=3"])
+
+
+def test_malformed_override_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("mixup.alpha")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mixup: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_saved_config_round_trips_and_redacts(tmp_path):
+    cfg = load_config(None, ["mixup.alpha=0.9", "train.max_steps=4"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert redacted({"hf_token": "abc", "x": {"api_key": "k", "n": 1}}) == {
+        "hf_token": "***",
+        "x": {"api_key": "***", "n": 1},
+    }
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_named_config_loads(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= set(cfg.to_dict())
