@@ -172,6 +172,7 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     num_workers: int = 1
     use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # workers on nodes
     per_device_train_batch_size: int = (
         8  # rows per device per micro-step (SFTMix: b conf + b unconf)
     )

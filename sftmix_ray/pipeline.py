@@ -46,8 +46,8 @@ def _not_yet(stage: str) -> Callable[[Config, Path], dict[str, Any]]:
 STAGE_FUNCS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
     "prepare": _prepare,
     "reference": _reference,
-    "score": _not_yet("score"),
-    "split": _not_yet("split"),
+    "score": lambda cfg, out: __import__("sftmix_ray.scoring").scoring.run_score(cfg, out),
+    "split": lambda cfg, out: __import__("sftmix_ray.split").split.run_split(cfg, out),
     "train": _train,
     "eval": _not_yet("eval"),
 }

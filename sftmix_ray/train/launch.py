@@ -56,6 +56,18 @@ def _torch_threads(cfg: Config) -> int:
     return max(1, total // cfg.train.num_workers)
 
 
+def _worker_env(cfg: Config) -> dict[str, str]:
+    """Environment for the training workers."""
+    from sftmix_ray.train.loop import FAULT_ENV
+
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return env
+
+
 def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
     """The train-loop config dict for `mode` ("reference" or "train")."""
     from sftmix_ray.modeling import resolve_model_path
@@ -132,6 +144,9 @@ def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL
         datasets["unconfident"] = _subset(data, out_dir / "split" / "unconfident.parquet")
     if spec["heldout"]:
         datasets["heldout"] = _read_table(out_dir / "heldout")
+    # Materialized up front: the workers then only fetch blocks, and no Ray Data task has to
+    # wait for a CPU that the training workers hold.
+    datasets = {name: ds.materialize() for name, ds in datasets.items()}
     storage = Path(cfg.train.storage_path or out_dir / "ray_storage").resolve()
     name = _run_name(mode, {k: v for k, v in spec.items() if k != "torch_threads"})
     trainer = TorchTrainer(
@@ -142,15 +157,14 @@ def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker=None if cfg.train.use_gpu else {"CPU": 1},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}
-            if not cfg.train.use_gpu
-            else None,
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -164,6 +178,7 @@ def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL
     summary: dict[str, Any] = {
         "steps": int(last.get("step", 0)),
         "restarts": history["restarts"],
+        "nodes": history["nodes"],
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)},
         "run_name": name,
         "storage_path": str(storage),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ class Trainer:
         if self.train_cfg["use_gpu"]:
             self.device = ray.train.torch.get_device()
         torch.manual_seed(self.train_cfg["seed"])
+        self.nodes = self._gather_nodes()
 
         self.streams = [load_rows(name) for name in spec["streams"]]
         self.heldout = load_rows("heldout") if spec.get("heldout") else None
@@ -114,6 +116,17 @@ class Trainer:
         self.restarts = 0
         self.history: list[dict[str, float]] = []
 
+    def _gather_nodes(self) -> list[str]:
+        """The Ray node id of every rank (recorded to show where workers ran)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        if self.world == 1:
+            return [node]
+        nodes: list[Any] = [None] * self.world
+        dist.all_gather_object(nodes, node)
+        return nodes
+
     # ------------------------------------------------------------------ batches and losses
     def _micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         per_stream = self.plan.rows(step, micro, self.rank)
@@ -122,20 +135,25 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         return collate(inputs, labels, pad if pad is not None else 0, self.device)
 
+    def _lambda(self, step: int, micro: int) -> torch.Tensor | None:
+        """This micro-batch's slice of the step's Mixup weights, drawn for the global batch.
+
+        Drawing per global pair position (not per rank) keeps lambda of every pair the same
+        whatever the worker count or accumulation, so runs stay comparable.
+        """
+        lam = self.loss.sample_lambda(
+            self.plan.global_per_stream, seed=self.train_cfg["seed"], step=step, rank=0
+        )
+        if lam is None:
+            return None
+        start = (micro * self.world + self.rank) * self.plan.per_stream
+        return lam[start : start + self.plan.per_stream]
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         accum = self.train_cfg["gradient_accumulation_steps"]
         batches = [self._micro_batch(self.step, m) for m in range(accum)]
-        lams = [
-            self.loss.sample_lambda(
-                self.plan.per_stream,
-                seed=self.train_cfg["seed"],
-                step=self.step,
-                rank=self.rank,
-                micro=m,
-            )
-            for m in range(accum)
-        ]
+        lams = [self._lambda(self.step, m) for m in range(accum)]
         # Normalize by the global count over ranks and micro-batches, so neither changes
         # the loss or its gradients (DDP/FSDP/DeepSpeed average gradients over ranks).
         counts = sum(self.loss.normalizer_counts(b["labels"], lam) for b, lam in zip(batches, lams))
@@ -249,6 +267,27 @@ class Trainer:
         save_hf(model, self.tokenizer, Path(target))
 
 
+FAULT_ENV = "SFTMIX_FAULT_AT_STEP"
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault-injection hook for the reliability tests: `SFTMIX_FAULT_AT_STEP=STEP:MARKER`.
+
+    Rank 0 dies (a real process exit, no cleanup) after finishing `STEP`, once: the marker
+    file records that the fault happened, so the restarted attempt runs through.
+    """
+    value = os.environ.get(FAULT_ENV)
+    if not value or rank != 0:
+        return
+    fault_step, marker = value.split(":", 1)
+    if step == int(fault_step) and not Path(marker).exists():
+        Path(marker).write_text(f"killed after step {step}\n", encoding="utf-8")
+        # Give the controller time to register the checkpoints already reported, so the
+        # test knows which one the restart must resume from (a real crash has no such grace).
+        time.sleep(3)
+        os._exit(17)
+
+
 def train_loop_per_worker(spec: dict[str, Any]) -> None:
     """Ray Train entry: resume if a checkpoint exists, train, report, export."""
     import ray.train
@@ -269,20 +308,21 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     while trainer.step < trainer.total_steps:
         metrics = trainer.train_step()
         step = trainer.step
+        _maybe_inject_fault(step, trainer.rank)
         now = time.perf_counter()
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(now - last_time, 1e-9)
         last_time = now
         metrics["step"] = float(step)
-        trainer.history.append({k: round(v, 6) for k, v in metrics.items()})
         is_last = step == trainer.total_steps
+        if (eval_every and step % eval_every == 0) or is_last:
+            metrics["eval_loss"] = trainer.evaluate()
+        metrics["restarts"] = float(trainer.restarts)
+        trainer.history.append({k: round(v, 6) for k, v in metrics.items()})
         if step in export_steps:
             trainer.export_hf(str(Path(spec["export_dir"]) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
         if not (save or step % log_every == 0):
             continue
-        if (eval_every and step % eval_every == 0) or is_last:
-            metrics["eval_loss"] = trainer.evaluate()
-        metrics["restarts"] = float(trainer.restarts)
         if save:
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.save_checkpoint(Path(tmp))
@@ -297,7 +337,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         history_path = Path(spec["history_path"])
         history_path.parent.mkdir(parents=True, exist_ok=True)
         history_path.write_text(
-            json.dumps({"restarts": trainer.restarts, "history": trainer.history}),
+            json.dumps(
+                {"restarts": trainer.restarts, "history": trainer.history, "nodes": trainer.nodes}
+            ),
             encoding="utf-8",
         )
 

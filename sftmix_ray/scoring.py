@@ -1,0 +1,360 @@
+"""The `score` stage: every example's response NLL under every reference checkpoint (Ray Data).
+
+One Ray Data pass per checkpoint (`OUT/reference/checkpoint-<step>`, in step order) runs the
+`Scorer` on an actor pool and writes `OUT/scores/per_checkpoint/checkpoint-<step>.parquet`
+atomically. A rerun keeps every per-checkpoint file whose ids and fingerprints still match the
+data and the checkpoint, and redoes the rest. When all are there they are joined on
+`example_id` into `OUT/scores/scores.parquet` (read that file, not the directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftmix_ray.config import Config
+from sftmix_ray.errors import SftmixError
+from sftmix_ray.losses import IGNORE_INDEX, confidence_and_variability, response_token_nll
+
+log = logging.getLogger(__name__)
+
+SCORES_DIR = "scores"
+SCORES_FILE = "scores.parquet"
+PER_CHECKPOINT_DIR = "per_checkpoint"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_META = b"sftmix"  # Parquet key-value metadata: data and checkpoint fingerprints
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Reference checkpoints as `(step, dir)`, in training order (by step number)."""
+    found = [
+        (int(m.group(1)), p)
+        for p in (Path(out_dir) / "reference").glob("checkpoint-*")
+        if (m := _CHECKPOINT.match(p.name)) and (p / "config.json").exists()
+    ]
+    if not found:
+        raise SftmixError(f"no checkpoints in {out_dir}/reference; run `sftmix-ray reference`")
+    return sorted(found)
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Row indices of micro-batches: sorted by length, each at most `batch_tokens` padded tokens.
+
+    A row longer than the budget is a micro-batch of its own.
+    """
+    batches: list[np.ndarray] = []
+    start, order = 0, np.argsort(lengths, kind="stable")
+    for end in range(1, len(order) + 1):
+        # Ascending order: the row at `end` would be the longest, so it sets the padded length.
+        if end == len(order) or (end + 1 - start) * int(lengths[order[end]]) > batch_tokens:
+            batches.append(order[start:end])
+            start = end
+    return batches
+
+
+def rows_per_batch(n_rows: int, num_actors: int) -> int:
+    """Rows per scorer call: about 4 per actor to keep the pool busy, 32 to 1024 to sort well."""
+    return int(min(1024, max(32, math.ceil(n_rows / (4 * num_actors)))))
+
+
+class Scorer:
+    """Ray Data callable class: mean response NLL of each row under one checkpoint."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        batch_tokens: int,
+        chunk_size: int,
+        num_threads: int = 0,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = "sdpa",
+        bf16_on_gpu: bool = False,
+    ) -> None:
+        import ray
+        import torch
+
+        from sftmix_ray.losses import NTPLoss
+        from sftmix_ray.modeling import load_model
+        from sftmix_ray.train.forward import CausalLMWithLoss
+
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
+        model = load_model(
+            model_path, trust_remote_code=trust_remote_code, dtype=dtype,
+            attn_implementation=attn_implementation,
+        )  # fmt: skip
+        # The training wrapper knows each model's decoder body and logit scaling/soft-capping.
+        wrapper = CausalLMWithLoss(model.to(self.device).eval(), NTPLoss(chunk_size))
+        self.decoder, self.head = wrapper.decoder(), wrapper.output_head()
+        self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
+        self.name = in_actor or "local"  # counts the actors that did the work
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """`example_id`, `nll` (mean over response tokens), `n_response_tokens`, `n_tokens`."""
+        import torch
+
+        ids_col = batch.column("input_ids").combine_chunks()
+        offsets = ids_col.offsets.to_numpy()
+        flat_ids = ids_col.values.to_numpy(zero_copy_only=False)
+        flat_labels = batch.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        nll = np.full(batch.num_rows, np.nan)
+        n_response = np.zeros(batch.num_rows, dtype=np.int64)
+        for rows in token_budget_batches(lengths, self.batch_tokens):
+            shape = (len(rows), int(lengths[rows].max()))
+            input_ids, mask = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+            labels = np.full(shape, IGNORE_INDEX, np.int64)
+            for j, r in enumerate(rows):  # right padding: positions of real tokens unchanged
+                lo, n = offsets[r], lengths[r]
+                input_ids[j, :n], labels[j, :n] = flat_ids[lo : lo + n], flat_labels[lo : lo + n]
+                mask[j, :n] = 1
+            with torch.inference_mode():
+                out = self.decoder(
+                    input_ids=torch.from_numpy(input_ids).to(self.device),
+                    # Equal lengths need no mask: SDPA then takes its plain causal path.
+                    attention_mask=None if mask.all() else torch.from_numpy(mask).to(self.device),
+                    use_cache=False,
+                )
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                # Target log-probs only, chunk by chunk, in fp32: never a [B, L, V] log-softmax.
+                nll_sum, counts = response_token_nll(
+                    hidden, torch.from_numpy(labels), self.head, self.chunk_size
+                )
+            n_response[rows] = counts.cpu().numpy()
+            with np.errstate(invalid="ignore", divide="ignore"):  # no response tokens -> NaN
+                nll[rows] = nll_sum.double().cpu().numpy() / n_response[rows]
+        return pa.table(
+            {
+                "example_id": batch.column("example_id").combine_chunks().cast(pa.int64()),
+                "nll": pa.array(nll, pa.float64()),
+                "n_response_tokens": pa.array(n_response, pa.int64()),
+                "n_tokens": pa.array(lengths, pa.int64()),
+                "scorer": pa.array([self.name] * batch.num_rows, pa.string()),
+            }
+        )
+
+
+def fingerprint(path: Path) -> str:
+    """Cheap identity of a file or directory: names, sizes, and the first and last MiB."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in (f for f in files if not f.name.startswith(".")):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path.parent)}:{size}".encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def check_ids(found: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Raise unless `found` holds every id of the sorted, unique `expected` exactly once."""
+    unique, counts = np.unique(found, return_counts=True)
+    missing, extra = np.setdiff1d(expected, unique), np.setdiff1d(unique, expected)
+    twice = unique[counts > 1]
+    if len(missing) or len(extra) or len(twice):
+        raise SftmixError(
+            f"{what}: not every example scored exactly once: {len(missing)} missing "
+            f"(e.g. {missing[:5].tolist()}), {len(twice)} duplicated (e.g. {twice[:5].tolist()}), "
+            f"{len(extra)} unknown (e.g. {extra[:5].tolist()})"
+        )
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write `table` to a hidden temporary file next to `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _complete(path: Path, ids: np.ndarray, meta: dict[str, str]) -> bool:
+    """Whether a per-checkpoint file exists, scores exactly `ids`, and has matching fingerprints."""
+    if not path.exists():
+        return False
+    try:
+        table = pq.read_table(path)
+        stored = json.loads((table.schema.metadata or {}).get(_META, b"{}"))
+        check_ids(table.column("example_id").to_numpy(), ids, str(path))
+    except (OSError, ValueError, pa.ArrowException, SftmixError) as exc:
+        log.warning("redoing %s: %s", path.name, exc)
+        return False
+    if stored != meta:
+        log.warning("redoing %s: data or checkpoint changed since it was scored", path.name)
+    return stored == meta
+
+
+def _actor_resources(cfg: Config) -> tuple[float, int]:
+    """CPUs to reserve per scorer actor, and torch threads per actor."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    threads = max(1, int(total // cfg.score.num_actors))
+    # Leave a CPU (half the cluster on tiny ones) to Ray Data's read and repartition tasks:
+    # actors holding every CPU would starve them and the pipeline would never finish.
+    spare = max(total - 1.0, total / 2.0)
+    return max(0.05, min(float(threads), spare / cfg.score.num_actors)), threads
+
+
+def _score_checkpoint(
+    cfg: Config, data_dir: Path, checkpoint: Path, n_rows: int
+) -> tuple[pa.Table, dict[str, Any]]:
+    """One Ray Data pass of `Scorer` over OUT/data with `checkpoint`: rows by id, and counts."""
+    import ray
+
+    num_cpus, threads = _actor_resources(cfg)
+    batch_rows = rows_per_batch(n_rows, cfg.score.num_actors)
+    ds = ray.data.read_parquet(str(data_dir.resolve()), file_extensions=["parquet"])
+    ds = ds.select_columns(["example_id", "input_ids", "labels"])
+    scorer_kwargs = dict(
+        batch_tokens=cfg.score.batch_tokens, chunk_size=cfg.score.chunk_size,
+        num_threads=threads, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation, bf16_on_gpu=cfg.train.bf16,
+    )  # fmt: skip
+    # Streaming split into blocks of `batch_rows`, so every actor gets work even from one file.
+    ds = ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
+        Scorer,
+        fn_constructor_args=(str(checkpoint),),
+        fn_constructor_kwargs=scorer_kwargs,
+        batch_size=batch_rows,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
+        num_cpus=num_cpus,
+        num_gpus=cfg.score.num_gpus_per_actor or None,
+    )
+    start = last = time.time()
+    parts: list[pa.Table] = []
+    first_batch_s, done = 0.0, 0
+    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        assert isinstance(part, pa.Table)
+        parts.append(part)
+        done += part.num_rows
+        first_batch_s = first_batch_s or round(time.time() - start, 2)  # startup + model load
+        if time.time() - last > 10:
+            last = time.time()
+            rate = done / (last - start)
+            log.info("%s: %d/%d rows (%.0f rows/s)", checkpoint.name, done, n_rows, rate)
+    table = pa.concat_tables(parts).sort_by("example_id")
+    actors = len(set(table.column("scorer").to_pylist()))
+    return table, {"batches": len(parts), "actors": actors, "first_batch_s": first_batch_s}
+
+
+def _check_tokenizer(cfg: Config, out_dir: Path, checkpoint: Path) -> None:
+    """Raise unless the reference checkpoints read the base tokenizer's ids (same vocabulary)."""
+    from sftmix_ray.modeling import load_tokenizer, resolve_model_path
+
+    ref, trust = cfg.reference.model, cfg.model.trust_remote_code
+    if not ref or ref == cfg.model.name_or_path:
+        return
+    base_path = resolve_model_path(cfg.model.name_or_path, out_dir)
+    base = load_tokenizer(base_path, trust_remote_code=trust)
+    ref_path = str(checkpoint) if (checkpoint / "tokenizer_config.json").exists() else ref
+    if base.get_vocab() != load_tokenizer(ref_path, trust_remote_code=trust).get_vocab():
+        raise SftmixError(
+            f"reference.model '{ref}' uses a different tokenizer than model.name_or_path "
+            f"'{cfg.model.name_or_path}'; OUT/data holds the base tokenizer's ids, and scoring "
+            "across tokenizers is not supported yet: pick a reference model of the same family"
+        )
+
+
+def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Score every example under every checkpoint once; write OUT/scores; return the summary."""
+    out_dir, data_dir = Path(out_dir), Path(out_dir) / "data"
+    checkpoints = list_checkpoints(out_dir)
+    _check_tokenizer(cfg, out_dir, checkpoints[0][1])
+    if not data_dir.exists():
+        raise SftmixError(f"{data_dir} does not exist; run `sftmix-ray prepare` first")
+    all_ids = pq.read_table(data_dir, columns=["example_id"]).column("example_id").to_numpy()
+    ids = np.unique(all_ids)
+    if len(ids) != len(all_ids):
+        raise SftmixError(f"{data_dir} holds {len(all_ids) - len(ids)} duplicated example ids")
+    per_dir = out_dir / SCORES_DIR / PER_CHECKPOINT_DIR
+    per_dir.mkdir(parents=True, exist_ok=True)
+    for stale in per_dir.glob(".*.tmp"):  # left by a crash mid-write; never read
+        stale.unlink(missing_ok=True)
+    data_print = fingerprint(data_dir)
+    reused, rescored, passes = [], [], []
+    tokens = seconds = 0.0
+    for step, checkpoint in checkpoints:
+        target = per_dir / f"checkpoint-{step}.parquet"
+        meta = {"data": data_print, "checkpoint": fingerprint(checkpoint), "step": str(step)}
+        if _complete(target, ids, meta):
+            log.info("%s: already scored, kept (%s)", checkpoint.name, target)
+            reused.append(checkpoint.name)
+            continue
+        start = time.time()
+        table, counts = _score_checkpoint(cfg, data_dir, checkpoint, len(ids))
+        elapsed = time.time() - start
+        check_ids(table.column("example_id").to_numpy(), ids, checkpoint.name)
+        n_tokens = int(np.sum(table.column("n_tokens").to_numpy()))
+        tokens, seconds = tokens + n_tokens, seconds + elapsed
+        passes.append({"checkpoint": checkpoint.name, "seconds": round(elapsed, 2), **counts})
+        log.info(
+            "%s: %d rows in %.1fs (%.0f rows/s, %.0f tokens/s)",
+            checkpoint.name, len(ids), elapsed, len(ids) / elapsed, n_tokens / elapsed,
+        )  # fmt: skip
+        table = table.drop_columns(["n_tokens", "scorer"])
+        _write_parquet_atomic(table.replace_schema_metadata({_META: json.dumps(meta)}), target)
+        rescored.append(checkpoint.name)
+    scores = assemble_scores([per_dir / f"checkpoint-{s}.parquet" for s, _ in checkpoints], ids)
+    _write_parquet_atomic(scores, out_dir / SCORES_DIR / SCORES_FILE)
+    return {
+        "scored": len(ids),
+        "checkpoints": [c.name for _, c in checkpoints],
+        "rescored": rescored,
+        "reused": reused,
+        "passes": passes,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "rows_per_s": round(len(ids) * len(rescored) / seconds, 1) if seconds else None,
+        "mean_confidence": float(np.mean(scores.column("confidence"))),
+        "mean_variability": float(np.mean(scores.column("variability"))),
+        "scores_path": str(out_dir / SCORES_DIR / SCORES_FILE),
+    }
+
+
+def assemble_scores(files: list[Path], ids: np.ndarray) -> pa.Table:
+    """Join per-checkpoint files on `example_id` into the scores table (DESIGN's schema)."""
+    nll_columns, n_response = [], None
+    for file in files:
+        table = pq.read_table(file).sort_by("example_id")
+        check_ids(table.column("example_id").to_numpy(), ids, str(file))
+        nll_columns.append(table.column("nll").to_numpy())
+        counts = table.column("n_response_tokens").to_numpy()
+        if n_response is not None and not np.array_equal(counts, n_response):
+            raise SftmixError(f"{file}: response-token counts differ from the other checkpoints")
+        n_response = counts
+    nll = np.stack(nll_columns, axis=1)
+    bad = ids[~np.isfinite(nll).all(axis=1)]
+    if len(bad):
+        raise SftmixError(f"{len(bad)} examples have no finite NLL (e.g. {bad[:5].tolist()})")
+    confidence, variability = confidence_and_variability(nll)
+    offsets = pa.array(np.arange(0, nll.size + 1, nll.shape[1]), pa.int32())
+    return pa.table(
+        {
+            "example_id": pa.array(ids, pa.int64()),
+            "confidence": pa.array(confidence, pa.float64()),
+            "variability": pa.array(variability, pa.float64()),
+            "n_response_tokens": pa.array(n_response, pa.int64()),
+            "nll": pa.ListArray.from_arrays(offsets, pa.array(nll.ravel(), pa.float64())),
+        }
+    )

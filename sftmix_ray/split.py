@@ -1,0 +1,144 @@
+"""The `split` stage: confident / unconfident subsets by confidence, and the cartography map."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftmix_ray.config import Config
+from sftmix_ray.errors import SftmixError
+
+log = logging.getLogger(__name__)
+
+SPLIT_DIR = "split"
+CONFIDENT_FILE = "confident.parquet"
+UNCONFIDENT_FILE = "unconfident.parquet"
+PLOT_FILE = "cartography.png"
+_SIDE_COLUMNS = ["example_id", "confidence", "variability"]
+_MAX_SCATTER_POINTS = 50_000  # beyond this the map plots a seeded sample of the points
+
+
+def confident_count(n: int, ratio: float) -> int:
+    """Size of the confident subset: `ratio * n` rounded half up, clamped to [1, n - 1]."""
+    if n < 2:
+        raise SftmixError(f"a confidence split needs at least 2 examples, got {n}")
+    if not 0.0 < ratio < 1.0:
+        raise SftmixError(f"split.ratio must lie in (0, 1), got {ratio}")
+    # Half up, not Python's round-half-to-even; the epsilon absorbs float error in ratio * n.
+    return min(max(math.floor(ratio * n + 0.5 + 1e-9), 1), n - 1)
+
+
+def split_by_confidence(
+    ids: np.ndarray, confidence: np.ndarray, ratio: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of the confident (top `ratio` by confidence) and unconfident examples.
+
+    Both come in rank order: confidence descending, ties by example id ascending, so equal
+    confidences put the lower ids on the confident side and the split is reproducible.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if ids.shape != confidence.shape or ids.ndim != 1:
+        raise SftmixError(
+            f"ids and confidence must be 1-D of one length, got {ids.shape} and {confidence.shape}"
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise SftmixError("example ids must be unique to split by confidence")
+    if not np.isfinite(confidence).all():
+        bad = ids[~np.isfinite(confidence)]
+        raise SftmixError(f"{len(bad)} examples have no finite confidence (e.g. {bad[:5]})")
+    k = confident_count(len(ids), ratio)
+    order = np.lexsort((ids, -confidence))  # last key is the primary one
+    return ids[order[:k]], ids[order[k:]]
+
+
+def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row positions in `ids` (unique) of each of `wanted`, in `wanted`'s order."""
+    sorter = np.argsort(ids, kind="stable")
+    return sorter[np.searchsorted(ids, wanted, sorter=sorter)]
+
+
+def plot_cartography(
+    confidence: np.ndarray,
+    variability: np.ndarray,
+    confident: np.ndarray,
+    threshold: float,
+    path: Path,
+) -> Path:
+    """Write the cartography map (variability vs confidence by side) and the histogram as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global backend state
+    ax_map, ax_hist = fig.subplots(1, 2)
+    shown = np.arange(len(confidence))
+    if len(shown) > _MAX_SCATTER_POINTS:
+        shown = np.random.default_rng(0).choice(shown, _MAX_SCATTER_POINTS, replace=False)
+    bins = np.histogram_bin_edges(confidence, bins=50)  # one set of bins for both sides
+    for mask, label, color in ((confident, "confident", "tab:blue"),
+                               (~confident, "unconfident", "tab:orange")):  # fmt: skip
+        pick = shown[mask[shown]]
+        ax_map.scatter(variability[pick], confidence[pick], s=6, alpha=0.5, c=color, label=label)
+        ax_hist.hist(confidence[mask], bins=bins, alpha=0.6, color=color, label=label)
+    ax_map.set(
+        xlabel="variability (std of exp(-nll) over checkpoints)",
+        ylabel="confidence (mean exp(-nll))",
+        title=f"Data map ({len(confidence)} examples)",
+    )
+    ax_map.legend(loc="best", markerscale=3)
+    ax_hist.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax_hist.set(xlabel="confidence", ylabel="examples", title="Confidence")
+    ax_hist.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Split OUT/scores/scores.parquet by confidence into OUT/split; return counts and means."""
+    from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
+    from sftmix_ray.scoring import SCORES_DIR, SCORES_FILE
+
+    scores_path = Path(out_dir) / SCORES_DIR / SCORES_FILE
+    if not scores_path.exists():
+        raise SftmixError(f"{scores_path} does not exist; run `sftmix-ray score` first")
+    scores = pq.read_table(scores_path, columns=_SIDE_COLUMNS)
+    ids = scores.column("example_id").to_numpy()
+    confidence = scores.column("confidence").to_numpy()
+    variability = scores.column("variability").to_numpy()
+    conf_ids, unconf_ids = split_by_confidence(ids, confidence, cfg.split.ratio)
+    conf_rows = _rows_of(ids, conf_ids)
+    is_confident = np.zeros(len(ids), dtype=bool)
+    is_confident[conf_rows] = True
+    threshold = float(confidence[conf_rows[-1]])  # the least confident confident example
+    target = Path(out_dir) / SPLIT_DIR
+    tmp = fresh_tmp_dir(target)
+    # Rank order (confidence descending, ties by id) so each file reads as a ranking.
+    pq.write_table(scores.take(pa.array(conf_rows)), tmp / CONFIDENT_FILE)
+    pq.write_table(scores.take(pa.array(_rows_of(ids, unconf_ids))), tmp / UNCONFIDENT_FILE)
+    plot_cartography(confidence, variability, is_confident, threshold, tmp / PLOT_FILE)
+    replace_dir(tmp, target)
+    summary = {
+        "ratio": cfg.split.ratio,
+        "confident": len(conf_ids),
+        "unconfident": len(unconf_ids),
+        "threshold": threshold,
+        "mean_confidence_confident": float(confidence[is_confident].mean()),
+        "mean_confidence_unconfident": float(confidence[~is_confident].mean()),
+        "mean_variability_confident": float(variability[is_confident].mean()),
+        "mean_variability_unconfident": float(variability[~is_confident].mean()),
+        "plot": str(target / PLOT_FILE),
+    }
+    log.info(
+        "split %d examples: %d confident (mean %.4f), %d unconfident (mean %.4f)",
+        len(ids), summary["confident"], summary["mean_confidence_confident"],
+        summary["unconfident"], summary["mean_confidence_unconfident"],
+    )  # fmt: skip
+    return summary

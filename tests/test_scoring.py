@@ -1,0 +1,224 @@
+"""The score stage on a real local Ray cluster: exact NLLs, every example exactly once, resume.
+
+The NLL oracle is plain transformers: full logits of one unpadded row and `F.cross_entropy`
+over its response tokens. The scorer batches rows by a token budget with right padding and
+computes only target log-probs, so the two agree up to float32 rounding: rtol 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from ray.data import DataContext
+
+from sftmix_ray.errors import SftmixError
+from sftmix_ray.scoring import (
+    _META,
+    PER_CHECKPOINT_DIR,
+    SCORES_DIR,
+    SCORES_FILE,
+    _complete,
+    fingerprint,
+    list_checkpoints,
+    run_score,
+    token_budget_batches,
+)
+from sftmix_ray.summary import read_summary
+from tests.conftest import TINY_OVERRIDES, tiny_config
+
+NLL_RTOL = 1e-4  # scorer vs plain transformers, both float32
+# A small token budget forces many micro-batches that mix lengths, so padding is exercised.
+SCORE_OVERRIDES = ["score.num_actors=2", "score.batch_tokens=256", "score.chunk_size=16"]
+# Tests only: dispatch no batch before the whole pool is up, so both actors get work for sure.
+WAIT_FOR_ACTORS = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the real `sftmix-ray` console script (falls back to `python -m sftmix_ray.cli`)."""
+    script = Path(sys.executable).with_name("sftmix-ray")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
+    sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SCORE_OVERRIDES]]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **WAIT_FOR_ACTORS}
+    return subprocess.run(
+        [*command, *args, *sets], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def _copy_run(source: Path, target: Path) -> Path:
+    """A private copy of a run directory's stage outputs (data, models, scores)."""
+    for name in ("data", "base_model", "reference", SCORES_DIR):
+        if (source / name).exists():
+            shutil.copytree(source / name, target / name)
+    return target
+
+
+@dataclass
+class ScoredRun:
+    """A scored copy of the tiny reference run, and what its crash left behind."""
+
+    out: Path
+    first: str  # first checkpoint's name, scored before the crash
+    last: str  # last checkpoint's name, scored by the rerun
+    first_mtime: int
+    stale_tmp: Path
+    partial: dict
+    cli: dict
+
+
+@pytest.fixture(scope="module")
+def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
+    """Score the tiny run as a crash and a rerun would, the rerun through `sftmix-ray score`."""
+    out = _copy_run(reference_out, tmp_path_factory.mktemp("scored"))
+    (_, first), (_, last) = list_checkpoints(out)
+    per = out / SCORES_DIR / PER_CHECKPOINT_DIR
+    # A run killed while scoring the last checkpoint leaves the first checkpoint's file, a
+    # half-written temporary file of the last one, and no assembled scores. Make that state:
+    # score with the last checkpoint out of sight, then drop scores.parquet, add the tmp file.
+    aside = out / f"{last.name}.aside"
+    last.rename(aside)
+    context = DataContext.get_current()
+    default_wait = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = int(WAIT_FOR_ACTORS["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"])
+    try:
+        partial = run_score(tiny_config(*SCORE_OVERRIDES), out)
+    finally:
+        context.wait_for_min_actors_s = default_wait
+    aside.rename(last)
+    (out / SCORES_DIR / SCORES_FILE).unlink()
+    stale_tmp = per / f".{last.name}.parquet.x1y2.tmp"
+    stale_tmp.write_bytes(b"PAR1 half a file")
+    first_mtime = (per / f"{first.name}.parquet").stat().st_mtime_ns
+    # The rerun: the real CLI, joining the session's cluster (2 actors).
+    address = ray_local.get_runtime_context().gcs_address
+    proc = _cli("score", "--output-dir", str(out), "--address", address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ScoredRun(
+        out, first.name, last.name, first_mtime, stale_tmp, partial, json.loads(proc.stdout)
+    )
+
+
+def _data(out: Path):
+    return pq.read_table(out / "data").sort_by("example_id")
+
+
+def test_every_example_is_scored_exactly_once(scored: ScoredRun):
+    out = scored.out
+    scores = pq.read_table(out / SCORES_DIR / SCORES_FILE)
+    ids = _data(out).column("example_id").to_numpy()
+    assert scores.column_names == [
+        "example_id", "confidence", "variability", "n_response_tokens", "nll"
+    ]  # fmt: skip
+    assert np.array_equal(scores.column("example_id").to_numpy(), ids)
+    assert all(len(row) == 2 for row in scores.column("nll").to_pylist())
+    stage = read_summary(out)["stages"]["score"]
+    assert stage["status"] == "completed" and stage["scored"] == len(ids)
+    # Two actors over several blocks, and still every id once (checked again in the stage).
+    passes = scored.partial["passes"] + stage["passes"]
+    assert len(passes) == 2 and all(p["batches"] >= 2 and p["actors"] == 2 for p in passes)
+    assert stage["tokens_per_s"] > 0
+    for name in (scored.first, scored.last):
+        per = pq.read_table(out / SCORES_DIR / PER_CHECKPOINT_DIR / f"{name}.parquet")
+        assert np.array_equal(per.column("example_id").to_numpy(), ids)
+
+
+def test_rerun_after_crash_keeps_finished_checkpoints(scored: ScoredRun):
+    assert scored.partial["rescored"] == [scored.first]
+    stage = scored.cli["score"]
+    assert stage["reused"] == [scored.first] and stage["rescored"] == [scored.last]
+    per = scored.out / SCORES_DIR / PER_CHECKPOINT_DIR
+    assert (per / f"{scored.first}.parquet").stat().st_mtime_ns == scored.first_mtime
+    assert not scored.stale_tmp.exists()
+    # Everything complete: another run redoes nothing and rewrites no per-checkpoint file.
+    mtimes = sorted((p.name, p.stat().st_mtime_ns) for p in per.iterdir())
+    again = run_score(tiny_config(*SCORE_OVERRIDES), scored.out)
+    assert again["rescored"] == [] and again["tokens_per_s"] is None
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in per.iterdir()) == mtimes
+
+
+def test_nll_matches_plain_transformers(scored: ScoredRun):
+    from transformers import AutoModelForCausalLM
+
+    data = _data(scored.out)
+    scores = pq.read_table(scored.out / SCORES_DIR / SCORES_FILE)
+    lengths = np.array([len(x) for x in data.column("input_ids").to_pylist()])
+    rows = sorted({int(lengths.argmin()), int(lengths.argmax()), 0, 7, 55, len(lengths) - 1})
+    for t, (_, checkpoint) in enumerate(list_checkpoints(scored.out)):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        for row in rows:
+            ids = torch.tensor([data.column("input_ids")[row].as_py()])
+            labels = torch.tensor(data.column("labels")[row].as_py())
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0].float()
+            expected = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
+            stored = scores.column("nll")[row].as_py()[t]
+            assert stored == pytest.approx(float(expected), rel=NLL_RTOL), (checkpoint, row)
+            n_response = int((labels[1:] != -100).sum())
+            assert scores.column("n_response_tokens")[row].as_py() == n_response
+
+
+def test_confidence_and_variability_follow_stored_nll(scored: ScoredRun):
+    scores = pq.read_table(scored.out / SCORES_DIR / SCORES_FILE)
+    inverse_ppl = np.exp(-np.array(scores.column("nll").to_pylist()))
+    np.testing.assert_allclose(scores.column("confidence").to_numpy(), inverse_ppl.mean(1))
+    np.testing.assert_allclose(scores.column("variability").to_numpy(), inverse_ppl.std(1))
+
+
+def test_incomplete_or_stale_checkpoint_files_are_redone(scored: ScoredRun, tmp_path):
+    out = _copy_run(scored.out, tmp_path)
+    ids = _data(out).column("example_id").to_numpy()
+    path = out / SCORES_DIR / PER_CHECKPOINT_DIR / f"{scored.first}.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[_META])
+    assert _complete(path, ids, meta)
+    assert meta["checkpoint"] == fingerprint(out / "reference" / scored.first)
+    pq.write_table(table.slice(0, len(ids) - 3), path)  # rows missing
+    assert not _complete(path, ids, meta)
+    pq.write_table(table, path)
+    assert not _complete(path, ids, {**meta, "checkpoint": "retrained"})  # checkpoint changed
+    path.write_bytes(b"not parquet")
+    assert not _complete(path, ids, meta)
+
+
+def test_token_budget_batches_cover_each_row_once_within_budget():
+    lengths = np.random.default_rng(0).integers(1, 90, size=500)
+    batches = token_budget_batches(lengths, 256)
+    rows = np.concatenate(batches)
+    assert np.array_equal(np.sort(rows), np.arange(500))
+    assert np.all(np.diff(lengths[rows]) >= 0)  # sorted by length
+    for batch in batches:
+        assert len(batch) * lengths[batch].max() <= 256 or len(batch) == 1
+    assert len(token_budget_batches(np.array([300, 5]), 256)) == 2  # too long: alone
+
+
+def test_cross_tokenizer_reference_is_refused(scored: ScoredRun, tmp_path):
+    from sftmix_ray.modeling import train_tiny_tokenizer
+
+    out = _copy_run(scored.out, tmp_path)
+    other = train_tiny_tokenizer(["a different corpus entirely", "with other merges"], 300)
+    other.save_pretrained(out / "reference" / scored.first)
+    cfg = tiny_config(*SCORE_OVERRIDES, "reference.model=some/smaller-model")
+    with pytest.raises(SftmixError, match="different tokenizer"):
+        run_score(cfg, out)
+
+
+def test_cli_split_after_score(scored: ScoredRun, tmp_path):
+    out = _copy_run(scored.out, tmp_path)
+    proc = _cli("split", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)["split"]
+    n = _data(out).num_rows
+    assert summary["confident"] + summary["unconfident"] == n
+    assert summary["mean_confidence_confident"] >= summary["mean_confidence_unconfident"]
+    for name in ("confident.parquet", "unconfident.parquet", "cartography.png"):
+        assert (out / "split" / name).stat().st_size > 0
