@@ -49,19 +49,31 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Row indices of micro-batches: sorted by length, each at most `batch_tokens` padded tokens.
+def token_budget_batches(
+    lengths: np.ndarray, batch_tokens: int, overhead_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Row indices of micro-batches of length-sorted rows, each at most `batch_tokens` padded.
 
-    A row longer than the budget is a micro-batch of its own.
+    Of all such splits (a row longer than the budget goes alone) this takes the one with the
+    fewest padded tokens plus `overhead_tokens` (default: budget / 8) per micro-batch, the
+    fixed cost of a forward: rows of different lengths share a micro-batch only when their
+    padding costs less than another forward would.
     """
-    batches: list[np.ndarray] = []
-    start, order = 0, np.argsort(lengths, kind="stable")
-    for end in range(1, len(order) + 1):
-        # Ascending order: the row at `end` would be the longest, so it sets the padded length.
-        if end == len(order) or (end + 1 - start) * int(lengths[order[end]]) > batch_tokens:
-            batches.append(order[start:end])
-            start = end
-    return batches
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = np.asarray(lengths, dtype=np.int64)[order]
+    overhead = batch_tokens // 8 if overhead_tokens is None else overhead_tokens
+    cost, start = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=np.int64)
+    for end in range(1, len(order) + 1):  # rows [i, end) padded to the longest, row end - 1
+        longest = int(sorted_lengths[end - 1])
+        first = np.arange(max(0, end - max(1, batch_tokens // longest)), end)
+        total = cost[first] + (end - first) * longest + overhead
+        best = int(np.argmin(total))
+        cost[end], start[end] = total[best], first[best]
+    batches, end = [], len(order)
+    while end > 0:
+        batches.append(order[start[end] : end])
+        end = int(start[end])
+    return batches[::-1]
 
 
 def rows_per_batch(n_rows: int, num_actors: int) -> int:
@@ -213,7 +225,8 @@ def _actor_resources(cfg: Config) -> tuple[float, int]:
     # Leave a CPU (half the cluster on tiny ones) to Ray Data's read and repartition tasks:
     # actors holding every CPU would starve them and the pipeline would never finish.
     spare = max(total - 1.0, total / 2.0)
-    return max(0.05, min(float(threads), spare / cfg.score.num_actors)), threads
+    wanted = 1.0 if cfg.score.num_gpus_per_actor > 0 else float(threads)  # GPU actors: a feeder
+    return max(0.05, min(wanted, spare / cfg.score.num_actors)), threads
 
 
 def _score_checkpoint(

@@ -199,6 +199,13 @@ def test_token_budget_batches_cover_each_row_once_within_budget():
     for batch in batches:
         assert len(batch) * lengths[batch].max() <= 256 or len(batch) == 1
     assert len(token_budget_batches(np.array([300, 5]), 256)) == 2  # too long: alone
+    # Two length groups: one forward would pad 30 short rows to 100; two forwards cost less.
+    lengths = np.array([100, *[10] * 30, 100, 100])
+    assert [sorted(lengths[b]) for b in token_budget_batches(lengths, 4096)] == [
+        [10] * 30,
+        [100] * 3,
+    ]
+    assert len(token_budget_batches(np.full(64, 10), 4096)) == 1  # one length: one forward
 
 
 def test_cross_tokenizer_reference_is_refused(scored: ScoredRun, tmp_path):

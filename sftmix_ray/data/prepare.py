@@ -85,20 +85,26 @@ def tokenizer_training_texts(rows: list[tuple[int, list[dict], str | None]]) -> 
     return [*texts, "system user assistant"]
 
 
-def _tokenize(corpus: Corpus, tokenizer_path: str, cfg: Config, keep_messages: bool) -> pa.Table:
-    """Tokenize with Ray Data `map_batches` on an actor pool; returns every row with its fate."""
+def _tokenize(corpora: list[Corpus], tokenizer_path: str, cfg: Config) -> list[pa.Table]:
+    """Tokenize all corpora in one Ray Data `map_batches` pass on an actor pool.
+
+    Returns one table per corpus with every row and its fate (kept or a reject reason).
+    """
+    import pyarrow.compute as pc
     import ray
 
     from sftmix_ray.data.tokenize import TokenizeBatch
 
+    rows = [(k, r) for k, corpus in enumerate(corpora) for r in corpus.rows]
     table = pa.table(
         {
-            "example_id": pa.array([r[0] for r in corpus.rows], type=pa.int64()),
-            "messages_json": pa.array([json.dumps(r[1]) for r in corpus.rows], type=pa.string()),
-            "answer": pa.array([r[2] for r in corpus.rows], type=pa.string()),
+            "corpus": pa.array([k for k, _ in rows], type=pa.int8()),
+            "example_id": pa.array([r[0] for _, r in rows], type=pa.int64()),
+            "messages_json": pa.array([json.dumps(r[1]) for _, r in rows], type=pa.string()),
+            "answer": pa.array([r[2] for _, r in rows], type=pa.string()),
         }
     )
-    n_actors = max(1, min(cfg.data.num_workers, len(corpus.rows) // cfg.data.tokenize_batch_size))
+    n_actors = max(1, min(cfg.data.num_workers, len(rows) // cfg.data.tokenize_batch_size))
     # Pre-sliced blocks: a repartition would need free CPUs while the actor pool holds them.
     per_block = -(-table.num_rows // (n_actors * 2))
     ds = ray.data.from_arrow(
@@ -114,9 +120,10 @@ def _tokenize(corpus: Corpus, tokenizer_path: str, cfg: Config, keep_messages: b
         num_cpus=1,
     )
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("example_id")
-    if not keep_messages:
-        out = out.drop_columns(["messages_json", "answer"])
-    return out
+    return [
+        out.filter(pc.equal(out.column("corpus"), k)).drop_columns(["corpus"])
+        for k in range(len(corpora))
+    ]
 
 
 def _write_split(table: pa.Table, target: Path, rows_per_file: int = 2048) -> None:
@@ -166,12 +173,16 @@ def run_prepare(cfg: Config, out_dir: Path) -> dict[str, Any]:
     if cfg.model.name_or_path == TINY:
         texts = tokenizer_training_texts(train.rows)
         tokenizer_path = str(materialize_tiny(cfg.model, texts, out_dir / BASE_MODEL_DIR))
+    corpora = [train] + ([heldout] if heldout is not None and heldout.rows else [])
+    tokenized = _tokenize(corpora, tokenizer_path, cfg)
+    # The held-out table keeps messages and answers for generation-based evaluation.
     counts = {
-        "train": _finish(train, _tokenize(train, tokenizer_path, cfg, False), out_dir / DATA_DIR)
+        "train": _finish(
+            train, tokenized[0].drop_columns(["messages_json", "answer"]), out_dir / DATA_DIR
+        )
     }
-    if heldout is not None and heldout.rows:
-        tokenized = _tokenize(heldout, tokenizer_path, cfg, True)
-        counts["heldout"] = _finish(heldout, tokenized, out_dir / HELDOUT_DIR)
+    if len(corpora) == 2:
+        counts["heldout"] = _finish(heldout, tokenized[1], out_dir / HELDOUT_DIR)
     if counts["train"]["written"] == 0:
         raise DataError(f"{train.source}: every row was rejected during tokenization")
     return counts

@@ -17,32 +17,23 @@ MODEL_DIR = "model"
 
 
 def _read_table(path: Path) -> Any:
-    import ray
+    """A stage's Parquet output as one Arrow table (token ids are small next to the model)."""
+    import pyarrow.parquet as pq
 
     if not path.exists():
         raise SftmixError(f"{path} does not exist; run the stage that writes it first")
-    return ray.data.read_parquet(str(path.resolve()), file_extensions=["parquet"])
-
-
-def _select_ids(batch: Any, ids: Any) -> Any:
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch.column("example_id"), value_set=ids))
+    return pq.read_table(path)
 
 
 def _subset(data: Any, split_file: Path) -> Any:
     """Rows of OUT/data whose example_id is listed in a split file."""
-    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if not split_file.exists():
         raise SftmixError(f"{split_file} does not exist; run `sftmix-ray split` first")
     ids = pq.read_table(split_file, columns=["example_id"]).column("example_id")
-    return data.map_batches(
-        _select_ids,
-        fn_kwargs={"ids": pa.array(ids.to_pylist(), pa.int64())},
-        batch_format="pyarrow",
-    )
+    return data.filter(pc.is_in(data.column("example_id"), value_set=ids.combine_chunks()))
 
 
 def _run_name(mode: str, spec: dict[str, Any]) -> str:
@@ -128,25 +119,25 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
 
 def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
     """Run the reference or SFTMix training with Ray Train; returns the stage summary."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from sftmix_ray.train.loop import train_loop_per_worker
 
     spec = build_spec(cfg, out_dir, mode, export_name)
-    data_dir = out_dir / "data"
-    data = _read_table(data_dir)
-    datasets: dict[str, Any] = {}
+    data = _read_table(out_dir / "data")
+    tables: dict[str, Any] = {}
     if spec["streams"] == ["data"]:
-        datasets["data"] = data
+        tables["data"] = data
     else:
-        datasets["confident"] = _subset(data, out_dir / "split" / "confident.parquet")
-        datasets["unconfident"] = _subset(data, out_dir / "split" / "unconfident.parquet")
+        tables["confident"] = _subset(data, out_dir / "split" / "confident.parquet")
+        tables["unconfident"] = _subset(data, out_dir / "split" / "unconfident.parquet")
     if spec["heldout"]:
-        datasets["heldout"] = _read_table(out_dir / "heldout")
-    # Materialized up front: the workers then only fetch blocks, and no Ray Data task has to
-    # wait for a CPU that the training workers hold.
-    datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        tables["heldout"] = _read_table(out_dir / "heldout")
+    # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
+    # to wait for a CPU that the training workers hold.
+    datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
     storage = Path(cfg.train.storage_path or out_dir / "ray_storage").resolve()
     name = _run_name(mode, {k: v for k, v in spec.items() if k != "torch_threads"})
     trainer = TorchTrainer(
