@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
-        _add_common(sub.add_parser(name, help=text, description=text))
+        stage = sub.add_parser(name, help=text, description=text)
+        _add_common(stage)
+        if name == "pipeline":
+            stage.add_argument(
+                "--force", metavar="STAGE", help="rerun STAGE and every stage after it"
+            )
     v = sub.add_parser(
         "validate-data",
         help="count valid and rejected rows of a corpus file, with reasons",
@@ -80,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.output_dir)
     if args.command == "pipeline":
-        result = run_pipeline(cfg, out)
+        result = run_pipeline(cfg, out, force=args.force)
     elif args.command == "tune":
         from sftmix_ray.errors import NotImplementedStage
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -9,13 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from sftmix_ray.config import Config, save_config
-from sftmix_ray.errors import NotImplementedStage
+from sftmix_ray.errors import ConfigError
 from sftmix_ray.io_utils import ensure_writable_dir
-from sftmix_ray.summary import update_stage
+from sftmix_ray.summary import read_summary, update_stage
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "reference", "score", "split", "train", "eval")
+# The config sections each stage's outputs depend on (cumulative down the pipeline), so a
+# change reruns the stage that reads it and every stage after it.
+STAGE_SECTIONS = {
+    "prepare": ("data", "model"),
+    "reference": ("reference", "train"),
+    "score": ("score",),
+    "split": ("split",),
+    "train": ("mixup", "train"),
+    "eval": ("eval",),
+}
+NEEDS_RAY = {"prepare", "reference", "score", "train", "eval"}
 
 
 def _prepare(cfg: Config, out: Path) -> dict[str, Any]:
@@ -30,28 +44,53 @@ def _reference(cfg: Config, out: Path) -> dict[str, Any]:
     return run_training(cfg, out, "reference")
 
 
+def _score(cfg: Config, out: Path) -> dict[str, Any]:
+    from sftmix_ray.scoring import run_score
+
+    return run_score(cfg, out)
+
+
+def _split(cfg: Config, out: Path) -> dict[str, Any]:
+    from sftmix_ray.split import run_split
+
+    return run_split(cfg, out)
+
+
 def _train(cfg: Config, out: Path) -> dict[str, Any]:
+    """SFTMix training; with `eval.compare_ntp` also the NTP baseline (mu=0) to OUT/model_ntp."""
     from sftmix_ray.train.launch import run_training
 
-    return run_training(cfg, out, "train")
+    result = run_training(cfg, out, "train")
+    if cfg.eval.compare_ntp and cfg.mixup.mu > 0:
+        ntp = dataclasses.replace(cfg, mixup=dataclasses.replace(cfg.mixup, mu=0.0))
+        result["ntp_baseline"] = run_training(ntp, out, "train", export_name="model_ntp")
+    return result
 
 
-def _not_yet(stage: str) -> Callable[[Config, Path], dict[str, Any]]:
-    def run(cfg: Config, out: Path) -> dict[str, Any]:
-        raise NotImplementedStage(f"stage '{stage}' is not implemented yet")
+def _eval(cfg: Config, out: Path) -> dict[str, Any]:
+    from sftmix_ray.evaluation import run_eval
 
-    return run
+    return run_eval(cfg, out)
 
 
 STAGE_FUNCS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
     "prepare": _prepare,
     "reference": _reference,
-    "score": lambda cfg, out: __import__("sftmix_ray.scoring").scoring.run_score(cfg, out),
-    "split": lambda cfg, out: __import__("sftmix_ray.split").split.run_split(cfg, out),
+    "score": _score,
+    "split": _split,
     "train": _train,
-    "eval": _not_yet("eval"),
+    "eval": _eval,
 }
-NEEDS_RAY = {"prepare", "reference", "score", "train", "eval"}
+
+
+def stage_fingerprint(cfg: Config, stage: str) -> str:
+    """Hash of the config sections `stage` and the stages before it depend on."""
+    raw = cfg.to_dict()
+    sections: list[str] = []
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        sections.extend(STAGE_SECTIONS[name])
+    picked = {s: raw[s] for s in sorted(set(sections))}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_stage(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
@@ -69,10 +108,37 @@ def run_stage(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
     except BaseException as exc:
         update_stage(out_dir, name, status="failed", error=str(exc) or type(exc).__name__)
         raise
-    update_stage(out_dir, name, status="completed", seconds=round(time.time() - start, 2), **result)
+    update_stage(
+        out_dir,
+        name,
+        status="completed",
+        seconds=round(time.time() - start, 2),
+        config_fingerprint=stage_fingerprint(cfg, name),
+        **result,
+    )
     return result
 
 
-def run_pipeline(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Run every stage in order."""
-    return {name: run_stage(name, cfg, out_dir) for name in STAGES}
+def run_pipeline(cfg: Config, out_dir: Path, force: str | None = None) -> dict[str, Any]:
+    """Run every stage in order, skipping those already completed for the same config.
+
+    `force` reruns that stage and every stage after it.
+    """
+    if force is not None and force not in STAGES:
+        raise ConfigError(f"--force {force!r} is not a stage; one of {', '.join(STAGES)}")
+    out_dir = Path(out_dir)
+    forced = STAGES.index(force) if force else len(STAGES)
+    results: dict[str, Any] = {}
+    rerun_rest = False
+    for i, name in enumerate(STAGES):
+        done = read_summary(out_dir)["stages"].get(name, {})
+        fresh = done.get("status") == "completed" and done.get(
+            "config_fingerprint"
+        ) == stage_fingerprint(cfg, name)
+        if fresh and not rerun_rest and i < forced:
+            log.info("stage %s: complete for this config, skipped", name)
+            results[name] = {"status": "skipped"}
+            continue
+        rerun_rest = True
+        results[name] = run_stage(name, cfg, out_dir)
+    return results

@@ -139,7 +139,13 @@ def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL
     # to wait for a CPU that the training workers hold.
     datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
     storage = Path(cfg.train.storage_path or out_dir / "ray_storage").resolve()
-    name = _run_name(mode, {k: v for k, v in spec.items() if k != "torch_threads"})
+    # The run name covers the config and the exact rows of every stream: a rerun of the same
+    # run resumes from its checkpoints, while a new split or corpus starts a fresh run.
+    rows = {
+        k: hashlib.sha256(t.column("example_id").to_numpy().tobytes()).hexdigest()
+        for k, t in tables.items()
+    }
+    name = _run_name(mode, {**{k: v for k, v in spec.items() if k != "torch_threads"}, **rows})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,

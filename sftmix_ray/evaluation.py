@@ -1,0 +1,124 @@
+"""Held-out metrics: response NLL and perplexity, and exact match by greedy generation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftmix_ray.config import Config
+from sftmix_ray.errors import SftmixError
+from sftmix_ray.io_utils import atomic_write_json
+
+EVAL_FILE = "eval.json"
+
+
+@torch.inference_mode()
+def response_nll(model: Any, input_ids: list, labels: list, batch_size: int = 16) -> dict:
+    """Token-weighted mean response NLL and perplexity over the held-out rows."""
+    from sftmix_ray.losses import response_token_nll
+    from sftmix_ray.train.loop import collate
+
+    head = model.get_output_embeddings()
+    total, count = 0.0, 0
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        part = order[start : start + batch_size]
+        batch = collate([input_ids[i] for i in part], [labels[i] for i in part], 0, model.device)
+        hidden = model.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        nll_sum, n_tokens = response_token_nll(hidden, batch["labels"], head)
+        total += float(nll_sum.sum())
+        count += int(n_tokens.sum())
+    mean = total / max(count, 1)
+    return {"response_nll": mean, "perplexity": math.exp(mean), "response_tokens": count}
+
+
+@torch.inference_mode()
+def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int) -> dict:
+    """Share of rows whose greedy answer to the last user turn equals the reference answer."""
+    from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+
+    template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+    correct = 0
+    samples = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(
+            row["messages"][:-1],
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(
+            ids.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        hit = answer == row["answer"].strip()
+        correct += hit
+        if len(samples) < 5:
+            samples.append({"expected": row["answer"], "generated": answer, "correct": hit})
+    return {
+        "exact_match": correct / len(rows) if rows else float("nan"),
+        "exact_match_rows": len(rows),
+        "samples": samples,
+    }
+
+
+def evaluate_model(model_dir: str, heldout_dir: str, eval_cfg: dict) -> dict:
+    """All held-out metrics of one HF model directory."""
+    import pyarrow.parquet as pq
+
+    from sftmix_ray.modeling import load_model, load_tokenizer
+
+    model = load_model(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    table = pq.read_table(heldout_dir).slice(0, eval_cfg["max_examples"])
+    result = response_nll(
+        model, table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    )
+    if eval_cfg["exact_match"]:
+        rows = [
+            {"messages": json.loads(m), "answer": a}
+            for m, a in zip(
+                table.column("messages_json").to_pylist(), table.column("answer").to_pylist()
+            )
+            if a is not None
+        ]
+        if rows:
+            result.update(exact_match(model, tokenizer, rows, eval_cfg["max_new_tokens"]))
+    return result
+
+
+def run_eval(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Evaluate OUT/model (and OUT/model_ntp when present) on OUT/heldout -> OUT/eval.json."""
+    import dataclasses
+
+    import ray
+
+    heldout = out_dir / "heldout"
+    if not heldout.exists():
+        raise SftmixError(
+            f"{heldout} does not exist: evaluation needs a held-out split "
+            "(data.eval_path, data.eval_fraction or the demo corpus)"
+        )
+    models = {"sftmix": out_dir / "model", "ntp": out_dir / "model_ntp"}
+    models = {k: v for k, v in models.items() if (v / "config.json").exists()}
+    if "sftmix" not in models:
+        raise SftmixError(f"{out_dir / 'model'} does not exist; run `sftmix-ray train` first")
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
+    eval_cfg = dataclasses.asdict(cfg.eval)
+    refs = {k: task.remote(str(v), str(heldout), eval_cfg) for k, v in models.items()}
+    results = {k: ray.get(ref) for k, ref in refs.items()}
+    atomic_write_json(out_dir / EVAL_FILE, results)
+    return {
+        "models": {k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}
+    }
