@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 quickstart: install
-	$(BIN)/sftmix-ray prepare --config configs/quickstart.yaml --output-dir $(OUT)
+	$(BIN)/sftmix-ray pipeline --config configs/quickstart.yaml --output-dir $(OUT)
 
 test: install
 	DS_ACCELERATOR=cpu $(BIN)/pytest -q

@@ -87,9 +87,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pipeline":
         result = run_pipeline(cfg, out, force=args.force)
     elif args.command == "tune":
-        from sftmix_ray.errors import NotImplementedStage
+        from tuning.sweep import run_tune
 
-        raise NotImplementedStage("stage 'tune' is not implemented yet")
+        result = run_tune(cfg, out)
     else:
         result = run_stage(args.command, cfg, out)
     print(json.dumps({args.command: _brief(result)}, indent=2, default=str))

@@ -189,6 +189,7 @@ class TrainConfig:
     bf16: bool = False  # autocast on GPU
     gradient_checkpointing: bool = False
     logging_steps: int = 10
+    eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2
     deepspeed_stage: Literal[2, 3] = 2
@@ -216,6 +217,7 @@ class TrainConfig:
         _check(self.num_train_epochs > 0, "train.num_train_epochs", self.num_train_epochs, "> 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
         _check(self.logging_steps >= 1, "train.logging_steps", self.logging_steps, ">= 1")
+        _check(self.eval_steps >= 0, "train.eval_steps", self.eval_steps, ">= 0 (0 = at the end)")
         _check(self.save_steps >= 0, "train.save_steps", self.save_steps, ">= 0")
         _check(self.save_total_limit >= 1, "train.save_total_limit", self.save_total_limit, ">= 1")
         _check(self.loss_chunk_size >= 1, "train.loss_chunk_size", self.loss_chunk_size, ">= 1")
@@ -239,13 +241,17 @@ class EvalConfig:
 class TuneConfig:
     """Ray Tune sweep over train (+ split)."""
 
-    num_samples: int = 3
+    num_samples: int = 3  # random/optuna: trials; grid: repeats of the whole grid
     max_concurrent_trials: int = 1
     search: Literal["grid", "random", "optuna"] = "random"
-    space: str | None = None  # search-space YAML; None = tuning/default_space.yaml
+    space: str | None = None  # search-space YAML, or "default" / "wide" (tuning/*_space.yaml)
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
+    max_failures: int = 0  # Tune retries of a failed trial (train.max_failures retries workers)
+    driver_cpus: float = 0.0  # CPUs held by each trial's driver; its Ray Train workers hold theirs
+    grace_period: int = 0  # ASHA: steps before a trial may be stopped (0 = train.eval_steps or 1)
+    seed: int = 0  # random search sampling seed (a rerun samples the same trials)
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", self.num_samples, "an integer >= 1")
@@ -255,6 +261,10 @@ class TuneConfig:
             self.max_concurrent_trials,
             ">= 1",
         )
+        _check(bool(self.metric), "tune.metric", self.metric, "a reported metric name")
+        _check(self.max_failures >= -1, "tune.max_failures", self.max_failures, ">= -1")
+        _check(self.driver_cpus >= 0, "tune.driver_cpus", self.driver_cpus, ">= 0")
+        _check(self.grace_period >= 0, "tune.grace_period", self.grace_period, ">= 0")
 
 
 @dataclass(kw_only=True)

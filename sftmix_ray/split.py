@@ -52,7 +52,9 @@ def split_by_confidence(
         raise SftmixError("example ids must be unique to split by confidence")
     if not np.isfinite(confidence).all():
         bad = ids[~np.isfinite(confidence)]
-        raise SftmixError(f"{len(bad)} examples have no finite confidence (e.g. {bad[:5]})")
+        raise SftmixError(
+            f"{len(bad)} examples have no finite confidence (e.g. {bad[:5].tolist()})"
+        )
     k = confident_count(len(ids), ratio)
     order = np.lexsort((ids, -confidence))  # last key is the primary one
     return ids[order[:k]], ids[order[k:]]

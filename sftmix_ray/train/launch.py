@@ -110,15 +110,24 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
         model_path=model_path,
         tokenizer_path=model_path,
         heldout=(out / "heldout").exists(),
-        eval_steps=0,
+        eval_steps=cfg.train.eval_steps,
         torch_threads=_torch_threads(cfg),
     )
     spec["history_path"] = str(out / "logs" / f"{mode}-{export_name}-history.json")
     return spec
 
 
-def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
-    """Run the reference or SFTMix training with Ray Train; returns the stage summary."""
+def run_training(
+    cfg: Config,
+    out_dir: Path,
+    mode: str,
+    export_name: str = MODEL_DIR,
+    callbacks: list[Any] | None = None,
+) -> dict:
+    """Run the reference or SFTMix training with Ray Train; returns the stage summary.
+
+    `callbacks` are Ray Train `UserCallback`s for the run (a Tune sweep passes its reporter).
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -162,6 +171,7 @@ def run_training(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),

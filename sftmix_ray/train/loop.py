@@ -321,7 +321,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if step in export_steps:
             trainer.export_hf(str(Path(spec["export_dir"]) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
-        if not (save or step % log_every == 0):
+        # Every eval is reported (a Tune scheduler stops trials on it), whatever logging_steps.
+        if not (save or step % log_every == 0 or "eval_loss" in metrics):
             continue
         if save:
             with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,309 @@
+"""`sftmix-ray tune` on a real local Ray cluster: Tuner -> trial driver -> TorchTrainer (Train V2).
+
+One tiny prepared, reference-trained and scored OUT is built once; each sweep trains in a copy.
+Trials are 2 optimizer steps of the tiny model, evaluated on the held-out set at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from ray import tune
+
+from sftmix_ray.config import load_config
+from sftmix_ray.errors import ConfigError, SftmixError
+from sftmix_ray.split import confident_count
+from sftmix_ray.summary import read_summary
+from sftmix_ray.tune_space import load_space, parse_domain
+from tests.conftest import TINY_OVERRIDES, tiny_config
+from tuning.sweep import (
+    ATTEMPTS_FILE,
+    SweepInterrupted,
+    _check_same_sweep,
+    _search_alg,
+    best_row,
+    run_tune,
+    sweep_identity,
+)
+
+# Two optimizer steps, a held-out eval after each (so Tune sees intermediate results).
+SWEEP = ["train.max_steps=2", "train.eval_steps=1", "score.num_actors=1"]
+DEFAULT_SPACE = yaml.safe_load(
+    (Path(__file__).parents[1] / "tuning" / "default_space.yaml").read_text()
+)
+SWEPT = list(DEFAULT_SPACE)  # mixup.alpha, mixup.mu, split.ratio
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def scored_base(reference_out: Path, tmp_path_factory) -> Path:
+    """The tiny run through prepare -> reference -> score (real stages), in its own OUT."""
+    from sftmix_ray.pipeline import run_stage
+
+    out = tmp_path_factory.mktemp("tune_base")
+    for name in ("data", "heldout", "base_model", "reference"):
+        shutil.copytree(reference_out / name, out / name)
+    run_stage("score", tiny_config(*SWEEP), out)
+    return out
+
+
+def _copy_base(base: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "heldout", "base_model", "scores"):
+        shutil.copytree(base / name, target / name)
+    return target
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("sftmix-ray")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
+    sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SWEEP]]
+    return subprocess.run(
+        [*command, *args, *sets], capture_output=True, text=True, timeout=600, env=dict(os.environ)
+    )
+
+
+def _history(trial_dir: Path) -> list[dict]:
+    return json.loads((trial_dir / "logs" / "train-model-history.json").read_text())["history"]
+
+
+def _attempts(trial_dir: Path) -> list[float]:
+    path = trial_dir / ATTEMPTS_FILE
+    return [a["started"] for a in json.loads(path.read_text())] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# A 3-trial random sweep of the default space through the CLI, then training with its best config
+
+
+@pytest.fixture(scope="module")
+def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dict, float]:
+    out = _copy_base(scored_base, tmp_path_factory.mktemp("tune_cli"))
+    address = ray_local.get_runtime_context().gcs_address
+    start = time.time()
+    proc = _cli(
+        "tune", "--output-dir", str(out), "--address", address,
+        "--set", "tune.search=random", "--set", "tune.num_samples=3",
+        "--set", "tune.max_concurrent_trials=2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The summary is the JSON object the CLI prints last (Tune's progress report precedes it).
+    summary, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.rindex('{\n  "tune"'))
+    return out, summary["tune"], time.time() - start
+
+
+def test_sweep_writes_table_best_config_and_plot(cli_sweep):
+    out, result, _ = cli_sweep
+    table = pd.read_csv(out / "tune" / "results.csv")
+    parquet = pd.read_parquet(out / "tune" / "results.parquet")
+    assert list(parquet.columns) == list(table.columns)
+    assert parquet["trial_id"].tolist() == table["trial_id"].tolist()
+    assert len(table) == 3 and table["trial_id"].is_unique
+    assert set(table["status"]) == {"TERMINATED"}
+    assert {*SWEPT, "eval_loss", "status", "error", "attempts"} <= set(table.columns)
+    for key in SWEPT:
+        assert set(table[key]) <= set(DEFAULT_SPACE[key]["choice"])
+    assert (table["step"] == 2).all() and (table["reports"] == 2).all()  # eval at steps 1 and 2
+    n = pq.read_table(out / "data", columns=["example_id"]).num_rows
+    for _, row in table.iterrows():
+        trial = Path(row["trial_dir"])
+        assert trial.parent == out / "tune" / "trials"
+        # What Tune recorded is the trial's own held-out loss after its last step.
+        assert row["eval_loss"] == pytest.approx(_history(trial)[-1]["eval_loss"], rel=1e-6)
+        # Its own split, recomputed from OUT/scores with its ratio; its own model and storage.
+        confident = pq.read_table(trial / "split" / "confident.parquet").num_rows
+        assert confident == confident_count(n, row["split.ratio"])
+        assert (trial / "model" / "config.json").exists() and (trial / "ray_storage").is_dir()
+    assert len({Path(d).resolve() for d in table["trial_dir"]}) == 3
+    assert not (out / "split").exists()  # the sweep never touched OUT's own split
+
+    best = table.loc[table["eval_loss"].idxmin()]
+    assert result["best"]["trial_id"] == best["trial_id"]
+    cfg = load_config(out / "tune" / "best_config.yaml")
+    assert (cfg.mixup.alpha, cfg.mixup.mu, cfg.split.ratio) == tuple(best[k] for k in SWEPT)
+    assert cfg.train.max_steps == 2 and cfg.model.tiny_hidden_size == 64  # the full config
+    png = (out / "tune" / "metric_vs_params.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    stage = read_summary(out)["stages"]["tune"]
+    assert stage["status"] == "completed" and stage["terminated"] == 3
+
+
+def test_best_config_trains_and_reproduces_the_best_trial(cli_sweep):
+    from sftmix_ray.pipeline import run_stage
+
+    out, result, _ = cli_sweep
+    cfg = load_config(out / "tune" / "best_config.yaml")  # what `--config` does
+    run_stage("split", cfg, out)  # the swept ratio's split (result["next"] says so)
+    assert result["next"].startswith("sftmix-ray split --config")
+    trained = run_stage("train", cfg, out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["mixup"] == cfg.to_dict()["mixup"] and saved["split"] == cfg.to_dict()["split"]
+    assert (out / "model" / "config.json").exists() and trained["steps"] == 2
+    # Same config, data, split and seed as the best trial: the same held-out loss.
+    best_loss = result["best"]["eval_loss"]
+    assert trained["metrics"]["eval_loss"] == pytest.approx(best_loss, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupt after the first trial, then resume: only the remaining trials run
+
+
+class InterruptOnce(tune.Callback):
+    """Sends the sweep's process SIGUSR1 (Tune's graceful stop, like Ctrl+C) once, after the
+    first trial completes. Tune restores its callbacks on resume: the marker keeps it quiet."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_local, tmp_path):
+    out = _copy_base(scored_base, tmp_path / "out")
+    space = tmp_path / "space.yaml"
+    space.write_text("mixup.mu: {grid: [0.1, 0.2, 0.4]}\n")
+    cfg = tiny_config(*SWEEP, "tune.search=grid", "tune.num_samples=1", f"tune.space={space}")
+    marker = tmp_path / "interrupted"
+    with pytest.raises(SweepInterrupted, match="rerun the same command"):
+        run_tune(cfg, out, callbacks=[InterruptOnce(str(marker))])
+    first = marker.read_text()
+    partial = pd.read_csv(out / "tune" / "results.csv")
+    assert (partial["status"] == "TERMINATED").sum() == 1
+    assert partial.loc[partial["status"] == "TERMINATED", "trial_id"].item() == first
+    assert not (out / "tune" / "best_config.yaml").exists()
+    assert read_summary(out)["stages"]["tune"]["status"] == "interrupted"
+
+    resumed_at = time.time()
+    result = run_tune(cfg, out)
+    assert result["resumed"] and result["terminated"] == 3
+    table = pd.read_csv(out / "tune" / "results.csv")
+    assert len(table) == 3 and table["trial_id"].is_unique
+    assert sorted(table["mixup.mu"]) == [0.1, 0.2, 0.4] and set(table["status"]) == {"TERMINATED"}
+    trials = out / "tune" / "trials"
+    assert sorted(p.name for p in trials.iterdir()) == sorted(table["trial_id"])
+    # The finished trial did not run again; every other trial started exactly once after resume.
+    assert len(_attempts(trials / first)) == 1 and _attempts(trials / first)[0] < resumed_at
+    for trial_id in set(table["trial_id"]) - {first}:
+        assert len([t for t in _attempts(trials / trial_id) if t >= resumed_at]) == 1
+    assert (out / "tune" / "best_config.yaml").exists()
+
+    # A finished sweep rerun trains nothing and reports the same table.
+    again_at = time.time()
+    again = run_tune(cfg, out)
+    assert again["best"] == result["best"]
+    assert all(t < again_at for p in trials.iterdir() for t in _attempts(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures are retried by Tune and reported, never lost
+
+
+def test_failed_trial_is_retried_and_reported(scored_base, ray_local, tmp_path):
+    out = _copy_base(scored_base, tmp_path / "out")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    space = tmp_path / "space.yaml"
+    space.write_text("mixup.mu: {choice: [0.2]}\n")
+    cfg = tiny_config(
+        *SWEEP, f"tune.space={space}", "tune.num_samples=1", "tune.max_failures=1",
+        f"train.storage_path={blocker}",  # every trial's Ray Train storage is unwritable
+    )  # fmt: skip
+    with pytest.raises(SftmixError, match="no trial finished"):
+        run_tune(cfg, out)
+    table = pd.read_csv(out / "tune" / "results.csv")
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["status"] == "ERROR" and row["attempts"] == 2 and row["tune_failures"] == 2
+    assert "not-a-directory" in row["error"] or "Not a directory" in row["error"]
+    assert read_summary(out)["stages"]["tune"]["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Spaces and settings that cannot work fail before any trial starts (no Ray needed)
+
+
+def test_bundled_spaces_load_and_validate():
+    base = tiny_config().to_dict()
+    default = load_space(None, base)
+    assert [d.key for d in default] == SWEPT and all(d.kind == "choice" for d in default)
+    wide = {d.key: d for d in load_space("wide", base)}
+    assert wide["mixup.alpha"].kind == "loguniform" and wide["split.ratio"].kind == "uniform"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("split.ratio: {choice: [0.0, 0.5]}", "split.ratio"),
+        ("mixup.alfa: {choice: [0.5]}", "did you mean 'mixup.alpha'"),
+        ("mixup.alpha: {loguniform: [0, 1]}", "low > 0"),
+        ("mixup.mu: {uniform: [0.5, 0.1]}", "low < high"),
+        ("mixup.mu: {normal: [0, 1]}", "expected one of choice"),
+        ("mixup.lambda_per: [pair, token]", "mixup.lambda_per"),
+        ("tune.num_samples: [1, 2]", "the sweep's own settings"),
+    ],
+)
+def test_bad_spaces_fail_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_space(str(path), tiny_config().to_dict())
+
+
+def test_grid_and_optuna_domains():
+    domain = parse_domain("mixup.mu", {"choice": [0.1, 0.2]})
+    assert domain.to_tune("grid") == {"grid_search": [0.1, 0.2]}
+    assert domain.to_tune("random").categories == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="Optuna"):
+        parse_domain("mixup.mu", {"grid": [0.1]}).to_tune("optuna")
+
+
+def test_optuna_without_the_package_is_a_clear_error():
+    pytest.importorskip("ray.tune.search.optuna")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install 'sftmix-ray\[optuna\]'"):
+            _search_alg(tiny_config("tune.search=optuna"))
+    else:
+        assert _search_alg(tiny_config("tune.search=optuna")) is not None
+
+
+def test_missing_inputs_and_a_different_sweep_are_refused(tmp_path):
+    with pytest.raises(SftmixError, match="run `sftmix-ray prepare` first"):
+        run_tune(tiny_config(), tmp_path)
+    cfg = tiny_config()
+    domains = load_space(None, cfg.to_dict())
+    (tmp_path / "sweep.json").write_text(json.dumps({"identity": sweep_identity(cfg, domains)}))
+    _check_same_sweep(tmp_path, sweep_identity(cfg, domains))  # same sweep: resumable
+    other = tiny_config("mixup.lambda_per=batch", "tune.num_samples=5")
+    with pytest.raises(ConfigError, match="config_sha, num_samples"):
+        _check_same_sweep(tmp_path, sweep_identity(other, load_space(None, other.to_dict())))
+
+
+def test_best_row_ignores_unfinished_and_nan_trials():
+    rows = [
+        {"trial_id": "a", "status": "TERMINATED", "eval_loss": 2.0},
+        {"trial_id": "b", "status": "ERROR", "eval_loss": 1.0},
+        {"trial_id": "c", "status": "TERMINATED", "eval_loss": float("nan")},
+        {"trial_id": "d", "status": "TERMINATED", "eval_loss": 1.5},
+        {"trial_id": "e", "status": "PENDING", "eval_loss": None},
+    ]
+    assert best_row(rows, "eval_loss", "min")["trial_id"] == "d"
+    assert best_row(rows, "eval_loss", "max")["trial_id"] == "a"
+    assert best_row(rows[1:2], "eval_loss", "min") is None
+    assert np.isnan(rows[2]["eval_loss"])
