@@ -19,7 +19,7 @@ quickstart: install
 	$(BIN)/sftmix-ray pipeline --config configs/quickstart.yaml --output-dir $(OUT)
 
 test: install
-	DS_ACCELERATOR=cpu $(BIN)/pytest -q
+	DS_ACCELERATOR=cpu $(BIN)/pytest -q -n 2 --dist loadfile --durations=20
 
 lint: install
 	$(BIN)/ruff check .

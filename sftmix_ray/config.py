@@ -189,6 +189,7 @@ class TrainConfig:
     bf16: bool = False  # autocast on GPU
     gradient_checkpointing: bool = False
     logging_steps: int = 10
+    report_to: Literal["tensorboard", "none"] = "tensorboard"  # rank 0 writes OUT/logs/tensorboard
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2

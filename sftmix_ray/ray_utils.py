@@ -22,6 +22,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        address="local",  # a fresh local cluster, never an unrelated one found on the machine
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         dashboard_host=cfg.dashboard_host,

@@ -150,6 +150,22 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return config_from_dict(raw)
 
 
+def _is_int_key(key: str) -> bool:
+    """Whether the Config field at dotted `key` holds an integer (unknown keys: False)."""
+    import dataclasses
+    import typing
+
+    node: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return False
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+    return node is int or int in typing.get_args(node)
+
+
 def load_space(space: str | None, base: dict[str, Any]) -> list[Domain]:
     """Parse a space file and check every key and bound against the Config built on `base`."""
     path = resolve_space_path(space)
@@ -163,6 +179,11 @@ def load_space(space: str | None, base: dict[str, Any]) -> list[Domain]:
     for domain in domains:
         if domain.key.startswith(("tune.", "ray.")):
             raise ConfigError(f"search space key '{domain.key}': the sweep's own settings")
+        if domain.kind in ("uniform", "loguniform") and _is_int_key(domain.key):
+            raise ConfigError(
+                f"search space key '{domain.key}' takes integers: use randint or choice, "
+                f"not {domain.kind}"
+            )
         for value in domain.probe_values():
             try:
                 apply_params(base, {domain.key: value})

@@ -23,6 +23,7 @@ TINY_OVERRIDES = [
     "model.tiny_vocab_size=400",
     "reference.max_steps=3",
     "reference.num_checkpoints=2",
+    "train.max_steps=3",
     "train.per_device_train_batch_size=8",
     "train.logging_steps=1",
     "ray.num_cpus=2",
@@ -42,7 +43,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, configure_logging=False
+        )
     yield ray
     ray.shutdown()
 

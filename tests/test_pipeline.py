@@ -12,7 +12,7 @@ from sftmix_ray.errors import ConfigError
 from sftmix_ray.summary import read_summary
 from tests.conftest import tiny_config
 
-RUN = ["eval.max_examples=8", "eval.max_new_tokens=4"]  # train: 25 steps, one epoch
+RUN = ["eval.max_examples=8", "eval.max_new_tokens=4"]
 
 
 def _mtime(path: Path) -> float:

@@ -134,6 +134,8 @@ def test_export_is_a_loadable_hf_model(single):
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     assert np.isfinite(history[-1]["eval_loss"])
+    events = list((out / "logs" / "tensorboard" / "train-model").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0, "rank 0 wrote TensorBoard scalars"
 
 
 # ------------------------------------------------------------------ checkpoints and resume

@@ -32,8 +32,10 @@ from tuning.sweep import (
     ATTEMPTS_FILE,
     SweepInterrupted,
     _check_same_sweep,
+    _scheduler,
     _search_alg,
     best_row,
+    expected_trials,
     run_tune,
     sweep_identity,
 )
@@ -255,6 +257,7 @@ def test_bundled_spaces_load_and_validate():
         ("mixup.mu: {normal: [0, 1]}", "expected one of choice"),
         ("mixup.lambda_per: [pair, token]", "mixup.lambda_per"),
         ("tune.num_samples: [1, 2]", "the sweep's own settings"),
+        ("train.seed: {uniform: [0, 10]}", "takes integers: use randint"),
     ],
 )
 def test_bad_spaces_fail_naming_the_key(tmp_path, text, message):
@@ -307,3 +310,27 @@ def test_best_row_ignores_unfinished_and_nan_trials():
     assert best_row(rows, "eval_loss", "max")["trial_id"] == "a"
     assert best_row(rows[1:2], "eval_loss", "min") is None
     assert np.isnan(rows[2]["eval_loss"])
+
+
+def test_asha_counts_optimizer_steps_and_grid_counts_trials():
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = _scheduler(
+        tiny_config("tune.scheduler=asha", "train.eval_steps=5", "train.max_steps=50")
+    )
+    assert isinstance(asha, ASHAScheduler)
+    # Rungs at grace_period * reduction_factor**k optimizer steps, below max_t.
+    assert (asha._time_attr, asha._max_t) == ("step", 50)
+    assert sorted(m for m, _ in asha._brackets[0]._rungs) == [5, 20]
+    cfg = tiny_config("tune.search=grid", "tune.num_samples=2")
+    assert expected_trials(cfg, load_space(None, cfg.to_dict())) == 2 * 27
+    cfg = tiny_config("tune.search=random", "tune.num_samples=4")
+    assert expected_trials(cfg, load_space(None, cfg.to_dict())) == 4
+
+
+def test_cli_reports_a_bad_space_without_a_traceback(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("split.ratio: {grid: [0.5, 1.5]}\n")
+    proc = _cli("tune", "--output-dir", str(tmp_path), "--set", f"tune.space={space}")
+    assert proc.returncode == 1
+    assert "split.ratio" in proc.stderr and "Traceback" not in proc.stderr

@@ -47,7 +47,7 @@ IDENTITY_KEYS = ("search", "scheduler", "metric", "mode", "num_samples", "seed")
 STATUS_ORDER = ("TERMINATED", "ERROR", "RUNNING", "PAUSED", "PENDING")
 
 
-class SweepInterrupted(KeyboardInterrupt):
+class SweepInterrupted(SftmixError):
     """The sweep stopped before every trial finished; rerunning the command resumes it."""
 
 
@@ -302,13 +302,24 @@ def _short_error(text: str | None) -> str | None:
     return (named[-1] if named else lines[-1])[:1000]
 
 
-def _trial_rows(experiment: Path, keys: list[str], metric: str, out: Path) -> list[dict]:
-    """One row per trial: id, status, params, last reported metrics, error, attempts."""
-    from ray.tune import ExperimentAnalysis
+def _trials(grid: Any, experiment: Path) -> list[Any]:
+    """The sweep's Tune trials as the run left them.
 
-    analysis = ExperimentAnalysis(str(experiment))
+    The ResultGrid's analysis holds the controller's own trials; experiment_state.json can
+    lag behind them (Ray 2.60 may leave a trial that errored on its last retry as RUNNING).
+    """
+    analysis = getattr(grid, "_experiment_analysis", None)
+    if analysis is None:  # pragma: no cover - a Ray without it: read the saved state
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(str(experiment))
+    return list(analysis.trials)
+
+
+def _trial_rows(trials: list[Any], keys: list[str], metric: str, out: Path) -> list[dict]:
+    """One row per trial: id, status, params, last reported metrics, error, attempts."""
     rows = []
-    for trial in analysis.trials:
+    for trial in trials:
         last = trial.last_result or {}
         trial_out = out / TUNE_DIR / TRIALS_DIR / trial.trial_id
         attempts_file = trial_out / ATTEMPTS_FILE
@@ -426,8 +437,9 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     update_stage(out, "tune", status="running")
     start = time.time()
     try:
-        tuner.fit()
-        rows = _trial_rows(tune_dir / EXPERIMENT, keys, cfg.tune.metric, out)
+        grid = tuner.fit()
+        trials = _trials(grid, tune_dir / EXPERIMENT)
+        rows = _trial_rows(trials, keys, cfg.tune.metric, out)
     except BaseException as exc:
         update_stage(out, "tune", status="failed", error=str(exc) or type(exc).__name__)
         raise
@@ -454,10 +466,12 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     unfinished = total - counts["terminated"] - counts["error"]
     if unfinished:
         update_stage(out, "tune", status="interrupted", **summary)
-        raise SweepInterrupted(
+        message = (
             f"sweep interrupted with {unfinished} of {total} trials unfinished; "
             "rerun the same command to finish them"
         )
+        log.warning(message)
+        raise SweepInterrupted(message)
     if best is None:
         update_stage(out, "tune", status="failed", **summary)
         raise SftmixError(

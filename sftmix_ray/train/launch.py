@@ -114,6 +114,7 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
         torch_threads=_torch_threads(cfg),
     )
     spec["history_path"] = str(out / "logs" / f"{mode}-{export_name}-history.json")
+    spec["tensorboard_dir"] = str(out / "logs" / "tensorboard" / f"{mode}-{export_name}")
     return spec
 
 
