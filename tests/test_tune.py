@@ -28,17 +28,17 @@ from sftmix_ray.split import confident_count
 from sftmix_ray.summary import read_summary
 from sftmix_ray.tune_space import load_space, parse_domain
 from tests.conftest import TINY_OVERRIDES, tiny_config
+from tuning.results import best_row
 from tuning.sweep import (
-    ATTEMPTS_FILE,
     SweepInterrupted,
     _check_same_sweep,
     _scheduler,
     _search_alg,
-    best_row,
     expected_trials,
     run_tune,
     sweep_identity,
 )
+from tuning.trial import ATTEMPTS_FILE
 
 # Two optimizer steps, a held-out eval after each (so Tune sees intermediate results).
 SWEEP = ["train.max_steps=2", "train.eval_steps=1", "score.num_actors=1"]
@@ -106,6 +106,7 @@ def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dic
     return out, summary["tune"], time.time() - start
 
 
+@pytest.mark.slow
 def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     out, result, _ = cli_sweep
     table = pd.read_csv(out / "tune" / "results.csv")
@@ -113,7 +114,7 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     assert list(parquet.columns) == list(table.columns)
     assert parquet["trial_id"].tolist() == table["trial_id"].tolist()
     assert len(table) == 3 and table["trial_id"].is_unique
-    assert set(table["status"]) == {"TERMINATED"}
+    assert set(table["status"]) == {"TERMINATED"} and table["completed_training"].all()
     assert {*SWEPT, "eval_loss", "status", "error", "attempts"} <= set(table.columns)
     for key in SWEPT:
         assert set(table[key]) <= set(DEFAULT_SPACE[key]["choice"])
@@ -142,6 +143,7 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     assert stage["status"] == "completed" and stage["terminated"] == 3
 
 
+@pytest.mark.slow
 def test_best_config_trains_and_reproduces_the_best_trial(cli_sweep):
     from sftmix_ray.pipeline import run_stage
 
@@ -175,6 +177,7 @@ class InterruptOnce(tune.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_local, tmp_path):
     out = _copy_base(scored_base, tmp_path / "out")
     space = tmp_path / "space.yaml"
@@ -215,6 +218,7 @@ def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_lo
 # Failures are retried by Tune and reported, never lost
 
 
+@pytest.mark.slow
 def test_failed_trial_is_retried_and_reported(scored_base, ray_local, tmp_path):
     out = _copy_base(scored_base, tmp_path / "out")
     blocker = tmp_path / "not-a-directory"

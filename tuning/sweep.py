@@ -6,9 +6,8 @@ swept (no rescoring), and fits a `TorchTrainer` whose reports reach Tune through
 `TuneReportCallback`. The driver holds no CPU (its Ray Train workers hold theirs).
 
     OUT/tune/ray/               the Tune experiment (restored when a sweep is rerun)
-    OUT/tune/trials/<trial_id>/ one trial's own split/, model/, logs/, Ray Train storage,
-                                config.yaml, and links to OUT's data/, heldout/, base_model/
-    OUT/tune/results.csv|.parquet, best_config.yaml, metric_vs_params.png
+    OUT/tune/trials/<trial_id>/ one trial's own run directory (tuning/trial.py)
+    OUT/tune/results.csv|.parquet, best_config.yaml, metric_vs_params.png (tuning/results.py)
 """
 
 from __future__ import annotations
@@ -17,123 +16,47 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray import tune
 
 from sftmix_ray.config import Config, save_config
 from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.io_utils import atomic_write_json, ensure_writable_dir
 from sftmix_ray.summary import read_summary, update_stage
 from sftmix_ray.tune_space import Domain, apply_params, load_space
+from tuning.results import (
+    STATUS_ORDER,
+    best_row,
+    plot_metric_vs_params,
+    results_frame,
+    sweep_trials,
+    trial_rows,
+)
+from tuning.trial import (
+    TRIALS_DIR,
+    TUNE_DIR,
+    ReleaseFinishedTrials,
+    release_placement_groups,
+    trial_dirname,
+    trial_driver,
+)
 
 log = logging.getLogger(__name__)
 
-TUNE_DIR = "tune"
 EXPERIMENT = "ray"  # OUT/tune/ray: Tune's experiment directory
-TRIALS_DIR = "trials"
 RESULTS = "results"  # results.csv and results.parquet
 BEST_CONFIG = "best_config.yaml"
 PLOT = "metric_vs_params.png"
 SWEEP_FILE = "sweep.json"  # what the sweep in OUT/tune/ray was started with
-ATTEMPTS_FILE = "attempts.json"  # one entry per start of a trial's driver
-LINKED_INPUTS = ("data", "heldout", "base_model")
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for a 0-CPU driver (Ray needs some resource)
 IDENTITY_KEYS = ("search", "scheduler", "metric", "mode", "num_samples", "seed")  # tune.*
-STATUS_ORDER = ("TERMINATED", "ERROR", "RUNNING", "PAUSED", "PENDING")
 
 
 class SweepInterrupted(SftmixError):
     """The sweep stopped before every trial finished; rerunning the command resumes it."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Trial side
-
-
-def _trial_dirname(trial: Any) -> str:
-    """Tune's directory for a trial: its id (params live in results.csv, not in paths)."""
-    return f"trial_{trial.trial_id}"
-
-
-def _link(source: Path, target: Path) -> None:
-    """`target` -> `source` (a symlink), unless it already points there."""
-    if target.is_symlink() and target.resolve() == source.resolve():
-        return
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    target.symlink_to(source, target_is_directory=source.is_dir())
-
-
-def _record_attempt(trial_out: Path) -> int:
-    """Append this start of the driver to attempts.json; returns the attempt number."""
-    path = trial_out / ATTEMPTS_FILE
-    attempts = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
-    attempts.append({"started": time.time(), "pid": os.getpid()})
-    atomic_write_json(path, attempts)
-    return len(attempts)
-
-
-class MetricReportCallback(TuneReportCallback):
-    """A TuneReportCallback that forwards only the reports holding the sweep's metric.
-
-    Tune checks that every result carries the metric it optimizes, while the loop also reports
-    plain training steps; the held-out evals (every `train.eval_steps` and at the end) do.
-    """
-
-    def __init__(self, metric: str):
-        super().__init__()
-        self.metric = metric
-
-    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-        if metrics and self.metric in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
-
-
-def trial_driver(
-    params: dict[str, Any], *, base: dict[str, Any], out_dir: str, recompute_split: bool
-) -> None:
-    """One trial: params -> Config, the trial's own split and run directory, a TorchTrainer."""
-    from ray import tune
-
-    from sftmix_ray.split import run_split
-    from sftmix_ray.train.launch import run_training
-
-    cfg = apply_params(base, params)
-    trial_id = tune.get_context().get_trial_id()
-    out = Path(out_dir)
-    trial_out = out / TUNE_DIR / TRIALS_DIR / trial_id
-    trial_out.mkdir(parents=True, exist_ok=True)
-    attempt = _record_attempt(trial_out)
-    log.info("trial %s (attempt %d): %s", trial_id, attempt, params)
-    save_config(cfg, trial_out / "config.yaml")
-    for name in LINKED_INPUTS:
-        if (out / name).exists():
-            _link(out / name, trial_out / name)
-    if recompute_split or "split.ratio" in params:
-        _link(out / "scores", trial_out / "scores")
-        run_split(cfg, trial_out)
-    else:
-        _link(out / "split", trial_out / "split")
-    # Own Ray Train storage per trial: two trials with equal params must not share a run.
-    storage = (
-        f"{cfg.train.storage_path.rstrip('/')}/tune/{trial_id}"
-        if cfg.train.storage_path
-        else str(trial_out / "ray_storage")
-    )
-    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
-    summary = run_training(
-        run_cfg, trial_out, "train", callbacks=[MetricReportCallback(cfg.tune.metric)]
-    )
-    atomic_write_json(trial_out / "result.json", {"attempt": attempt, **summary})
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver side: building the Tuner
 
 
 def _require_train_v2() -> None:
@@ -176,7 +99,14 @@ def _scheduler(cfg: Config) -> Any:
     # Rungs are counted in optimizer steps (the loop's `step`), so eval_steps sets how often
     # ASHA can compare trials; with train.eval_steps=0 it sees one eval, at the end.
     max_t = cfg.train.max_steps if cfg.train.max_steps > 0 else 10**9
-    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(grace, max_t))
+    # A trial that reaches max_t finishes on its own (stop_last_trials=False): stopping it at
+    # its last report would kill it before it exports its model.
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=max_t,
+        grace_period=min(grace, max_t),
+        stop_last_trials=False,
+    )
 
 
 def _trial_resources(cfg: Config) -> dict[str, float]:
@@ -249,8 +179,6 @@ def _build_tuner(
     cfg: Config, out: Path, domains: list[Domain], recompute_split: bool, callbacks: list | None
 ) -> tuple[Any, bool]:
     """A fresh Tuner, or the one restored from OUT/tune/ray; returns (tuner, resumed)."""
-    from ray import tune
-
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver, base=cfg.to_dict(), out_dir=str(out), recompute_split=recompute_split
@@ -258,6 +186,9 @@ def _build_tuner(
         _trial_resources(cfg),
     )
     experiment = out / TUNE_DIR / EXPERIMENT
+    # Tune pickles the callbacks with the experiment: a restored sweep keeps them.
+    release = ReleaseFinishedTrials(str(out / TUNE_DIR / TRIALS_DIR))
+    callbacks = [release, *(callbacks or [])]
     if tune.Tuner.can_restore(str(experiment)):
         log.info("resuming the sweep in %s (finished trials are kept)", experiment)
         tuner = tune.Tuner.restore(
@@ -277,7 +208,7 @@ def _build_tuner(
             max_concurrent_trials=(
                 cfg.tune.max_concurrent_trials if cfg.tune.search == "optuna" else None
             ),
-            trial_dirname_creator=_trial_dirname,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
@@ -287,129 +218,6 @@ def _build_tuner(
         ),
     )
     return tuner, False
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-
-
-def _short_error(text: str | None) -> str | None:
-    """The last line of a traceback that names the exception (the whole message if shorter)."""
-    if not text:
-        return None
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    named = [ln for ln in lines if ":" in ln and not ln.startswith(("File ", "^", "~"))]
-    return (named[-1] if named else lines[-1])[:1000]
-
-
-def _trials(grid: Any, experiment: Path) -> list[Any]:
-    """The sweep's Tune trials as the run left them.
-
-    The ResultGrid's analysis holds the controller's own trials; experiment_state.json can
-    lag behind them (Ray 2.60 may leave a trial that errored on its last retry as RUNNING).
-    """
-    analysis = getattr(grid, "_experiment_analysis", None)
-    if analysis is None:  # pragma: no cover - a Ray without it: read the saved state
-        from ray.tune import ExperimentAnalysis
-
-        analysis = ExperimentAnalysis(str(experiment))
-    return list(analysis.trials)
-
-
-def _trial_rows(trials: list[Any], keys: list[str], metric: str, out: Path) -> list[dict]:
-    """One row per trial: id, status, params, last reported metrics, error, attempts."""
-    rows = []
-    for trial in trials:
-        last = trial.last_result or {}
-        trial_out = out / TUNE_DIR / TRIALS_DIR / trial.trial_id
-        attempts_file = trial_out / ATTEMPTS_FILE
-        attempts = json.loads(attempts_file.read_text()) if attempts_file.exists() else []
-        error = trial.get_error() if trial.status == "ERROR" else None
-        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status}
-        row.update({key: trial.config.get(key) for key in keys})
-        row.update(
-            {
-                metric: last.get(metric),
-                "step": last.get("step"),
-                "loss": last.get("loss"),
-                "reports": last.get("training_iteration"),
-                "time_total_s": last.get("time_total_s"),
-                "attempts": len(attempts),
-                "tune_failures": trial.num_failures,
-                "train_restarts": last.get("restarts"),
-                "error": _short_error(str(error)) if error else None,
-                "trial_dir": str(trial_out),
-            }
-        )
-        rows.append(row)
-    rows.sort(key=lambda r: r["trial_id"])
-    return rows
-
-
-def _frame(rows: list[dict], keys: list[str]) -> Any:
-    """The rows as a DataFrame whose columns Parquet can hold (one type per column)."""
-    import pandas as pd
-
-    from sftmix_ray.tune_space import is_finite_number
-
-    frame = pd.DataFrame(rows)
-    for key in keys:
-        values = [v for v in frame[key] if v is not None]
-        numeric = values and all(is_finite_number(v) for v in values)
-        frame[key] = frame[key].astype(float) if numeric else frame[key].astype("string")
-    return frame
-
-
-def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    """The finished trial with the best last-reported metric (ties: lowest trial id)."""
-    done = [
-        r for r in rows
-        if r["status"] == "TERMINATED" and isinstance(r[metric], (int, float))
-        and math.isfinite(r[metric])
-    ]  # fmt: skip
-    if not done:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    return min(done, key=lambda r: (sign * r[metric], r["trial_id"]))
-
-
-def plot_metric_vs_params(
-    rows: list[dict], domains: list[Domain], metric: str, best: dict | None, path: Path
-) -> Path:
-    """One panel per swept param: the metric of every finished trial against its value."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from sftmix_ray.tune_space import is_finite_number
-
-    swept = [d for d in domains if d.kind != "fixed"] or domains
-    fig = Figure(figsize=(4.2 * len(swept), 3.8), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(swept), squeeze=False)[0]
-    scored = [r for r in rows if is_finite_number(r.get(metric))]
-    for ax, domain in zip(axes, swept):
-        values = [r[domain.key] for r in scored]
-        numeric = all(is_finite_number(v) for v in values)
-        labels = sorted({str(v) for v in values})
-        xs = [v if numeric else labels.index(str(v)) for v in values]
-        ax.scatter(xs, [r[metric] for r in scored], c="tab:blue", alpha=0.7, label="trial")
-        if best is not None:
-            bx = best[domain.key] if numeric else labels.index(str(best[domain.key]))
-            ax.scatter([bx], [best[metric]], marker="*", s=220, c="tab:red", label="best")
-        if not numeric:
-            ax.set_xticks(range(len(labels)), labels)
-        elif domain.log_scale:
-            ax.set_xscale("log")
-        ax.set(xlabel=domain.key, ylabel=metric, title=f"{metric} vs {domain.key}")
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
 
 
 def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[str, Any]:
@@ -438,12 +246,16 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     start = time.time()
     try:
         grid = tuner.fit()
-        trials = _trials(grid, tune_dir / EXPERIMENT)
-        rows = _trial_rows(trials, keys, cfg.tune.metric, out)
+        trials = sweep_trials(grid, tune_dir / EXPERIMENT)
+        rows = trial_rows(trials, keys, cfg.tune.metric, out)
     except BaseException as exc:
         update_stage(out, "tune", status="failed", error=str(exc) or type(exc).__name__)
         raise
-    frame = _frame(rows, keys)
+    finally:
+        # Trials stopped by an interruption leave their worker groups too.
+        for trial_out in sorted((tune_dir / TRIALS_DIR).glob("*")):
+            release_placement_groups(trial_out)
+    frame = results_frame(rows, keys)
     frame.to_csv(tune_dir / f"{RESULTS}.csv", index=False)
     frame.to_parquet(tune_dir / f"{RESULTS}.parquet", index=False)
     best = best_row(rows, cfg.tune.metric, cfg.tune.mode)
