@@ -43,9 +43,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, configure_logging=False
-        )
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
