@@ -22,6 +22,3 @@ class RowRejected(Exception):
         super().__init__(reason)
         self.reason = reason
 
-
-class NotImplementedStage(SftmixError):
-    """A pipeline stage whose implementation has not landed yet."""
