@@ -189,7 +189,13 @@ class TrainConfig:
     bf16: bool = False  # autocast on GPU
     gradient_checkpointing: bool = False
     logging_steps: int = 10
-    report_to: Literal["tensorboard", "none"] = "tensorboard"  # rank 0 writes OUT/logs/tensorboard
+    # Metric sinks on rank 0: OUT/logs/tensorboard, and MLflow ("none" = neither).
+    report_to: list[Literal["tensorboard", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    mlflow_tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else OUT/mlruns
+    mlflow_experiment: str | None = None  # else $MLFLOW_EXPERIMENT_NAME, else "sftmix-ray"
+    progress_bar: bool = True  # a tqdm bar on the driver for rank 0's steps
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2
@@ -322,6 +328,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[-1] if errors else f"config key '{key}' = {value!r} is invalid")
+    if origin is list:
+        # A YAML list, or "a,b" from --set; "none" is the empty list (as in HF report_to).
+        if isinstance(value, str):
+            value = [] if value.strip().lower() == "none" else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a list")
+        (inner,) = get_args(tp)
+        items = [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in value]
+        return list(dict.fromkeys(items))
     if origin is Literal:
         allowed = get_args(tp)
         for a in allowed:

@@ -66,12 +66,28 @@ def test_yaml_then_overrides_win(tmp_path):
         ("reference.num_checkpoints=0", "'reference.num_checkpoints'"),
         ("data.format=csv", "'data.format'"),
         ("data.max_length=2", "'data.max_length'"),
+        ("train.report_to=tensorboard,wandb", "'train.report_to' = 'wandb'"),
+        ("train.report_to=3", "expected a list"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("none", []),
+        ("mlflow", ["mlflow"]),
+        ("tensorboard, mlflow", ["tensorboard", "mlflow"]),
+        ("[mlflow, mlflow]", ["mlflow"]),
+    ],
+)
+def test_report_to_takes_a_list_a_comma_string_or_none(value, expected):
+    assert load_config(None, [f"train.report_to={value}"]).train.report_to == expected
+    assert Config().train.report_to == ["tensorboard"]
 
 
 def test_unknown_key_suggests_nearest():

@@ -70,7 +70,10 @@ def losses(history: list, key: str = "loss") -> np.ndarray:
 def single(base_out: Path, tmp_path_factory) -> tuple[Path, list]:
     """One worker, 8 rows (4 confident + 4 unconfident) per step: the reference trajectory."""
     return run_train(
-        base_out, tmp_path_factory.mktemp("single"), "train.per_device_train_batch_size=8"
+        base_out,
+        tmp_path_factory.mktemp("single"),
+        "train.per_device_train_batch_size=8",
+        "train.report_to=tensorboard,mlflow",
     )
 
 
@@ -136,6 +139,22 @@ def test_export_is_a_loadable_hf_model(single):
     assert np.isfinite(history[-1]["eval_loss"])
     events = list((out / "logs" / "tensorboard" / "train-model").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0, "rank 0 wrote TensorBoard scalars"
+    _assert_mlflow_run(out, history)
+
+
+def _assert_mlflow_run(out: Path, history: list) -> None:
+    """One finished MLflow run in OUT/mlruns holding every step's loss and the config."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sftmix-ray")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train-model"
+    assert run.data.params["mixup.mu"] == "0.2"
+    assert run.data.params["train.report_to"] == "['tensorboard', 'mlflow']"
+    logged = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in logged] == [h["step"] for h in history]
+    np.testing.assert_allclose([m.value for m in logged], losses(history), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ checkpoints and resume
@@ -158,13 +177,18 @@ def test_killed_worker_resumes_from_checkpoint(single, base_out, tmp_path, monke
     """A worker process dies after step 2; Ray Train restarts it from the step-1 checkpoint."""
     marker = tmp_path / "fault-marker"
     monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
-    out, _ = run_train(
-        base_out, tmp_path, "train.per_device_train_batch_size=8", "train.max_failures=1"
+    out, history = run_train(
+        base_out,
+        tmp_path,
+        "train.per_device_train_batch_size=8",
+        "train.max_failures=1",
+        "train.report_to=tensorboard,mlflow",
     )
     assert marker.exists(), "the fault was injected"
     stage = read_summary(out)["stages"]["train"]
     assert stage["steps"] == STEPS and stage["restarts"] == 1
     _assert_same_run(out, single[0])
+    _assert_mlflow_run(out, history)  # the restarted workers continued the same MLflow run
 
 
 def test_failed_run_exits_then_rerun_resumes(single, base_out, tmp_path, monkeypatch):

@@ -118,6 +118,28 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
     return spec
 
 
+def mlflow_settings(cfg: Config, out_dir: Path, run_key: str, run_name: str) -> dict[str, Any]:
+    """Where and under which names rank 0 logs to MLflow (config, then MLflow's env vars)."""
+    from sftmix_ray.config import redacted
+    from sftmix_ray.train.reporting import flat_params
+
+    uri = cfg.train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:  # MLflow 3 retired the file store; a local SQLite file is its default
+        db_dir = (out_dir / "mlruns").resolve()
+        db_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db_dir / 'mlflow.db'}"
+    experiment = (
+        cfg.train.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "sftmix-ray"
+    )
+    return {
+        "tracking_uri": uri,
+        "experiment": experiment,
+        "run_key": run_key,
+        "run_name": run_name,
+        "params": flat_params(redacted(cfg.to_dict())),
+    }
+
+
 def run_training(
     cfg: Config,
     out_dir: Path,
@@ -156,6 +178,8 @@ def run_training(
         for k, t in tables.items()
     }
     name = _run_name(mode, {**{k: v for k, v in spec.items() if k != "torch_threads"}, **rows})
+    if "mlflow" in cfg.train.report_to:
+        spec["mlflow"] = mlflow_settings(cfg, out_dir, name, f"{mode}-{export_name}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,

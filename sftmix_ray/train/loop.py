@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from sftmix_ray.data.tokenize import IGNORE_INDEX
+from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         export_steps |= set(checkpoint_steps(trainer.total_steps, spec["export_count"]))
     log_every = spec["train"]["logging_steps"]
     eval_every = spec.get("eval_steps", 0)
-    writer = _tensorboard(spec) if trainer.rank == 0 else None
+    sinks = MetricSinks(spec, trainer.rank, trainer.step, trainer.total_steps)
     last_time = time.perf_counter()
     while trainer.step < trainer.total_steps:
         metrics = trainer.train_step()
@@ -319,9 +320,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             metrics["eval_loss"] = trainer.evaluate()
         metrics["restarts"] = float(trainer.restarts)
         trainer.history.append({k: round(v, 6) for k, v in metrics.items()})
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(f"{spec['mode']}/{key}", value, step)
+        sinks.log(step, metrics)
         if step in export_steps:
             trainer.export_hf(str(Path(spec["export_dir"]) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
@@ -336,8 +335,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if trainer.rank == 0:
             log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
-    if writer is not None:
-        writer.close()
+    sinks.close()
     if spec.get("final_export"):
         trainer.export_hf(spec["final_export"])
     if trainer.rank == 0:
@@ -349,15 +347,6 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             ),
             encoding="utf-8",
         )
-
-
-def _tensorboard(spec: dict[str, Any]) -> Any:
-    """A TensorBoard writer on rank 0 when `train.report_to` is `tensorboard`."""
-    if spec["train"].get("report_to") != "tensorboard":
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=spec["tensorboard_dir"])
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -1,0 +1,139 @@
+"""Metric sinks on rank 0: TensorBoard, MLflow (when configured) and a progress bar.
+
+The loop calls `log(step, metrics)` every step and `close()` at the end; which sinks exist is
+read from `train.report_to` in the spec. Sinks only run on rank 0, so the other ranks pay nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MLFLOW_RUN_TAG = "sftmix.run_key"
+
+
+class MetricSinks:
+    """Fan-out of per-step metrics to the configured sinks (rank 0 only)."""
+
+    def __init__(self, spec: dict[str, Any], rank: int, start_step: int, total_steps: int):
+        self.prefix = spec["mode"]
+        self.sinks: list[Any] = []
+        if rank != 0:
+            return
+        report_to = spec["train"].get("report_to", [])
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.sinks.append(_TensorBoard(SummaryWriter(log_dir=spec["tensorboard_dir"])))
+        if "mlflow" in report_to:
+            self.sinks.append(_MLflow(spec))
+        if spec["train"].get("progress_bar", True):
+            self.sinks.append(_Progress(self.prefix, start_step, total_steps))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log(self.prefix, step, metrics)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class _TensorBoard:
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def log(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _MLflow:
+    """One MLflow run per training run; a restarted worker group continues the same run."""
+
+    def __init__(self, spec: dict[str, Any]):
+        try:
+            import mlflow
+        except ImportError as exc:  # config validation cannot see the worker's environment
+            raise RuntimeError(
+                "train.report_to includes 'mlflow' but mlflow is not installed on the workers: "
+                "pip install 'sftmix-ray[mlflow]' (or add mlflow to the runtime_env)"
+            ) from exc
+        cfg = spec["mlflow"]
+        self.client = mlflow.MlflowClient(tracking_uri=cfg["tracking_uri"])
+        experiment = self.client.get_experiment_by_name(cfg["experiment"])
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(cfg["experiment"])
+        )
+        # The run key is the Ray Train run name: a rerun or restart of the same run logs into
+        # the MLflow run it started instead of opening a new one.
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{MLFLOW_RUN_TAG}` = '{cfg['run_key']}'"
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                experiment_id, run_name=cfg["run_name"], tags={MLFLOW_RUN_TAG: cfg["run_key"]}
+            )
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, v) for k, v in sorted(cfg["params"].items())]
+            for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        batch = [Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+
+class _Progress:
+    """A progress bar rendered on the driver (Ray's distributed tqdm)."""
+
+    def __init__(self, prefix: str, start_step: int, total_steps: int):
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.bar = tqdm(desc=prefix, total=total_steps, unit="step")
+        self.bar.update(start_step)
+
+    def log(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+        loss = metrics.get("loss")
+        if loss is not None:
+            self.bar.set_description(f"{prefix} loss={loss:.4f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted `section.key -> str(value)` pairs of a (redacted) config dict, for run params."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = str(value)[:500]  # MLflow caps param values
+    return out

@@ -1,0 +1,205 @@
+"""The pipeline as users run it: `ray job submit` to a running Ray head, then reruns against it.
+
+A real head node on loopback (`ray start --head`), the real `ray job submit` CLI shipping this
+checkout with `cluster/runtime_env.yaml`, the quickstart config with a few steps. The reruns
+join the same cluster with `--address` and must skip finished stages, or redo only from
+`--force split` on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sftmix_ray.summary import read_summary
+from tests.conftest import TINY_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# The quickstart shrunk to the tiny test model: a handful of steps per training stage.
+QUICK = [
+    *(o for o in TINY_OVERRIDES if not o.startswith("ray.")),
+    "data.num_workers=1",
+    "score.num_actors=1",
+    "eval.max_examples=8",
+    "eval.max_new_tokens=4",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TOKEN_FILE = Path(tempfile.gettempdir()) / f"sftmix-test-ray-token-{os.getpid()}"
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    # Token authentication, as a production head should run: the head and every client (CLI,
+    # job driver, reruns) read the same token file; clients send it only when the mode is set.
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A Ray head on 127.0.0.1 with its dashboard (the job server); torn down afterwards."""
+    gcs, dashboard = _free_port(), _free_port()
+    TOKEN_FILE.write_text(secrets.token_hex(32))
+    TOKEN_FILE.chmod(0o600)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address],
+                capture_output=True,
+                env=_env(),
+            )
+            if probe.returncode == 0:
+                break
+            assert proc.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the job server did not come up in 120 s"
+            time.sleep(2)
+        yield {"jobs": address, "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        TOKEN_FILE.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, tmp_path):
+    out = tmp_path / "out"
+    sets = [arg for o in QUICK for arg in ("--set", o)]
+    submit = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            head["jobs"],
+            "--submission-id",
+            "sftmix-quickstart-test",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env",
+            str(REPO / "cluster" / "runtime_env.yaml"),
+            "--",
+            "sftmix-ray",
+            "pipeline",
+            "--config",
+            "configs/quickstart.yaml",
+            "--output-dir",
+            str(out),
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=900,
+        cwd=REPO,
+    )
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0, logs[-4000:]
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", head["jobs"], "sftmix-quickstart-test"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert "job 'sftmix-quickstart-test' succeeded" in status.stdout.lower()
+
+    summary = read_summary(out)
+    stages = summary["stages"]
+    assert [stages[s]["status"] for s in ("prepare", "reference", "score", "split", "train")] == [
+        "completed"
+    ] * 5
+    assert stages["train"]["steps"] == 3 and stages["reference"]["steps"] == 3
+    results = json.loads((out / "eval.json").read_text())
+    assert results["sftmix"]["response_tokens"] > 0
+    assert (out / "model" / "model.safetensors").exists()
+    assert "joining Ray cluster" in logs, "the job's driver joined the head, not a new cluster"
+    assert "train loss=" in logs, "rank 0's progress bar reached the driver's log"
+
+    def rerun(*extra: str) -> dict:
+        result = subprocess.run(
+            [
+                str(BIN / "sftmix-ray"),
+                "pipeline",
+                "--config",
+                str(REPO / "configs" / "quickstart.yaml"),
+                "--output-dir",
+                str(out),
+                "--address",
+                head["gcs"],
+                *sets,
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return read_summary(out)
+
+    stamps = {
+        p: _mtime(out / p)
+        for p in (
+            "scores/scores.parquet",
+            "split/confident.parquet",
+            "model/model.safetensors",
+            "eval.json",
+        )
+    }
+    rerun()
+    assert {p: _mtime(out / p) for p in stamps} == stamps, "a finished pipeline rewrote outputs"
+
+    rerun("--force", "split")
+    assert _mtime(out / "scores/scores.parquet") == stamps["scores/scores.parquet"]
+    for path in ("split/confident.parquet", "model/model.safetensors", "eval.json"):
+        assert _mtime(out / path) > stamps[path], f"{path} was not redone by --force split"
