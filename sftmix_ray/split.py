@@ -20,6 +20,7 @@ SPLIT_DIR = "split"
 CONFIDENT_FILE = "confident.parquet"
 UNCONFIDENT_FILE = "unconfident.parquet"
 PLOT_FILE = "cartography.png"
+RATIO_METADATA_KEY = b"sftmix.split_ratio"
 _SIDE_COLUMNS = ["example_id", "confidence", "variability"]
 _MAX_SCATTER_POINTS = 50_000  # beyond this the map plots a seeded sample of the points
 
@@ -123,8 +124,13 @@ def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
     target = Path(out_dir) / SPLIT_DIR
     tmp = fresh_tmp_dir(target)
     # Rank order (confidence descending, ties by id) so each file reads as a ranking.
-    pq.write_table(scores.take(pa.array(conf_rows)), tmp / CONFIDENT_FILE)
-    pq.write_table(scores.take(pa.array(_rows_of(ids, unconf_ids))), tmp / UNCONFIDENT_FILE)
+    # The ratio travels with the files: `train` refuses a split made for another ratio.
+    meta = {RATIO_METADATA_KEY: repr(cfg.split.ratio).encode()}
+    for rows, name in ((conf_rows, CONFIDENT_FILE), (_rows_of(ids, unconf_ids), UNCONFIDENT_FILE)):
+        side = scores.take(pa.array(rows))
+        pq.write_table(
+            side.replace_schema_metadata({**(side.schema.metadata or {}), **meta}), tmp / name
+        )
     plot_cartography(confidence, variability, is_confident, threshold, tmp / PLOT_FILE)
     replace_dir(tmp, target)
     summary = {

@@ -25,13 +25,22 @@ def _read_table(path: Path) -> Any:
     return pq.read_table(path)
 
 
-def _subset(data: Any, split_file: Path) -> Any:
-    """Rows of OUT/data whose example_id is listed in a split file."""
+def _subset(data: Any, split_file: Path, ratio: float) -> Any:
+    """Rows of OUT/data whose example_id is listed in a split file made for `ratio`."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from sftmix_ray.split import RATIO_METADATA_KEY
+
     if not split_file.exists():
         raise SftmixError(f"{split_file} does not exist; run `sftmix-ray split` first")
+    made_for = (pq.read_schema(split_file).metadata or {}).get(RATIO_METADATA_KEY)
+    # A split without the key is a user's own; ours must match the config being trained.
+    if made_for is not None and float(made_for) != ratio:
+        raise SftmixError(
+            f"{split_file} was made with split.ratio={float(made_for)} but this config has "
+            f"split.ratio={ratio}; rerun `sftmix-ray split` with this config first"
+        )
     ids = pq.read_table(split_file, columns=["example_id"]).column("example_id")
     return data.filter(pc.is_in(data.column("example_id"), value_set=ids.combine_chunks()))
 
@@ -163,8 +172,9 @@ def run_training(
     if spec["streams"] == ["data"]:
         tables["data"] = data
     else:
-        tables["confident"] = _subset(data, out_dir / "split" / "confident.parquet")
-        tables["unconfident"] = _subset(data, out_dir / "split" / "unconfident.parquet")
+        for side in ("confident", "unconfident"):
+            split_file = out_dir / "split" / f"{side}.parquet"
+            tables[side] = _subset(data, split_file, cfg.split.ratio)
     if spec["heldout"]:
         tables["heldout"] = _read_table(out_dir / "heldout")
     # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
