@@ -141,4 +141,7 @@ def run_pipeline(cfg: Config, out_dir: Path, force: str | None = None) -> dict[s
             continue
         rerun_rest = True
         results[name] = run_stage(name, cfg, out_dir)
+    from sftmix_ray.report import write_report
+
+    results["report"] = str(write_report(out_dir))
     return results

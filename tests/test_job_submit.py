@@ -162,6 +162,9 @@ def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, tmp_path):
     results = json.loads((out / "eval.json").read_text())
     assert results["sftmix"]["response_tokens"] > 0
     assert (out / "model" / "model.safetensors").exists()
+    report = (out / "report.md").read_text()
+    assert f"| sftmix | {results['sftmix']['response_nll']:.4g} |" in report
+    assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "joining Ray cluster" in logs, "the job's driver joined the head, not a new cluster"
     assert "train loss=" in logs, "rank 0's progress bar reached the driver's log"
 

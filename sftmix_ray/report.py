@@ -1,0 +1,121 @@
+"""OUT/report.md: the run's key numbers in one page, with loss curves and the cartography map."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sftmix_ray.io_utils import atomic_write_text
+from sftmix_ray.summary import read_summary
+
+REPORT_FILE = "report.md"
+LOSS_PLOT = "loss_curves.png"
+
+
+def _histories(out_dir: Path) -> dict[str, list[dict[str, float]]]:
+    """Per training run (reference, train, NTP baseline) its per-step metrics."""
+    runs = {}
+    for path in sorted((out_dir / "logs").glob("*-history.json")):
+        runs[path.name.removesuffix("-history.json")] = json.loads(
+            path.read_text(encoding="utf-8")
+        )["history"]
+    return runs
+
+
+def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
+    """Training loss (and held-out eval loss where measured) per step, one line per run."""
+    if not any(histories.values()):
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, history in histories.items():
+        steps = [h["step"] for h in history]
+        line = ax.plot(steps, [h["loss"] for h in history], label=f"{name} train loss")[0]
+        evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+        if evals:
+            ax.plot(*zip(*evals), "o--", color=line.get_color(), label=f"{name} held-out loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per response token)", title="Training")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def write_report(out_dir: Path) -> Path:
+    """Write OUT/report.md (and OUT/loss_curves.png) from summary.json, eval.json and the logs."""
+    out_dir = Path(out_dir)
+    stages = read_summary(out_dir)["stages"]
+    lines = ["# sftmix-ray run report", "", f"Output directory: `{out_dir}`", ""]
+    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    for name, entry in stages.items():
+        lines.append(f"| {name} | {entry.get('status')} | {_fmt(entry.get('seconds', ''))} |")
+
+    prepare = stages.get("prepare", {})
+    if prepare.get("status") == "completed":
+        lines += ["", "## Data", ""]
+        for part in ("train", "heldout"):
+            if part in prepare:
+                c = prepare[part]
+                lines.append(
+                    f"- {part}: {c['input']} rows read, {c['rejected']} rejected, "
+                    f"{c['written']} written ({c['truncated']} truncated), {c['tokens']} tokens"
+                )
+    score = stages.get("score", {})
+    split = stages.get("split", {})
+    if split.get("status") == "completed":
+        lines += [
+            "",
+            "## Confidence split",
+            "",
+            f"- scored examples: {_fmt(score.get('scored', ''))} "
+            f"({_fmt(score.get('tokens_per_s', ''))} tokens/s)",
+            f"- split.ratio {_fmt(split['ratio'])}: {split['confident']} confident "
+            f"(mean confidence {_fmt(split['mean_confidence_confident'])}), "
+            f"{split['unconfident']} unconfident "
+            f"(mean {_fmt(split['mean_confidence_unconfident'])})",
+            "",
+            "![cartography](split/cartography.png)",
+        ]
+    for stage in ("reference", "train"):
+        entry = stages.get(stage, {})
+        if entry.get("status") == "completed":
+            metrics = entry.get("metrics", {})
+            lines += [
+                "",
+                f"## {stage.capitalize()} training",
+                "",
+                f"- steps {entry.get('steps')}, restarts {entry.get('restarts')}, "
+                f"final loss {_fmt(metrics.get('loss', float('nan')))}",
+            ]
+    eval_path = out_dir / "eval.json"
+    if eval_path.exists():
+        results = json.loads(eval_path.read_text(encoding="utf-8"))
+        lines += [
+            "",
+            "## Held-out evaluation",
+            "",
+            "| model | response NLL | perplexity | exact match |",
+            "|---|---|---|---|",
+        ]
+        for model, r in results.items():
+            lines.append(
+                f"| {model} | {_fmt(r['response_nll'])} | {_fmt(r['perplexity'])} | "
+                f"{_fmt(r.get('exact_match', float('nan')))} |"
+            )
+    if plot_losses(_histories(out_dir), out_dir / LOSS_PLOT):
+        lines += ["", "## Loss curves", "", f"![loss curves]({LOSS_PLOT})"]
+    path = out_dir / REPORT_FILE
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,54 @@
+"""OUT/report.md: the key numbers from summary.json, eval.json and the training logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sftmix_ray.report import LOSS_PLOT, write_report
+from sftmix_ray.summary import update_stage
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _history(out: Path, name: str, losses: list[float], evals: dict[int, float]) -> None:
+    rows = []
+    for step, loss in enumerate(losses, start=1):
+        row = {"step": float(step), "loss": loss}
+        if step in evals:
+            row["eval_loss"] = evals[step]
+        rows.append(row)
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / f"{name}-history.json").write_text(json.dumps({"history": rows}))
+
+
+def test_report_quotes_the_run(tmp_path: Path):
+    counts = {"input": 210, "rejected": 10, "written": 200, "truncated": 3, "tokens": 9000}
+    update_stage(tmp_path, "prepare", status="completed", seconds=1.5, train=counts)
+    update_stage(tmp_path, "score", status="completed", scored=200, tokens_per_s=1234.5)
+    update_stage(
+        tmp_path, "split", status="completed", ratio=0.5, confident=100, unconfident=100,
+        mean_confidence_confident=0.61, mean_confidence_unconfident=0.22,
+    )  # fmt: skip
+    update_stage(tmp_path, "train", status="completed", steps=3, restarts=1, metrics={"loss": 2.5})
+    _history(tmp_path, "reference-model", [6.0, 5.5, 5.0], {})
+    _history(tmp_path, "train-model", [5.0, 4.0, 3.0], {3: 3.2})
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"sftmix": {"response_nll": 2.94, "perplexity": 18.9, "exact_match": 0.03}})
+    )
+    text = write_report(tmp_path).read_text()
+    assert "- train: 210 rows read, 10 rejected, 200 written (3 truncated), 9000 tokens" in text
+    assert "scored examples: 200 (1234 tokens/s)" in text
+    assert "100 confident (mean confidence 0.61), 100 unconfident (mean 0.22)" in text
+    assert "steps 3, restarts 1, final loss 2.5" in text
+    assert "| sftmix | 2.94 | 18.9 | 0.03 |" in text
+    assert f"![loss curves]({LOSS_PLOT})" in text and "split/cartography.png" in text
+    png = (tmp_path / LOSS_PLOT).read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5_000
+
+
+def test_report_of_a_partial_run_lists_only_what_ran(tmp_path: Path):
+    update_stage(tmp_path, "prepare", status="failed", error="boom")
+    text = write_report(tmp_path).read_text()
+    assert "| prepare | failed |" in text
+    assert "Held-out evaluation" not in text and not (tmp_path / LOSS_PLOT).exists()
