@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def _brief(result: object) -> object:
     return result
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl+C so that stages record it and Ray shuts down cleanly."""
+
+
+_SIGNALS: list[int] = []  # what stopped the run; libraries may re-raise a plain Ctrl+C
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _SIGNALS.append(signum)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -110,18 +123,33 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "validate-data":
             return _validate_data(args)
         return _run(args)
-    except SftmixError as exc:
+    except (SftmixError, OSError) as exc:
+        # OSError: a full disk, a vanished mount, a file we may not write, anywhere in a stage.
         if args.debug:
             raise
-        print(f"sftmix-ray {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sftmix-ray {args.command}: error: {_describe(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"sftmix-ray {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # Finished stages and checkpoints stay; rerunning the same command goes on from there.
+        terminated = isinstance(exc, Terminated) or signal.SIGTERM in _SIGNALS
+        name = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"sftmix-ray {args.command}: {name}; rerun to resume", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the user: our errors as they are, OS errors with errno text and path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror} ({type(exc).__name__})"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -458,14 +458,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|access_key)$", re.IGNORECASE)
 
 
+# Credentials inside a URL: `https://user:password@host`, `s3://KEY:SECRET@bucket`.
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
 def redacted(obj: Any) -> Any:
-    """Copy of a nested dict with values of secret-looking keys replaced."""
+    """Copy of a nested dict with values of secret-looking keys and URL credentials replaced."""
     if isinstance(obj, dict):
         return {
             k: ("***" if SECRET_KEY.search(str(k)) and v else redacted(v)) for k, v in obj.items()
         }
     if isinstance(obj, list):
         return [redacted(v) for v in obj]
+    if isinstance(obj, str):
+        return URL_CREDENTIALS.sub("***@", obj)
     return obj
 
 

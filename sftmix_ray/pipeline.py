@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sftmix_ray.config import Config, save_config
-from sftmix_ray.errors import ConfigError
+from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.io_utils import ensure_writable_dir
 from sftmix_ray.summary import read_summary, update_stage
 
@@ -105,6 +105,15 @@ def run_stage(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
     start = time.time()
     try:
         result = STAGE_FUNCS[name](cfg, out_dir)
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM (the CLI raises it): not a failure
+        update_stage(out_dir, name, status="interrupted")
+        raise
+    except OSError as exc:  # a full disk, a vanished mount: one line naming where
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        message = f"stage {name} stopped by an OS error under {out_dir}{where}: {reason}"
+        update_stage(out_dir, name, status="failed", error=message)
+        raise SftmixError(message) from exc
     except BaseException as exc:
         update_stage(out_dir, name, status="failed", error=str(exc) or type(exc).__name__)
         raise

@@ -254,6 +254,9 @@ def _score_checkpoint(
         compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
         num_cpus=num_cpus,
         num_gpus=cfg.score.num_gpus_per_actor or None,
+        # Ray Data's actor pools restart a dead actor (OOM, lost node, kill) and retry its
+        # in-flight batch (max_restarts=-1, max_task_retries=-1 by default; the kwargs are
+        # deprecated); the driver then checks that every id came back exactly once.
     )
     start = last = time.time()
     parts: list[pa.Table] = []

@@ -12,6 +12,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Faster failure detection and shutdown of Ray Train runs on a small test cluster.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Spot-preemption observability: one more process per Ray Train run, nothing to observe here.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # A run small enough for 2 CPU cores: 200 demo rows, a 2-layer 64-wide model.
 TINY_OVERRIDES = [

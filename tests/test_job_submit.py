@@ -86,17 +86,21 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
+            # `ray job list` answers before the head's job agent is up ("No available agent
+            # to submit job"): a trivial job submitted and finished is the real readiness probe.
             probe = subprocess.run(
-                [str(BIN / "ray"), "job", "list", "--address", address],
+                [str(BIN / "ray"), "job", "submit", f"--address={address}", "--no-wait", "true"],
                 capture_output=True,
                 env=_env(),
+                timeout=120,
             )
             if probe.returncode == 0:
                 break
             assert proc.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the job server did not come up in 120 s"
+            tail = (probe.stdout + probe.stderr).decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, f"the job server took no job in 300 s:\n{tail}"
             time.sleep(2)
         yield {"jobs": address, "gcs": f"127.0.0.1:{gcs}"}
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -229,3 +230,62 @@ def test_cli_split_after_score(scored: ScoredRun, tmp_path):
     assert summary["mean_confidence_confident"] >= summary["mean_confidence_unconfident"]
     for name in ("confident.parquet", "unconfident.parquet", "cartography.png"):
         assert (out / "split" / name).stat().st_size > 0
+
+
+def _scorer_busy_in_this_cluster() -> int | None:
+    """The pid of one of this session's scorer actors while it is scoring a batch."""
+    import psutil
+
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::MapWorker(MapBatches(Scorer)).submit"):
+            try:
+                if me in (p.pid for p in proc.parents()):  # our local cluster, not another's
+                    return proc.info["pid"]
+            except psutil.NoSuchProcess:
+                continue
+    return None
+
+
+def test_killed_scorer_actor_mid_job_still_scores_every_example_once(scored: ScoredRun, tmp_path):
+    """SIGKILL one of two scorer actors while it scores a batch: Ray restarts it and retries
+    the batch; every example comes back exactly once with the same NLL as the clean run."""
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    for name in ("data", "base_model", "reference"):
+        shutil.copytree(scored.out / name, out / name)
+    killed: list[int] = []
+
+    def kill_one_scorer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            pid = _scorer_busy_in_this_cluster()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_scorer, daemon=True)
+    killer.start()
+    result = run_score(tiny_config(*SCORE_OVERRIDES), out)
+    killer.join(timeout=1)
+    assert killed, "no scorer actor was caught scoring"
+    assert not psutil_pid_exists(killed[0])
+    clean = pq.read_table(scored.out / SCORES_DIR / SCORES_FILE)
+    again = pq.read_table(out / SCORES_DIR / SCORES_FILE)
+    assert result["scored"] == clean.num_rows  # every id once: checked per pass in the stage
+    assert np.array_equal(again.column("example_id"), clean.column("example_id"))
+    np.testing.assert_allclose(
+        np.array(again.column("nll").to_pylist()),
+        np.array(clean.column("nll").to_pylist()),
+        rtol=1e-5,
+    )
+
+
+def psutil_pid_exists(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftmix_ray.errors import SftmixError
 from sftmix_ray.summary import read_summary
 from sftmix_ray.train.loop import FAULT_ENV
 from tests.conftest import tiny_config
@@ -189,20 +188,3 @@ def test_killed_worker_resumes_from_checkpoint(single, base_out, tmp_path, monke
     assert stage["steps"] == STEPS and stage["restarts"] == 1
     _assert_same_run(out, single[0])
     _assert_mlflow_run(out, history)  # the restarted workers continued the same MLflow run
-
-
-def test_failed_run_exits_then_rerun_resumes(single, base_out, tmp_path, monkeypatch):
-    """With no retries the stage fails; rerunning the same config resumes, not restarts."""
-    from sftmix_ray.pipeline import run_stage
-
-    marker = tmp_path / "fault-marker"
-    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
-    with pytest.raises(SftmixError, match="train training failed"):
-        run_train(base_out, tmp_path, "train.per_device_train_batch_size=8")
-    out = tmp_path / "run"
-    assert read_summary(out)["stages"]["train"]["status"] == "failed"
-    monkeypatch.delenv(FAULT_ENV)
-    cfg = tiny_config(*COMMON, "train.per_device_train_batch_size=8")
-    summary = run_stage("train", cfg, out)
-    assert summary["restarts"] == 1 and summary["steps"] == STEPS
-    _assert_same_run(out, single[0])

@@ -1,6 +1,6 @@
 """`sftmix-ray tune` on a real local Ray cluster: Tuner -> trial driver -> TorchTrainer (Train V2).
 
-One tiny prepared, reference-trained and scored OUT is built once; each sweep trains in a copy.
+One tiny prepared and scored OUT is built once; each sweep trains in a copy.
 Trials are 2 optimizer steps of the tiny model, evaluated on the held-out set at every step.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -24,6 +25,7 @@ from ray import tune
 
 from sftmix_ray.config import load_config
 from sftmix_ray.errors import ConfigError, SftmixError
+from sftmix_ray.losses import confidence_and_variability
 from sftmix_ray.split import confident_count
 from sftmix_ray.summary import read_summary
 from sftmix_ray.tune_space import load_space, parse_domain
@@ -50,14 +52,24 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def scored_base(reference_out: Path, tmp_path_factory) -> Path:
-    """The tiny run through prepare -> reference -> score (real stages), in its own OUT."""
-    from sftmix_ray.pipeline import run_stage
-
+def scored_base(prepared_out: Path, tmp_path_factory) -> Path:
+    """The tiny prepared run with OUT/scores in the score stage's schema (seeded NLLs for two
+    checkpoints; the score stage itself is tested in test_scoring.py), in its own OUT."""
     out = tmp_path_factory.mktemp("tune_base")
-    for name in ("data", "heldout", "base_model", "reference"):
-        shutil.copytree(reference_out / name, out / name)
-    run_stage("score", tiny_config(*SWEEP), out)
+    for name in ("data", "heldout", "base_model"):
+        shutil.copytree(prepared_out / name, out / name)
+    ids = pq.read_table(out / "data", columns=["example_id"]).column("example_id").to_numpy()
+    nll = np.random.default_rng(0).uniform(0.5, 4.0, size=(len(ids), 2))
+    confidence, variability = confidence_and_variability(nll)
+    (out / "scores").mkdir()
+    scores = {
+        "example_id": pa.array(ids, pa.int64()),
+        "confidence": confidence,
+        "variability": variability,
+        "n_response_tokens": pa.array(np.full(len(ids), 4), pa.int64()),
+        "nll": nll.tolist(),
+    }
+    pq.write_table(pa.table(scores), out / "scores" / "scores.parquet")
     return out
 
 
@@ -186,7 +198,7 @@ class InterruptOnce(tune.Callback):
 def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_local, tmp_path):
     out = _copy_base(scored_base, tmp_path / "out")
     space = tmp_path / "space.yaml"
-    space.write_text("mixup.mu: {grid: [0.1, 0.2, 0.4]}\n")
+    space.write_text("mixup.mu: {grid: [0.1, 0.4]}\n")
     cfg = tiny_config(*SWEEP, "tune.search=grid", "tune.num_samples=1", f"tune.space={space}")
     marker = tmp_path / "interrupted"
     with pytest.raises(SweepInterrupted, match="rerun the same command"):
@@ -200,10 +212,10 @@ def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_lo
 
     resumed_at = time.time()
     result = run_tune(cfg, out)
-    assert result["resumed"] and result["terminated"] == 3
+    assert result["resumed"] and result["terminated"] == 2
     table = pd.read_csv(out / "tune" / "results.csv")
-    assert len(table) == 3 and table["trial_id"].is_unique
-    assert sorted(table["mixup.mu"]) == [0.1, 0.2, 0.4] and set(table["status"]) == {"TERMINATED"}
+    assert len(table) == 2 and table["trial_id"].is_unique
+    assert sorted(table["mixup.mu"]) == [0.1, 0.4] and set(table["status"]) == {"TERMINATED"}
     trials = out / "tune" / "trials"
     assert sorted(p.name for p in trials.iterdir()) == sorted(table["trial_id"])
     # The finished trial did not run again; every other trial started exactly once after resume.

@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,12 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
     return spec
 
 
+def storage_uri(path: str) -> str:
+    """A local path made absolute; a URI (s3://, gs://, file://...) passed on to Ray Train's
+    pyarrow filesystem layer unchanged."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def mlflow_settings(cfg: Config, out_dir: Path, run_key: str, run_name: str) -> dict[str, Any]:
     """Where and under which names rank 0 logs to MLflow (config, then MLflow's env vars)."""
     from sftmix_ray.config import redacted
@@ -147,6 +155,29 @@ def mlflow_settings(cfg: Config, out_dir: Path, run_key: str, run_name: str) -> 
         "run_name": run_name,
         "params": flat_params(redacted(cfg.to_dict())),
     }
+
+
+def _fit(trainer: Any, mode: str) -> Any:
+    """`trainer.fit()`, with Ctrl+C surfacing as KeyboardInterrupt like in every other stage.
+
+    Ray Train installs its own SIGINT handler in `fit()`: it aborts the run gracefully, then
+    raises `SystemExit(0)`, and stays installed afterwards. We keep the graceful abort, turn the
+    exit into KeyboardInterrupt (the stage is marked interrupted, the CLI exits 130) and put the
+    previous handler back so later stages can be interrupted too.
+    """
+    import ray.train
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise SftmixError(f"{mode} training failed: {exc}") from None
+    except SystemExit:
+        raise KeyboardInterrupt(f"{mode} training aborted by SIGINT") from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_training(
@@ -180,7 +211,7 @@ def run_training(
     # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
     # to wait for a CPU that the training workers hold.
     datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
-    storage = Path(cfg.train.storage_path or out_dir / "ray_storage").resolve()
+    storage = storage_uri(cfg.train.storage_path or str(out_dir / "ray_storage"))
     # The run name covers the config and the exact rows of every stream: a rerun of the same
     # run resumes from its checkpoints, while a new split or corpus starts a fresh run.
     rows = {
@@ -211,10 +242,7 @@ def run_training(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise SftmixError(f"{mode} training failed: {exc}") from None
+    result = _fit(trainer, mode)
     history = json.loads(Path(spec["history_path"]).read_text(encoding="utf-8"))
     last = history["history"][-1] if history["history"] else {}
     summary: dict[str, Any] = {

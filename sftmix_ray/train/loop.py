@@ -339,13 +339,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if spec.get("final_export"):
         trainer.export_hf(spec["final_export"])
     if trainer.rank == 0:
-        history_path = Path(spec["history_path"])
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        history_path.write_text(
-            json.dumps(
-                {"restarts": trainer.restarts, "history": trainer.history, "nodes": trainer.nodes}
-            ),
-            encoding="utf-8",
+        from sftmix_ray.io_utils import atomic_write_json
+
+        atomic_write_json(
+            Path(spec["history_path"]),
+            {"restarts": trainer.restarts, "history": trainer.history, "nodes": trainer.nodes},
         )
 
 

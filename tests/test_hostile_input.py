@@ -1,0 +1,230 @@
+"""Hostile and edge-case corpora through the real CLI: a clear error naming the file and the
+position, or a counted, reported rejection of each bad row; never a traceback, never a valid
+row lost. Plus output directories that cannot be written or fill up."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sftmix_ray.cli import main
+from tests.conftest import TINY_OVERRIDES
+
+GOOD = {"instruction": "Add 2 and 3.", "output": "5"}
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def _jsonl(*rows: object) -> bytes:
+    return "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
+
+
+def _parquet(path: Path, table: pa.Table) -> None:
+    pq.write_table(table, path)
+
+
+# name -> (what is written, expected error text); the file name must appear in the message too.
+# fmt: off
+FILE_ERRORS: dict[str, tuple[str, bytes | None, str]] = {
+    "truncated_array": ("c.json", b'[{"instruction": "a", "output": "b"}, {"instr', "line 1"),
+    "truncated_jsonl_line": ("c.jsonl", _jsonl(GOOD, GOOD) + b'{"instruction": "x', "line 3"),
+    "invalid_utf8": ("c.jsonl", _jsonl(GOOD) + b'{"instruction": "caf\xe9", "output": "x"}\n',
+                     "not valid UTF-8 at byte"),
+    "empty_file": ("c.jsonl", b"", "file is empty"),
+    "whitespace_only": ("c.json", b"  \r\n\n\t\n", "file is empty"),
+    "top_level_object": ("c.json", json.dumps({"data": [GOOD]}).encode(),
+                         "must be an array of rows"),
+    "jsonl_holding_an_array": ("c.jsonl", b"[\n" + json.dumps(GOOD).encode() + b"\n]\n",
+                               "a JSON array? name the file .json"),
+    "nested_too_deeply": ("c.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "unsupported_extension": ("c.csv", b"instruction,output\na,b\n", "unsupported file extension"),
+    "corrupt_parquet": ("c.parquet", b"PAR1" + os.urandom(64) + b"PAR1",
+                        "not a readable Parquet file"),
+    "no_format_detectable": ("c.jsonl", _jsonl({"prompt": "a", "completion": "b"}),
+                             "cannot detect the corpus format"),
+    "array_of_nothing": ("c.json", b"[]", "contains no rows"),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("case", list(FILE_ERRORS))
+def test_unusable_file_is_one_clear_error(case, tmp_path, capsys):
+    name, data, expected = FILE_ERRORS[case]
+    path = tmp_path / case / name
+    path.parent.mkdir()
+    path.write_bytes(data)
+    code = main(["validate-data", "--data", str(path), "--json"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert str(path) in err and expected in err, err
+    assert "Traceback" not in err and err.count("\n") == 1  # one line, no stack
+
+
+def test_missing_path_and_empty_directory_are_clear_errors(tmp_path, capsys):
+    assert main(["validate-data", "--data", str(tmp_path / "nope.jsonl")]) == 1
+    assert "nope.jsonl: no such file or directory" in capsys.readouterr().err
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "README.txt").write_text("not data")
+    assert main(["validate-data", "--data", str(tmp_path / "shards")]) == 1
+    assert "is a directory without .parquet, .jsonl or .ndjson files" in capsys.readouterr().err
+    dangling = tmp_path / "link.jsonl"
+    dangling.symlink_to(tmp_path / "gone.jsonl")
+    assert main(["validate-data", "--data", str(dangling)]) == 1
+    assert "link.jsonl: no such file or directory" in capsys.readouterr().err
+
+
+HUGE = "9" * 2_000_000  # a 2 MB answer: valid JSON, a valid row (prepare rejects it as too long)
+
+# name -> (file name, bytes, valid row indices, {rejected index: reason text})
+# fmt: off
+ROW_CASES: dict[str, tuple[str, bytes, list[int], dict[int, str]]] = {
+    "null_rows": ("c.jsonl", _jsonl(GOOD, None, GOOD, None), [0, 2],
+                  {1: "not an object (got null)", 3: "not an object (got null)"}),
+    "wrong_types": ("c.jsonl", _jsonl(GOOD, {"instruction": 5, "output": "x"},
+                                      {"instruction": "a", "output": ["x"]}, 7, "text",
+                                      {"instruction": "  ", "output": "x"}),
+                    [0], {1: "must be a string (got int)", 2: "must be a string (got list)",
+                          3: "not an object", 4: "not an object (got string)",
+                          5: "field 'instruction' is empty"}),
+    "unknown_roles": ("c.jsonl", _jsonl(CHAT, {"messages": [{"role": "robot", "content": "a"},
+                                               {"role": "assistant", "content": "b"}]}),
+                      [0], {1: "unknown role 'robot' in turn 1"}),
+    "empty_turns": ("c.jsonl", _jsonl(CHAT, {"messages": []}, {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}), [0],
+        {1: "field 'messages' is empty", 2: "turn 2 content is empty"}),
+    "missing_fields": ("c.jsonl", _jsonl(GOOD, {"instruction": "no answer"}, {}), [0],
+                       {1: "missing field 'output'", 2: "missing field 'instruction'"}),
+    "bad_turn_order": ("c.jsonl", _jsonl(CHAT, {"messages": [
+        {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]}), [0],
+        {1: "must start with a user turn", 2: "no assistant turn"}),
+    # The format is detected once per corpus (from its first recognisable row): rows in another
+    # format are rejected with what they look like, so the user can split the file.
+    "mixed_formats": ("c.jsonl", _jsonl(GOOD, CHAT, {"conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}), [0],
+        {1: "(row looks like messages)", 2: "(row looks like sharegpt)"}),
+    "bom_and_crlf": ("c.jsonl", b"\xef\xbb\xbf" + _jsonl(GOOD, GOOD).replace(b"\n", b"\r\n"),
+                     [0, 1], {}),
+    "blank_lines_are_not_rows": ("c.jsonl", b"\n\n" + _jsonl(GOOD) + b"\n  \n" + _jsonl(GOOD),
+                                 [0, 1], {}),
+    "duplicate_ids_and_rows": ("c.jsonl", _jsonl({**GOOD, "id": 1}, {**GOOD, "id": 1}, GOOD),
+                               [0, 1, 2], {}),
+    "unicode_edges": ("c.jsonl", _jsonl({"instruction": "say \u2028 \u0000 \U0001f600 \u202e",
+                                         "output": "ok\u2029"}), [0], {}),
+    "huge_row": ("c.jsonl", _jsonl(GOOD, {"instruction": "count", "output": HUGE}), [0, 1], {}),
+    "json_lines_named_json": ("c.json", _jsonl(GOOD, None, GOOD), [0, 2], {1: "not an object"}),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("case", list(ROW_CASES))
+def test_bad_rows_are_counted_and_valid_rows_kept(case, tmp_path, capsys):
+    name, data, valid, rejected = ROW_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert main(["validate-data", "--data", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["total"] == report["valid"] + report["rejected"] == len(valid) + len(rejected)
+    assert report["valid"] == len(valid)  # nothing valid lost
+    reasons = {r["index"]: r["reason"] for r in report["rejections"]}
+    assert sorted(reasons) == sorted(rejected)
+    for index, text in rejected.items():
+        assert text in reasons[index], reasons[index]
+    assert "Traceback" not in captured.err
+
+
+def test_parquet_with_wrong_column_types_and_nulls(tmp_path, capsys):
+    path = tmp_path / "c.parquet"
+    table = pa.table(
+        {"instruction": ["a", None, "c", "d"], "output": pa.array([1, 2, None, 4], pa.int64())}
+    )
+    _parquet(path, table)
+    assert main(["validate-data", "--data", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["valid"], report["rejected"]) == (4, 0, 4)
+    assert all("must be a string" in r["reason"] for r in report["rejections"])
+
+
+def test_directory_of_shards_counts_across_files(tmp_path, capsys):
+    shards = tmp_path / "train"
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_bytes(_jsonl(GOOD, None))
+    _parquet(shards / "part-1.parquet", pa.Table.from_pylist([GOOD, GOOD]))
+    (shards / "notes.md").write_text("ignored: not a data file")
+    assert main(["validate-data", "--data", str(shards), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["valid"], report["rejected"]) == (4, 3, 1)
+    assert report["rejections"] == [{"index": 1, "reason": "row is not an object (got null)"}]
+
+
+def test_prepare_through_the_cli_loses_no_valid_row(ray_local, tmp_path, capsys):
+    """The same hostile rows through `sftmix-ray prepare`: every valid row reaches OUT/data, the
+    too-long one is rejected with its reason, and the counts add up."""
+    rows = [
+        GOOD, None, {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": 5, "output": "x"}, {**GOOD, "id": 1},
+        {"instruction": "count", "output": HUGE}, {"instruction": "", "output": "x"},
+        {**GOOD, "id": 1},
+    ]  # fmt: skip
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _jsonl(*rows).replace(b"\n", b"\r\n"))
+    out = tmp_path / "out"
+    sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+    code = main(["prepare", "--output-dir", str(out), *sets, f"--set=data.path={path}",
+                 "--set=data.format=auto"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
+    assert train["input"] == 8 and train["written"] == 4 and train["rejected"] == 4
+    assert train["input"] == train["written"] + train["rejected"]
+    assert sorted(r["index"] for r in train["rejections"]) == [1, 3, 5, 6]
+    assert any("too long" in r["reason"] for r in train["rejections"])
+    assert pq.read_table(out / "data").column("example_id").to_pylist() == [0, 2, 4, 7]
+
+
+def test_unwritable_output_directory_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = main(["split", "--output-dir", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"output directory {blocker / 'out'} is not writable" in err
+    assert "Traceback" not in err
+
+
+def test_full_output_disk_is_a_clear_error(tmp_path):
+    """A write that fails with the disk full (here EFBIG from a file-size limit, which the
+    kernel enforces like a quota) stops the stage with one line naming the file, exit 1."""
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 60
+    scores = {
+        "example_id": pa.array(np.arange(n), pa.int64()),
+        "confidence": rng.uniform(0, 1, n),
+        "variability": rng.uniform(0, 0.2, n),
+    }
+    pq.write_table(pa.table(scores), out / "scores" / "scores.parquet")
+    limit = 16 * 1024  # the split's Parquet files fit; the cartography PNG does not
+
+    def cap_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftmix_ray.cli", "split", "--output-dir", str(out),
+         *(f"--set={o}" for o in TINY_OVERRIDES)],
+        capture_output=True, text=True, timeout=120, preexec_fn=cap_file_size,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "File too large" in proc.stderr and f"under {out}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    status = json.loads((out / "summary.json").read_text())["stages"]["split"]["status"]
+    assert status == "failed"
+    assert not (out / "split").exists(), "no partial split directory left in place"
