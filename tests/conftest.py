@@ -67,3 +67,33 @@ def reference_out(prepared_out: Path) -> Path:
 
     run_stage("reference", tiny_config(), prepared_out)
     return prepared_out
+
+
+@pytest.fixture(scope="session")
+def scored_base(prepared_out: Path, tmp_path_factory) -> Path:
+    """The tiny prepared run with OUT/scores in the score stage's schema (seeded NLLs for two
+    checkpoints; the score stage itself is tested in test_scoring.py), in its own OUT."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sftmix_ray.losses import confidence_and_variability
+
+    out = tmp_path_factory.mktemp("tune_base")
+    for name in ("data", "heldout", "base_model"):
+        shutil.copytree(prepared_out / name, out / name)
+    ids = pq.read_table(out / "data", columns=["example_id"]).column("example_id").to_numpy()
+    nll = np.random.default_rng(0).uniform(0.5, 4.0, size=(len(ids), 2))
+    confidence, variability = confidence_and_variability(nll)
+    (out / "scores").mkdir()
+    scores = {
+        "example_id": pa.array(ids, pa.int64()),
+        "confidence": confidence,
+        "variability": variability,
+        "n_response_tokens": pa.array(np.full(len(ids), 4), pa.int64()),
+        "nll": nll.tolist(),
+    }
+    pq.write_table(pa.table(scores), out / "scores" / "scores.parquet")
+    return out

@@ -76,6 +76,14 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # Every other port too: the session's own local cluster (and the other pytest
+            # worker's) already holds Ray's default agent ports, and a head whose dashboard
+            # agent cannot bind answers every submission with "No available agent".
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--num-cpus=2",
             "--disable-usage-stats",
         ],
@@ -104,11 +112,13 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
             time.sleep(2)
         yield {"jobs": address, "gcs": f"127.0.0.1:{gcs}"}
     finally:
+        # `ray stop` would also stop the test session's own cluster: kill this head's group.
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         TOKEN_FILE.unlink(missing_ok=True)
 
 
