@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 OUT ?= out/quickstart
 
-.PHONY: install quickstart test lint format bench clean
+.PHONY: install quickstart test lint format bench quality clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -30,7 +30,11 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
-	DS_ACCELERATOR=cpu $(PY) benchmarks/bench_losses.py --json benchmarks/results/losses.json
+	DS_ACCELERATOR=cpu $(PY) benchmarks/run.py --quick --json benchmarks/results/run_quick.json
+
+quality: install
+	DS_ACCELERATOR=cpu $(PY) benchmarks/quality_study.py --json benchmarks/results/quality_study.json \
+		--png benchmarks/results/quality_study.png
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,237 @@
+"""Every benchmark ratio in one run: each measured side by side, judged against target and bar.
+
+    python benchmarks/run.py --quick --json benchmarks/results/run_quick.json [--check]
+    python benchmarks/run.py --full --json benchmarks/results/run_full.json
+    python benchmarks/run.py --quick --only sftmix_over_ntp_step_time --json out.json
+
+Ratios (each a median over repeats, with min, max and the runs):
+
+- `sftmix_over_ntp_step_time`: one training step, SFTMix over NTP (`step_time.py`);
+- `fused_ntp_peak_mem_over_naive`, `mixup_loss_peak_mem_over_fused_ntp`: peak tensor memory of
+  the chunked losses (`bench_losses.py`, vocabulary 32000);
+- `scoring_speedup_over_naive`, `ray_data_over_bare_loop`: scoring throughput
+  (`bench_scoring.py`; end to end, the after-start-up ratio in `details`);
+- `torchtrainer_over_torchrun`: median DDP step time under Ray Train against torchrun
+  (`trainer_overhead.py`).
+
+`--quick` takes about 5 minutes on 2 idle cores. The JSON holds the machine, the load average
+before and after, every ratio's settings, target, bar and whether it passes; `--check` exits 1
+when a ratio misses its bar (or fails to run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Goal, load_average, machine_info, stats
+
+GOALS = {
+    "sftmix_over_ntp_step_time": Goal("<=", 1.05, 1.10),
+    "fused_ntp_peak_mem_over_naive": Goal("<=", 0.25, 0.30),
+    "mixup_loss_peak_mem_over_fused_ntp": Goal("<=", 1.05, 1.10),
+    "scoring_speedup_over_naive": Goal(">=", 2.0, 1.5),
+    "ray_data_over_bare_loop": Goal(">=", 0.95, 0.85),
+    "torchtrainer_over_torchrun": Goal("<=", 1.03, 1.10),
+}
+Measured = dict[str, dict[str, Any]]  # ratio name -> {"runs", "settings", "details"}
+
+
+def measure_losses(mode: str, repeats: int | None) -> Measured:
+    """Peak tensor memory of naive NTP, chunked NTP and the Mixup loss on one batch each."""
+    from bench_losses import mixup_step, ntp_steps, peak_tensor_bytes
+
+    rows, length, hidden, chunk = 2, 513, 256, 256  # rows * (length - 1) = 1024 positions
+    vocabs = (32000,) if mode == "quick" else (32000, 128256)
+    repeats = repeats or (2 if mode == "quick" else 3)
+    settings = {
+        "positions": rows * (length - 1),
+        "hidden_size": hidden,
+        "chunk_size": chunk,
+        "vocab": 32000,
+        "repeats": repeats,
+        "dtype": "float32",
+        "memory": "peak live tensor bytes in forward+backward (dispatch-mode tracker)",
+    }
+    peak: dict[str, list[int]] = {}
+    for vocab in vocabs:
+        for name, step in ntp_steps(rows, length, hidden, vocab, chunk).items():
+            peak[f"{name}_ntp@{vocab}"] = [peak_tensor_bytes(step) for _ in range(repeats)]
+    mix = mixup_step(rows, length, hidden, 32000, chunk)
+    peak["mixup_loss@32000"] = [peak_tensor_bytes(mix) for _ in range(repeats)]
+
+    def ratio(top: str, bottom: str) -> list[float]:
+        return [a / b for a, b in zip(peak[top], peak[bottom])]
+
+    details = {"peak_bytes": peak}
+    if mode != "quick":
+        details["fused_ntp_peak_mem_over_naive@128256"] = stats(
+            ratio("fused_ntp@128256", "naive_ntp@128256")
+        )
+    return {
+        "fused_ntp_peak_mem_over_naive": {
+            "runs": ratio("fused_ntp@32000", "naive_ntp@32000"),
+            "settings": settings,
+            "details": details,
+        },
+        "mixup_loss_peak_mem_over_fused_ntp": {
+            "runs": ratio("mixup_loss@32000", "fused_ntp@32000"),
+            "settings": {**settings, "pairs": rows},
+            "details": {"peak_bytes": {k: v for k, v in peak.items() if "@32000" in k}},
+        },
+    }
+
+
+def measure_scoring(mode: str, repeats: int | None) -> Measured:
+    """`bench_scoring`'s own run (same data, models and method); its JSON, regrouped."""
+    import ray
+    from bench_scoring import main as bench_scoring
+
+    with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
+        out = Path(tmp) / "scoring.json"
+        argv = ["--json", str(out), "--repeats", str(repeats or 3)]
+        argv += ["--quick"] if mode == "quick" else []
+        try:
+            bench_scoring(argv)
+        finally:
+            ray.shutdown()
+        result = json.loads(out.read_text())
+    ratios, settings = result["ratios"], result["config"]
+    return {
+        "scoring_speedup_over_naive": {
+            "runs": ratios["scoring_speedup_over_naive"]["runs"],
+            "settings": settings,
+            "details": {
+                "same_at_vocab2048": ratios["scoring_speedup_over_naive@vocab2048"],
+                "tokens_per_s": result["tokens_per_s"],
+                "max_abs_nll_diff_ours_vs_naive": result["max_abs_nll_diff_ours_vs_naive"],
+            },
+        },
+        "ray_data_over_bare_loop": {
+            "runs": ratios["ray_data_over_bare_loop"]["runs"],
+            "settings": settings,
+            "details": {
+                "what": "end to end, start-up included; after_startup excludes it",
+                "after_startup": ratios["ray_data_over_bare_loop_after_startup"],
+                "startup_s": result["startup_s"],
+            },
+        },
+    }
+
+
+def measure_step_time(mode: str, repeats: int | None) -> Measured:
+    from step_time import measure
+
+    return measure(mode, repeats)
+
+
+def measure_trainer(mode: str, repeats: int | None) -> Measured:
+    from trainer_overhead import measure
+
+    return measure(mode, repeats)
+
+
+GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]] = {
+    "losses": (
+        measure_losses,
+        ("fused_ntp_peak_mem_over_naive", "mixup_loss_peak_mem_over_fused_ntp"),
+    ),
+    "step_time": (measure_step_time, ("sftmix_over_ntp_step_time",)),
+    "scoring": (measure_scoring, ("scoring_speedup_over_naive", "ray_data_over_bare_loop")),
+    "trainer": (measure_trainer, ("torchtrainer_over_torchrun",)),
+}
+
+
+def judged(name: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """A ratio's statistics beside its goal, settings and details."""
+    summary = stats(measured["runs"])
+    return {
+        **summary,
+        **GOALS[name].judge(summary["median"]),
+        "settings": measured["settings"],
+        "details": measured["details"],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    for mode, text in (
+        ("quick", "small sizes, few repeats (the default; ~5 min on 2 idle cores)"),
+        ("full", "larger sizes, more repeats"),
+    ):
+        size.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=text)
+    parser.add_argument("--json", required=True, type=Path, help="where to write the results")
+    parser.add_argument("--only", default="", help="comma-separated ratio names to run")
+    parser.add_argument("--repeats", type=int, help="override every measurement's repeats")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a ratio misses its bar")
+    args = parser.parse_args(argv)
+    args.mode = args.mode or "quick"
+    args.only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(args.only) - set(GOALS))
+    if unknown:
+        parser.error(f"unknown ratio(s) {', '.join(unknown)}; choose from {', '.join(GOALS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "run",
+        "command": " ".join(["benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "mode": args.mode,
+        "repeats_override": args.repeats,
+        "machine": {**machine_info(), "load_average_before": load_average()},
+        "ratios": {},
+        "errors": {},
+    }
+    for group, (measure, names) in GROUPS.items():
+        if args.only and not set(names) & set(args.only):
+            continue
+        print(f"== {group}", flush=True)
+        group_start = time.perf_counter()
+        try:
+            for name, measured in measure(args.mode, args.repeats).items():
+                if not args.only or name in args.only:
+                    result["ratios"][name] = judged(name, measured)
+        except Exception:  # one broken measurement must not hide the others
+            traceback.print_exc()
+            result["errors"][group] = traceback.format_exc(limit=5)
+        result.setdefault("group_wall_s", {})[group] = round(time.perf_counter() - group_start, 1)
+    result["machine"]["load_average_after"] = load_average()
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    ratios = result["ratios"]
+    result["passed"] = not result["errors"] and all(r["passes_bar"] for r in ratios.values())
+    result["targets_met"] = all(r["meets_target"] for r in ratios.values())
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    for name, r in ratios.items():
+        verdict = "ok" if r["meets_target"] else ("bar ok" if r["passes_bar"] else "MISSED BAR")
+        print(f"{name:38s} {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})  "
+              f"target {r['target']}, bar {r['bar']}: {verdict}")  # fmt: skip
+    for group in result["errors"]:
+        print(f"{group}: FAILED (traceback in the JSON)")
+    print(f"wall {result['wall_s']} s; load average {result['machine']['load_average_before']}"
+          f" -> {result['machine']['load_average_after']}; wrote {args.json}")  # fmt: skip
+    return 1 if args.check and not result["passed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
