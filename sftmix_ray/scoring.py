@@ -275,31 +275,15 @@ def _score_checkpoint(
     return table, {"batches": len(parts), "actors": actors, "first_batch_s": first_batch_s}
 
 
-def _check_tokenizer(cfg: Config, out_dir: Path, checkpoint: Path) -> None:
-    """Raise unless the reference checkpoints read the base tokenizer's ids (same vocabulary)."""
-    from sftmix_ray.modeling import load_tokenizer, resolve_model_path
-
-    ref, trust = cfg.reference.model, cfg.model.trust_remote_code
-    if not ref or ref == cfg.model.name_or_path:
-        return
-    base_path = resolve_model_path(cfg.model.name_or_path, out_dir)
-    base = load_tokenizer(base_path, trust_remote_code=trust)
-    ref_path = str(checkpoint) if (checkpoint / "tokenizer_config.json").exists() else ref
-    if base.get_vocab() != load_tokenizer(ref_path, trust_remote_code=trust).get_vocab():
-        raise SftmixError(
-            f"reference.model '{ref}' uses a different tokenizer than model.name_or_path "
-            f"'{cfg.model.name_or_path}'; OUT/data holds the base tokenizer's ids, and scoring "
-            "across tokenizers is not supported yet: pick a reference model of the same family"
-        )
-
-
 def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Score every example under every checkpoint once; write OUT/scores; return the summary."""
-    out_dir, data_dir = Path(out_dir), Path(out_dir) / "data"
+    from sftmix_ray.data.retokenize import reference_data_dir
+
+    out_dir = Path(out_dir)
     checkpoints = list_checkpoints(out_dir)
-    _check_tokenizer(cfg, out_dir, checkpoints[0][1])
-    if not data_dir.exists():
-        raise SftmixError(f"{data_dir} does not exist; run `sftmix-ray prepare` first")
+    if not (out_dir / "data").exists():
+        raise SftmixError(f"{out_dir / 'data'} does not exist; run `sftmix-ray prepare` first")
+    data_dir = reference_data_dir(cfg, out_dir)  # OUT/data, or its re-tokenized copy
     all_ids = pq.read_table(data_dir, columns=["example_id"]).column("example_id").to_numpy()
     ids = np.unique(all_ids)
     if len(ids) != len(all_ids):

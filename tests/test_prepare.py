@@ -16,7 +16,7 @@ from tests.conftest import tiny_config
 
 def test_prepare_writes_the_data_contract(prepared_out: Path):
     table = pq.read_table(prepared_out / "data")
-    assert set(table.column_names) == {"example_id", "input_ids", "labels"}
+    assert set(table.column_names) == {"example_id", "input_ids", "labels", "messages_json"}
     ids = table.column("example_id").to_pylist()
     assert len(ids) == 200 and len(set(ids)) == 200
     for input_ids, labels in zip(
@@ -27,6 +27,9 @@ def test_prepare_writes_the_data_contract(prepared_out: Path):
         assert supervised, "every row has a supervised token"
         assert len(supervised) < len(labels), "every row has some prompt (-100) tokens"
         assert all(y == x for x, y in zip(input_ids, labels) if y != IGNORE_INDEX)
+    # The conversation itself stays, for re-tokenizing under another reference tokenizer.
+    first = json.loads(table.column("messages_json")[0].as_py())
+    assert [m["role"] for m in first][-1] == "assistant" and first[-1]["content"]
     heldout = pq.read_table(prepared_out / "heldout")
     assert heldout.num_rows == 24 and "answer" in heldout.column_names
     assert (prepared_out / "base_model" / "model.safetensors").exists()

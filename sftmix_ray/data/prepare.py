@@ -18,7 +18,7 @@ from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"  # OUT/data: the training corpus (example_id, input_ids, labels)
+DATA_DIR = "data"  # OUT/data: the training corpus (example_id, input_ids, labels, messages_json)
 HELDOUT_DIR = "heldout"  # OUT/heldout: the held-out corpus, plus messages/answer for eval
 DEMO = "demo"
 
@@ -85,10 +85,13 @@ def tokenizer_training_texts(rows: list[tuple[int, list[dict], str | None]]) -> 
     return [*texts, "system user assistant"]
 
 
-def _tokenize(corpora: list[Corpus], tokenizer_path: str, cfg: Config) -> list[pa.Table]:
+def tokenize_corpora(
+    corpora: list[Corpus], tokenizer_path: str, cfg: Config, truncation: str | None = None
+) -> list[pa.Table]:
     """Tokenize all corpora in one Ray Data `map_batches` pass on an actor pool.
 
     Returns one table per corpus with every row and its fate (kept or a reject reason).
+    `truncation` overrides `data.truncation`.
     """
     import pyarrow.compute as pc
     import ray
@@ -110,9 +113,10 @@ def _tokenize(corpora: list[Corpus], tokenizer_path: str, cfg: Config) -> list[p
     ds = ray.data.from_arrow(
         [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
     )
+    truncation = truncation or cfg.data.truncation
     ds = ds.map_batches(
         TokenizeBatch,
-        fn_constructor_args=(tokenizer_path, cfg.data.max_length, cfg.data.truncation),
+        fn_constructor_args=(tokenizer_path, cfg.data.max_length, truncation),
         fn_constructor_kwargs={"trust": cfg.model.trust_remote_code},
         batch_size=cfg.data.tokenize_batch_size,
         batch_format="pyarrow",
@@ -126,7 +130,7 @@ def _tokenize(corpora: list[Corpus], tokenizer_path: str, cfg: Config) -> list[p
     ]
 
 
-def _write_split(table: pa.Table, target: Path, rows_per_file: int = 2048) -> None:
+def write_shards(table: pa.Table, target: Path, rows_per_file: int = 2048) -> None:
     """Write kept rows as Parquet shards into `target`, atomically (tmp dir then rename)."""
     tmp = fresh_tmp_dir(target)
     for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
@@ -141,7 +145,7 @@ def _finish(corpus: Corpus, tokenized: pa.Table, target: Path) -> dict[str, Any]
     reasons = tokenized.column("reject_reason")
     kept = tokenized.filter(pc.equal(reasons, "")).drop_columns(["reject_reason"])
     dropped = tokenized.filter(pc.not_equal(reasons, ""))
-    _write_split(kept.drop_columns(["truncated"]), target)
+    write_shards(kept.drop_columns(["truncated"]), target)
     token_rejections = [
         {"index": int(i), "reason": str(r)}
         for i, r in zip(
@@ -174,13 +178,11 @@ def run_prepare(cfg: Config, out_dir: Path) -> dict[str, Any]:
         texts = tokenizer_training_texts(train.rows)
         tokenizer_path = str(materialize_tiny(cfg.model, texts, out_dir / BASE_MODEL_DIR))
     corpora = [train] + ([heldout] if heldout is not None and heldout.rows else [])
-    tokenized = _tokenize(corpora, tokenizer_path, cfg)
-    # The held-out table keeps messages and answers for generation-based evaluation.
-    counts = {
-        "train": _finish(
-            train, tokenized[0].drop_columns(["messages_json", "answer"]), out_dir / DATA_DIR
-        )
-    }
+    tokenized = tokenize_corpora(corpora, tokenizer_path, cfg)
+    # The held-out table keeps messages and answers for generation-based evaluation; the
+    # training table keeps the messages so a reference model with another tokenizer can
+    # re-tokenize them (`sftmix_ray.data.retokenize`).
+    counts = {"train": _finish(train, tokenized[0].drop_columns(["answer"]), out_dir / DATA_DIR)}
     if len(corpora) == 2:
         counts["heldout"] = _finish(heldout, tokenized[1], out_dir / HELDOUT_DIR)
     if counts["train"]["written"] == 0:

@@ -18,13 +18,16 @@ REFERENCE_DIR = "reference"
 MODEL_DIR = "model"
 
 
-def _read_table(path: Path) -> Any:
+TOKEN_COLUMNS = ["example_id", "input_ids", "labels"]
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> Any:
     """A stage's Parquet output as one Arrow table (token ids are small next to the model)."""
     import pyarrow.parquet as pq
 
     if not path.exists():
         raise SftmixError(f"{path} does not exist; run the stage that writes it first")
-    return pq.read_table(path)
+    return pq.read_table(path, columns=columns)
 
 
 def _subset(data: Any, split_file: Path, ratio: float) -> Any:
@@ -195,10 +198,19 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from sftmix_ray.data.retokenize import (
+        REFERENCE_DATA_DIR,
+        build_reference_data,
+        needs_retokenize,
+    )
     from sftmix_ray.train.loop import train_loop_per_worker
 
     spec = build_spec(cfg, out_dir, mode, export_name)
-    data = _read_table(out_dir / "data")
+    data_dir, heldout_dir, retokenized = out_dir / "data", out_dir / "heldout", None
+    if mode == "reference" and needs_retokenize(cfg, out_dir):  # another tokenizer's ids
+        retokenized = build_reference_data(cfg, out_dir)
+        data_dir, heldout_dir = (out_dir / REFERENCE_DATA_DIR / d for d in ("data", "heldout"))
+    data = _read_table(data_dir, TOKEN_COLUMNS)
     tables: dict[str, Any] = {}
     if spec["streams"] == ["data"]:
         tables["data"] = data
@@ -207,7 +219,7 @@ def run_training(
             split_file = out_dir / "split" / f"{side}.parquet"
             tables[side] = _subset(data, split_file, cfg.split.ratio)
     if spec["heldout"]:
-        tables["heldout"] = _read_table(out_dir / "heldout")
+        tables["heldout"] = _read_table(heldout_dir, TOKEN_COLUMNS)
     # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
     # to wait for a CPU that the training workers hold.
     datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
@@ -253,6 +265,8 @@ def run_training(
         "run_name": name,
         "storage_path": str(storage),
     }
+    if retokenized:
+        summary["retokenized"] = retokenized
     if mode == "reference":
         summary["checkpoints"] = sorted(
             str(p) for p in (out_dir / REFERENCE_DIR).glob("checkpoint-*")

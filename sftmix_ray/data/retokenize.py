@@ -1,0 +1,131 @@
+"""Compute-constrained mode across tokenizers: the corpus re-tokenized for the reference model.
+
+When `reference.model` reads a different vocabulary than `model.name_or_path`, the reference
+run and scoring cannot use OUT/data's ids. The `reference` stage then re-tokenizes OUT/data's
+conversations (its `messages_json` column) with the reference tokenizer into
+OUT/reference_data/data/ (and OUT/heldout into OUT/reference_data/heldout/), one row per row
+with the same `example_id`, and scoring reads it.
+Confidence is a per-example mean over response tokens, so scores made under one tokenizer rank
+the examples that training then reads under the other.
+
+Rows longer than `data.max_length` under the reference tokenizer are truncated (never dropped:
+every training example needs a score) and counted in the stage summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sftmix_ray.config import Config
+from sftmix_ray.errors import SftmixError
+
+log = logging.getLogger(__name__)
+
+REFERENCE_DATA_DIR = "reference_data"
+
+
+def reference_model_path(cfg: Config, out_dir: Path) -> str:
+    """The id or directory of the reference model (the base model when none is named)."""
+    from sftmix_ray.modeling import resolve_model_path
+
+    return resolve_model_path(cfg.reference.model or cfg.model.name_or_path, out_dir)
+
+
+def needs_retokenize(cfg: Config, out_dir: Path) -> bool:
+    """True when the reference model's tokenizer has another vocabulary than the base's."""
+    from sftmix_ray.modeling import load_tokenizer, resolve_model_path
+
+    ref = cfg.reference.model
+    if not ref or ref == cfg.model.name_or_path:
+        return False
+    trust = cfg.model.trust_remote_code
+    base = load_tokenizer(
+        resolve_model_path(cfg.model.name_or_path, out_dir), trust_remote_code=trust
+    )
+    other = load_tokenizer(reference_model_path(cfg, out_dir), trust_remote_code=trust)
+    return base.get_vocab() != other.get_vocab()
+
+
+def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) -> dict[str, Any]:
+    """Write `target`: every row of `source` under the reference tokenizer; its counts."""
+    from sftmix_ray.data.prepare import Corpus, tokenize_corpora, write_shards
+
+    table = pq.read_table(source)
+    if "messages_json" not in table.column_names:
+        raise SftmixError(
+            f"{source} has no messages_json column (prepared by an older version); rerun "
+            "`sftmix-ray prepare` (or the pipeline with `--force prepare`) to re-tokenize it "
+            f"for reference.model '{cfg.reference.model}'"
+        )
+    ids, messages = table.column("example_id").to_pylist(), table.column("messages_json")
+    rows = [(int(i), json.loads(m), None) for i, m in zip(ids, messages.to_pylist())]
+    corpus = Corpus(rows=rows, total=len(rows), rejections=[], source=str(source))
+    tokenized = tokenize_corpora([corpus], tokenizer_path, cfg, truncation="truncate")[0]
+    lost = tokenized.filter(pc.not_equal(tokenized.column("reject_reason"), ""))
+    if lost.num_rows:
+        pairs = zip(lost.column("example_id").to_pylist(), lost.column("reject_reason").to_pylist())
+        first = ", ".join(f"example_id {i}: {r}" for i, r in list(pairs)[:5])
+        raise SftmixError(
+            f"reference.model '{cfg.reference.model}': {lost.num_rows} of {len(rows)} rows of "
+            f"{source} cannot be tokenized with its tokenizer ({first}); raise data.max_length "
+            "or pick a reference model whose tokenizer covers the corpus"
+        )
+    kept = tokenized.select(["example_id", "input_ids", "labels"])
+    write_shards(kept, target)
+    return {
+        "rows": kept.num_rows,
+        "truncated": int(pc.sum(tokenized.column("truncated")).as_py() or 0),
+        "tokens": int(pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0),
+    }
+
+
+def build_reference_data(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Write OUT/reference_data/{data,heldout}: OUT/data and OUT/heldout under the reference
+    tokenizer, row for row; returns the tokenizer and the counts per directory."""
+    from sftmix_ray.data.prepare import DATA_DIR, HELDOUT_DIR
+
+    out_dir = Path(out_dir)
+    if not (out_dir / DATA_DIR).exists():
+        raise SftmixError(f"{out_dir / DATA_DIR} does not exist; run `sftmix-ray prepare` first")
+    tokenizer_path = reference_model_path(cfg, out_dir)
+    summary: dict[str, Any] = {"tokenizer": str(tokenizer_path)}
+    for name in (DATA_DIR, HELDOUT_DIR):
+        if (out_dir / name).exists():
+            target = out_dir / REFERENCE_DATA_DIR / name
+            summary[name] = _retokenize(cfg, out_dir / name, target, tokenizer_path)
+    log.info("re-tokenized the corpus for the reference model: %s", summary)
+    return summary
+
+
+def reference_data_dir(cfg: Config, out_dir: Path) -> Path:
+    """Where the reference run and scoring read token ids: OUT/reference_data/data or OUT/data.
+
+    Checks that OUT/reference_data/data, when needed, holds exactly OUT/data's example ids.
+    """
+    from sftmix_ray.data.prepare import DATA_DIR
+
+    data = Path(out_dir) / DATA_DIR
+    if not needs_retokenize(cfg, out_dir):
+        return data
+    target = Path(out_dir) / REFERENCE_DATA_DIR / DATA_DIR
+    if not target.exists():
+        raise SftmixError(
+            f"{target} does not exist: reference.model '{cfg.reference.model}' has its own "
+            "tokenizer; run `sftmix-ray reference` first (it re-tokenizes OUT/data)"
+        )
+    ids = [
+        np.sort(pq.read_table(d, columns=["example_id"]).column("example_id").to_numpy())
+        for d in (data, target)
+    ]
+    if not np.array_equal(*ids):
+        raise SftmixError(
+            f"{target} does not hold the rows of {data}; rerun `sftmix-ray reference`"
+        )
+    return target
