@@ -16,8 +16,11 @@ whose embedding is padded past their tokenizer) and `vocab2048` (the preset itse
 - ray_data: the `score` stage end to end for one checkpoint (actor start-up, model load, read,
   score, write), `score.num_actors` actors sharing the cores.
 - bare_loop: the same `Scorer` class in this process with all cores, model load included.
-  `ray_data_over_bare_loop` is end to end; `..._after_startup` compares the rates after each
-  side's first scored batch (a lower bound for Ray), i.e. without the fixed start-up cost.
+  `ray_data_over_bare_loop` compares the rates after each side's first scored batch (a lower
+  bound for Ray): the throughput once running, as `torchtrainer_over_torchrun` compares step
+  times. The fixed start-up (actor processes importing torch and loading the model, Ray Data
+  planning; seconds, whatever the corpus size) is reported beside it, and
+  `ray_data_over_bare_loop_end_to_end` includes it.
 
 Throughput is real (unpadded) tokens per wall second. Ours and naive alternate slice by slice
 and Ray Data and the bare loop run back to back, so a shared machine's bursts hit both sides;
@@ -52,7 +55,7 @@ from sftmix_ray.pipeline import run_stage
 from sftmix_ray.scoring import SCORES_DIR, Scorer, rows_per_batch, run_score
 
 TARGETS = {"scoring_speedup_over_naive": 2.0, "ray_data_over_bare_loop": 0.95}
-BARS = {"scoring_speedup_over_naive": 1.5}
+BARS = {"scoring_speedup_over_naive": 1.5, "ray_data_over_bare_loop": 0.85}
 HEADLINE, OTHER = "vocab32000", "vocab2048"
 IGNORE = -100
 
@@ -148,7 +151,7 @@ def setup(work: Path, rows: int, cores: int, actors: int) -> tuple[Config, dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, type=Path, help="where to write the results")
-    parser.add_argument("--quick", action="store_true", help="300 rows (< 3 min on 2 idle cores)")
+    parser.add_argument("--quick", action="store_true", help="2000 rows (~2 min on 2 idle cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-batch-size", type=int, default=16)
     parser.add_argument("--check", action="store_true", help="exit 1 if a bar is missed")
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     cores, actors = os.cpu_count() or 2, 2
     # Ray Data vs the bare loop scores the whole corpus; ours vs naive its first rows (naive is
     # slow with a 32000-row head, and the comparison needs no more).
-    rows, compare_rows = (300, 300) if args.quick else (6000, 1000)
+    rows, compare_rows = (2000, 300) if args.quick else (6000, 1000)
     torch.set_num_threads(cores)
     tps: dict[str, list[float]] = {}
     ratio: dict[str, list[float]] = {}
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             startup["bare_loop_first_batch"].append(first)
             record("ray_data", tokens / t_ray, tps)
             record("bare_loop", tokens / t_bare, tps)
-            record("ray_data_over_bare_loop", t_bare / t_ray, ratio)
+            record("ray_data_over_bare_loop_end_to_end", t_bare / t_ray, ratio)
             # After start-up: tokens after the first batch over time after it. Ray's other actors
             # may have finished a batch by then too; counting them as done makes this a lower
             # bound for Ray.
@@ -213,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                 t_ray - startup["ray_data_first_batch"][-1]
             )
             bare_rest = (tokens - call_tokens) / (t_bare - first)
-            record("ray_data_over_bare_loop_after_startup", ray_rest / bare_rest, ratio)
-            print(f"repeat {repeat}: ray_data/bare_loop x{t_bare / t_ray:.2f}", flush=True)
+            record("ray_data_over_bare_loop", ray_rest / bare_rest, ratio)
+            print(
+                f"repeat {repeat}: ray_data/bare_loop x{ray_rest / bare_rest:.2f} after start-up, "
+                f"x{t_bare / t_ray:.2f} end to end",
+                flush=True,
+            )
 
     ratios = {key: stats(values) for key, values in ratio.items()}
     ratios["scoring_speedup_over_naive"] = ratios[f"scoring_speedup_over_naive@{HEADLINE}"]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 WORKERS = 2
 SETTINGS = {
-    "quick": {"warmup": 3, "steps": 10, "repeats": 2},
+    "quick": {"warmup": 3, "steps": 20, "repeats": 3},
     "full": {"warmup": 5, "steps": 30, "repeats": 4},
 }
 LOOP = {

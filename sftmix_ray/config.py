@@ -299,6 +299,14 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def __post_init__(self) -> None:
+        _check(
+            self.mixup.mu == 0 or self.train.per_device_train_batch_size % 2 == 0,
+            "train.per_device_train_batch_size",
+            self.train.per_device_train_batch_size,
+            "an even number when mixup.mu > 0 (each micro-batch is b pairs: 2b rows)",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe), as written to OUT/config.yaml."""
         return dataclasses.asdict(self)

@@ -117,6 +117,13 @@ def test_mu_zero_is_the_ntp_reference_loop(base_out, tmp_path):
     np.testing.assert_allclose(losses(ntp), losses(ref), rtol=1e-6)
     assert all("mix" not in h for h in ntp)
     assert (out / "reference" / f"checkpoint-{STEPS}" / "model.safetensors").exists()
+    # The random-pairs ablation draws the same uniform batches as NTP: at step 1 (same weights)
+    # its NTP term is NTP's loss, and Mixup pairs row i of each half of the batch.
+    _, rand = run_train(base_out, tmp_path, "mixup.pairing=random", name="random")
+    assert rand[0]["ntp"] == pytest.approx(ntp[0]["loss"], rel=1e-6)
+    assert all(h["mix"] > 0 for h in rand) and len(rand) == STEPS
+    for h in rand:
+        assert h["loss"] == pytest.approx(h["ntp"] + 0.2 * h["mix"], rel=1e-5)
 
 
 def test_export_is_a_loadable_hf_model(single):

@@ -143,12 +143,12 @@ class Trainer:
         whatever the worker count or accumulation, so runs stay comparable.
         """
         lam = self.loss.sample_lambda(
-            self.plan.global_per_stream, seed=self.train_cfg["seed"], step=step, rank=0
+            self.plan.global_pairs, seed=self.train_cfg["seed"], step=step, rank=0
         )
         if lam is None:
             return None
-        start = (micro * self.world + self.rank) * self.plan.per_stream
-        return lam[start : start + self.plan.per_stream]
+        start = (micro * self.world + self.rank) * self.plan.pairs_per_device
+        return lam[start : start + self.plan.pairs_per_device]
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""

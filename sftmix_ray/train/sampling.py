@@ -62,6 +62,17 @@ class BatchPlan:
         return self.rows_per_device // len(self.sizes)
 
     @property
+    def pairs_per_device(self) -> int:
+        """Mixup pairs in one micro-batch on one device: row i of the first half with row i of
+        the second (confident with unconfident, or two uniform draws for random pairing)."""
+        return self.rows_per_device // 2
+
+    @property
+    def global_pairs(self) -> int:
+        """Mixup pairs in one optimizer step across all devices and micro-batches."""
+        return self.pairs_per_device * self.world_size * self.grad_accum
+
+    @property
     def global_per_stream(self) -> int:
         """Rows per stream in one optimizer step across all devices and micro-batches."""
         return self.per_stream * self.world_size * self.grad_accum
