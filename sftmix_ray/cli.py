@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -85,14 +86,17 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
     out = Path(args.output_dir)
-    if args.command == "pipeline":
-        result = run_pipeline(cfg, out, force=args.force)
-    elif args.command == "tune":
-        from tuning.sweep import run_tune
+    # Ray prints raylet and worker messages to sys.stdout; they go to stderr, so stdout holds
+    # only the result JSON (`sftmix-ray train ... > result.json`).
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.command == "pipeline":
+            result = run_pipeline(cfg, out, force=args.force)
+        elif args.command == "tune":
+            from tuning.sweep import run_tune
 
-        result = run_tune(cfg, out)
-    else:
-        result = run_stage(args.command, cfg, out)
+            result = run_tune(cfg, out)
+        else:
+            result = run_stage(args.command, cfg, out)
     print(json.dumps({args.command: _brief(result)}, indent=2, default=str))
     return 0
 
