@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +47,9 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import stats
 
 from sftmix_ray.config import Config, load_config
 from sftmix_ray.modeling import build_tiny_model, load_model, load_tokenizer
@@ -58,16 +60,6 @@ TARGETS = {"scoring_speedup_over_naive": 2.0, "ray_data_over_bare_loop": 0.95}
 BARS = {"scoring_speedup_over_naive": 1.5, "ray_data_over_bare_loop": 0.85}
 HEADLINE, OTHER = "vocab32000", "vocab2048"
 IGNORE = -100
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    """Median, min, max and the raw values."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "runs": [round(v, 4) for v in values],
-    }
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
