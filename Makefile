@@ -34,7 +34,7 @@ bench: install
 
 quality: install
 	DS_ACCELERATOR=cpu $(PY) benchmarks/quality_study.py --json benchmarks/results/quality_study.json \
-		--png benchmarks/results/quality_study.png
+		--png benchmarks/results/quality_study.png --seeds 0,1,2,3,4
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -2,10 +2,10 @@
 
     python benchmarks/quality_study.py --json benchmarks/results/quality_study.json \
         --png benchmarks/results/quality_study.png [--seeds 0,1,2] [--train-steps N] \
-        [--work DIR] [--set key=value ...]
+        [--work DIR] [--config FILE] [--set key=value ...]
 
 The recipe runs once with the project's own stages (`prepare -> reference -> score -> split`,
-`configs/quickstart.yaml`: demo corpus, tiny preset, local Ray). Then, for every seed
+by default `configs/quickstart.yaml`: demo corpus, tiny preset, local Ray). Then, for every seed
 (`train.seed`: the batch plan and the Mixup lambda draws) and variant, `train` and `eval` run in
 their own directory that links the shared data/, heldout/, base_model/, scores/ and split/:
 
@@ -164,7 +164,7 @@ def study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from sftmix_ray.ray_utils import init_ray
 
     start = time.perf_counter()
-    base_cfg = load_config(CONFIG, [*STUDY, *args.set])
+    base_cfg = load_config(args.config, [*STUDY, *args.set])
     init_ray(base_cfg.ray)  # one local cluster for every stage of every run
     base = work / "base"
     base_seconds = run_stages(["prepare", "reference", "score", "split"], base_cfg, base)
@@ -172,7 +172,7 @@ def study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for seed in args.seeds:  # seeds outermost, so a drift in machine load hits every variant
         for variant, overrides in VARIANTS.items():
             extra = [*overrides, f"train.seed={seed}", f"train.max_steps={args.train_steps}"]
-            cfg = load_config(CONFIG, [*STUDY, *args.set, *extra])
+            cfg = load_config(args.config, [*STUDY, *args.set, *extra])
             result = train_and_eval(cfg, base, work / f"{variant}-seed{seed}")
             runs.append({"variant": variant, "seed": seed, **result})
             shown = ", ".join(f"{m} {result[m]:.4f}" for m in METRICS)
@@ -192,7 +192,7 @@ def study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_info(),
         "settings": {
-            "config": str(CONFIG.relative_to(ROOT)),
+            "config": str(args.config),
             "overrides": [*STUDY, *args.set],
             "variants": VARIANTS,
             "train_steps": args.train_steps,
@@ -220,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=125, help="optimizer steps per run")
     parser.add_argument("--work", type=Path, help="run directory (default: a temporary one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG.relative_to(ROOT),
+        help="the recipe (a GPU one at scale)",
+    )
     args = parser.parse_args(argv)
     if args.train_steps < 1 or not args.seeds or len(set(args.seeds)) != len(args.seeds):
         parser.error("--train-steps must be >= 1 and --seeds distinct integers")

@@ -226,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, r in ratios.items():
         verdict = "ok" if r["meets_target"] else ("bar ok" if r["passes_bar"] else "MISSED BAR")
+        theory = r["details"].get("theoretical_flop_ratio")
+        beside = f"  [theoretical FLOP ratio {theory:.3f}]" if theory else ""
         print(f"{name:38s} {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})  "
-              f"target {r['target']}, bar {r['bar']}: {verdict}")  # fmt: skip
+              f"target {r['target']}, bar {r['bar']}: {verdict}{beside}")  # fmt: skip
     for group in result["errors"]:
         print(f"{group}: FAILED (traceback in the JSON)")
     print(f"wall {result['wall_s']} s; load average {result['machine']['load_average_before']}"

@@ -32,6 +32,20 @@ TINY_OVERRIDES = [
 ]
 
 
+# Heaviest files first: pytest-xdist (`--dist loadfile`) hands out files in collection order,
+# so a long file left for last would keep one worker busy while the other idles.
+HEAVY_FIRST = [
+    "test_train.py", "test_tune_sweeps.py", "test_interrupts.py", "test_tune.py",
+    "test_cross_tokenizer.py", "test_scoring.py", "test_job_submit.py", "test_object_store.py",
+    "test_multinode.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 def tiny_config(*extra: str):
     """The tiny test config with extra `key=value` overrides."""
     from sftmix_ray.config import load_config

@@ -2,7 +2,7 @@
 
 The base model is the tiny preset (vocabulary 400); the reference model is another seeded tiny
 model whose BPE has 300 entries. `sftmix-ray reference` re-tokenizes OUT/data and OUT/heldout
-for it, `sftmix-ray score` scores those ids, and `train` still reads the base tokenizer's ids.
+for it, the score stage scores those ids, and `train` still reads the base tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def _cli(*args: str, sets: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cross(prepared_out: Path, ray_local, tmp_path_factory):
-    """A run whose reference model reads another vocabulary: reference and score via the CLI."""
+    """A run whose reference model reads another vocabulary: `sftmix-ray reference`, then score."""
     from sftmix_ray.modeling import materialize_tiny
+    from sftmix_ray.pipeline import run_stage
 
     root = tmp_path_factory.mktemp("cross")
     out = root / "run"
@@ -49,13 +50,12 @@ def cross(prepared_out: Path, ray_local, tmp_path_factory):
     texts = [m["content"] for raw in messages.to_pylist() for m in json.loads(raw)]
     small = tiny_config(f"model.tiny_vocab_size={REF_VOCAB}", "model.tiny_num_layers=1")
     reference_model = materialize_tiny(small.model, texts, root / "small-reference")
-    sets = [f"reference.model={reference_model}", "score.num_actors=2"]
+    sets = [f"reference.model={reference_model}", "score.num_actors=1"]
     address = ["--output-dir", str(out), "--address", ray_local.get_runtime_context().gcs_address]
-    results = {}
-    for stage in ("reference", "score"):
-        proc = _cli(stage, *address, sets=sets)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[stage] = json.loads(proc.stdout)[stage]
+    proc = _cli("reference", *address, sets=sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {"reference": json.loads(proc.stdout)["reference"]}
+    results["score"] = run_stage("score", tiny_config(*sets), out)  # as `sftmix-ray score` does
     return out, reference_model, sets, results
 
 

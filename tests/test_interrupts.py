@@ -43,17 +43,30 @@ def _stage(out: Path, name: str) -> dict:
         return {}
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+
+
 def _has(out: Path, pattern: str) -> bool:
-    return any(out.glob(pattern))
+    """A file matching `pattern` exists; for Ray Train's checkpoint-manager snapshot, one that
+    lists a checkpoint (a checkpoint directory alone may still be uploading, unregistered)."""
+    for path in out.glob(pattern):
+        if path.name != SNAPSHOT:
+            return True
+        try:
+            if json.loads(path.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being rewritten
+            pass
+    return False
 
 
 # stage -> (signal, what must exist before the signal: the stage is under way, mid-work)
 PLAN = [
     ("prepare", signal.SIGINT, None),
     # Ctrl+C in training: Ray Train's own handler aborts the run gracefully first.
-    ("reference", signal.SIGINT, "ray_storage/reference-*/checkpoint_*"),
+    ("reference", signal.SIGINT, f"ray_storage/reference-*/{SNAPSHOT}"),
     ("score", signal.SIGTERM, "scores/per_checkpoint/checkpoint-*.parquet"),
-    ("train", signal.SIGTERM, "ray_storage/train-*/checkpoint_*"),
+    ("train", signal.SIGTERM, f"ray_storage/train-*/{SNAPSHOT}"),
     # After a training stage: Ray Train's SIGINT handler must not outlive its run.
     ("eval", signal.SIGINT, None),
 ]
