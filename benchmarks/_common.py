@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: summary statistics, machine facts, targets and bars."""
+"""Helpers shared by the benchmarks: statistics, machine facts, targets and bars, the model."""
 
 from __future__ import annotations
 
@@ -65,3 +65,35 @@ class Goal:
             "meets_target": bool(compare(value, self.target)),
             "passes_bar": bool(compare(value, self.bar)),
         }
+
+
+GOALS = {
+    "sftmix_over_ntp_step_time": Goal("<=", 1.05, 1.10),
+    "fused_ntp_peak_mem_over_naive": Goal("<=", 0.25, 0.30),
+    "mixup_loss_peak_mem_over_fused_ntp": Goal("<=", 1.05, 1.10),
+    "scoring_speedup_over_naive": Goal(">=", 2.0, 1.5),
+    "ray_data_over_bare_loop": Goal(">=", 0.95, 0.85),
+    "torchtrainer_over_torchrun": Goal("<=", 1.03, 1.10),
+}
+
+
+def seeded_llama(
+    vocab: int, hidden: int, layers: int, ffn: int, heads: int, kv_heads: int, seq_len: int
+) -> Any:
+    """A seeded (torch seed 0) Llama-style causal LM with an untied LM head, SDPA attention."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)

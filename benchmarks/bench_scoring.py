@@ -49,15 +49,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import stats
+from _common import GOALS, stats
 
 from sftmix_ray.config import Config, load_config
 from sftmix_ray.modeling import build_tiny_model, load_model, load_tokenizer
 from sftmix_ray.pipeline import run_stage
 from sftmix_ray.scoring import SCORES_DIR, Scorer, rows_per_batch, run_score
 
-TARGETS = {"scoring_speedup_over_naive": 2.0, "ray_data_over_bare_loop": 0.95}
-BARS = {"scoring_speedup_over_naive": 1.5, "ray_data_over_bare_loop": 0.85}
+RATIOS = ("scoring_speedup_over_naive", "ray_data_over_bare_loop")
+TARGETS = {key: GOALS[key].target for key in RATIOS}
+BARS = {key: GOALS[key].bar for key in RATIOS}
 HEADLINE, OTHER = "vocab32000", "vocab2048"
 IGNORE = -100
 

@@ -37,16 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Goal, load_average, machine_info, stats
+from _common import GOALS, load_average, machine_info, stats
 
-GOALS = {
-    "sftmix_over_ntp_step_time": Goal("<=", 1.05, 1.10),
-    "fused_ntp_peak_mem_over_naive": Goal("<=", 0.25, 0.30),
-    "mixup_loss_peak_mem_over_fused_ntp": Goal("<=", 1.05, 1.10),
-    "scoring_speedup_over_naive": Goal(">=", 2.0, 1.5),
-    "ray_data_over_bare_loop": Goal(">=", 0.95, 0.85),
-    "torchtrainer_over_torchrun": Goal("<=", 1.03, 1.10),
-}
 Measured = dict[str, dict[str, Any]]  # ratio name -> {"runs", "settings", "details"}
 
 

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import seeded_llama
 
 from sftmix_ray.config import TrainConfig
 from sftmix_ray.losses import NTPLoss, SFTMixLoss
@@ -79,25 +82,12 @@ def theoretical_ratio(body: dict[str, int], vocab: int, seq_len: int) -> float:
 
 def build(vocab: int, seq_len: int) -> tuple[Any, dict[str, Any]]:
     """The training strategy around a seeded Llama-style model, and its config as a dict."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=BODY["hidden"],
-        intermediate_size=BODY["ffn"],
-        num_hidden_layers=BODY["layers"],
-        num_attention_heads=BODY["heads"],
-        num_key_value_heads=BODY["kv_heads"],
-        max_position_embeddings=seq_len,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    wrapper = CausalLMWithLoss(LlamaForCausalLM(config), SFTMixLoss(ALPHA, MU, chunk_size=CHUNK))
+    model = seeded_llama(vocab, seq_len=seq_len, **BODY)
+    wrapper = CausalLMWithLoss(model, SFTMixLoss(ALPHA, MU, chunk_size=CHUNK))
     train = dataclasses.asdict(
         TrainConfig(learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant")
     )
-    return build_strategy("ddp", wrapper, train, total_steps=1_000_000), config.to_dict()
+    return build_strategy("ddp", wrapper, train, total_steps=1_000_000), model.config.to_dict()
 
 
 def measure(mode: str, repeats: int | None = None) -> dict[str, dict[str, Any]]:

@@ -32,6 +32,9 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _common  # noqa: E402  (sent to Ray workers by value, like this module)
 
 WORKERS = 2
 SETTINGS = {
@@ -46,8 +49,6 @@ LOOP = {
 
 def train_steps(config: dict[str, Any]) -> list[float]:
     """Run warm-up and timed DDP steps in an initialized gloo group; per-step max over ranks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sftmix_ray.config import TrainConfig
     from sftmix_ray.losses import SFTMixLoss
     from sftmix_ray.train.forward import CausalLMWithLoss
@@ -55,20 +56,10 @@ def train_steps(config: dict[str, Any]) -> list[float]:
 
     torch.set_num_threads(config["threads"])
     rank, world = dist.get_rank(), dist.get_world_size()
-    model_config = LlamaConfig(
-        vocab_size=config["vocab"],
-        hidden_size=config["hidden"],
-        intermediate_size=config["ffn"],
-        num_hidden_layers=config["layers"],
-        num_attention_heads=config["heads"],
-        num_key_value_heads=config["heads"],
-        max_position_embeddings=config["seq_len"],
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
+    sizes = {k: config[k] for k in ("vocab", "hidden", "layers", "ffn", "heads", "seq_len")}
+    model = _common.seeded_llama(kv_heads=config["heads"], **sizes)
     loss_fn = SFTMixLoss(config["alpha"], config["mu"], chunk_size=config["chunk_size"])
-    wrapper = CausalLMWithLoss(LlamaForCausalLM(model_config), loss_fn)
+    wrapper = CausalLMWithLoss(model, loss_fn)
     train = dataclasses.asdict(TrainConfig(learning_rate=1e-5, lr_scheduler_type="constant"))
     strategy = build_strategy("ddp", wrapper, train, total_steps=1_000_000)
     g = torch.Generator().manual_seed(1 + rank)
@@ -149,6 +140,7 @@ def measure(mode: str, repeats: int | None = None) -> dict[str, dict[str, Any]]:
     config = {**LOOP, "warmup": settings["warmup"], "steps": settings["steps"]}
     # Ray workers cannot import this script by name; send the loop by value instead.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(_common)
     # Workers' logs stay in Ray's session directory; a failed run still raises with its error.
     ray.init(address="local", num_cpus=os.cpu_count() or WORKERS, include_dashboard=False,
              configure_logging=False, log_to_driver=False)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,12 @@ HEAVY_FIRST = [
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+def sftmix_command() -> list[str]:
+    """The real `sftmix-ray` console script (`python -m sftmix_ray.cli` where none is installed)."""
+    script = Path(sys.executable).with_name("sftmix-ray")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
 
 
 def tiny_config(*extra: str):

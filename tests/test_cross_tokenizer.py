@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from sftmix_ray.errors import SftmixError
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_OVERRIDES, sftmix_command, tiny_config
 
 REF_VOCAB = 300
 NLL_RTOL = 1e-4
 
 
 def _cli(*args: str, sets: list[str]) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("sftmix-ray")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
     flags = [f"--set={item}" for item in [*TINY_OVERRIDES, *sets]]
     return subprocess.run(
-        [*command, *args, *flags], capture_output=True, text=True, timeout=300, env=os.environ
-    )
+        [*sftmix_command(), *args, *flags],
+        capture_output=True, text=True, timeout=300, env=os.environ,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

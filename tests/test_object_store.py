@@ -14,13 +14,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sftmix_ray.train.loop import FAULT_ENV
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, sftmix_command
 from tests.test_train import write_split
 
 pytest.importorskip("moto", reason="moto (dev extra) serves S3 locally")
@@ -67,8 +66,6 @@ def test_checkpoints_in_s3_survive_a_killed_worker(prepared_out: Path, s3_env, t
         shutil.copytree(prepared_out / name, out / name)
     write_split(out)
     marker = tmp_path / "fault-marker"
-    script = Path(sys.executable).with_name("sftmix-ray")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
     sets = [
         *TINY_OVERRIDES,
         f"train.max_steps={STEPS}",
@@ -77,7 +74,7 @@ def test_checkpoints_in_s3_survive_a_killed_worker(prepared_out: Path, s3_env, t
         f"train.storage_path=s3://{BUCKET}/runs",
     ]
     proc = subprocess.run(
-        [*command, "train", "--output-dir", str(out), *[f"--set={s}" for s in sets]],
+        [*sftmix_command(), "train", "--output-dir", str(out), *[f"--set={s}" for s in sets]],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, **env, FAULT_ENV: f"2:{marker}"},
     )  # fmt: skip

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from sftmix_ray.scoring import (
     token_budget_batches,
 )
 from sftmix_ray.summary import read_summary
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_OVERRIDES, sftmix_command, tiny_config
 
 NLL_RTOL = 1e-4  # scorer vs plain transformers, both float32
 # A small token budget forces many micro-batches that mix lengths, so padding is exercised.
@@ -45,13 +44,11 @@ WAIT_FOR_ACTORS = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    """Run the real `sftmix-ray` console script (falls back to `python -m sftmix_ray.cli`)."""
-    script = Path(sys.executable).with_name("sftmix-ray")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
+    """Run the real `sftmix-ray` console script."""
     sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SCORE_OVERRIDES]]
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **WAIT_FOR_ACTORS}
     return subprocess.run(
-        [*command, *args, *sets], capture_output=True, text=True, timeout=300, env=env
+        [*sftmix_command(), *args, *sets], capture_output=True, text=True, timeout=300, env=env
     )
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.split import confident_count
 from sftmix_ray.summary import read_summary
 from sftmix_ray.tune_space import load_space, parse_domain
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_OVERRIDES, sftmix_command, tiny_config
 from tuning.results import best_row
 from tuning.sweep import (
     _check_same_sweep,
@@ -54,12 +53,11 @@ def _copy_base(base: Path, target: Path) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("sftmix-ray")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
     sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SWEEP]]
     return subprocess.run(
-        [*command, *args, *sets], capture_output=True, text=True, timeout=600, env=dict(os.environ)
-    )
+        [*sftmix_command(), *args, *sets],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )  # fmt: skip
 
 
 def _history(trial_dir: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sftmix_ray.config import Config
@@ -57,13 +58,14 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
     """Write `target`: every row of `source` under the reference tokenizer; its counts."""
     from sftmix_ray.data.prepare import Corpus, tokenize_corpora, write_shards
 
-    table = pq.read_table(source)
-    if "messages_json" not in table.column_names:
+    dataset = pads.dataset(source, format="parquet")
+    if "messages_json" not in dataset.schema.names:
         raise SftmixError(
             f"{source} has no messages_json column (prepared by an older version); rerun "
             "`sftmix-ray prepare` (or the pipeline with `--force prepare`) to re-tokenize it "
             f"for reference.model '{cfg.reference.model}'"
         )
+    table = dataset.to_table(columns=["example_id", "messages_json"])
     ids, messages = table.column("example_id").to_pylist(), table.column("messages_json")
     rows = [(int(i), json.loads(m), None) for i, m in zip(ids, messages.to_pylist())]
     corpus = Corpus(rows=rows, total=len(rows), rejections=[], source=str(source))

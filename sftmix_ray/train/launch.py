@@ -75,13 +75,14 @@ def _worker_env(cfg: Config) -> dict[str, str]:
 
 def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
     """The train-loop config dict for `mode` ("reference" or "train")."""
+    from sftmix_ray.data.retokenize import reference_model_path
     from sftmix_ray.modeling import resolve_model_path
 
     train = dataclasses.asdict(cfg.train)
     out = out_dir.resolve()
     spec: dict[str, Any] = {"mode": mode, "trust": cfg.model.trust_remote_code}
     if mode == "reference":
-        model_path = resolve_model_path(cfg.reference.model or cfg.model.name_or_path, out)
+        model_path = reference_model_path(cfg, out)
         if cfg.reference.learning_rate:
             train["learning_rate"] = cfg.reference.learning_rate
         spec.update(
