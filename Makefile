@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 OUT ?= out/quickstart
 
-.PHONY: install quickstart test lint format bench quality clean
+.PHONY: install quickstart test test-fast lint format bench quality gpu-smoke clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -20,6 +20,16 @@ quickstart: install
 
 test: install
 	DS_ACCELERATOR=cpu $(BIN)/pytest -q -n 2 --dist loadfile --durations=20
+
+# The tests that start no Ray cluster and no training run (about a minute).
+test-fast: install
+	DS_ACCELERATOR=cpu $(BIN)/pytest -q -n 2 -m "not slow" --durations=10
+
+# The GPU code paths at reduced size (FSDP2 bf16 under torchrun, fused losses at a 128k
+# vocabulary, batched generation); prints one JSON line per part. Without a GPU it says so
+# and exits 0. Not part of `make test`.
+gpu-smoke: install
+	$(PY) benchmarks/gpu_smoke.py --json benchmarks/results/gpu_smoke.jsonl
 
 lint: install
 	$(BIN)/ruff check .

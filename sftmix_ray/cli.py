@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from sftmix_ray.errors import SftmixError
 
@@ -66,18 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate_data(args: argparse.Namespace) -> int:
+def _validate_data(args: argparse.Namespace) -> str:
     from sftmix_ray.data.validation import format_report, validate_file
 
     _, report = validate_file(args.data, args.format)
     if args.json:
-        print(json.dumps(report.to_json()))
-    else:
-        print(format_report(report, args.data))
-    return 0
+        return json.dumps(report.to_json())
+    return format_report(report, args.data)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> str:
     from sftmix_ray.config import load_config
     from sftmix_ray.pipeline import run_pipeline, run_stage
 
@@ -86,19 +85,15 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
     out = Path(args.output_dir)
-    # Ray prints raylet and worker messages to sys.stdout; they go to stderr, so stdout holds
-    # only the result JSON (`sftmix-ray train ... > result.json`).
-    with contextlib.redirect_stdout(sys.stderr):
-        if args.command == "pipeline":
-            result = run_pipeline(cfg, out, force=args.force)
-        elif args.command == "tune":
-            from tuning.sweep import run_tune
+    if args.command == "pipeline":
+        result = run_pipeline(cfg, out, force=args.force)
+    elif args.command == "tune":
+        from tuning.sweep import run_tune
 
-            result = run_tune(cfg, out)
-        else:
-            result = run_stage(args.command, cfg, out)
-    print(json.dumps({args.command: _brief(result)}, indent=2, default=str))
-    return 0
+        result = run_tune(cfg, out)
+    else:
+        result = run_stage(args.command, cfg, out)
+    return json.dumps({args.command: _brief(result)}, indent=2, default=str)
 
 
 def _brief(result: object) -> object:
@@ -120,32 +115,101 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the process exit status."""
+class ResultStdout:
+    """Keeps the process's stdout (file descriptor 1) for the command's result alone.
+
+    Ray, DeepSpeed, Ray Data and every process Ray starts write to fd 1 from Python, from C++
+    and from threads, some of them at Ray shutdown (Ray prints its log-deduplication summary
+    while disconnecting, at exit). A `contextlib.redirect_stdout` only covers Python writes
+    made inside its block, so it cannot keep them out. Instead fd 1 itself is pointed at
+    stderr for the whole command (child processes inherit that), the original stdout is kept
+    on a private duplicate, and the result is written there once Ray has shut down. The
+    console script never points fd 1 back: whatever prints during interpreter exit still goes
+    to stderr. In-process callers (tests) get fd 1 back from `close()`.
+    """
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        self.stream: TextIO = os.fdopen(os.dup(self._saved), "w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self, *, restore: bool) -> None:
+        self.stream.close()
+        sys.stdout.flush()
+        if restore:
+            os.dup2(self._saved, 1)
+        os.close(self._saved)
+
+
+def _shutdown_ray() -> None:
+    """Stop Ray now, so that what it prints while stopping comes before our last line."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None, *, restore_stdout: bool = True) -> int:
+    """Run one command; returns the process exit status.
+
+    On success stdout holds exactly the result (one JSON document for every command that runs
+    a stage, and for `validate-data --json`); on failure stdout is empty and stderr's last
+    line names the problem. `--help` and usage errors are argparse's, before any of this.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    stdout = ResultStdout()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "validate-data":
-            return _validate_data(args)
-        return _run(args)
+        try:
+            run = _validate_data if args.command == "validate-data" else _run
+            result = run(args)
+        finally:
+            _shutdown_ray()
+        stdout.write(result)
+        return 0
     except (SftmixError, OSError) as exc:
         # OSError: a full disk, a vanished mount, a file we may not write, anywhere in a stage.
         if args.debug:
             raise
-        print(f"sftmix-ray {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        _last_line(f"sftmix-ray {args.command}: error: {_describe(exc)}")
         return 1
     except KeyboardInterrupt as exc:
         # Finished stages and checkpoints stay; rerunning the same command goes on from there.
         terminated = isinstance(exc, Terminated) or signal.SIGTERM in _SIGNALS
         name = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"sftmix-ray {args.command}: {name}; rerun to resume", file=sys.stderr)
+        _last_line(f"sftmix-ray {args.command}: {name}; rerun to resume")
         return 143 if terminated else 130
+    except Exception as exc:  # a bug or a library failure: traceback first, then the line
+        if args.debug:
+            raise
+        logging.getLogger("sftmix_ray").exception("unexpected failure")
+        _last_line(f"sftmix-ray {args.command}: error: {type(exc).__name__}: {exc}")
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stdout.close(restore=restore_stdout)
+
+
+def _last_line(message: str) -> None:
+    """The one line that ends stderr on failure (Ray has already been shut down)."""
+    sys.stderr.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
+def console_main() -> None:
+    """The `sftmix-ray` console script: `main` with stdout kept for the result until exit."""
+    sys.exit(main(restore_stdout=False))
 
 
 def _describe(exc: BaseException) -> str:
@@ -157,4 +221,4 @@ def _describe(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

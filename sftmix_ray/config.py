@@ -126,6 +126,9 @@ class ScoreConfig:
     num_gpus_per_actor: float = 0.0
     batch_tokens: int = 8192  # token budget per forward (after sorting by length)
     chunk_size: int = 1024  # positions per log-sum-exp chunk
+    # neg_mean_perplexity: the paper's -(1/C) sum_c exp(nll_c); mean_inverse_perplexity: the
+    # Dataset Cartography form mean_c exp(-nll_c). Both rank "more confident" higher.
+    confidence: Literal["neg_mean_perplexity", "mean_inverse_perplexity"] = "neg_mean_perplexity"
 
     def __post_init__(self) -> None:
         _check(self.num_actors >= 1, "score.num_actors", self.num_actors, "an integer >= 1")
@@ -159,10 +162,19 @@ class MixupConfig:
     mu: float = 0.2  # weight of L_mix in L = L_ntp + mu * L_mix
     lambda_per: Literal["pair", "batch"] = "pair"
     pairing: Literal["confidence", "random"] = "confidence"  # random = ablation
+    # response: mix the n-th response token of each pair (the paper's); position: equal
+    # absolute positions of the padded batch (the earlier variant, kept as an ablation).
+    align: Literal["response", "position"] = "response"
+    ntp_weight: float = 1.0  # L = ntp_weight * L_ntp + mu * L_mix; 0 = "Mixup only" ablation
 
     def __post_init__(self) -> None:
         _check(self.alpha > 0, "mixup.alpha", self.alpha, "a number > 0")
         _check(self.mu >= 0, "mixup.mu", self.mu, "a number >= 0 (0 = NTP baseline)")
+        _check(self.ntp_weight >= 0, "mixup.ntp_weight", self.ntp_weight, "a number >= 0")
+        _check(
+            self.mu > 0 or self.ntp_weight > 0, "mixup.ntp_weight", self.ntp_weight,
+            "> 0 when mixup.mu = 0 (nothing would be trained)",
+        )  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -199,6 +211,9 @@ class TrainConfig:
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2
+    # FSDP2: reduce-scatter gradients after every micro-batch (default). True defers it to the
+    # last micro-batch, which keeps unsharded fp32 gradients of the whole model meanwhile.
+    fsdp_defer_grad_sync: bool = False
     deepspeed_stage: Literal[2, 3] = 2
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON replaces ours
     loss_chunk_size: int = 1024

@@ -18,17 +18,23 @@ EVAL_FILE = "eval.json"
 
 @torch.inference_mode()
 def response_nll(model: Any, input_ids: list, labels: list, batch_size: int = 16) -> dict:
-    """Token-weighted mean response NLL and perplexity over the held-out rows."""
-    from sftmix_ray.losses import response_token_nll
+    """Token-weighted mean response NLL and perplexity over the held-out rows.
+
+    Logits come from the model's own head transform (Gemma's soft-capping, Cohere's and
+    Granite's scaling), exactly as in training and scoring.
+    """
+    from sftmix_ray.losses import NTPLoss, response_token_nll
+    from sftmix_ray.train.forward import CausalLMWithLoss
     from sftmix_ray.train.loop import collate
 
-    head = model.get_output_embeddings()
+    adapter = CausalLMWithLoss(model, NTPLoss())
+    head = adapter.output_head()
     total, count = 0.0, 0
     order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
     for start in range(0, len(order), batch_size):
         part = order[start : start + batch_size]
         batch = collate([input_ids[i] for i in part], [labels[i] for i in part], 0, model.device)
-        hidden = model.get_decoder()(
+        hidden = adapter.decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
         nll_sum, n_tokens = response_token_nll(hidden, batch["labels"], head)
@@ -39,29 +45,54 @@ def response_nll(model: Any, input_ids: list, labels: list, batch_size: int = 16
 
 
 @torch.inference_mode()
-def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int) -> dict:
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Greedy completions of `prompts`, batched with left padding (prompts of similar length
+    share a batch); the answers come back in the prompts' order."""
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        part = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for row, i in enumerate(part):
+            n = len(encoded[i])
+            ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
+            mask[row, width - n :] = 1
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+        for row, i in enumerate(part):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return answers
+
+
+def exact_match(
+    model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int, batch_size: int = 16
+) -> dict:
     """Share of rows whose greedy answer to the last user turn equals the reference answer."""
     from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
 
     template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+    prompts = [
+        tokenizer.apply_chat_template(
+            row["messages"][:-1], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        for row in rows
+    ]
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = 0
     samples = []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(
-            row["messages"][:-1],
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        out = model.generate(
-            ids.to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    for row, answer in zip(rows, answers):
         hit = answer == row["answer"].strip()
         correct += hit
         if len(samples) < 5:
@@ -73,13 +104,16 @@ def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: in
     }
 
 
-def evaluate_model(model_dir: str, heldout_dir: str, eval_cfg: dict) -> dict:
-    """All held-out metrics of one HF model directory."""
+def evaluate_model(model_dir: str, heldout_dir: str, eval_cfg: dict, bf16: bool = False) -> dict:
+    """All held-out metrics of one HF model directory, on the GPU Ray assigned when there is
+    one (in bf16 when `bf16`), else on the CPU in fp32."""
     import pyarrow.parquet as pq
 
     from sftmix_ray.modeling import load_model, load_tokenizer
 
-    model = load_model(model_dir).eval()
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if (bf16 and on_gpu) else torch.float32
+    model = load_model(model_dir, dtype=dtype).to("cuda" if on_gpu else "cpu").eval()
     tokenizer = load_tokenizer(model_dir)
     table = pq.read_table(heldout_dir).slice(0, eval_cfg["max_examples"])
     result = response_nll(
@@ -116,7 +150,9 @@ def run_eval(cfg: Config, out_dir: Path) -> dict[str, Any]:
         raise SftmixError(f"{out_dir / 'model'} does not exist; run `sftmix-ray train` first")
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     eval_cfg = dataclasses.asdict(cfg.eval)
-    refs = {k: task.remote(str(v), str(heldout), eval_cfg) for k, v in models.items()}
+    refs = {
+        k: task.remote(str(v), str(heldout), eval_cfg, cfg.train.bf16) for k, v in models.items()
+    }
     results = {k: ray.get(ref) for k, ref in refs.items()}
     atomic_write_json(out_dir / EVAL_FILE, results)
     return {

@@ -25,6 +25,7 @@ __all__ = [
     "chunked_soft_ce",
     "confidence_and_variability",
     "mixup_target_mass",
+    "response_pairs",
     "response_token_nll",
     "sftmix_mixup_loss",
 ]
@@ -81,10 +82,18 @@ def _lambda_per_row(lam: float | Tensor, batch: int, device: torch.device) -> Te
     return lam.to(device=device, dtype=torch.float32)
 
 
+ALIGNS = ("response", "position")
+
+
+def _check_align(align: str) -> None:
+    if align not in ALIGNS:
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
+
+
 def _mixup_targets(
     labels_conf: Tensor, labels_unconf: Tensor, lam: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Shifted labels and target weights `lam*m_c`, `(1-lam)*m_u`, each `[b, L-1]`."""
+    """Position alignment: shifted labels and target weights `lam*m_c`, `(1-lam)*m_u`."""
     y_conf, y_unconf = labels_conf[:, 1:], labels_unconf[:, 1:]
     lam_pos = lam.unsqueeze(1)
     w_conf = lam_pos * (y_conf != IGNORE_INDEX)
@@ -92,16 +101,96 @@ def _mixup_targets(
     return y_conf, y_unconf, w_conf, w_unconf
 
 
-def mixup_target_mass(labels_conf: Tensor, labels_unconf: Tensor, lam: float | Tensor) -> Tensor:
-    """`sum Y` of the Mixup targets (fp32 scalar): the count `L_mix` is divided by."""
-    if labels_conf.shape != labels_unconf.shape or labels_conf.dim() != 2:
+def response_pairs(labels_conf: Tensor, labels_unconf: Tensor) -> tuple[Tensor, Tensor]:
+    """Response alignment: `[M, 2]` (row, position) indices of the confident and unconfident
+    hidden states that are mixed, in matching order.
+
+    Position `t` of a row holds a response token when `labels[t + 1]` is supervised (the
+    hidden state at t predicts the label at t + 1). The n-th response position of confident
+    row i is paired with the n-th of unconfident row i, in order across turns, for
+    n < min(N_c, N_u). Computed from the labels alone, so callers can do it on the host.
+    """
+    mask_c = labels_conf[:, 1:] != IGNORE_INDEX
+    mask_u = labels_unconf[:, 1:] != IGNORE_INDEX
+    n = torch.minimum(mask_c.sum(dim=1), mask_u.sum(dim=1)).unsqueeze(1)
+    rank_c = mask_c.long().cumsum(dim=1) - 1
+    rank_u = mask_u.long().cumsum(dim=1) - 1
+    # nonzero() lists positions row by row, left to right: the n-th kept confident position
+    # of a row lines up with its n-th kept unconfident one.
+    return (mask_c & (rank_c < n)).nonzero(), (mask_u & (rank_u < n)).nonzero()
+
+
+def mixup_target_mass(
+    labels_conf: Tensor, labels_unconf: Tensor, lam: float | Tensor, *, align: str = "response"
+) -> Tensor:
+    """`sum Y` of the Mixup targets (fp32 scalar): the count `L_mix` is divided by.
+
+    With `align="response"` every mixed position carries target mass lam + (1 - lam) = 1, so
+    this is the number of mixed positions, `sum_i min(N_c,i, N_u,i)`.
+    """
+    _check_align(align)
+    if labels_conf.shape[0] != labels_unconf.shape[0] or labels_conf.dim() != 2:
         raise ValueError(
             f"labels_conf and labels_unconf must both be [b, L]; got "
             f"{tuple(labels_conf.shape)} and {tuple(labels_unconf.shape)}"
         )
     lam_rows = _lambda_per_row(lam, labels_conf.shape[0], labels_conf.device)
+    if align == "response":
+        mask_c = labels_conf[:, 1:] != IGNORE_INDEX
+        mask_u = labels_unconf[:, 1:] != IGNORE_INDEX
+        return torch.minimum(mask_c.sum(dim=1), mask_u.sum(dim=1)).sum().float()
+    if labels_conf.shape != labels_unconf.shape:
+        raise ValueError("align='position' needs confident and unconfident rows of one length")
     _, _, w_conf, w_unconf = _mixup_targets(labels_conf, labels_unconf, lam_rows)
     return (w_conf + w_unconf).sum()
+
+
+def _position_mix(
+    hidden_conf: Tensor, hidden_unconf: Tensor, labels_conf: Tensor, labels_unconf: Tensor,
+    lam_rows: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Mixed hidden states (fp32), targets and weights at equal absolute positions."""
+    if hidden_conf.shape != hidden_unconf.shape:
+        raise ValueError(
+            f"align='position' needs confident and unconfident hidden states of one shape; "
+            f"got {tuple(hidden_conf.shape)} and {tuple(hidden_unconf.shape)}"
+        )
+    y_conf, y_unconf, w_conf, w_unconf = _mixup_targets(labels_conf, labels_unconf, lam_rows)
+    # Mix only positions with some target mass: the rest cost nothing, not even the mixing.
+    keep = (w_conf != 0) | (w_unconf != 0)
+    lam_keep = lam_rows.unsqueeze(1).expand_as(keep)[keep].unsqueeze(1)
+    mixed = lam_keep * hidden_conf[:, :-1][keep].float()
+    mixed = mixed + (1.0 - lam_keep) * hidden_unconf[:, :-1][keep].float()
+    targets = torch.stack([y_conf[keep], y_unconf[keep]], dim=1)
+    weights = torch.stack([w_conf[keep], w_unconf[keep]], dim=1)
+    return mixed, targets, weights
+
+
+def _response_mix(
+    hidden_conf: Tensor, hidden_unconf: Tensor, labels_conf: Tensor, labels_unconf: Tensor,
+    lam_rows: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Mixed hidden states (fp32), targets and weights of the n-th response tokens."""
+    if (
+        hidden_conf.shape[0] != hidden_unconf.shape[0]
+        or hidden_conf.shape[2:] != (hidden_unconf.shape[2:])
+    ):
+        raise ValueError(
+            f"hidden_conf and hidden_unconf must be [b, L_c, d] and [b, L_u, d]; got "
+            f"{tuple(hidden_conf.shape)} and {tuple(hidden_unconf.shape)}"
+        )
+    idx_c, idx_u = response_pairs(labels_conf, labels_unconf)
+    rows_c, pos_c = idx_c[:, 0].to(hidden_conf.device), idx_c[:, 1].to(hidden_conf.device)
+    rows_u, pos_u = idx_u[:, 0].to(hidden_conf.device), idx_u[:, 1].to(hidden_conf.device)
+    lam_pos = lam_rows[rows_c].unsqueeze(1)
+    mixed = lam_pos * hidden_conf[rows_c, pos_c].float()
+    mixed = mixed + (1.0 - lam_pos) * hidden_unconf[rows_u, pos_u].float()
+    targets = torch.stack(
+        [labels_conf.to(hidden_conf.device)[rows_c, pos_c + 1],
+         labels_unconf.to(hidden_conf.device)[rows_u, pos_u + 1]], dim=1,
+    )  # fmt: skip
+    weights = torch.cat([lam_pos, 1.0 - lam_pos], dim=1)
+    return mixed, targets, weights
 
 
 def sftmix_mixup_loss(
@@ -112,30 +201,28 @@ def sftmix_mixup_loss(
     lm_head: nn.Module,
     lam: float | Tensor,
     *,
+    align: str = "response",
     chunk_size: int = 1024,
     normalizer: float | Tensor | None = None,
 ) -> Tensor:
-    """SFTMix's `L_mix`: CE of mixed hidden states against mixed one-hot targets, over `sum Y`."""
+    """SFTMix's `L_mix`: CE of mixed hidden states against mixed one-hot targets, over `sum Y`.
+
+    `align="response"` (the paper's): the n-th response token of confident row i is mixed
+    with the n-th response token of unconfident row i, for n < min(N_c, N_u), in order across
+    turns; `align="position"`: equal absolute positions of the padded batch, one-sided
+    targets where only one row is supervised. `normalizer` replaces the local `sum Y` (the
+    training loop passes the global one).
+    """
+    _check_align(align)
     _check_batch(hidden_conf, labels_conf, "hidden_conf")
     _check_batch(hidden_unconf, labels_unconf, "hidden_unconf")
-    if hidden_conf.shape != hidden_unconf.shape:
-        raise ValueError(
-            f"confident and unconfident hidden states must have one shape (pad to one length); "
-            f"got {tuple(hidden_conf.shape)} and {tuple(hidden_unconf.shape)}"
-        )
     device = hidden_conf.device
     lam_rows = _lambda_per_row(lam, hidden_conf.shape[0], device)
-    y_conf, y_unconf, w_conf, w_unconf = _mixup_targets(
-        labels_conf.to(device), labels_unconf.to(device), lam_rows
+    mix = _response_mix if align == "response" else _position_mix
+    mixed, targets, weights = mix(
+        hidden_conf, hidden_unconf, labels_conf.to(device), labels_unconf.to(device), lam_rows
     )
-    # Mix only positions with some target mass: the rest cost nothing, not even the mixing.
-    keep = (w_conf != 0) | (w_unconf != 0)
-    lam_keep = lam_rows.unsqueeze(1).expand_as(keep)[keep].unsqueeze(1)
-    # Mix in fp32 so bf16 hidden states are rounded once, after mixing.
-    mixed = lam_keep * hidden_conf[:, :-1][keep].float()
-    mixed = mixed + (1.0 - lam_keep) * hidden_unconf[:, :-1][keep].float()
-    targets = torch.stack([y_conf[keep], y_unconf[keep]], dim=1)
-    weights = torch.stack([w_conf[keep], w_unconf[keep]], dim=1)
+    # Mixed in fp32, so bf16 hidden states are rounded once, after mixing.
     total = chunked_soft_ce(mixed.to(hidden_conf.dtype), lm_head, targets, weights, chunk_size)
     if normalizer is None:
         denominator = weights.sum()
@@ -204,7 +291,8 @@ class NTPLoss(nn.Module):
 
 
 class SFTMixLoss(nn.Module):
-    """SFTMix: `L_ntp` over all `2b` rows plus `mu * L_mix` over (confident, unconfident) pairs.
+    """SFTMix: `ntp_weight * L_ntp` over all `2b` rows plus `mu * L_mix` over (confident,
+    unconfident) pairs (`ntp_weight=0` is the paper's "Mixup only" ablation).
 
     `hidden`/`labels` hold `2b` rows: rows `0..b-1` confident, rows `b..2b-1` unconfident, row
     `i` paired with row `b + i`. `lam` comes from `sample_lambda`. `normalizer_counts` returns
@@ -221,8 +309,14 @@ class SFTMixLoss(nn.Module):
         mu: float = 0.2,
         lambda_per: str = "pair",
         chunk_size: int = 1024,
+        align: str = "response",
+        ntp_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        _check_align(align)
+        if not ntp_weight >= 0:
+            raise ValueError(f"ntp_weight must be >= 0, got {ntp_weight}")
+        self.align, self.ntp_weight = align, ntp_weight
         if not alpha > 0:
             raise ValueError(f"mixup alpha must be > 0, got {alpha}")
         if not mu >= 0:
@@ -264,7 +358,8 @@ class SFTMixLoss(nn.Module):
                 raise ValueError("SFTMixLoss with mu > 0 needs lam (see sample_lambda)")
             mass = torch.zeros((), dtype=torch.float32, device=labels.device)
         else:
-            mass = mixup_target_mass(labels[:b], labels[b:], lam).to(labels.device)
+            mass = mixup_target_mass(labels[:b], labels[b:], lam, align=self.align)
+            mass = mass.to(labels.device)
         return torch.stack([n_tokens, mass])
 
     def forward(
@@ -284,7 +379,7 @@ class SFTMixLoss(nn.Module):
         nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, self.chunk_size)
         ntp = _safe_div(nll_sum.sum(), norm[0])
         if self.mu == 0:
-            loss, mix = ntp, torch.zeros((), device=hidden.device)
+            loss, mix = self.ntp_weight * ntp, torch.zeros((), device=hidden.device)
         else:
             if lam is None:
                 raise ValueError("SFTMixLoss with mu > 0 needs lam (see sample_lambda)")
@@ -295,10 +390,11 @@ class SFTMixLoss(nn.Module):
                 labels[b:],
                 lm_head,
                 lam,
+                align=self.align,
                 chunk_size=self.chunk_size,
                 normalizer=norm[1],
             )
-            loss = ntp + self.mu * mix
+            loss = self.ntp_weight * ntp + self.mu * mix
         lambda_mean = (
             float(torch.as_tensor(lam).float().mean()) if lam is not None else float("nan")
         )
@@ -324,12 +420,29 @@ def build_loss(name: str, **kwargs: Any) -> NTPLoss | SFTMixLoss:
     return cls(**kwargs)
 
 
-def confidence_and_variability(nll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per example, mean and population std over checkpoints of `exp(-nll)` (`nll` is `[N, T]`)."""
+CONFIDENCE_MEASURES = ("neg_mean_perplexity", "mean_inverse_perplexity")
+
+
+def confidence_and_variability(
+    nll: np.ndarray, measure: str = "neg_mean_perplexity"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example, the confidence and its variability over checkpoints (`nll` is `[N, C]`).
+
+    `neg_mean_perplexity` (the paper's): `-(1/C) sum_c exp(nll_c)`, variability the population
+    std of `exp(nll_c)`. `mean_inverse_perplexity` (Dataset Cartography): mean and population
+    std of `exp(-nll_c)`. Higher confidence is more confident under both.
+    """
+    if measure not in CONFIDENCE_MEASURES:
+        raise ValueError(
+            f"confidence measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}"
+        )
     nll = np.asarray(nll, dtype=np.float64)
     if nll.ndim != 2 or nll.shape[1] == 0:
         raise ValueError(
             f"nll must be [examples, checkpoints] with >= 1 checkpoint, got {nll.shape}"
         )
+    if measure == "neg_mean_perplexity":
+        perplexity = np.exp(nll)
+        return -perplexity.mean(axis=1), perplexity.std(axis=1, ddof=0)
     inverse_perplexity = np.exp(-nll)
     return inverse_perplexity.mean(axis=1), inverse_perplexity.std(axis=1, ddof=0)

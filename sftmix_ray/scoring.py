@@ -34,6 +34,7 @@ SCORES_DIR = "scores"
 SCORES_FILE = "scores.parquet"
 PER_CHECKPOINT_DIR = "per_checkpoint"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MEASURE_METADATA_KEY = b"sftmix.confidence_measure"  # which measure `confidence` holds
 _META = b"sftmix"  # Parquet key-value metadata: data and checkpoint fingerprints
 
 
@@ -316,7 +317,9 @@ def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
         table = table.drop_columns(["n_tokens", "scorer"])
         _write_parquet_atomic(table.replace_schema_metadata({_META: json.dumps(meta)}), target)
         rescored.append(checkpoint.name)
-    scores = assemble_scores([per_dir / f"checkpoint-{s}.parquet" for s, _ in checkpoints], ids)
+    scores = assemble_scores(
+        [per_dir / f"checkpoint-{s}.parquet" for s, _ in checkpoints], ids, cfg.score.confidence
+    )
     _write_parquet_atomic(scores, out_dir / SCORES_DIR / SCORES_FILE)
     return {
         "scored": len(ids),
@@ -332,8 +335,11 @@ def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def assemble_scores(files: list[Path], ids: np.ndarray) -> pa.Table:
-    """Join per-checkpoint files on `example_id` into the scores table (DESIGN's schema)."""
+def assemble_scores(
+    files: list[Path], ids: np.ndarray, measure: str = "neg_mean_perplexity"
+) -> pa.Table:
+    """Join per-checkpoint files on `example_id` into the scores table (DESIGN's schema); the
+    file's metadata names the confidence measure (`MEASURE_METADATA_KEY`)."""
     nll_columns, n_response = [], None
     for file in files:
         table = pq.read_table(file).sort_by("example_id")
@@ -347,7 +353,7 @@ def assemble_scores(files: list[Path], ids: np.ndarray) -> pa.Table:
     bad = ids[~np.isfinite(nll).all(axis=1)]
     if len(bad):
         raise SftmixError(f"{len(bad)} examples have no finite NLL (e.g. {bad[:5].tolist()})")
-    confidence, variability = confidence_and_variability(nll)
+    confidence, variability = confidence_and_variability(nll, measure)
     offsets = pa.array(np.arange(0, nll.size + 1, nll.shape[1]), pa.int32())
     return pa.table(
         {
@@ -357,4 +363,4 @@ def assemble_scores(files: list[Path], ids: np.ndarray) -> pa.Table:
             "n_response_tokens": pa.array(n_response, pa.int64()),
             "nll": pa.ListArray.from_arrays(offsets, pa.array(nll.ravel(), pa.float64())),
         }
-    )
+    ).replace_schema_metadata({MEASURE_METADATA_KEY: measure.encode()})

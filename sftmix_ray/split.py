@@ -73,6 +73,7 @@ def plot_cartography(
     confident: np.ndarray,
     threshold: float,
     path: Path,
+    measure: str = "neg_mean_perplexity",
 ) -> Path:
     """Write the cartography map (variability vs confidence by side) and the histogram as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,9 +91,11 @@ def plot_cartography(
         pick = shown[mask[shown]]
         ax_map.scatter(variability[pick], confidence[pick], s=6, alpha=0.5, c=color, label=label)
         ax_hist.hist(confidence[mask], bins=bins, alpha=0.6, color=color, label=label)
+    per_checkpoint = "exp(nll)" if measure == "neg_mean_perplexity" else "exp(-nll)"
+    mean = "-mean exp(nll)" if measure == "neg_mean_perplexity" else "mean exp(-nll)"
     ax_map.set(
-        xlabel="variability (std of exp(-nll) over checkpoints)",
-        ylabel="confidence (mean exp(-nll))",
+        xlabel=f"variability (std of {per_checkpoint} over checkpoints)",
+        ylabel=f"confidence ({mean})",
         title=f"Data map ({len(confidence)} examples)",
     )
     ax_map.legend(loc="best", markerscale=3)
@@ -104,6 +107,37 @@ def plot_cartography(
     return path
 
 
+def confidence_table(scores_path: Path, measure: str) -> pa.Table:
+    """`example_id`, `confidence`, `variability` under `measure`.
+
+    Scores made with another measure are recomputed from their stored per-checkpoint NLL, so
+    switching `score.confidence` never needs a rescoring pass; a user's scores file without
+    an `nll` column must already hold the measure asked for.
+    """
+    from sftmix_ray.losses import confidence_and_variability
+    from sftmix_ray.scoring import MEASURE_METADATA_KEY
+
+    schema = pq.read_schema(scores_path)
+    stored = (schema.metadata or {}).get(MEASURE_METADATA_KEY, b"").decode() or None
+    if stored == measure:
+        return pq.read_table(scores_path, columns=_SIDE_COLUMNS)
+    if "nll" not in schema.names:
+        raise SftmixError(
+            f"{scores_path} holds confidence as {stored or 'an unnamed measure'} and has no "
+            f"nll column to recompute score.confidence={measure} from; rerun `sftmix-ray score`"
+        )
+    table = pq.read_table(scores_path, columns=["example_id", "nll"])
+    nll = np.stack(table.column("nll").to_numpy(zero_copy_only=False))
+    confidence, variability = confidence_and_variability(nll, measure)
+    return pa.table(
+        {
+            "example_id": table.column("example_id"),
+            "confidence": pa.array(confidence, pa.float64()),
+            "variability": pa.array(variability, pa.float64()),
+        }
+    )
+
+
 def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Split OUT/scores/scores.parquet by confidence into OUT/split; return counts and means."""
     from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
@@ -112,7 +146,8 @@ def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
     scores_path = Path(out_dir) / SCORES_DIR / SCORES_FILE
     if not scores_path.exists():
         raise SftmixError(f"{scores_path} does not exist; run `sftmix-ray score` first")
-    scores = pq.read_table(scores_path, columns=_SIDE_COLUMNS)
+    measure = cfg.score.confidence
+    scores = confidence_table(scores_path, measure)
     ids = scores.column("example_id").to_numpy()
     confidence = scores.column("confidence").to_numpy()
     variability = scores.column("variability").to_numpy()
@@ -131,10 +166,11 @@ def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
         pq.write_table(
             side.replace_schema_metadata({**(side.schema.metadata or {}), **meta}), tmp / name
         )
-    plot_cartography(confidence, variability, is_confident, threshold, tmp / PLOT_FILE)
+    plot_cartography(confidence, variability, is_confident, threshold, tmp / PLOT_FILE, measure)
     replace_dir(tmp, target)
     summary = {
         "ratio": cfg.split.ratio,
+        "confidence_measure": measure,
         "confident": len(conf_ids),
         "unconfident": len(unconf_ids),
         "threshold": threshold,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +47,59 @@ HEAVY_FIRST = [
 ]  # fmt: skip
 
 
+RAY_FIXTURES = {"ray_local", "prepared_out", "reference_out", "scored_base"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+    # `make test-fast` (-m "not slow") runs what needs no Ray cluster: anything that uses the
+    # session's cluster or a stage's outputs is slow, whatever its own marks say.
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+# Loaded by every Python process of a CLI run (driver, raylet helpers, Ray Train workers, Ray
+# Data actors) through PYTHONPATH: each prints the same lines to stdout at start, from a thread
+# and at exit, so Ray forwards and deduplicates them ("[repeated Nx across cluster]", with its
+# log-deduplication notice at shutdown), exactly the output that must never reach the CLI's
+# stdout. The driver's own first print is delayed past the CLI's start-up.
+NOISY_SITECUSTOMIZE = """
+import atexit, os, sys, threading, time
+if os.environ.get("SFTMIX_TEST_NOISY") == "1":
+    def _tick():
+        time.sleep(2.0)
+        for _ in range(3):
+            print("noisy-process: tick from a thread", flush=True)
+            time.sleep(1.0)
+    threading.Thread(target=_tick, daemon=True).start()
+    atexit.register(lambda: print("noisy-process: at exit", flush=True))
+"""
+
+
+@functools.cache
+def _noisy_site_dir() -> str:
+    path = Path(tempfile.mkdtemp(prefix="sftmix-noisy-site-"))
+    (path / "sitecustomize.py").write_text(NOISY_SITECUSTOMIZE)
+    return str(path)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for the real console script: noisy worker processes (see above)."""
+    env = {**os.environ, "SFTMIX_TEST_NOISY": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_noisy_site_dir(), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def result_json(proc: subprocess.CompletedProcess) -> dict:
+    """The CLI's stdout as one JSON document: stdout must hold nothing else."""
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        message = f"stdout is not one JSON document ({exc}):\n{proc.stdout[-3000:]}"
+        raise AssertionError(message) from None
 
 
 def sftmix_command() -> list[str]:
@@ -118,3 +173,13 @@ def scored_base(prepared_out: Path, tmp_path_factory) -> Path:
     }
     pq.write_table(pa.table(scores), out / "scores" / "scores.parquet")
     return out
+
+
+_SUITE_START = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The suite's wall time on its own line, just above pytest's summary line."""
+    if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
+        seconds = time.monotonic() - _SUITE_START
+        terminalreporter.write_line(f"suite wall time: {seconds:.0f} s ({seconds / 60:.1f} min)")

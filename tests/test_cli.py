@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import cli_env
 
 BIN = Path(sys.executable).with_name("sftmix-ray")
 COMMANDS = [
@@ -26,7 +27,7 @@ COMMANDS = [
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed console script; never raises on a non-zero exit."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = cli_env(DS_ACCELERATOR="cpu", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     return subprocess.run(
         [str(BIN), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -95,7 +96,11 @@ def test_debug_shows_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_stage_needing_missing_inputs_fails_clearly(tmp_path):
+    """A stage that started Ray and failed: empty stdout, stderr ending with the one line."""
     result = run_cli("train", "--output-dir", str(tmp_path / "empty"))
     assert result.returncode == 1
-    assert "run `sftmix-ray prepare` first" in result.stderr
+    assert result.stdout == ""
+    last = result.stderr.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("sftmix-ray train: error: ") and "run `sftmix-ray prepare` first" in last

@@ -8,7 +8,6 @@ for it, the score stage scores those ids, and `train` still reads the base token
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sftmix_ray.errors import SftmixError
-from tests.conftest import TINY_OVERRIDES, sftmix_command, tiny_config
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 
 REF_VOCAB = 300
 NLL_RTOL = 1e-4
@@ -30,7 +29,7 @@ def _cli(*args: str, sets: list[str]) -> subprocess.CompletedProcess:
     flags = [f"--set={item}" for item in [*TINY_OVERRIDES, *sets]]
     return subprocess.run(
         [*sftmix_command(), *args, *flags],
-        capture_output=True, text=True, timeout=300, env=os.environ,
+        capture_output=True, text=True, timeout=300, env=cli_env(),
     )  # fmt: skip
 
 
@@ -50,9 +49,7 @@ def cross(prepared_out: Path, ray_local, tmp_path_factory):
     reference_model = materialize_tiny(small.model, texts, root / "small-reference")
     sets = [f"reference.model={reference_model}", "score.num_actors=1"]
     address = ["--output-dir", str(out), "--address", ray_local.get_runtime_context().gcs_address]
-    proc = _cli("reference", *address, sets=sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {"reference": json.loads(proc.stdout)["reference"]}
+    results = {"reference": result_json(_cli("reference", *address, sets=sets))["reference"]}
     results["score"] = run_stage("score", tiny_config(*sets), out)  # as `sftmix-ray score` does
     return out, reference_model, sets, results
 

@@ -9,7 +9,6 @@ interrupted driver's actors and Ray Train workers die with it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, cli_env
 
 BIN = Path(sys.executable).with_name("sftmix-ray")
 STEPS = 4
@@ -74,7 +73,7 @@ PLAN = [
 
 def _pipeline(out: Path, address: str) -> subprocess.Popen:
     sets = [f"--set={o}" for o in SETTINGS]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = cli_env(DS_ACCELERATOR="cpu", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     command = [str(BIN), "pipeline", "--output-dir", str(out), "--address", address, *sets]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -141,8 +140,9 @@ def test_signals_in_each_stage_then_rerun_finishes_without_redoing_work(ray_loca
 
     finished = _finished_outputs(out)
     proc = _pipeline(out, address)
-    _, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-4000:]
+    assert json.loads(stdout)["pipeline"]["report"].endswith("report.md"), stdout[-2000:]
     assert _again(finished) == finished, "the final rerun redid finished work"
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert {s: stages[s]["status"] for s in (*OUTPUTS, "eval")} == dict.fromkeys(

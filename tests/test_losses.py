@@ -28,10 +28,10 @@ TOL = 1e-5
 # ----------------------------------------------------------------------------- oracles
 
 
-def naive_mixup_loss(
+def naive_position_mixup_loss(
     h_conf: Tensor, h_unconf: Tensor, y_conf: Tensor, y_unconf: Tensor, lm_head: nn.Module, lam
 ) -> Tensor:
-    """DESIGN's formula literally: materialize Y [b, L-1, V] and take a full log_softmax."""
+    """`align="position"` literally: materialize Y [b, L-1, V] and take a full log_softmax."""
     b = h_conf.shape[0]
     lam = torch.as_tensor(lam, dtype=torch.float32).expand(b).reshape(b, 1, 1)
     mixed = lam * h_conf + (1 - lam) * h_unconf
@@ -43,6 +43,36 @@ def naive_mixup_loss(
     onehot_u = F.one_hot(y_u.clamp_min(0), vocab).float()
     target = lam * onehot_c * m_c + (1 - lam) * onehot_u * m_u
     return -(target * log_probs).sum() / target.sum()
+
+
+def naive_response_mixup_loss(
+    h_conf: Tensor, h_unconf: Tensor, y_conf: Tensor, y_unconf: Tensor, lm_head: nn.Module, lam
+) -> Tensor:
+    """DESIGN's (the paper's) formula, pair by pair: the n-th response token of the confident
+    row with the n-th of its partner, n < min(N_c, N_u); Y materialized, full log_softmax."""
+    b = h_conf.shape[0]
+    lam = torch.as_tensor(lam, dtype=torch.float32).expand(b)
+    total, count = h_conf.sum() * 0.0 + lm_head.weight.sum() * 0.0, 0
+    for i in range(b):
+        pos_c = [t for t in range(h_conf.shape[1] - 1) if y_conf[i, t + 1] != -100]
+        pos_u = [t for t in range(h_unconf.shape[1] - 1) if y_unconf[i, t + 1] != -100]
+        n = min(len(pos_c), len(pos_u))
+        if n == 0:
+            continue
+        pos_c, pos_u = pos_c[:n], pos_u[:n]
+        mixed = lam[i] * h_conf[i, pos_c] + (1 - lam[i]) * h_unconf[i, pos_u]
+        log_probs = torch.log_softmax(lm_head(mixed).float(), dim=-1)
+        vocab = log_probs.shape[-1]
+        target = lam[i] * F.one_hot(y_conf[i, [t + 1 for t in pos_c]], vocab).float()
+        target = target + (1 - lam[i]) * F.one_hot(y_unconf[i, [t + 1 for t in pos_u]], vocab)
+        total = total - (target * log_probs).sum()
+        count += n
+    return total / max(count, 1)
+
+
+def naive_mixup_loss(h_conf, h_unconf, y_conf, y_unconf, lm_head, lam, align="response"):
+    fn = naive_response_mixup_loss if align == "response" else naive_position_mixup_loss
+    return fn(h_conf, h_unconf, y_conf, y_unconf, lm_head, lam)
 
 
 def naive_ntp_loss(hidden: Tensor, labels: Tensor, lm_head: nn.Module) -> Tensor:
@@ -109,15 +139,19 @@ LAMBDAS = {
 # ----------------------------------------------------------------------------- Mixup
 
 
+ALIGNS = ["response", "position"]
+
+
+@pytest.mark.parametrize("align", ALIGNS)
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 @pytest.mark.parametrize("lam_name", list(LAMBDAS))
-def test_mixup_loss_and_grads_match_oracle(lam_name: str, chunk_size: int) -> None:
+def test_mixup_loss_and_grads_match_oracle(lam_name: str, chunk_size: int, align: str) -> None:
     lam = LAMBDAS[lam_name]
     head = make_head()
     h_c, h_u, y_c, y_u = make_pairs()
-    expected = naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
+    expected = naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam, align)
     expected_grads = grads(expected, h_c, h_u, head.weight)
-    actual = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, chunk_size=chunk_size)
+    actual = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, chunk_size=chunk_size, align=align)
     actual_grads = grads(actual, h_c, h_u, head.weight)
     assert_rel(actual, expected)
     for a, e in zip(actual_grads, expected_grads, strict=True):
@@ -154,17 +188,20 @@ def test_mixup_with_a_shorter_side_differs_from_equal_lengths() -> None:
     assert_rel(padded, naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam))
 
 
-def test_all_ignored_pair_contributes_nothing() -> None:
+@pytest.mark.parametrize("align", ALIGNS)
+def test_all_ignored_pair_contributes_nothing(align: str) -> None:
     head = make_head()
     h_c, h_u, y_c, y_u = make_pairs()
     lam = LAMBDAS["per_pair"]
     y_c2, y_u2 = y_c.clone(), y_u.clone()
     y_c2[1], y_u2[1] = -100, -100
-    with_dead_row = sftmix_mixup_loss(h_c, h_u, y_c2, y_u2, head, lam)
+    with_dead_row = sftmix_mixup_loss(h_c, h_u, y_c2, y_u2, head, lam, align=align)
     keep = [0, 2]
-    without = sftmix_mixup_loss(h_c[keep], h_u[keep], y_c[keep], y_u[keep], head, lam[keep])
+    without = sftmix_mixup_loss(
+        h_c[keep], h_u[keep], y_c[keep], y_u[keep], head, lam[keep], align=align
+    )
     assert_rel(with_dead_row, without)
-    assert_rel(with_dead_row, naive_mixup_loss(h_c, h_u, y_c2, y_u2, head, lam))
+    assert_rel(with_dead_row, naive_mixup_loss(h_c, h_u, y_c2, y_u2, head, lam, align))
     g_c, g_u = grads(with_dead_row, h_c, h_u)
     assert float(g_c[1].abs().max()) == 0.0 and float(g_u[1].abs().max()) == 0.0
 
@@ -181,18 +218,22 @@ def test_all_ignored_batch_is_zero_with_a_gradient_path() -> None:
         assert float(tensor.abs().max()) == 0.0
 
 
-def test_mixup_normalizer_replaces_sum_y() -> None:
+@pytest.mark.parametrize("align", ALIGNS)
+def test_mixup_normalizer_replaces_sum_y(align: str) -> None:
     head = make_head()
     h_c, h_u, y_c, y_u = make_pairs()
     lam = LAMBDAS["per_pair"]
-    mass = mixup_target_mass(y_c, y_u, lam)
-    default = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
-    doubled = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, normalizer=2 * mass)
+    mass = mixup_target_mass(y_c, y_u, lam, align=align)
+    default = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, align=align)
+    doubled = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, normalizer=2 * mass, align=align)
     assert_rel(doubled, default / 2)
-    # sum Y by hand: lam * (#confident targets) + (1 - lam) * (#unconfident targets) per pair.
     n_c = (y_c[:, 1:] != -100).sum(1).float()
     n_u = (y_u[:, 1:] != -100).sum(1).float()
-    assert_rel(mass, (lam * n_c + (1 - lam) * n_u).sum())
+    if align == "position":
+        # lam * (#confident targets) + (1 - lam) * (#unconfident targets) per pair.
+        assert_rel(mass, (lam * n_c + (1 - lam) * n_u).sum())
+    else:  # every mixed position carries mass 1: the number of mixed positions
+        assert float(mass) == float(torch.minimum(n_c, n_u).sum())
 
 
 def test_tied_embeddings() -> None:
@@ -231,11 +272,44 @@ def test_bf16_is_close_to_fp32() -> None:
     assert_rel(actual, expected, tol=2e-2)
 
 
+def test_response_alignment_multi_turn_different_lengths_and_an_empty_side() -> None:
+    """Rows of different lengths, responses in two turns with a user turn between them, and a
+    pair whose unconfident row has no response at all (it mixes nothing)."""
+    head = make_head(seed=4)
+    g = torch.Generator().manual_seed(4)
+    h_c = torch.randn(3, 14, D, generator=g).requires_grad_()
+    h_u = torch.randn(3, 9, D, generator=g).requires_grad_()
+    y_c = torch.full((3, 14), -100)
+    y_u = torch.full((3, 9), -100)
+    y_c[0, 3:6], y_c[0, 9:13] = torch.arange(3), torch.arange(10, 14)  # two turns: 7 tokens
+    y_u[0, 2:4], y_u[0, 6:9] = torch.tensor([40, 41]), torch.tensor([50, 51, 52])  # 5 tokens
+    y_c[1, 2:5] = torch.tensor([7, 8, 9])  # 3 tokens, partner has 6
+    y_u[1, 1:7] = torch.arange(20, 26)
+    y_c[2, 1:12] = torch.arange(60, 71)  # partner has no response: nothing mixed
+    lam = torch.tensor([0.2, 0.7, 0.9])
+    for chunk in (1, 4, 100):
+        actual = sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam, chunk_size=chunk)
+        expected = naive_mixup_loss(h_c, h_u, y_c, y_u, head, lam)
+        assert_rel(actual, expected)
+        for a, e in zip(
+            grads(actual, h_c, h_u, head.weight), grads(expected, h_c, h_u, head.weight)
+        ):
+            assert_rel(a, e)
+    # 5 + 3 + 0 mixed positions; the empty pair's rows get no gradient.
+    assert float(mixup_target_mass(y_c, y_u, lam)) == 8.0
+    g_c, g_u = grads(sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, lam), h_c, h_u)
+    assert float(g_c[2].abs().max()) == 0.0 and float(g_u[2].abs().max()) == 0.0
+    # The confident row's 6th and 7th response tokens have no partner: no gradient there.
+    assert float(g_c[0, 10:].abs().max()) == 0.0 and float(g_c[0, 8].abs().max()) > 0.0
+
+
 def test_mixup_rejects_bad_inputs() -> None:
     head = make_head()
     h_c, h_u, y_c, y_u = make_pairs()
     with pytest.raises(ValueError, match="one shape"):
-        sftmix_mixup_loss(h_c, h_u[:, :-1], y_c, y_u[:, :-1], head, 0.5)
+        sftmix_mixup_loss(h_c, h_u[:, :-1], y_c, y_u[:, :-1], head, 0.5, align="position")
+    with pytest.raises(ValueError, match="align must be"):
+        sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, 0.5, align="token")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sftmix_mixup_loss(h_c, h_u, y_c, y_u, head, 1.5)
     with pytest.raises(ValueError, match=r"\[3\] tensor"):
@@ -437,14 +511,30 @@ def test_build_loss_and_config_errors() -> None:
 
 def test_confidence_and_variability_by_hand() -> None:
     nll = np.array([[0.0, math.log(2), math.log(4)], [1.0, 1.0, 1.0]])
-    confidence, variability = confidence_and_variability(nll)
+    confidence, variability = confidence_and_variability(nll, "mean_inverse_perplexity")
     # Row 0: exp(-nll) = 1, 1/2, 1/4; mean 7/12; population variance 1/3*sum (p - 7/12)^2.
     mean0 = 7 / 12
     std0 = math.sqrt(((1 - mean0) ** 2 + (0.5 - mean0) ** 2 + (0.25 - mean0) ** 2) / 3)
     np.testing.assert_allclose(confidence, [mean0, math.exp(-1)], rtol=1e-12)
     np.testing.assert_allclose(variability, [std0, 0.0], rtol=1e-12, atol=1e-15)
+    # The paper's default: minus the mean perplexity; row 0: perplexities 1, 2, 4.
+    confidence, variability = confidence_and_variability(nll)
+    np.testing.assert_allclose(confidence, [-7 / 3, -math.e], rtol=1e-12)
+    std_ppl = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 3)
+    np.testing.assert_allclose(variability, [std_ppl, 0.0], rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="checkpoints"):
         confidence_and_variability(np.zeros(3))
+    with pytest.raises(ValueError, match="measure"):
+        confidence_and_variability(nll, "entropy")
+
+
+def test_the_two_measures_rank_examples_differently() -> None:
+    """Perplexities [2, 20] vs [8, 8]: mean perplexity 11 vs 8 (the second is more confident),
+    mean inverse perplexity 0.275 vs 0.125 (the first is)."""
+    nll = np.log(np.array([[2.0, 20.0], [8.0, 8.0]]))
+    paper, _ = confidence_and_variability(nll, "neg_mean_perplexity")
+    cartography, _ = confidence_and_variability(nll, "mean_inverse_perplexity")
+    assert paper[1] > paper[0] and cartography[0] > cartography[1]
 
 
 # ----------------------------------------------------------------------------- HF wrapper

@@ -34,7 +34,7 @@ from sftmix_ray.scoring import (
     token_budget_batches,
 )
 from sftmix_ray.summary import read_summary
-from tests.conftest import TINY_OVERRIDES, sftmix_command, tiny_config
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 
 NLL_RTOL = 1e-4  # scorer vs plain transformers, both float32
 # A small token budget forces many micro-batches that mix lengths, so padding is exercised.
@@ -46,7 +46,7 @@ WAIT_FOR_ACTORS = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """Run the real `sftmix-ray` console script."""
     sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SCORE_OVERRIDES]]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **WAIT_FOR_ACTORS}
+    env = cli_env(RAY_DATA_DISABLE_PROGRESS_BARS="1", **WAIT_FOR_ACTORS)
     return subprocess.run(
         [*sftmix_command(), *args, *sets], capture_output=True, text=True, timeout=300, env=env
     )
@@ -99,10 +99,7 @@ def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
     # The rerun: the real CLI, joining the session's cluster (2 actors).
     address = ray_local.get_runtime_context().gcs_address
     proc = _cli("score", "--output-dir", str(out), "--address", address)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return ScoredRun(
-        out, first.name, last.name, first_mtime, stale_tmp, partial, json.loads(proc.stdout)
-    )
+    return ScoredRun(out, first.name, last.name, first_mtime, stale_tmp, partial, result_json(proc))
 
 
 def _data(out: Path):
@@ -164,11 +161,25 @@ def test_nll_matches_plain_transformers(scored: ScoredRun):
             assert scores.column("n_response_tokens")[row].as_py() == n_response
 
 
-def test_confidence_and_variability_follow_stored_nll(scored: ScoredRun):
+def test_confidence_and_variability_follow_stored_nll(scored: ScoredRun, tmp_path):
+    """The paper's measure by default, named in the file; the split recomputes the other one
+    from the stored NLL without rescoring."""
+    from sftmix_ray.scoring import MEASURE_METADATA_KEY
+    from sftmix_ray.split import run_split
+
     scores = pq.read_table(scored.out / SCORES_DIR / SCORES_FILE)
-    inverse_ppl = np.exp(-np.array(scores.column("nll").to_pylist()))
-    np.testing.assert_allclose(scores.column("confidence").to_numpy(), inverse_ppl.mean(1))
-    np.testing.assert_allclose(scores.column("variability").to_numpy(), inverse_ppl.std(1))
+    assert scores.schema.metadata[MEASURE_METADATA_KEY] == b"neg_mean_perplexity"
+    ppl = np.exp(np.array(scores.column("nll").to_pylist()))
+    np.testing.assert_allclose(scores.column("confidence").to_numpy(), -ppl.mean(1))
+    np.testing.assert_allclose(scores.column("variability").to_numpy(), ppl.std(1))
+    out = _copy_run(scored.out, tmp_path)
+    result = run_split(tiny_config("score.confidence=mean_inverse_perplexity"), out)
+    assert result["confidence_measure"] == "mean_inverse_perplexity"
+    confident = pq.read_table(out / "split" / "confident.parquet").to_pandas()
+    inverse = dict(zip(scores.column("example_id").to_pylist(), np.exp(-np.log(ppl)).mean(1)))
+    np.testing.assert_allclose(
+        confident["confidence"], [inverse[i] for i in confident["example_id"]], rtol=1e-12
+    )
 
 
 def test_incomplete_or_stale_checkpoint_files_are_redone(scored: ScoredRun, tmp_path):
@@ -207,9 +218,7 @@ def test_token_budget_batches_cover_each_row_once_within_budget():
 
 def test_cli_split_after_score(scored: ScoredRun, tmp_path):
     out = _copy_run(scored.out, tmp_path)
-    proc = _cli("split", "--output-dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)["split"]
+    summary = result_json(_cli("split", "--output-dir", str(out)))["split"]
     n = _data(out).num_rows
     assert summary["confident"] + summary["unconfident"] == n
     assert summary["mean_confidence_confident"] >= summary["mean_confidence_unconfident"]

@@ -180,18 +180,27 @@ def _assert_same_run(out: Path, reference: Path) -> None:
 
 
 def test_killed_worker_resumes_from_checkpoint(single, base_out, tmp_path, monkeypatch):
-    """A worker process dies after step 2; Ray Train restarts it from the step-1 checkpoint."""
-    marker = tmp_path / "fault-marker"
-    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
+    """Rank 0 dies after step 1, before the first checkpoint (Ray Train restarts the worker
+    group from scratch), then again after step 3, past the step-2 checkpoint (restart from it).
+
+    Both restarts are counted, with or without a checkpoint to resume from, and the run ends
+    with every step once and the losses and weights of an uninterrupted run.
+    """
+    before, after = tmp_path / "fault-before-checkpoint", tmp_path / "fault-after-checkpoint"
+    monkeypatch.setenv(FAULT_ENV, f"1:{before},3:{after}")
     out, history = run_train(
         base_out,
         tmp_path,
         "train.per_device_train_batch_size=8",
-        "train.max_failures=1",
+        "train.save_steps=2",
+        "train.max_failures=2",
         "train.report_to=tensorboard,mlflow",
     )
-    assert marker.exists(), "the fault was injected"
+    assert before.exists() and after.exists(), "both faults were injected"
     stage = read_summary(out)["stages"]["train"]
-    assert stage["steps"] == STEPS and stage["restarts"] == 1
+    assert stage["steps"] == STEPS and stage["restarts"] == 2
+    assert [h["step"] for h in history] == list(range(1, STEPS + 1))
+    # Restart 1 started from scratch (no checkpoint), restart 2 from the step-2 checkpoint.
+    assert [h["restarts"] for h in history] == [1.0, 1.0, 2.0]
     _assert_same_run(out, single[0])
     _assert_mlflow_run(out, history)  # the restarted workers continued the same MLflow run

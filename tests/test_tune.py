@@ -7,7 +7,6 @@ Trials are 2 optimizer steps of the tiny model, evaluated on the held-out set at
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -24,7 +23,7 @@ from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.split import confident_count
 from sftmix_ray.summary import read_summary
 from sftmix_ray.tune_space import load_space, parse_domain
-from tests.conftest import TINY_OVERRIDES, sftmix_command, tiny_config
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 from tuning.results import best_row
 from tuning.sweep import (
     _check_same_sweep,
@@ -56,7 +55,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SWEEP]]
     return subprocess.run(
         [*sftmix_command(), *args, *sets],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ),
+        capture_output=True, text=True, timeout=600, env=cli_env(),
     )  # fmt: skip
 
 
@@ -83,9 +82,8 @@ def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dic
         "--set", "tune.search=random", "--set", "tune.num_samples=3",
         "--set", "tune.max_concurrent_trials=2",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    # The summary is the JSON object the CLI prints last (Tune's progress report precedes it).
-    summary, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.rindex('{\n  "tune"'))
+    # stdout is the summary alone: Tune's progress report went to stderr.
+    summary = result_json(proc)
     return out, summary["tune"], time.time() - start
 
 

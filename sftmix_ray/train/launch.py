@@ -107,6 +107,8 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
                     "mu": mixup.mu,
                     "lambda_per": mixup.lambda_per,
                     "chunk_size": cfg.train.loss_chunk_size,
+                    "align": mixup.align,
+                    "ntp_weight": mixup.ntp_weight,
                 },
             }
         # NTP and random pairing sample the whole corpus; SFTMix pairs confident/unconfident.
@@ -232,6 +234,8 @@ def run_training(
         for k, t in tables.items()
     }
     name = _run_name(mode, {**{k: v for k, v in spec.items() if k != "torch_threads"}, **rows})
+    spec["run_name"] = name
+    spec["starts_path"] = str(out_dir.resolve() / "logs" / f"{mode}-{export_name}-starts.json")
     if "mlflow" in cfg.train.report_to:
         spec["mlflow"] = mlflow_settings(cfg, out_dir, name, f"{mode}-{export_name}")
     trainer = TorchTrainer(

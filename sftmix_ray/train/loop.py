@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from sftmix_ray.data.tokenize import IGNORE_INDEX
+from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
 
@@ -59,10 +60,20 @@ def collate(
     }
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
+def training_model(spec: dict[str, Any]) -> torch.nn.Module:
+    """The HF model a worker trains: loaded, gradient checkpointing as configured, train mode.
+
+    `from_pretrained` returns the model in eval mode: dropout off, and transformers recomputes
+    a checkpointed layer only when `self.training`, so without `train()` checkpointing does
+    nothing and every layer's activations stay in memory.
+    """
+    from sftmix_ray.modeling import load_model
+
+    model = load_model(spec["model_path"], trust_remote_code=spec["trust"])
+    if spec["train"]["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
 
 
 def checkpoint_steps(total: int, count: int) -> list[int]:
@@ -77,7 +88,7 @@ class Trainer:
         import ray.train
 
         from sftmix_ray.losses import NTPLoss, build_loss
-        from sftmix_ray.modeling import load_model, load_tokenizer
+        from sftmix_ray.modeling import load_tokenizer
         from sftmix_ray.train.forward import CausalLMWithLoss
         from sftmix_ray.train.sampling import total_steps
         from sftmix_ray.train.strategies import build_strategy
@@ -89,6 +100,7 @@ class Trainer:
         self.device = torch.device("cuda" if self.train_cfg["use_gpu"] else "cpu")
         if self.train_cfg["use_gpu"]:
             self.device = ray.train.torch.get_device()
+            torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
         torch.manual_seed(self.train_cfg["seed"])
         self.nodes = self._gather_nodes()
 
@@ -103,9 +115,7 @@ class Trainer:
         )
         self.total_steps = total_steps(self.plan, spec["num_train_epochs"], spec["max_steps"])
         self.tokenizer = load_tokenizer(spec["tokenizer_path"], trust_remote_code=spec["trust"])
-        model = load_model(spec["model_path"], trust_remote_code=spec["trust"])
-        if self.train_cfg["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable()
+        model = training_model(spec)
         self.config_json = model.config.to_json_string()
         self.loss = build_loss(spec["loss"]["name"], **spec["loss"]["kwargs"])
         self.eval_loss = NTPLoss(chunk_size=self.train_cfg["loss_chunk_size"])
@@ -158,7 +168,7 @@ class Trainer:
         # Normalize by the global count over ranks and micro-batches, so neither changes
         # the loss or its gradients (DDP/FSDP/DeepSpeed average gradients over ranks).
         counts = sum(self.loss.normalizer_counts(b["labels"], lam) for b, lam in zip(batches, lams))
-        normalizers = _all_reduce(counts.to(self.device).double()).float() / self.world
+        normalizers = (all_reduce_sum(counts, self.device).float() / self.world).to(self.device)
         metrics_sum: dict[str, float] = {}
         tokens = 0
         for m, (batch, lam) in enumerate(zip(batches, lams)):
@@ -180,7 +190,7 @@ class Trainer:
         # Loss terms are each micro-batch's share of the global mean (summed over micro-batches,
         # averaged over ranks); token counts add up; anything else is a mean over calls.
         keys = sorted(metrics_sum)
-        reduced = _all_reduce(torch.tensor([metrics_sum[k] for k in keys], dtype=torch.float64))
+        reduced = all_reduce_sum([metrics_sum[k] for k in keys], self.device)
         out = {}
         for k, v in zip(keys, reduced.tolist()):
             if k in ("loss", "ntp", "mix"):
@@ -199,11 +209,18 @@ class Trainer:
 
         return contextlib.nullcontext()
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Held-out mean response NLL over all workers (token-weighted)."""
+        """Held-out mean response NLL over all workers (token-weighted), in eval mode."""
         if self.heldout is None:
             return float("nan")
+        self.strategy.module.eval()
+        try:
+            with torch.no_grad():
+                return self._heldout_nll()
+        finally:
+            self.strategy.module.train()
+
+    def _heldout_nll(self) -> float:
         inputs, labels = self.heldout
         mine = range(self.rank, len(inputs), self.world)
         rows = self.plan.rows_per_device
@@ -231,14 +248,14 @@ class Trainer:
             if idx[b * rows : (b + 1) * rows]:
                 total[0] += float(loss)
                 total[1] += float(self.eval_loss.normalizer_counts(batch["labels"]).sum())
-        _all_reduce(total)
+        total = all_reduce_sum(total, self.device)
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: Path) -> None:
         self.strategy.save(directory)
         if self.rank == 0:
-            state = {"step": self.step, "restarts": self.restarts, "history": self.history}
+            state = {"step": self.step, "history": self.history}
             (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 
     def restore(self, directory: Path) -> None:
@@ -246,7 +263,6 @@ class Trainer:
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
         self.step = int(state["step"])
         self.history = state["history"]
-        self.restarts = int(state["restarts"]) + 1
 
     def export_hf(self, target: str) -> None:
         """Gather the full weights (collective) and save a HF directory from rank 0."""
@@ -272,21 +288,37 @@ FAULT_ENV = "SFTMIX_FAULT_AT_STEP"
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Fault-injection hook for the reliability tests: `SFTMIX_FAULT_AT_STEP=STEP:MARKER`.
+    """Fault-injection hook for the reliability tests: `SFTMIX_FAULT_AT_STEP=STEP:MARKER[,...]`.
 
-    Rank 0 dies (a real process exit, no cleanup) after finishing `STEP`, once: the marker
-    file records that the fault happened, so the restarted attempt runs through.
+    Rank 0 dies (a real process exit, no cleanup) after finishing `STEP`, once per entry: the
+    marker file records that the fault happened, so the restarted attempt runs through.
     """
     value = os.environ.get(FAULT_ENV)
     if not value or rank != 0:
         return
-    fault_step, marker = value.split(":", 1)
-    if step == int(fault_step) and not Path(marker).exists():
-        Path(marker).write_text(f"killed after step {step}\n", encoding="utf-8")
-        # Give the controller time to register the checkpoints already reported, so the
-        # test knows which one the restart must resume from (a real crash has no such grace).
-        time.sleep(3)
-        os._exit(17)
+    for entry in value.split(","):
+        fault_step, marker = entry.split(":", 1)
+        if step == int(fault_step) and not Path(marker).exists():
+            Path(marker).write_text(f"killed after step {step}\n", encoding="utf-8")
+            # Give the controller time to register the checkpoints already reported, so the
+            # test knows which one the restart must resume from (a real crash has no grace).
+            time.sleep(3)
+            os._exit(17)
+
+
+def record_start(path: Path, run_name: str) -> int:
+    """Count one more worker-group start of `run_name` in `path`; returns the count so far.
+
+    Every start counts, with or without a checkpoint to resume from, so `restarts` (starts
+    minus one) is the number of times Ray Train (or a rerun of the same command) started the
+    run's workers again. Rank 0 alone calls this, once per worker-group start.
+    """
+    from sftmix_ray.io_utils import atomic_write_json
+
+    starts = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    starts[run_name] = int(starts.get(run_name, 0)) + 1
+    atomic_write_json(path, starts)
+    return starts[run_name]
 
 
 def train_loop_per_worker(spec: dict[str, Any]) -> None:
@@ -295,6 +327,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     torch.set_num_threads(spec.get("torch_threads", 1))
     trainer = Trainer(spec)
+    if trainer.rank == 0:
+        trainer.restarts = record_start(Path(spec["starts_path"]), spec["run_name"]) - 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:

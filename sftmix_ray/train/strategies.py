@@ -129,20 +129,24 @@ class FSDPStrategy(TorchStrategy):
     """FSDP2: `fully_shard` each decoder layer, then the wrapper (which owns the LM head)."""
 
     def _wrap(self, wrapper: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        kwargs: dict[str, Any] = {}
-        if self.train["bf16"] and torch.cuda.is_available():
-            kwargs["mp_policy"] = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-            )
+        layer_policy, root_policy = fsdp_mixed_precision(
+            self.train["bf16"] and (torch.cuda.is_available() or self.train.get("_bf16_on_cpu"))
+        )
         for layer in _decoder_layers(wrapper):
-            fully_shard(layer, **kwargs)
-        fully_shard(wrapper, **kwargs)
+            fully_shard(layer, mp_policy=layer_policy)
+        fully_shard(wrapper, mp_policy=root_policy)
         return wrapper
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        self.module.set_requires_gradient_sync(sync)
+        """Reduce-scatter every micro-batch (sharded gradients only) unless deferring is asked.
+
+        Deferring the gradient sync to the last micro-batch keeps *unsharded* fp32 gradients
+        between micro-batches: the whole model's size on every GPU (32 GB for 8B).
+        """
+        if self.train.get("fsdp_defer_grad_sync"):
+            self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -241,10 +245,15 @@ def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
         config = json.loads(Path(train["deepspeed_config"]).read_text(encoding="utf-8"))
     else:
         stage = int(train["deepspeed_stage"])
-        zero: dict[str, Any] = {"stage": stage, "overlap_comm": False}
+        on_gpu = torch.cuda.is_available()
+        # Overlapping the gradient reduction with backward needs CUDA streams.
+        zero: dict[str, Any] = {"stage": stage, "overlap_comm": on_gpu}
         if stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         config = {"zero_optimization": zero}
+        if train["bf16"] and on_gpu:
+            # bf16 compute, but gradients accumulate in fp32 (master weights stay fp32).
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     config["train_micro_batch_size_per_gpu"] = train["per_device_train_batch_size"]
     config["gradient_accumulation_steps"] = train["gradient_accumulation_steps"]
     config["gradient_clipping"] = train["max_grad_norm"]
@@ -252,6 +261,24 @@ def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
+
+
+def fsdp_mixed_precision(bf16: bool) -> tuple[Any, Any]:
+    """FSDP2 policies `(decoder layers, root)`: bf16 compute over fp32 master weights.
+
+    The root unit does not cast its floating inputs: those are the Mixup weights and the loss
+    normalizers, which must reach the loss in fp32 (lambda >= 0.998 rounds to 1.0 in bf16).
+    The layers get bf16 hidden states from the root's bf16 embedding anyway.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not bf16:
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy(cast_forward_inputs=False)
+    layer = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    root = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    return layer, root
 
 
 def _decoder_layers(wrapper: nn.Module) -> Iterator[nn.Module]:

@@ -1,0 +1,68 @@
+"""stdout of the real console script is the result and nothing else, whatever Ray prints.
+
+Every Python process of these runs prints from a thread and at exit (`cli_env` in conftest),
+and Ray's log deduplication is on (its default), so Ray forwards the workers' lines to the
+driver, folds the repeats and prints its deduplication notice while shutting down. The CLI runs
+here start their own local Ray cluster (no `--address`), so the shutdown happens in the CLI
+process itself. The subcommands that join the session's cluster are checked the same way where
+they run (`score`, `split`: test_scoring.py; `reference`: test_cross_tokenizer.py; `train`:
+test_object_store.py; `tune`: test_tune.py; `pipeline`: test_interrupts.py and
+test_job_submit.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    sets = [f"--set={item}" for item in TINY_OVERRIDES]
+    env = cli_env(RAY_DEDUP_LOGS="1", RAY_DATA_DISABLE_PROGRESS_BARS="0")
+    return subprocess.run(
+        [*sftmix_command(), *args, *sets], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+@pytest.mark.slow
+def test_prepare_and_eval_on_their_own_cluster_print_only_json(tmp_path: Path):
+    out = tmp_path / "out"
+    prepare = _run("prepare", "--output-dir", str(out))
+    result = result_json(prepare)["prepare"]
+    assert result["valid"] == 200 and result["rejected"] == 0
+    # The noise happened (workers' lines reached the driver), and all of it went to stderr.
+    assert "noisy-process" in prepare.stderr
+    assert "noisy-process" not in prepare.stdout
+
+    shutil.copytree(out / "base_model", out / "model")
+    evaluation = _run("eval", "--output-dir", str(out), "--set=eval.max_examples=4")
+    models = result_json(evaluation)["eval"]["models"]
+    assert models["sftmix"]["response_tokens"] > 0
+    assert "noisy-process" in evaluation.stderr
+    assert json.loads((out / "eval.json").read_text())["sftmix"]["response_tokens"] > 0
+
+
+def test_validate_data_json_is_the_only_stdout(tmp_path: Path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n{oops\n")
+    proc = subprocess.run(
+        [*sftmix_command(), "validate-data", "--data", str(corpus), "--json"],
+        capture_output=True, text=True, timeout=60, env=cli_env(),
+    )  # fmt: skip
+    # A JSONL line that does not parse makes the file unreadable: exit 1, nothing on stdout.
+    assert proc.returncode == 1 and proc.stdout == ""
+    last = proc.stderr.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("sftmix-ray validate-data: error: ") and "c.jsonl" in last
+    corpus.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    ok = subprocess.run(
+        [*sftmix_command(), "validate-data", "--data", str(corpus), "--json"],
+        capture_output=True, text=True, timeout=60, env=cli_env(),
+    )  # fmt: skip
+    report = result_json(ok)
+    assert report["total"] == report["valid"] == 1 and report["rejected"] == 0
