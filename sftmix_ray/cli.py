@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TextIO
 
 from sftmix_ray.errors import SftmixError
 
@@ -132,17 +131,23 @@ class ResultStdout:
         sys.stdout.flush()
         self._saved = os.dup(1)
         os.dup2(2, 1)
-        self.stream: TextIO = os.fdopen(os.dup(self._saved), "w", encoding="utf-8")
+        self._result: str | None = None
 
     def write(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        """Keep the result; `close` writes it."""
+        self._result = text
 
     def close(self, *, restore: bool) -> None:
-        self.stream.close()
+        """Write the result to the real stdout; `restore` points fd 1 back (in-process use,
+        where the result goes through `sys.stdout`, which a caller may have replaced)."""
         sys.stdout.flush()
         if restore:
             os.dup2(self._saved, 1)
+            if self._result is not None:
+                print(self._result, flush=True)
+        elif self._result is not None:
+            with os.fdopen(os.dup(self._saved), "w", encoding="utf-8") as stream:
+                stream.write(self._result + "\n")
         os.close(self._saved)
 
 
@@ -208,8 +213,19 @@ def _last_line(message: str) -> None:
 
 
 def console_main() -> None:
-    """The `sftmix-ray` console script: `main` with stdout kept for the result until exit."""
-    sys.exit(main(restore_stdout=False))
+    """The `sftmix-ray` console script: `main` with stdout kept for the result until exit.
+
+    Once `main` has written the result (or the failure's last line), nothing that runs at
+    interpreter exit (atexit hooks of libraries, late threads) may print after it: both output
+    descriptors go to /dev/null for the rest of the process.
+    """
+    code = main(restore_stdout=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    sys.exit(code)
 
 
 def _describe(exc: BaseException) -> str:

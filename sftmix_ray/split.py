@@ -110,22 +110,24 @@ def plot_cartography(
 def confidence_table(scores_path: Path, measure: str) -> pa.Table:
     """`example_id`, `confidence`, `variability` under `measure`.
 
-    Scores made with another measure are recomputed from their stored per-checkpoint NLL, so
-    switching `score.confidence` never needs a rescoring pass; a user's scores file without
-    an `nll` column must already hold the measure asked for.
+    Scores made with another measure (named in the file's metadata by the score stage) are
+    recomputed from their stored per-checkpoint NLL, so switching `score.confidence` never
+    needs a rescoring pass. A scores file that names no measure is a user's own: its
+    `confidence` column is taken as it is.
     """
     from sftmix_ray.losses import confidence_and_variability
     from sftmix_ray.scoring import MEASURE_METADATA_KEY
 
     schema = pq.read_schema(scores_path)
     stored = (schema.metadata or {}).get(MEASURE_METADATA_KEY, b"").decode() or None
-    if stored == measure:
+    if stored is None or stored == measure:
         return pq.read_table(scores_path, columns=_SIDE_COLUMNS)
     if "nll" not in schema.names:
         raise SftmixError(
-            f"{scores_path} holds confidence as {stored or 'an unnamed measure'} and has no "
-            f"nll column to recompute score.confidence={measure} from; rerun `sftmix-ray score`"
+            f"{scores_path} holds confidence as {stored} and has no nll column to recompute "
+            f"score.confidence={measure} from; rerun `sftmix-ray score`"
         )
+    log.info("confidence recomputed as %s from the stored NLL (scores hold %s)", measure, stored)
     table = pq.read_table(scores_path, columns=["example_id", "nll"])
     nll = np.stack(table.column("nll").to_numpy(zero_copy_only=False))
     confidence, variability = confidence_and_variability(nll, measure)

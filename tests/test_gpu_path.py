@@ -48,18 +48,33 @@ def _batch(rows: int = 4, length: int = 12) -> tuple[torch.Tensor, ...]:
     return ids, torch.ones_like(ids), labels
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_training_model_is_in_train_mode_and_checkpointing_recomputes(tmp_path, checkpointing):
-    """The worker's model trains in train mode, so checkpointed layers run again in backward."""
-    model = training_model(_spec(_tiny_dir(tmp_path), checkpointing))
-    assert model.training and all(m.training for m in model.modules())
-    calls = []
-    model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
-    ids, mask, labels = _batch()
-    loss, _ = CausalLMWithLoss(model, SFTMixLoss(mu=0.0))(ids, mask, labels)
-    assert len(calls) == 1
+def _saved_bytes_and_attention_calls(model) -> tuple[int, int]:
+    """Bytes autograd keeps for backward in one forward, and self-attention calls in a step."""
+    saved, calls = [0], []
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    ids, mask, labels = _batch(rows=4, length=64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = CausalLMWithLoss(model, SFTMixLoss(mu=0.0))(ids, mask, labels)
     loss.backward()
-    assert len(calls) == (2 if checkpointing else 1), "checkpointing recomputes the layer"
+    return saved[0], len(calls)
+
+
+def test_training_model_is_in_train_mode_and_checkpointing_recomputes(tmp_path):
+    """The worker's model trains in train mode, so checkpointed layers run again in backward
+    and keep a fraction of the activations; without `train()` checkpointing did nothing."""
+    path = _tiny_dir(tmp_path)
+    plain = training_model(_spec(path, False))
+    checkpointed = training_model(_spec(path, True))
+    assert checkpointed.training and all(m.training for m in checkpointed.modules())
+    saved_plain, calls_plain = _saved_bytes_and_attention_calls(plain)
+    saved_ckpt, calls_ckpt = _saved_bytes_and_attention_calls(checkpointed)
+    assert calls_plain == 1 and calls_ckpt == 2, "checkpointing recomputes attention in backward"
+    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
 
 
 def test_dropout_is_on_in_training_and_off_in_eval(tmp_path):
@@ -99,7 +114,9 @@ def _fsdp(tmp_path: Path, **train_overrides):
     seen: dict[str, torch.dtype] = {}
 
     def record(_module, _args, kwargs):
-        seen.update({k: kwargs[k].dtype for k in ("lam", "normalizers") if k in kwargs})
+        seen.update(
+            {k: v.dtype for k, v in kwargs.items() if k in ("lam", "normalizers") and v is not None}
+        )
 
     loss.register_forward_pre_hook(record, with_kwargs=True)
     train = {**dataclasses.asdict(TrainConfig(bf16=True)), "_bf16_on_cpu": True}
