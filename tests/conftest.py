@@ -38,21 +38,33 @@ TINY_OVERRIDES = [
 ]
 
 
-# Heaviest files first: pytest-xdist (`--dist loadfile`) hands out files in collection order,
+# Heaviest files first: pytest-xdist hands out tests and groups in collection order,
 # so a long file left for last would keep one worker busy while the other idles.
 HEAVY_FIRST = [
-    "test_train.py", "test_tune_sweeps.py", "test_interrupts.py", "test_tune.py",
-    "test_cross_tokenizer.py", "test_scoring.py", "test_job_submit.py", "test_object_store.py",
-    "test_multinode.py",
+    "test_job_submit.py", "test_interrupts.py", "test_tune_sweeps.py", "test_tune.py",
+    "test_train.py", "test_cross_tokenizer.py", "test_multinode.py", "test_object_store.py",
+    "test_loss_distributed.py", "test_scoring.py", "test_cli_stdout.py", "test_gpu_path.py",
 ]  # fmt: skip
 
 
 RAY_FIXTURES = {"ray_local", "prepared_out", "reference_out", "scored_base"}
+# Files whose tests share module-scoped fixtures (a training run, a sweep, a Ray head): each
+# runs whole on one pytest-xdist worker (`--dist loadgroup`); every other test is handed out
+# on its own, so the long independent tests of one file run side by side.
+GROUPED_FILES = {
+    "test_cluster_manifests.py", "test_cross_tokenizer.py", "test_demo_corpus.py",
+    "test_job_submit.py", "test_object_store.py", "test_scoring.py", "test_tokenize.py",
+    "test_train.py", "test_tune.py",
+}  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+    for item in items:
+        if item.path.name in GROUPED_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     # `make test-fast` (-m "not slow") runs what needs no Ray cluster: anything that uses the
     # session's cluster or a stage's outputs is slow, whatever its own marks say.
     for item in items:
@@ -126,29 +138,61 @@ def ray_local():
     ray.shutdown()
 
 
+def _shared_dir(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """A directory built once per test session and shared by every pytest-xdist worker.
+
+    The first worker to get here builds it (under a file lock); the others wait and read it.
+    Tests treat these directories as read-only and copy what they change.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # one session's folder
+    target, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            build(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
-def prepared_out(ray_local, tmp_path_factory) -> Path:
+def prepared_out(ray_local, tmp_path_factory, worker_id) -> Path:
     """OUT with data/, heldout/ and base_model/ from `prepare` on the tiny demo."""
     from sftmix_ray.pipeline import run_stage
 
-    out = tmp_path_factory.mktemp("prepared")
-    run_stage("prepare", tiny_config(), out)
-    return out
+    return _shared_dir(
+        tmp_path_factory,
+        worker_id,
+        "prepared",
+        lambda out: run_stage("prepare", tiny_config(), out),
+    )
 
 
 @pytest.fixture(scope="session")
-def reference_out(prepared_out: Path) -> Path:
-    """`prepared_out` plus two reference checkpoints (3 NTP steps)."""
+def reference_out(prepared_out: Path, tmp_path_factory, worker_id) -> Path:
+    """A copy of `prepared_out` plus two reference checkpoints (3 NTP steps)."""
+    import shutil
+
     from sftmix_ray.pipeline import run_stage
 
-    run_stage("reference", tiny_config(), prepared_out)
-    return prepared_out
+    def build(out: Path) -> None:
+        shutil.copytree(prepared_out, out)
+        run_stage("reference", tiny_config(), out)
+
+    return _shared_dir(tmp_path_factory, worker_id, "reference", build)
 
 
 @pytest.fixture(scope="session")
-def scored_base(prepared_out: Path, tmp_path_factory) -> Path:
+def scored_base(prepared_out: Path, tmp_path_factory, worker_id) -> Path:
     """The tiny prepared run with OUT/scores in the score stage's schema (seeded NLLs for two
     checkpoints; the score stage itself is tested in test_scoring.py), in its own OUT."""
+    return _shared_dir(
+        tmp_path_factory, worker_id, "scored", lambda out: _write_scored_base(prepared_out, out)
+    )
+
+
+def _write_scored_base(prepared_out: Path, out: Path) -> None:
     import shutil
 
     import numpy as np
@@ -157,7 +201,7 @@ def scored_base(prepared_out: Path, tmp_path_factory) -> Path:
 
     from sftmix_ray.losses import confidence_and_variability
 
-    out = tmp_path_factory.mktemp("tune_base")
+    out.mkdir(parents=True)
     for name in ("data", "heldout", "base_model"):
         shutil.copytree(prepared_out / name, out / name)
     ids = pq.read_table(out / "data", columns=["example_id"]).column("example_id").to_numpy()
@@ -172,7 +216,6 @@ def scored_base(prepared_out: Path, tmp_path_factory) -> Path:
         "nll": nll.tolist(),
     }
     pq.write_table(pa.table(scores), out / "scores" / "scores.parquet")
-    return out
 
 
 _SUITE_START = time.monotonic()

@@ -472,6 +472,32 @@ def test_sftmix_loss_matches_oracle(lambda_per: str) -> None:
     assert_rel(counts[1], mixup_target_mass(y_c, y_u, lam))
 
 
+@pytest.mark.parametrize(
+    ("mu", "ntp_weight", "align"),
+    [(1.0, 1.0, "response"), (0.2, 0.0, "response"), (0.2, 1.0, "position")],
+    ids=["equal_weight", "mixup_only", "position_aligned"],
+)
+def test_ablation_losses_match_oracle(mu: float, ntp_weight: float, align: str) -> None:
+    """The paper's ablation rows as settings: NTP + Mixup with equal weight, Mixup only, and
+    the position-aligned variant, each against the naive formulas."""
+    head = make_head()
+    h_c, h_u, y_c, y_u = make_pairs(seed=5)
+    hidden = torch.cat([h_c, h_u]).detach().requires_grad_()
+    labels = torch.cat([y_c, y_u])
+    loss_fn = build_loss("sftmix", mu=mu, ntp_weight=ntp_weight, align=align, chunk_size=4)
+    lam = loss_fn.sample_lambda(B, seed=3, step=0, rank=0)
+    mix = naive_mixup_loss(hidden[:B], hidden[B:], y_c, y_u, head, lam, align)
+    expected = ntp_weight * naive_ntp_loss(hidden, labels, head) + mu * mix
+    actual, metrics = loss_fn(hidden, labels, head, lam=lam)
+    assert_rel(actual, expected)
+    for a, e in zip(grads(actual, hidden, head.weight), grads(expected, hidden, head.weight)):
+        assert_rel(a, e)
+    assert metrics["loss"] == pytest.approx(ntp_weight * metrics["ntp"] + mu * metrics["mix"])
+    assert_rel(
+        loss_fn.normalizer_counts(labels, lam)[1], mixup_target_mass(y_c, y_u, lam, align=align)
+    )
+
+
 def test_lambda_is_reproducible_per_step_and_rank() -> None:
     loss_fn = SFTMixLoss(alpha=0.5, lambda_per="pair")
     a = loss_fn.sample_lambda(8, seed=7, step=3, rank=0)
