@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--data", required=True, metavar="FILE", help="JSON, JSONL, Parquet or HF id")
     v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"])
+    v.add_argument(
+        "--repair",
+        default="standard",
+        choices=["standard", "none"],
+        help="repair what real dumps break, as prepare does by default (data.repair)",
+    )
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate_data(args: argparse.Namespace) -> str:
     from sftmix_ray.data.validation import format_report, validate_file
 
-    _, report = validate_file(args.data, args.format)
+    _, report = validate_file(args.data, args.format, repair=args.repair)
     if args.json:
         return json.dumps(report.to_json())
     return format_report(report, args.data)
@@ -151,13 +157,19 @@ class ResultStdout:
         os.close(self._saved)
 
 
-def _shutdown_ray() -> None:
-    """Stop Ray now, so that what it prints while stopping comes before our last line."""
+def _ray_running() -> bool:
     if "ray" not in sys.modules:
-        return
+        return False
     import ray
 
-    if ray.is_initialized():
+    return ray.is_initialized()
+
+
+def _shutdown_ray() -> None:
+    """Stop Ray now, so that what it prints while stopping comes before our last line."""
+    if _ray_running():
+        import ray
+
         ray.shutdown()
 
 
@@ -175,12 +187,14 @@ def main(argv: list[str] | None = None, *, restore_stdout: bool = True) -> int:
     )
     stdout = ResultStdout()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    caller_ray = _ray_running()  # an in-process caller's Ray session is not ours to stop
     try:
         try:
             run = _validate_data if args.command == "validate-data" else _run
             result = run(args)
         finally:
-            _shutdown_ray()
+            if not caller_ray:
+                _shutdown_ray()
         stdout.write(result)
         return 0
     except (SftmixError, OSError) as exc:

@@ -32,8 +32,13 @@ class DataConfig:
     eval_path: str | None = None  # held-out file; "demo" data brings its own held-out split
     eval_fraction: float = 0.0  # else hold out this fraction of `path` (by example id)
     on_invalid: Literal["skip", "error"] = "skip"  # rejected rows: report and skip, or fail
+    # standard: repair what real dumps break (leading assistant turns, a trailing user turn,
+    # empty turns, runs of one role, bing/bard roles), counted by kind; none: strict.
+    repair: Literal["standard", "none"] = "standard"
     max_length: int = 512  # tokens per example
-    truncation: Literal["drop", "truncate"] = "drop"  # what to do with longer examples
+    # Longer examples: turns keeps the longest prefix of whole exchanges that fits (or cuts the
+    # first response); truncate cuts at max_length; drop rejects the row.
+    truncation: Literal["turns", "truncate", "drop"] = "turns"
     demo_train_size: int = 4000
     demo_eval_size: int = 400
     tokenize_batch_size: int = 256  # rows per Ray Data tokenization batch

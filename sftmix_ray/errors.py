@@ -16,8 +16,10 @@ class DataError(SftmixError):
 
 
 class RowRejected(Exception):
-    """One row of a corpus is invalid; `reason` says why. Counted and reported, never silent."""
+    """One row of a corpus is invalid; `reason` says why, `kind` names the class of problem
+    (`too_long`, `starts_with_assistant`, ...) for counting. Counted and reported, never silent."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "invalid") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind

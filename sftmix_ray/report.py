@@ -72,6 +72,13 @@ def write_report(out_dir: Path) -> Path:
                     f"- {part}: {c['input']} rows read, {c['rejected']} rejected, "
                     f"{c['written']} written ({c['truncated']} truncated), {c['tokens']} tokens"
                 )
+                kinds = c.get("rejections_by_kind") or {}
+                if kinds:
+                    shown = ", ".join(f"{k} {v['count']}" for k, v in kinds.items())
+                    lines.append(f"  - rejected by kind: {shown}")
+                if c.get("repairs"):
+                    shown = ", ".join(f"{k} {n}" for k, n in c["repairs"].items())
+                    lines.append(f"  - repaired and kept: {shown}")
     score = stages.get("score", {})
     split = stages.get("split", {})
     if split.get("status") == "completed":

@@ -302,7 +302,15 @@ def test_validate_rows_keeps_every_valid_row_and_counts() -> None:
 def test_report_to_json_shape() -> None:
     _, report = validate_rows(mixed_rows(), "alpaca")
     payload = report.to_json()
-    assert list(payload) == ["total", "valid", "rejected", "rejections", "format"]
+    assert list(payload) == [
+        "total",
+        "valid",
+        "rejected",
+        "rejections",
+        "format",
+        "by_kind",
+        "repairs",
+    ]
     assert payload["rejections"][0] == {"index": 1, "reason": "row is not an object (got null)"}
     assert payload["total"] == payload["valid"] + payload["rejected"] == 8
 

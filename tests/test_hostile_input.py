@@ -97,15 +97,19 @@ ROW_CASES: dict[str, tuple[str, bytes, list[int], dict[int, str]]] = {
     "unknown_roles": ("c.jsonl", _jsonl(CHAT, {"messages": [{"role": "robot", "content": "a"},
                                                {"role": "assistant", "content": "b"}]}),
                       [0], {1: "unknown role 'robot' in turn 1"}),
+    # Changed by data.repair=standard (the default): the empty reply is dropped, and what
+    # remains has no assistant turn (strict mode said "turn 2 content is empty").
     "empty_turns": ("c.jsonl", _jsonl(CHAT, {"messages": []}, {"messages": [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}), [0],
-        {1: "field 'messages' is empty", 2: "turn 2 content is empty"}),
+        {1: "field 'messages' is empty", 2: "no assistant turn"}),
     "missing_fields": ("c.jsonl", _jsonl(GOOD, {"instruction": "no answer"}, {}), [0],
                        {1: "missing field 'output'", 2: "missing field 'instruction'"}),
+    # Changed by data.repair=standard: the leading assistant turn is dropped, and what remains
+    # has no assistant turn (strict mode said "must start with a user turn").
     "bad_turn_order": ("c.jsonl", _jsonl(CHAT, {"messages": [
         {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
         {"messages": [{"role": "user", "content": "only a question"}]}), [0],
-        {1: "must start with a user turn", 2: "no assistant turn"}),
+        {1: "no assistant turn", 2: "no assistant turn"}),
     # The format is detected once per corpus (from its first recognisable row): rows in another
     # format are rejected with what they look like, so the user can split the file.
     "mixed_formats": ("c.jsonl", _jsonl(GOOD, CHAT, {"conversations": [
@@ -168,7 +172,8 @@ def test_directory_of_shards_counts_across_files(tmp_path, capsys):
 
 def test_prepare_through_the_cli_loses_no_valid_row(ray_local, tmp_path, capsys):
     """The same hostile rows through `sftmix-ray prepare`: every valid row reaches OUT/data, the
-    too-long one is rejected with its reason, and the counts add up."""
+    2 MB one cut to data.max_length inside its response (data.truncation=turns, the default;
+    `drop` rejected it before), and the counts add up."""
     rows = [
         GOOD, None, {"instruction": "Say hi", "input": "", "output": "hi"},
         {"instruction": 5, "output": "x"}, {**GOOD, "id": 1},
@@ -183,11 +188,18 @@ def test_prepare_through_the_cli_loses_no_valid_row(ray_local, tmp_path, capsys)
                  "--set=data.format=auto"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
-    assert train["input"] == 8 and train["written"] == 4 and train["rejected"] == 4
-    assert train["input"] == train["written"] + train["rejected"]
-    assert sorted(r["index"] for r in train["rejections"]) == [1, 3, 5, 6]
-    assert any("too long" in r["reason"] for r in train["rejections"])
-    assert pq.read_table(out / "data").column("example_id").to_pylist() == [0, 2, 4, 7]
+    assert train["input"] == 8 and train["written"] == 5 and train["rejected"] == 3
+    assert train["input"] == train["written"] + train["rejected"] and train["truncated"] == 1
+    rejections = [
+        json.loads(line) for line in Path(train["rejections_file"]).read_text().splitlines()
+    ]
+    assert [r["index"] for r in rejections] == [1, 3, 6]
+    assert {k: v["count"] for k, v in train["rejections_by_kind"].items()} == {
+        "not_an_object": 1, "wrong_type": 1, "empty_field": 1,
+    }  # fmt: skip
+    data = pq.read_table(out / "data")
+    assert data.column("example_id").to_pylist() == [0, 2, 4, 5, 7]
+    assert max(len(x) for x in data.column("input_ids").to_pylist()) == 96  # data.max_length
 
 
 def test_unwritable_output_directory_is_a_clear_error(tmp_path, capsys):

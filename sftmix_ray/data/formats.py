@@ -5,6 +5,14 @@ optional leading system message, then user and assistant turns alternating, star
 user turn and ending with an assistant turn. A row that cannot be normalized raises
 `RowRejected` with a precise reason; turns are numbered from 1 as they appear in the row.
 
+Real dumps break these rules in a few recurring ways. With `repair="standard"` (the default of
+`data.repair`) those are repaired and counted by kind (`REPAIRS`) instead of rejected:
+assistant turns before the first user turn are dropped (the dump lost the first user message),
+a trailing user turn with no reply is dropped, empty turns are dropped and then consecutive
+turns of one role are merged (joined with a blank line), and `bing`/`bard` are read as assistant
+like `gpt` and `chatgpt`. A repaired conversation must then satisfy every rule below, else the
+row is rejected. `repair="none"` applies the rules strictly.
+
 Rules (the same for every format):
 - content is a string; user and assistant content must not be empty or only whitespace;
 - an empty system prompt means "no system prompt" and is dropped (it changes nothing);
@@ -36,6 +44,16 @@ ROLE_ALIASES: dict[str, str] = {
     "chatgpt": "assistant",
     "model": "assistant",
 }
+# Assistant names of real dumps that only the standard repairs accept (counted as a repair).
+REPAIR_ROLE_ALIASES: dict[str, str] = {"bing": "assistant", "bard": "assistant"}
+REPAIR_MODES = ("standard", "none")
+REPAIRS = (
+    "role_mapped",  # bing/bard read as assistant
+    "empty_turn_dropped",  # user/assistant turns with empty content dropped
+    "leading_assistant_dropped",  # assistant turns before the first user turn dropped
+    "same_role_merged",  # consecutive turns of one role merged with a blank line
+    "trailing_user_dropped",  # a last user turn without a reply dropped
+)
 # Key pairs a turn may use, the format's own first: (role key, content key).
 _TURN_KEYS = {
     "sharegpt": (("from", "value"), ("role", "content")),
@@ -79,21 +97,34 @@ def detect_format(rows: Iterable[Any]) -> str:
 
 
 def normalize_row(row: Any, fmt: str) -> list[Message]:
-    """Normalize one raw row to chat messages; raise `RowRejected` saying why it is invalid."""
+    """Normalize one raw row to chat messages, strictly (no repairs); raise `RowRejected`."""
+    return normalize_with_repairs(row, fmt, "none")[0]
+
+
+def normalize_with_repairs(
+    row: Any, fmt: str, repair: str = "standard"
+) -> tuple[list[Message], list[str]]:
+    """Normalize one raw row; return the messages and the repairs applied (kinds, each once).
+
+    Raise `RowRejected` (with its `kind`) when the row is invalid even after the repairs.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if repair not in REPAIR_MODES:
+        raise ValueError(f"unknown repair mode {repair!r}; choose one of {REPAIR_MODES}")
     if not isinstance(row, dict):
-        raise RowRejected(f"row is not an object (got {json_type_name(row)})")
+        raise RowRejected(f"row is not an object (got {json_type_name(row)})", "not_an_object")
     if fmt == "auto":
         detected = row_format(row)
         if detected is None:
             raise RowRejected(
-                "row matches no format (no 'messages', 'conversations' or 'instruction' field)"
+                "row matches no format (no 'messages', 'conversations' or 'instruction' field)",
+                "no_format",
             )
         fmt = detected
     if fmt == "alpaca":
-        return _normalize_alpaca(row)
-    return _normalize_conversation(row, fmt)
+        return _normalize_alpaca(row), []
+    return _normalize_conversation(row, fmt, repair == "standard")
 
 
 def _normalize_alpaca(row: dict[str, Any]) -> list[Message]:
@@ -109,92 +140,148 @@ def _normalize_alpaca(row: dict[str, Any]) -> list[Message]:
     return messages
 
 
-def _normalize_conversation(row: dict[str, Any], fmt: str) -> list[Message]:
+def _normalize_conversation(
+    row: dict[str, Any], fmt: str, repair: bool
+) -> tuple[list[Message], list[str]]:
     """Normalize a sharegpt `conversations` or a `messages` list of turns."""
     field = _LIST_FIELD[fmt]
     if field not in row:
-        raise RowRejected(f"missing field {field!r}{_looks_like(row, fmt)}")
+        raise RowRejected(f"missing field {field!r}{_looks_like(row, fmt)}", "missing_field")
     turns = row[field]
     if not isinstance(turns, list):
-        raise RowRejected(f"field {field!r} must be a list (got {json_type_name(turns)})")
+        raise RowRejected(
+            f"field {field!r} must be a list (got {json_type_name(turns)})", "wrong_type"
+        )
     if not turns:
-        raise RowRejected(f"field {field!r} is empty")
+        raise RowRejected(f"field {field!r} is empty", "empty_conversation")
 
     numbered: list[tuple[int, str, str]] = []  # (turn number, role, content)
+    repairs: set[str] = set()
     system = _optional_text(row, "system") if fmt == "sharegpt" else ""
     if system.strip():
         numbered.append((0, "system", system))
     for number, turn in enumerate(turns, start=1):
-        role, content = _parse_turn(turn, number, fmt)
+        role, content, mapped = _parse_turn(turn, number, fmt, repair)
+        if mapped:
+            repairs.add("role_mapped")
         if not content.strip():
             if role == "system":
                 continue
-            raise RowRejected(f"turn {number} content is empty")
+            if repair:
+                repairs.add("empty_turn_dropped")
+                continue
+            raise RowRejected(f"turn {number} content is empty", "empty_turn")
         if role == "system" and system.strip():
-            raise RowRejected(f"row has both a 'system' field and a system turn (turn {number})")
+            raise RowRejected(
+                f"row has both a 'system' field and a system turn (turn {number})",
+                "system_conflict",
+            )
         numbered.append((number, role, content))
+    if repair:
+        numbered = _repair_order(numbered, repairs)
     _check_order(numbered)
-    return [{"role": role, "content": content} for _, role, content in numbered]
+    messages = [{"role": role, "content": content} for _, role, content in numbered]
+    return messages, sorted(repairs)
 
 
-def _parse_turn(turn: Any, number: int, fmt: str) -> tuple[str, str]:
-    """Read one turn's (canonical role, content); reject malformed turns."""
+def _repair_order(
+    numbered: list[tuple[int, str, str]], repairs: set[str]
+) -> list[tuple[int, str, str]]:
+    """Drop leading assistant turns, merge runs of one role, drop a trailing user turn."""
+    head = [t for t in numbered[:1] if t[1] == "system"]
+    body = numbered[len(head) :]
+    first_user = next((i for i, t in enumerate(body) if t[1] == "user"), None)
+    if first_user is None:
+        return numbered  # nothing to repair into a conversation: _check_order says why
+    if first_user > 0 and all(t[1] == "assistant" for t in body[:first_user]):
+        repairs.add("leading_assistant_dropped")
+        body = body[first_user:]
+    merged: list[tuple[int, str, str]] = []
+    for number, role, content in body:
+        if merged and merged[-1][1] == role and role in ("user", "assistant"):
+            repairs.add("same_role_merged")
+            merged[-1] = (merged[-1][0], role, f"{merged[-1][2]}\n\n{content}")
+        else:
+            merged.append((number, role, content))
+    if len(merged) > 1 and merged[-1][1] == "user":
+        repairs.add("trailing_user_dropped")
+        merged = merged[:-1]
+    return head + merged
+
+
+def _parse_turn(turn: Any, number: int, fmt: str, repair: bool) -> tuple[str, str, bool]:
+    """Read one turn's (canonical role, content, mapped by a repair); reject malformed turns."""
     if not isinstance(turn, dict):
-        raise RowRejected(f"turn {number} is not an object (got {json_type_name(turn)})")
+        raise RowRejected(
+            f"turn {number} is not an object (got {json_type_name(turn)})", "malformed_turn"
+        )
     keys = _TURN_KEYS[fmt]
     role_key, content_key = next((pair for pair in keys if pair[0] in turn), keys[0])
     if role_key not in turn:
-        raise RowRejected(f"turn {number} has no {role_key!r} field")
+        raise RowRejected(f"turn {number} has no {role_key!r} field", "malformed_turn")
     raw_role = turn[role_key]
     if not isinstance(raw_role, str):
-        raise RowRejected(f"turn {number} role must be a string (got {json_type_name(raw_role)})")
-    role = ROLE_ALIASES.get(raw_role.strip().lower())
+        raise RowRejected(
+            f"turn {number} role must be a string (got {json_type_name(raw_role)})", "wrong_type"
+        )
+    name = raw_role.strip().lower()
+    role, mapped = ROLE_ALIASES.get(name), False
+    if role is None and repair and name in REPAIR_ROLE_ALIASES:
+        role, mapped = REPAIR_ROLE_ALIASES[name], True
     if role is None:
-        raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}")
+        raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}", "unknown_role")
     if content_key not in turn:
-        raise RowRejected(f"turn {number} has no {content_key!r} field")
+        raise RowRejected(f"turn {number} has no {content_key!r} field", "malformed_turn")
     content = turn[content_key]
     if not isinstance(content, str):
-        raise RowRejected(f"turn {number} content must be a string (got {json_type_name(content)})")
-    return role, content
+        raise RowRejected(
+            f"turn {number} content must be a string (got {json_type_name(content)})",
+            "wrong_type",
+        )
+    return role, content, mapped
 
 
 def _check_order(numbered: list[tuple[int, str, str]]) -> None:
     """System first; then user/assistant alternating, from user to assistant."""
     for position, (number, role, _) in enumerate(numbered):
         if role == "system" and position > 0:
-            raise RowRejected(f"system message must come first (turn {number})")
+            raise RowRejected(f"system message must come first (turn {number})", "system_not_first")
     body = [(number, role) for number, role, _ in numbered if role != "system"]
     if not body:
-        raise RowRejected("no user or assistant turn")
+        raise RowRejected("no user or assistant turn", "no_turns")
     if all(role != "assistant" for _, role in body):
-        raise RowRejected("no assistant turn")
+        raise RowRejected("no assistant turn", "no_assistant_turn")
     first_number, first_role = body[0]
     if first_role != "user":
         raise RowRejected(
-            f"conversation must start with a user turn (turn {first_number} is {first_role})"
+            f"conversation must start with a user turn (turn {first_number} is {first_role})",
+            "starts_with_assistant",
         )
     for (_, previous), (number, role) in pairwise(body):
         if role == previous:
             raise RowRejected(
-                f"turn {number} repeats role {role!r} (user and assistant turns must alternate)"
+                f"turn {number} repeats role {role!r} (user and assistant turns must alternate)",
+                "repeated_role",
             )
     last_number, last_role = body[-1]
     if last_role != "assistant":
         raise RowRejected(
-            f"conversation ends with a user turn (turn {last_number}) without a reply"
+            f"conversation ends with a user turn (turn {last_number}) without a reply",
+            "ends_with_user",
         )
 
 
 def _required_text(row: dict[str, Any], key: str, fmt: str) -> str:
     """A required, non-empty string field."""
     if key not in row:
-        raise RowRejected(f"missing field {key!r}{_looks_like(row, fmt)}")
+        raise RowRejected(f"missing field {key!r}{_looks_like(row, fmt)}", "missing_field")
     value = row[key]
     if not isinstance(value, str):
-        raise RowRejected(f"field {key!r} must be a string (got {json_type_name(value)})")
+        raise RowRejected(
+            f"field {key!r} must be a string (got {json_type_name(value)})", "wrong_type"
+        )
     if not value.strip():
-        raise RowRejected(f"field {key!r} is empty")
+        raise RowRejected(f"field {key!r} is empty", "empty_field")
     return value
 
 
@@ -204,7 +291,9 @@ def _optional_text(row: dict[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise RowRejected(f"field {key!r} must be a string (got {json_type_name(value)})")
+        raise RowRejected(
+            f"field {key!r} must be a string (got {json_type_name(value)})", "wrong_type"
+        )
     return value
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = "data"  # OUT/data: the training corpus (example_id, input_ids, labels, messages_json)
 HELDOUT_DIR = "heldout"  # OUT/heldout: the held-out corpus, plus messages/answer for eval
+REJECTIONS_DIR = "rejections"  # OUT/rejections/<split>.jsonl: every rejected row, outside data
 DEMO = "demo"
 
 
@@ -29,19 +29,22 @@ class Corpus:
 
     rows: list[tuple[int, list[dict], str | None]]
     total: int
-    rejections: list[dict]
+    rejections: list[dict]  # {"index", "reason", "kind"}
     source: str
+    repairs: dict[str, int] = field(default_factory=dict)  # kind -> rows repaired and kept
 
 
 def _answer(row: Any) -> str | None:
     return row.get("answer") if isinstance(row, dict) else None
 
 
-def _validated(raw_rows: list[Any], fmt: str, source: str, on_invalid: str) -> Corpus:
+def _validated(
+    raw_rows: list[Any], fmt: str, source: str, on_invalid: str, repair: str = "standard"
+) -> Corpus:
     from sftmix_ray.data.validation import validate_rows
 
-    valid, report = validate_rows(raw_rows, fmt)
-    rejections = [{"index": r.index, "reason": r.reason} for r in report.rejections]
+    valid, report = validate_rows(raw_rows, fmt, repair=repair)
+    rejections = [{"index": r.index, "reason": r.reason, "kind": r.kind} for r in report.rejections]
     if rejections and on_invalid == "error":
         first = rejections[0]
         raise DataError(
@@ -49,7 +52,9 @@ def _validated(raw_rows: list[Any], fmt: str, source: str, on_invalid: str) -> C
             f"row {first['index']}: {first['reason']}"
         )
     rows = [(idx, messages, _answer(raw_rows[idx])) for idx, messages in valid]
-    return Corpus(rows=rows, total=report.total, rejections=rejections, source=source)
+    return Corpus(
+        rows=rows, total=report.total, rejections=rejections, source=source, repairs=report.repairs
+    )
 
 
 def load_corpora(cfg: Config) -> tuple[Corpus, Corpus | None]:
@@ -64,10 +69,11 @@ def load_corpora(cfg: Config) -> tuple[Corpus, Corpus | None]:
         train = _validated(train_raw, "messages", "demo:train", d.on_invalid)
         heldout = _validated(eval_raw, "messages", "demo:eval", d.on_invalid) if eval_raw else None
         return train, heldout
-    train = _validated(read_records(d.path, hf_split=d.hf_split), d.format, d.path, d.on_invalid)
+    raw_train = read_records(d.path, hf_split=d.hf_split)
+    train = _validated(raw_train, d.format, d.path, d.on_invalid, d.repair)
     if d.eval_path:
         raw = read_records(d.eval_path, hf_split=d.hf_split)
-        return train, _validated(raw, d.format, d.eval_path, d.on_invalid)
+        return train, _validated(raw, d.format, d.eval_path, d.on_invalid, d.repair)
     if d.eval_fraction > 0:
         # Every k-th example by id, so the held-out split is stable across runs.
         every = max(2, round(1 / d.eval_fraction))
@@ -138,31 +144,46 @@ def write_shards(table: pa.Table, target: Path, rows_per_file: int = 2048) -> No
     replace_dir(tmp, target)
 
 
-def _finish(corpus: Corpus, tokenized: pa.Table, target: Path) -> dict[str, Any]:
-    """Split tokenized rows into kept and rejected, write the kept ones, return the counts."""
+def _finish(corpus: Corpus, tokenized: pa.Table, target: Path, rejections_file: Path) -> dict:
+    """Split tokenized rows into kept and rejected, write the kept ones and the list of every
+    rejection (`rejections_file`, JSON Lines), return the counts.
+
+    Row indices are 0-based positions in the source (for file corpora also the example_id).
+    """
     import pyarrow.compute as pc
 
+    from sftmix_ray.data.validation import Rejection, rejections_by_kind
+    from sftmix_ray.io_utils import atomic_write_text
+
     reasons = tokenized.column("reject_reason")
-    kept = tokenized.filter(pc.equal(reasons, "")).drop_columns(["reject_reason"])
+    kept = tokenized.filter(pc.equal(reasons, "")).drop_columns(["reject_reason", "reject_kind"])
     dropped = tokenized.filter(pc.not_equal(reasons, ""))
     write_shards(kept.drop_columns(["truncated"]), target)
     token_rejections = [
-        {"index": int(i), "reason": str(r)}
-        for i, r in zip(
-            dropped.column("example_id").to_pylist(), dropped.column("reject_reason").to_pylist()
+        {"index": int(i), "reason": str(r), "kind": str(k)}
+        for i, r, k in zip(
+            dropped.column("example_id").to_pylist(),
+            dropped.column("reject_reason").to_pylist(),
+            dropped.column("reject_kind").to_pylist(),
         )
     ]
-    rejections = corpus.rejections + token_rejections
+    rejections = sorted(corpus.rejections + token_rejections, key=lambda r: r["index"])
+    lines = "".join(json.dumps({"example_id": r["index"], **r}) + "\n" for r in rejections)
+    atomic_write_text(rejections_file, lines)
     n_tokens = pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0
+    by_kind = rejections_by_kind(
+        [Rejection(r["index"], r["reason"], r["kind"]) for r in rejections]
+    )
     return {
         "source": corpus.source,
         "input": corpus.total,
         "rejected": len(rejections),
         "written": kept.num_rows,
         "truncated": int(pc.sum(kept.column("truncated")).as_py() or 0),
+        "repairs": corpus.repairs,
         "tokens": int(n_tokens),
-        "rejection_reasons": dict(Counter(r["reason"] for r in rejections).most_common()),
-        "rejections": rejections[:1000],
+        "rejections_by_kind": by_kind,
+        "rejections_file": str(rejections_file),
     }
 
 
@@ -182,9 +203,13 @@ def run_prepare(cfg: Config, out_dir: Path) -> dict[str, Any]:
     # The held-out table keeps messages and answers for generation-based evaluation; the
     # training table keeps the messages so a reference model with another tokenizer can
     # re-tokenize them (`sftmix_ray.data.retokenize`).
-    counts = {"train": _finish(train, tokenized[0].drop_columns(["answer"]), out_dir / DATA_DIR)}
+    rejections = out_dir / REJECTIONS_DIR
+    train_table = tokenized[0].drop_columns(["answer"])
+    counts = {"train": _finish(train, train_table, out_dir / DATA_DIR, rejections / "train.jsonl")}
     if len(corpora) == 2:
-        counts["heldout"] = _finish(heldout, tokenized[1], out_dir / HELDOUT_DIR)
+        counts["heldout"] = _finish(
+            heldout, tokenized[1], out_dir / HELDOUT_DIR, rejections / "heldout.jsonl"
+        )
     if counts["train"]["written"] == 0:
         raise DataError(f"{train.source}: every row was rejected during tokenization")
     return counts

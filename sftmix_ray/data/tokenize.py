@@ -40,16 +40,29 @@ def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[t
         upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             raise RowRejected(
-                f"chat template is not prefix-stable at turn {i}; cannot align assistant labels"
+                f"chat template is not prefix-stable at turn {i}; cannot align assistant labels",
+                "template_not_prefix_stable",
             )
         spans.append((len(prompt), len(upto)))
     return full, spans
 
 
+TRUNCATIONS = ("turns", "truncate", "drop")
+
+
 def tokenize_conversation(
     tokenizer: Any, messages: list[dict], max_length: int, truncation: str
 ) -> tuple[list[int], list[int], bool]:
-    """Token ids and labels (-100 outside assistant spans); returns (ids, labels, truncated)."""
+    """Token ids and labels (-100 outside assistant spans); returns (ids, labels, truncated).
+
+    Longer than `max_length`: `turns` keeps the longest prefix of whole exchanges that fits,
+    or, when the first exchange alone does not fit, cuts its response (at least one response
+    token stays supervised; a prompt that alone fills `max_length` is rejected as
+    `prompt_too_long`); `truncate` cuts at `max_length` wherever that falls; `drop` rejects
+    the row (`too_long`).
+    """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     text, spans = render_with_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
@@ -66,19 +79,46 @@ def tokenize_conversation(
     truncated = False
     if len(ids) > max_length:
         if truncation == "drop":
-            raise RowRejected(f"too long: {len(ids)} tokens > data.max_length={max_length}")
-        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+            raise RowRejected(
+                f"too long: {len(ids)} tokens > data.max_length={max_length}", "too_long"
+            )
+        cut = max_length
+        if truncation == "turns":
+            cut = _turns_cut(enc["offset_mapping"], spans, labels, max_length)
+        ids, labels, truncated = ids[:cut], labels[:cut], True
     if all(label == IGNORE_INDEX for label in labels):
         reason = "no supervised tokens after truncation" if truncated else "no supervised tokens"
-        raise RowRejected(reason)
+        raise RowRejected(reason, "no_supervised_tokens")
     return ids, labels, truncated
+
+
+def _turns_cut(
+    offsets: list[tuple[int, int]], spans: list[tuple[int, int]], labels: list[int], limit: int
+) -> int:
+    """Where `turns` truncation cuts: after the last whole exchange that fits in `limit`
+    tokens, else inside the first response (keeping at least its first token)."""
+    starts = [start for start, _ in offsets]
+    # Tokens of the conversation up to the end of each assistant turn (its end-of-turn included).
+    ends = [sum(1 for start in starts if start < span_end) for _, span_end in spans]
+    fitting = [end for end in ends if end <= limit]
+    if fitting:
+        return max(fitting)
+    first = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if first >= limit:
+        raise RowRejected(
+            f"prompt too long: the first response starts at token {first} >= "
+            f"data.max_length={limit}",
+            "prompt_too_long",
+        )
+    return limit
 
 
 class TokenizeBatch:
     """Ray Data callable class: tokenizes a batch of conversations, marking rejected rows.
 
     Input columns: `example_id`, `messages_json`. Output adds `input_ids`, `labels`,
-    `truncated` and `reject_reason` ("" for kept rows), so the driver counts every outcome.
+    `truncated`, `reject_reason` and `reject_kind` ("" for kept rows), so the driver counts
+    every outcome.
     """
 
     def __init__(self, tokenizer_path: str, max_length: int, truncation: str, trust: bool = False):
@@ -89,22 +129,24 @@ class TokenizeBatch:
         self.truncation = truncation
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        input_ids, labels, truncated, reasons = [], [], [], []
+        input_ids, labels, truncated, reasons, kinds = [], [], [], [], []
         for raw in batch.column("messages_json").to_pylist():
             try:
                 ids, labs, trunc = tokenize_conversation(
                     self.tokenizer, json.loads(raw), self.max_length, self.truncation
                 )
-                reason = ""
+                reason = kind = ""
             except RowRejected as exc:
-                ids, labs, trunc, reason = [], [], False, exc.reason
+                ids, labs, trunc, reason, kind = [], [], False, exc.reason, exc.kind
             input_ids.append(ids)
             labels.append(labs)
             truncated.append(trunc)
             reasons.append(reason)
+            kinds.append(kind)
         return (
             batch.append_column("input_ids", pa.array(input_ids, type=pa.list_(pa.int32())))
             .append_column("labels", pa.array(labels, type=pa.list_(pa.int32())))
             .append_column("truncated", pa.array(truncated, type=pa.bool_()))
             .append_column("reject_reason", pa.array(reasons, type=pa.string()))
+            .append_column("reject_kind", pa.array(kinds, type=pa.string()))
         )

@@ -7,24 +7,37 @@ numbered). `total == valid + rejected` always holds: no row is dropped without a
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftmix_ray.data.formats import FORMATS, Message, detect_format, normalize_row
+from sftmix_ray.data.formats import FORMATS, Message, detect_format, normalize_with_repairs
 from sftmix_ray.data.readers import read_records
 from sftmix_ray.errors import DataError, RowRejected
 
 ValidPair = tuple[int, list[Message]]
 
 
+EXAMPLES_PER_KIND = 5
+
+
 @dataclass(frozen=True)
 class Rejection:
-    """One rejected row: its 0-based index in the corpus and why it was rejected."""
+    """One rejected row: its 0-based index in the corpus, why, and the kind of problem."""
 
     index: int
     reason: str
+    kind: str = "invalid"
+
+
+def rejections_by_kind(rejections: Sequence[Rejection]) -> dict[str, dict[str, Any]]:
+    """`{kind: {"count": n, "examples": [first row indices]}}`, most frequent kind first."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for rejection in rejections:
+        groups[rejection.kind].append(rejection.index)
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    return {k: {"count": len(v), "examples": v[:EXAMPLES_PER_KIND]} for k, v in ordered}
 
 
 @dataclass
@@ -36,6 +49,7 @@ class ValidationReport:
     rejected: int
     rejections: list[Rejection] = field(default_factory=list)
     format: str = "auto"
+    repairs: dict[str, int] = field(default_factory=dict)  # kind -> kept rows repaired so
 
     def __post_init__(self) -> None:
         assert self.total == self.valid + self.rejected, "total must equal valid + rejected"
@@ -50,15 +64,19 @@ class ValidationReport:
             "rejected": self.rejected,
             "rejections": [{"index": r.index, "reason": r.reason} for r in self.rejections],
             "format": self.format,
+            "by_kind": rejections_by_kind(self.rejections),
+            "repairs": self.repairs,
         }
 
 
 def validate_rows(
-    rows: Sequence[Any], fmt: str = "auto", *, source: str | None = None
+    rows: Sequence[Any], fmt: str = "auto", *, source: str | None = None, repair: str = "standard"
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Normalize every row; return the valid (row index, messages) pairs and the report.
 
-    `source` (a file name) prefixes the DataError raised when `auto` cannot detect a format.
+    `repair` is `data.repair` (`standard` repairs what real dumps break, counted per kind and
+    row; `none` is strict). `source` (a file name) prefixes the DataError raised when `auto`
+    cannot detect a format.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -68,27 +86,36 @@ def validate_rows(
         raise DataError(f"{source}: {exc}" if source else str(exc)) from None
     valid: list[ValidPair] = []
     rejections: list[Rejection] = []
+    repairs: Counter[str] = Counter()
     for index, row in enumerate(rows):
         try:
-            valid.append((index, normalize_row(row, resolved)))
+            messages, applied = normalize_with_repairs(row, resolved, repair)
         except RowRejected as exc:
-            rejections.append(Rejection(index, exc.reason))
+            rejections.append(Rejection(index, exc.reason, exc.kind))
+            continue
+        valid.append((index, messages))
+        repairs.update(applied)  # each kind once per row
     report = ValidationReport(
         total=len(rows),
         valid=len(valid),
         rejected=len(rejections),
         rejections=rejections,
         format=resolved,
+        repairs=dict(repairs.most_common()),
     )
     return valid, report
 
 
 def validate_file(
-    path: str | os.PathLike[str], fmt: str = "auto", *, hf_split: str = "train"
+    path: str | os.PathLike[str],
+    fmt: str = "auto",
+    *,
+    hf_split: str = "train",
+    repair: str = "standard",
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Read a corpus (file, directory or HF dataset) and validate every row."""
     rows = read_records(path, hf_split=hf_split)
-    return validate_rows(rows, fmt, source=os.fspath(path))
+    return validate_rows(rows, fmt, source=os.fspath(path), repair=repair)
 
 
 def format_report(
@@ -99,6 +126,9 @@ def format_report(
         f"{os.fspath(path)}: {report.total} {_plural(report.total, 'row')}, {report.valid} valid, "
         f"{report.rejected} rejected (format: {report.format})"
     ]
+    if report.repairs:
+        repaired = ", ".join(f"{kind} {count}" for kind, count in report.repairs.items())
+        lines.append(f"repaired (kept): {repaired}")
     if not report.rejections:
         return "\n".join(lines)
     groups: dict[str, list[int]] = defaultdict(list)

@@ -1,0 +1,217 @@
+"""Repairs for real dumps (data.repair) and the truncation policies (data.truncation).
+
+Through `sftmix-ray validate-data --json` (every repair kind, counted once per row and kind,
+`total == valid + rejected`, strict mode for comparison) and the tokenizer's truncation
+(`turns`, `truncate`, `drop`, `prompt_too_long`); `sftmix-ray prepare` with both is in
+test_hostile_input.py and below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sftmix_ray.cli import main
+from sftmix_ray.data.formats import normalize_with_repairs
+from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from sftmix_ray.errors import RowRejected
+from tests.conftest import TINY_OVERRIDES
+
+
+def turn(role: str, value: str) -> dict:
+    return {"from": role, "value": value}
+
+
+# name -> (conversation, repairs applied, messages after repair as (role, content))
+REPAIRED = {
+    "leading_assistant": (
+        [turn("gpt", "hello"), turn("human", "q"), turn("gpt", "a")],
+        ["leading_assistant_dropped"],
+        [("user", "q"), ("assistant", "a")],
+    ),
+    "trailing_user": (
+        [turn("human", "q"), turn("gpt", "a"), turn("human", "and?")],
+        ["trailing_user_dropped"],
+        [("user", "q"), ("assistant", "a")],
+    ),
+    "empty_then_merge": (
+        [turn("human", "q1"), turn("gpt", " "), turn("human", "q2"), turn("gpt", "a")],
+        ["empty_turn_dropped", "same_role_merged"],
+        [("user", "q1\n\nq2"), ("assistant", "a")],
+    ),
+    "two_user_turns": (
+        [turn("human", "q1"), turn("human", "q2"), turn("gpt", "a1"), turn("gpt", "a2")],
+        ["same_role_merged"],
+        [("user", "q1\n\nq2"), ("assistant", "a1\n\na2")],
+    ),
+    "bing_and_bard": (
+        [turn("human", "q"), turn("bing", "a"), turn("human", "q2"), turn("bard", "b")],
+        ["role_mapped"],
+        [("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "b")],
+    ),
+    "everything_at_once": (
+        [turn("gpt", "x"), turn("human", ""), turn("human", "q"), turn("chatgpt", "a"),
+         turn("bard", "a2"), turn("human", "dangling")],
+        ["empty_turn_dropped", "leading_assistant_dropped", "role_mapped", "same_role_merged",
+         "trailing_user_dropped"],
+        [("user", "q"), ("assistant", "a\n\na2")],
+    ),
+}  # fmt: skip
+# Still invalid after the repairs: (conversation, kind)
+UNREPAIRABLE = {
+    "only_assistant": ([turn("gpt", "a")], "no_turns_or_assistant"),
+    "only_user": ([turn("human", "q")], "no_assistant_turn"),
+    "empty": ([], "empty_conversation"),
+    "tool_role": ([turn("human", "q"), turn("tool", "x")], "unknown_role"),
+    "system_in_middle": (
+        [turn("human", "q"), turn("system", "s"), turn("gpt", "a")],
+        "system_not_first",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REPAIRED))
+def test_each_repair(case):
+    conversation, repairs, expected = REPAIRED[case]
+    messages, applied = normalize_with_repairs({"conversations": conversation}, "sharegpt")
+    assert applied == sorted(repairs)
+    assert [(m["role"], m["content"]) for m in messages] == expected
+    with pytest.raises(RowRejected):  # strict mode rejects every one of them
+        normalize_with_repairs({"conversations": conversation}, "sharegpt", "none")
+
+
+@pytest.mark.parametrize("case", list(UNREPAIRABLE))
+def test_unrepairable_rows_are_still_rejected(case):
+    conversation, kind = UNREPAIRABLE[case]
+    with pytest.raises(RowRejected) as info:
+        normalize_with_repairs({"conversations": conversation}, "sharegpt")
+    if kind == "no_turns_or_assistant":
+        assert info.value.kind in ("no_turns", "no_assistant_turn", "starts_with_assistant")
+    else:
+        assert info.value.kind == kind
+
+
+def _validate(path: Path, capsys, *extra: str) -> dict:
+    assert main(["validate-data", "--data", str(path), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_validate_data_counts_repairs_once_per_row_and_kind(tmp_path, capsys):
+    rows = [{"conversations": c} for c, _, _ in REPAIRED.values()]
+    rows += [{"conversations": c} for c, _ in UNREPAIRABLE.values()]
+    rows.append({"conversations": [turn("human", "fine"), turn("gpt", "row")]})
+    path = tmp_path / "dump.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = _validate(path, capsys)
+    assert report["total"] == len(rows) == report["valid"] + report["rejected"]
+    assert report["valid"] == len(REPAIRED) + 1 and report["rejected"] == len(UNREPAIRABLE)
+    expected: dict[str, int] = {}
+    for _, repairs, _ in REPAIRED.values():
+        for kind in repairs:
+            expected[kind] = expected.get(kind, 0) + 1
+    assert report["repairs"] == expected  # "everything_at_once" merges twice: counted once
+    by_kind = report["by_kind"]
+    assert sum(v["count"] for v in by_kind.values()) == report["rejected"]
+    assert by_kind["unknown_role"] == {"count": 1, "examples": [len(REPAIRED) + 3]}
+    assert [r["index"] for r in report["rejections"]] == list(
+        range(len(REPAIRED), len(REPAIRED) + len(UNREPAIRABLE))
+    )
+    strict = _validate(path, capsys, "--repair", "none")
+    assert strict["repairs"] == {} and strict["valid"] == 1
+    assert strict["total"] == strict["valid"] + strict["rejected"]
+    # Strict mode rejects exactly the repaired rows on top of the unrepairable ones.
+    assert strict["rejected"] == report["rejected"] + len(REPAIRED)
+
+
+# ------------------------------------------------------------------------------ truncation
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from sftmix_ray.modeling import train_tiny_tokenizer
+
+    texts = [f"question {i} answer {i * 7} words words" for i in range(300)]
+    return train_tiny_tokenizer(texts, 400)
+
+
+CHAT = [
+    {"role": "user", "content": "question one words words"},
+    {"role": "assistant", "content": "answer one " + "words " * 20},
+    {"role": "user", "content": "question two"},
+    {"role": "assistant", "content": "answer two " + "words " * 20},
+]
+
+
+def _first_exchange_length(tokenizer) -> int:
+    ids, _, _ = tokenize_conversation(tokenizer, CHAT[:2], 10_000, "turns")
+    return len(ids)
+
+
+def test_turns_keeps_whole_exchanges(tokenizer):
+    full, _, _ = tokenize_conversation(tokenizer, CHAT, 10_000, "turns")
+    first = _first_exchange_length(tokenizer)
+    ids, labels, truncated = tokenize_conversation(tokenizer, CHAT, len(full) - 1, "turns")
+    assert truncated and ids == full[:first]  # exactly the first exchange, end-of-turn included
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    supervised = [t for t in labels if t != IGNORE_INDEX]
+    assert end_of_turn in supervised and ids[first - 2] == end_of_turn  # then the newline
+
+
+def test_turns_cuts_the_first_response_when_it_alone_is_too_long(tokenizer):
+    first = _first_exchange_length(tokenizer)
+    ids, labels, truncated = tokenize_conversation(tokenizer, CHAT, first - 5, "turns")
+    assert truncated and len(ids) == first - 5
+    assert any(t != IGNORE_INDEX for t in labels)
+
+
+def test_prompt_too_long_is_rejected_and_counted(tokenizer):
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tokenizer, CHAT, 4, "turns")
+    assert info.value.kind == "prompt_too_long" and "data.max_length=4" in info.value.reason
+
+
+def test_truncate_and_drop(tokenizer):
+    full, _, _ = tokenize_conversation(tokenizer, CHAT, 10_000, "turns")
+    ids, _, truncated = tokenize_conversation(tokenizer, CHAT, len(full) - 3, "truncate")
+    assert truncated and ids == full[: len(full) - 3]  # mid-turn, wherever the limit falls
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tokenizer, CHAT, len(full) - 3, "drop")
+    assert info.value.kind == "too_long"
+
+
+@pytest.mark.slow
+def test_prepare_repairs_truncates_and_reports_by_kind(ray_local, tmp_path, capsys):
+    """`sftmix-ray prepare` on a dump with every repair kind, over-long conversations and a
+    prompt that alone is too long: repaired rows keep their example_id, long rows are kept as
+    their leading exchanges, and the summary and OUT/rejections/train.jsonl say what happened."""
+    long_chat = [turn("human", "q " * 5), turn("gpt", "a " * 30), turn("human", "q2"),
+                 turn("gpt", "b " * 200)]  # fmt: skip
+    rows = [{"conversations": c} for c, _, _ in REPAIRED.values()]
+    rows += [
+        {"conversations": long_chat},
+        {"conversations": [turn("human", "p " * 400), turn("gpt", "a")]},  # prompt too long
+        {"conversations": [turn("human", "q")]},  # no reply
+    ]
+    path = tmp_path / "dump.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+    code = main(["prepare", "--output-dir", str(out), *sets, f"--set=data.path={path}",
+                 "--set=data.format=sharegpt", "--set=data.max_length=96"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
+    n = len(REPAIRED)
+    assert train["input"] == len(rows) == train["written"] + train["rejected"]
+    assert train["written"] == n + 1 and train["truncated"] >= 1
+    assert train["repairs"]["same_role_merged"] == 3 and train["repairs"]["role_mapped"] == 2
+    assert set(train["rejections_by_kind"]) == {"prompt_too_long", "no_assistant_turn"}
+    assert train["rejections_by_kind"]["prompt_too_long"]["examples"] == [n + 1]
+    lines = Path(train["rejections_file"]).read_text().splitlines()
+    assert [json.loads(line)["example_id"] for line in lines] == [n + 1, n + 2]
+    assert not Path(train["rejections_file"]).is_relative_to(out / "data")
+    data = pq.read_table(out / "data").sort_by("example_id")
+    assert data.column("example_id").to_pylist() == list(range(n + 1))
+    assert max(len(x) for x in data.column("input_ids").to_pylist()) <= 96
