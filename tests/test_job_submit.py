@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,10 +28,13 @@ from tests.conftest import TINY_OVERRIDES, result_json
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# The quickstart shrunk to the tiny test model: a handful of steps per training stage.
+# The quickstart shrunk to the tiny test model (a handful of steps per training stage), with
+# the tiny config's learning rate so that `prepare` and `reference` are those of the session's
+# shared `reference_out`: the job finds them complete and skips them (which also tests that a
+# rerun on another cluster skips finished stages), and runs score, split, train and eval.
 QUICK = [
     *(o for o in TINY_OVERRIDES if not o.startswith("ray.")),
-    "data.num_workers=1",
+    "train.learning_rate=0.001",
     "score.num_actors=1",
     "eval.max_examples=8",
     "eval.max_new_tokens=4",
@@ -126,8 +130,10 @@ def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, tmp_path):
+def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, reference_out, tmp_path):
     out = tmp_path / "out"
+    shutil.copytree(reference_out, out)  # prepare + reference done, with their summary
+    prepared_at = {s: read_summary(out)["stages"][s]["updated_at"] for s in ("prepare", "reference")}
     sets = [arg for o in QUICK for arg in ("--set", o)]
     submit = subprocess.run(
         [
@@ -173,6 +179,9 @@ def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, tmp_path):
         "completed"
     ] * 5
     assert stages["train"]["steps"] == 3 and stages["reference"]["steps"] == 3
+    # The finished stages of the copied run were skipped by the job, not redone.
+    assert {s: stages[s]["updated_at"] for s in prepared_at} == prepared_at
+    assert "stage prepare: complete for this config, skipped" in logs
     results = json.loads((out / "eval.json").read_text())
     assert results["sftmix"]["response_tokens"] > 0
     assert (out / "model" / "model.safetensors").exists()
