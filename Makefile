@@ -19,7 +19,7 @@ quickstart: install
 	$(BIN)/sftmix-ray pipeline --config configs/quickstart.yaml --output-dir $(OUT)
 
 test: install
-	DS_ACCELERATOR=cpu $(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
+	DS_ACCELERATOR=cpu $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The tests that start no Ray cluster and no training run (about a minute).
 test-fast: install

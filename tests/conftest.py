@@ -38,33 +38,24 @@ TINY_OVERRIDES = [
 ]
 
 
-# Heaviest files first: pytest-xdist hands out tests and groups in collection order,
-# so a long file left for last would keep one worker busy while the other idles.
+# Heaviest files first: pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out
+# whole files in collection order, so a long file left for last would keep one worker busy
+# while the other idles. (`--dist loadgroup` does not group under pytest 9: xdist 3.8 tags the
+# node ids, which pytest 9 no longer lets a plugin change.)
 HEAVY_FIRST = [
-    "test_job_submit.py", "test_interrupts.py", "test_tune_sweeps.py", "test_tune.py",
-    "test_train.py", "test_cross_tokenizer.py", "test_multinode.py", "test_object_store.py",
-    "test_loss_distributed.py", "test_scoring.py", "test_cli_stdout.py", "test_gpu_path.py",
+    "test_interrupts.py", "test_tune_schedulers.py", "test_job_submit.py", "test_tune.py",
+    "test_train.py", "test_cross_tokenizer.py", "test_tune_sweeps.py", "test_loss_distributed.py",
+    "test_multinode.py", "test_scoring.py", "test_object_store.py", "test_cli_stdout.py",
+    "test_gpu_path.py", "test_hostile_input.py", "test_repairs.py",
 ]  # fmt: skip
 
 
 RAY_FIXTURES = {"ray_local", "prepared_out", "reference_out", "scored_base"}
-# Files whose tests share module-scoped fixtures (a training run, a sweep, a Ray head): each
-# runs whole on one pytest-xdist worker (`--dist loadgroup`); every other test is handed out
-# on its own, so the long independent tests of one file run side by side.
-GROUPED_FILES = {
-    "test_cluster_manifests.py", "test_cross_tokenizer.py", "test_demo_corpus.py",
-    "test_job_submit.py", "test_object_store.py", "test_scoring.py", "test_tokenize.py",
-    "test_train.py", "test_tune.py",
-}  # fmt: skip
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
-    for item in items:
-        if item.path.name in GROUPED_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     # `make test-fast` (-m "not slow") runs what needs no Ray cluster: anything that uses the
     # session's cluster or a stage's outputs is slow, whatever its own marks say.
     for item in items:

@@ -1,4 +1,5 @@
-"""Ray Tune sweeps beyond the CLI run: interrupt and resume, ASHA, Optuna, failed trials.
+"""Ray Tune sweeps beyond the CLI run: interrupt and resume, failed trials (ASHA and Optuna:
+test_tune_schedulers.py).
 
 Split from test_tune.py so that pytest-xdist can run the two halves on different workers.
 """
@@ -12,13 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from ray import tune
 
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.summary import read_summary
 from tests.conftest import tiny_config
-from tests.test_tune import SWEEP, _attempts, _copy_base, _history
+from tests.test_tune import SWEEP, _attempts, _copy_base
 from tuning.sweep import SweepInterrupted, run_tune
 
 # ---------------------------------------------------------------------------------------------
@@ -73,57 +73,6 @@ def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_lo
     again = run_tune(cfg, out)
     assert again["best"] == result["best"]
     assert all(t < again_at for p in trials.iterdir() for t in _attempts(p))
-
-
-# ---------------------------------------------------------------------------------------------
-# ASHA stops a trial that is worse at its first rung; Optuna samples the space
-
-
-@pytest.mark.slow
-def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tmp_path):
-    out = _copy_base(scored_base, tmp_path / "out")
-    space = tmp_path / "space.yaml"
-    # Grid order, one trial at a time: the sane learning rate sets rung 1 (step 1), then a
-    # learning rate that wrecks the model after one Adam step is measured against it.
-    space.write_text("train.learning_rate: {grid: [0.01, 0.5]}\n")
-    cfg = tiny_config(
-        *SWEEP, "train.max_steps=3", "train.warmup_ratio=0", f"tune.space={space}",
-        "tune.search=grid", "tune.num_samples=1", "tune.scheduler=asha", "tune.grace_period=1",
-    )  # fmt: skip
-    result = run_tune(cfg, out)
-    table = pd.read_csv(out / "tune" / "results.csv").set_index("train.learning_rate")
-    assert set(table["status"]) == {"TERMINATED"} and result["terminated"] == 2
-    sane, wrecked = table.loc[0.01], table.loc[0.5]
-    assert sane["reports"] == 3 and sane["completed_training"]  # ran to max_t
-    assert wrecked["reports"] == 1 and not wrecked["completed_training"]  # stopped at rung 1
-    # A stopped trial's only report is its step-1 eval; the sane trial's is in its history.
-    sane_step1 = _history(Path(sane["trial_dir"]))[0]["eval_loss"]
-    assert wrecked["eval_loss"] > sane_step1, "ASHA stopped the trial that was worse at step 1"
-    assert result["best"]["params"]["train.learning_rate"] == 0.01
-
-
-@pytest.mark.slow
-def test_optuna_search_samples_the_space(scored_base, ray_local, tmp_path):
-    pytest.importorskip("optuna")
-    out = _copy_base(scored_base, tmp_path / "out")
-    space = tmp_path / "space.yaml"
-    space.write_text("mixup.alpha: {loguniform: [0.2, 1.0]}\nmixup.mu: {uniform: [0.05, 0.5]}\n")
-    cfg = tiny_config(
-        *SWEEP, "train.max_steps=1", f"tune.space={space}", "tune.search=optuna",
-        "tune.num_samples=2", "tune.seed=7", "tune.max_concurrent_trials=2",
-    )  # fmt: skip
-    result = run_tune(cfg, out)
-    table = pd.read_csv(out / "tune" / "results.csv")
-    assert len(table) == 2 and set(table["status"]) == {"TERMINATED"}
-    assert (
-        table["mixup.alpha"].between(0.2, 1.0).all() and table["mixup.mu"].between(0.05, 0.5).all()
-    )
-    assert table["mixup.alpha"].nunique() == 2, "Optuna proposed two different points"
-    for _, row in table.iterrows():  # each trial trained with what Optuna proposed
-        saved = yaml.safe_load((Path(row["trial_dir"]) / "config.yaml").read_text())
-        assert saved["mixup"]["alpha"] == pytest.approx(row["mixup.alpha"], rel=1e-9)
-        assert row["eval_loss"] == pytest.approx(_history(Path(row["trial_dir"]))[-1]["eval_loss"])
-    assert result["best"]["eval_loss"] == pytest.approx(table["eval_loss"].min())
 
 
 # ---------------------------------------------------------------------------------------------
