@@ -34,8 +34,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_prepare_and_eval_on_their_own_cluster_print_only_json(tmp_path: Path):
     out = tmp_path / "out"
     prepare = _run("prepare", "--output-dir", str(out))
-    result = result_json(prepare)["prepare"]
-    assert result["valid"] == 200 and result["rejected"] == 0
+    result = result_json(prepare)["prepare"]["train"]
+    assert result["written"] == 200 and result["rejected"] == 0
     # The noise happened (workers' lines reached the driver), and all of it went to stderr.
     assert "noisy-process" in prepare.stderr
     assert "noisy-process" not in prepare.stdout

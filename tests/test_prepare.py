@@ -50,12 +50,17 @@ def test_prepare_counts_every_rejection(ray_local, tmp_path: Path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
-    result = run_stage("prepare", tiny_config(f"data.path={path}", "data.format=alpaca"), out)
+    cfg = tiny_config(f"data.path={path}", "data.format=alpaca", "data.truncation=drop")
+    result = run_stage("prepare", cfg, out)
     train = result["train"]
     assert train["input"] == 40 and train["written"] == 37 and train["rejected"] == 3
     assert train["input"] == train["written"] + train["rejected"]
-    assert sorted(r["index"] for r in train["rejections"]) == [3, 7, 9]
-    assert any("too long" in reason for reason in train["rejection_reasons"])
+    rejections = [json.loads(x) for x in Path(train["rejections_file"]).read_text().splitlines()]
+    assert [r["index"] for r in rejections] == [3, 7, 9]
+    assert rejections[1]["kind"] == "too_long" and "too long" in rejections[1]["reason"]
+    assert {k: v["count"] for k, v in train["rejections_by_kind"].items()} == {
+        "missing_field": 1, "too_long": 1, "not_an_object": 1,
+    }  # fmt: skip
     kept = pq.read_table(out / "data").column("example_id").to_pylist()
     assert kept == [i for i in range(40) if i not in (3, 7, 9)]
 
