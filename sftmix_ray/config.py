@@ -222,6 +222,8 @@ class TrainConfig:
     deepspeed_stage: Literal[2, 3] = 2
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON replaces ours
     loss_chunk_size: int = 1024
+    # Process-group timeout: must outlast rank 0 writing an HF export to shared storage.
+    collective_timeout_s: int = 3600
     storage_path: str | None = None  # shared storage for checkpoints; default OUT/ray_storage
 
     def __post_init__(self) -> None:
@@ -248,6 +250,12 @@ class TrainConfig:
         _check(self.save_steps >= 0, "train.save_steps", self.save_steps, ">= 0")
         _check(self.save_total_limit >= 1, "train.save_total_limit", self.save_total_limit, ">= 1")
         _check(self.loss_chunk_size >= 1, "train.loss_chunk_size", self.loss_chunk_size, ">= 1")
+        _check(
+            self.collective_timeout_s >= 60,
+            "train.collective_timeout_s",
+            self.collective_timeout_s,
+            ">= 60",
+        )
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,12 @@ def test_defaults_match_design():
     assert cfg.train.strategy == "ddp"
     assert cfg.model.trust_remote_code is False
     assert cfg.ray.dashboard_host == "127.0.0.1"
+    # The paper's recipe and real dumps: response-aligned Mixup, -mean perplexity, repairs,
+    # whole-exchange truncation; a process-group timeout that outlasts an 8B export.
+    assert (cfg.mixup.align, cfg.mixup.ntp_weight) == ("response", 1.0)
+    assert cfg.score.confidence == "neg_mean_perplexity"
+    assert (cfg.data.repair, cfg.data.truncation) == ("standard", "turns")
+    assert cfg.train.collective_timeout_s == 3600 and cfg.train.fsdp_defer_grad_sync is False
 
 
 def test_overrides_coerce_types(tmp_path):
@@ -68,6 +74,12 @@ def test_yaml_then_overrides_win(tmp_path):
         ("data.max_length=2", "'data.max_length'"),
         ("train.report_to=tensorboard,wandb", "'train.report_to' = 'wandb'"),
         ("train.report_to=3", "expected a list"),
+        ("train.collective_timeout_s=10", "'train.collective_timeout_s'"),
+        ("mixup.align=token", "'mixup.align'"),
+        ("score.confidence=entropy", "'score.confidence'"),
+        ("data.truncation=middle", "'data.truncation'"),
+        ("data.repair=aggressive", "'data.repair'"),
+        ("mixup.ntp_weight=-1", "'mixup.ntp_weight'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, fragment):

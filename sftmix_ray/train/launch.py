@@ -241,7 +241,13 @@ def run_training(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        # The process-group timeout covers the longest wait of one rank on another: rank 0
+        # writing an exported HF checkpoint (tens of GB at 8B) while the others already sit in
+        # the next step's collective. NCCL's watchdog kills the run past it.
+        torch_config=TorchConfig(
+            backend="nccl" if cfg.train.use_gpu else "gloo",
+            timeout_s=cfg.train.collective_timeout_s,
+        ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,

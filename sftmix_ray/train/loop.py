@@ -273,7 +273,9 @@ class Trainer:
 
         from sftmix_ray.modeling import save_hf
 
-        config = AutoConfig.from_pretrained(self.spec["model_path"])
+        config = AutoConfig.from_pretrained(
+            self.spec["model_path"], trust_remote_code=self.spec["trust"]
+        )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(state, strict=False, assign=True)

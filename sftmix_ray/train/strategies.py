@@ -120,7 +120,8 @@ class TorchStrategy:
         from safetensors.torch import load_file
 
         self.wrapper.load_state_dict(load_file(str(directory / "model.safetensors")))
-        state = torch.load(directory / "optimizer.pt", weights_only=True)
+        # map_location: the saving rank's device is not necessarily this rank's.
+        state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -179,7 +180,7 @@ class FSDPStrategy(TorchStrategy):
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
-        sched = torch.load(directory / "scheduler.pt", weights_only=True)
+        sched = torch.load(directory / "scheduler.pt", weights_only=True, map_location="cpu")
         self.scheduler.load_state_dict(sched["scheduler"])
 
 
