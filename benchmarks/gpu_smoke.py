@@ -109,6 +109,21 @@ def part_losses(device: torch.device, small: bool) -> dict[str, Any]:
         above = None if peak is None else round(peak - base / 2**30, 3)
         return loss.detach(), hh.grad, head.weight.grad.clone(), seconds, above
 
+    def compare(kind: str, naive, fused) -> None:
+        """Time and measure both after a warm-up; relative errors of loss and gradients."""
+        outs = {}
+        for name, fn in ((f"naive_{kind}", naive), (f"fused_{kind}", fused)):
+            run(fn)  # warm-up (kernels, allocator)
+            outs[name] = out = run(fn)
+            result[name] = {"loss": float(out[0]), "seconds": round(out[3], 4)}
+            result[name]["peak_above_start_gib"] = out[4]
+        a, b = outs[f"fused_{kind}"], outs[f"naive_{kind}"]
+        result[f"{kind}_rel_err"] = {
+            "loss": _rel(a[0], b[0]),
+            "grad_h": _rel(a[1], b[1]),
+            "grad_w": _rel(a[2], b[2]),
+        }
+
     def fused_ntp(hh):
         return NTPLoss()(hh, labels, head)[0]
 
@@ -116,15 +131,7 @@ def part_losses(device: torch.device, small: bool) -> dict[str, Any]:
         logits = head(hh[:, :-1]).float()
         return F.cross_entropy(logits.reshape(-1, vocab), labels[:, 1:].reshape(-1))
 
-    for name, fn in (("naive_ntp", naive_ntp), ("fused_ntp", fused_ntp)):
-        run(fn)  # warm-up (kernels, allocator)
-        out = run(fn)
-        result[name] = {"loss": float(out[0]), "seconds": round(out[3], 4)}
-        result[name]["peak_above_start_gib"] = out[4]
-        result[f"_{name}"] = out
-    a, b = result.pop("_fused_ntp"), result.pop("_naive_ntp")
-    result["ntp_rel_err"] = {"loss": _rel(a[0], b[0]), "grad_h": _rel(a[1], b[1])}
-    result["ntp_rel_err"]["grad_w"] = _rel(a[2], b[2])
+    compare("ntp", naive_ntp, fused_ntp)
     if device.type == "cuda":
         result["fused_ntp_peak_over_naive"] = round(
             result["fused_ntp"]["peak_above_start_gib"]
@@ -154,15 +161,7 @@ def part_losses(device: torch.device, small: bool) -> dict[str, Any]:
             count += n
         return total / count
 
-    for name, fn in (("naive_mix", naive_mix), ("fused_mix", fused_mix)):
-        run(fn)
-        out = run(fn)
-        result[name] = {"loss": float(out[0]), "seconds": round(out[3], 4)}
-        result[name]["peak_above_start_gib"] = out[4]
-        result[f"_{name}"] = out
-    a, b = result.pop("_fused_mix"), result.pop("_naive_mix")
-    result["mix_rel_err"] = {"loss": _rel(a[0], b[0]), "grad_h": _rel(a[1], b[1])}
-    result["mix_rel_err"]["grad_w"] = _rel(a[2], b[2])
+    compare("mix", naive_mix, fused_mix)
     # bf16 matmuls of a chunk and of the whole batch round differently: 1e-2 on gradients.
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     errs = [*result["ntp_rel_err"].values(), *result["mix_rel_err"].values()]
@@ -234,6 +233,7 @@ def fsdp_worker(small: bool, out_file: str) -> None:
     ids = torch.randint(0, shape["vocab"], (rows, length), generator=g)
     labels = ids.clone()
     labels[:, : length // 4] = -100
+    labels_host = labels
     ids, labels = ids.to(device), labels.to(device)
     mask = torch.ones_like(ids)
 
@@ -244,8 +244,8 @@ def fsdp_worker(small: bool, out_file: str) -> None:
         same weights: that is how checkpointing on and off are compared.
         """
         lam = loss.sample_lambda(rows // 2, seed=0, step=i, rank=rank)
-        counts = loss.normalizer_counts(labels.cpu(), lam)
-        norms = (all_reduce_sum(counts, device).float() / world).to(device)
+        counts = loss.normalizer_counts(labels_host, lam)
+        norms = all_reduce_sum(counts, device).float() / world
         _sync(device)
         before = _allocated(device)
         start = time.perf_counter()
@@ -258,8 +258,8 @@ def fsdp_worker(small: bool, out_file: str) -> None:
         else:
             strategy.optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        total = all_reduce_sum([metrics["loss"]], device)  # a host metric through NCCL
-        return float(total[0]) / world, time.perf_counter() - start, saved
+        total = all_reduce_sum([metrics["loss"]], device).tolist()  # a host metric via NCCL
+        return total[0] / world, time.perf_counter() - start, saved
 
     result: dict[str, Any] = {
         "world_size": world,

@@ -129,7 +129,8 @@ def confidence_table(scores_path: Path, measure: str) -> pa.Table:
         )
     log.info("confidence recomputed as %s from the stored NLL (scores hold %s)", measure, stored)
     table = pq.read_table(scores_path, columns=["example_id", "nll"])
-    nll = np.stack(table.column("nll").to_numpy(zero_copy_only=False))
+    lists = table.column("nll").combine_chunks()
+    nll = lists.flatten().to_numpy().reshape(len(lists), -1)  # [examples, checkpoints]
     confidence, variability = confidence_and_variability(nll, measure)
     return pa.table(
         {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from typing import Any
 
 import pyarrow as pa
@@ -97,9 +98,9 @@ def _turns_cut(
 ) -> int:
     """Where `turns` truncation cuts: after the last whole exchange that fits in `limit`
     tokens, else inside the first response (keeping at least its first token)."""
-    starts = [start for start, _ in offsets]
+    starts = [start for start, _ in offsets]  # non-decreasing
     # Tokens of the conversation up to the end of each assistant turn (its end-of-turn included).
-    ends = [sum(1 for start in starts if start < span_end) for _, span_end in spans]
+    ends = [bisect_left(starts, span_end) for _, span_end in spans]
     fitting = [end for end in ends if end <= limit]
     if fitting:
         return max(fitting)

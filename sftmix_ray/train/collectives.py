@@ -20,8 +20,9 @@ def world_size() -> int:
 def all_reduce_sum(
     values: torch.Tensor | Sequence[float], device: torch.device, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """Sum `values` over ranks on `device` (float64 by default); returns the sum on the host."""
+    """Sum `values` over ranks on `device` (float64 by default); the sum stays on `device`
+    (read it with `.tolist()` where the host needs it: one copy, when it is needed)."""
     tensor = torch.as_tensor(values, dtype=dtype).to(device)
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.cpu()
+    return tensor

@@ -57,6 +57,8 @@ def collate(
         "input_ids": torch.from_numpy(ids).to(device),
         "labels": torch.from_numpy(labs).to(device),
         "attention_mask": torch.from_numpy(mask).to(device),
+        # The host copy: counts and indices read from it cost no device sync.
+        "labels_host": torch.from_numpy(labs),
     }
 
 
@@ -167,8 +169,10 @@ class Trainer:
         lams = [self._lambda(self.step, m) for m in range(accum)]
         # Normalize by the global count over ranks and micro-batches, so neither changes
         # the loss or its gradients (DDP/FSDP/DeepSpeed average gradients over ranks).
-        counts = sum(self.loss.normalizer_counts(b["labels"], lam) for b, lam in zip(batches, lams))
-        normalizers = (all_reduce_sum(counts, self.device).float() / self.world).to(self.device)
+        counts = sum(
+            self.loss.normalizer_counts(b["labels_host"], lam) for b, lam in zip(batches, lams)
+        )
+        normalizers = all_reduce_sum(counts, self.device).float() / self.world
         metrics_sum: dict[str, float] = {}
         tokens = 0
         for m, (batch, lam) in enumerate(zip(batches, lams)):
@@ -190,9 +194,9 @@ class Trainer:
         # Loss terms are each micro-batch's share of the global mean (summed over micro-batches,
         # averaged over ranks); token counts add up; anything else is a mean over calls.
         keys = sorted(metrics_sum)
-        reduced = all_reduce_sum([metrics_sum[k] for k in keys], self.device)
+        reduced = all_reduce_sum([metrics_sum[k] for k in keys], self.device).tolist()
         out = {}
-        for k, v in zip(keys, reduced.tolist()):
+        for k, v in zip(keys, reduced):
             if k in ("loss", "ntp", "mix"):
                 out[k] = v / self.world
             elif k == "n_tokens":
@@ -247,9 +251,9 @@ class Trainer:
                 )
             if idx[b * rows : (b + 1) * rows]:
                 total[0] += float(loss)
-                total[1] += float(self.eval_loss.normalizer_counts(batch["labels"]).sum())
-        total = all_reduce_sum(total, self.device)
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+                total[1] += float(self.eval_loss.normalizer_counts(batch["labels_host"]).sum())
+        tokens_nll, tokens = all_reduce_sum(total, self.device).tolist()
+        return tokens_nll / tokens if tokens > 0 else float("nan")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: Path) -> None:
