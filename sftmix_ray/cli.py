@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 from sftmix_ray.errors import SftmixError
 
@@ -113,11 +115,55 @@ class Terminated(KeyboardInterrupt):
 
 
 _SIGNALS: list[int] = []  # what stopped the run; libraries may re-raise a plain Ctrl+C
+RETRY_SIGNAL_S = 0.05  # how soon a signal that arrived mid-import is delivered again
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def _importing(frame: FrameType | None) -> bool:
+    """The main thread is inside Python's import machinery (at any depth)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGINT and SIGTERM: raise KeyboardInterrupt (or `Terminated`) in the main thread, except
+    in the middle of an import, where it is delivered again a moment later.
+
+    An exception raised while a module executes can unwind through C++ code that cannot take a
+    Python exception (torch's `c10d_init` aborts the process: exit -6 instead of 130) or leave
+    an import lock held, so that Ray's log thread, importing the same module, deadlocks
+    `ray.shutdown()` (the driver hangs). Both were seen with Ctrl+C a second into `prepare`.
+    """
+    if _importing(frame):
+        timer = threading.Timer(RETRY_SIGNAL_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
     _SIGNALS.append(signum)
-    raise Terminated()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# An interrupted or terminated console run exits within this many seconds of stopping work,
+# whatever Ray's shutdown does: a Kubernetes pod or `ray job stop` then sees 130/143, not a hang.
+EXIT_GRACE_S = 60.0
+
+
+def _exit_watchdog(code: int, message: str, grace_s: float) -> threading.Timer:
+    """Started when an interrupted console run begins its clean-up: if the clean-up has not
+    finished after `grace_s`, write the last line and leave with `code` at once."""
+
+    def expire() -> None:
+        try:
+            os.write(2, f"{message} (clean-up exceeded {grace_s:g} s)\n".encode())
+        finally:
+            os._exit(code)
+
+    timer = threading.Timer(grace_s, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class ResultStdout:
@@ -173,12 +219,16 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-def main(argv: list[str] | None = None, *, restore_stdout: bool = True) -> int:
+def main(
+    argv: list[str] | None = None, *, restore_stdout: bool = True, exit_grace_s: float | None = None
+) -> int:
     """Run one command; returns the process exit status.
 
     On success stdout holds exactly the result (one JSON document for every command that runs
     a stage, and for `validate-data --json`); on failure stdout is empty and stderr's last
     line names the problem. `--help` and usage errors are argparse's, before any of this.
+    With `exit_grace_s` (the console script), an interrupted run that has not cleaned up within
+    that many seconds exits at once with its status and line.
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -186,12 +236,18 @@ def main(argv: list[str] | None = None, *, restore_stdout: bool = True) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     stdout = ResultStdout()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in handled}
     caller_ray = _ray_running()  # an in-process caller's Ray session is not ours to stop
+    watchdog: threading.Timer | None = None
     try:
         try:
             run = _validate_data if args.command == "validate-data" else _run
             result = run(args)
+        except KeyboardInterrupt as exc:
+            if exit_grace_s is not None:
+                watchdog = _exit_watchdog(*_interrupted(args.command, exc), exit_grace_s)
+            raise
         finally:
             if not caller_ray:
                 _shutdown_ray()
@@ -204,11 +260,9 @@ def main(argv: list[str] | None = None, *, restore_stdout: bool = True) -> int:
         _last_line(f"sftmix-ray {args.command}: error: {_describe(exc)}")
         return 1
     except KeyboardInterrupt as exc:
-        # Finished stages and checkpoints stay; rerunning the same command goes on from there.
-        terminated = isinstance(exc, Terminated) or signal.SIGTERM in _SIGNALS
-        name = "terminated (SIGTERM)" if terminated else "interrupted"
-        _last_line(f"sftmix-ray {args.command}: {name}; rerun to resume")
-        return 143 if terminated else 130
+        code, line = _interrupted(args.command, exc)
+        _last_line(line)
+        return code
     except Exception as exc:  # a bug or a library failure: traceback first, then the line
         if args.debug:
             raise
@@ -216,8 +270,19 @@ def main(argv: list[str] | None = None, *, restore_stdout: bool = True) -> int:
         _last_line(f"sftmix-ray {args.command}: error: {type(exc).__name__}: {exc}")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stdout.close(restore=restore_stdout)
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> tuple[int, str]:
+    """Exit status and last line of a run stopped by Ctrl+C or SIGTERM. Finished stages and
+    checkpoints stay; rerunning the same command goes on from there."""
+    terminated = isinstance(exc, Terminated) or signal.SIGTERM in _SIGNALS
+    name = "terminated (SIGTERM)" if terminated else "interrupted"
+    return (143 if terminated else 130), f"sftmix-ray {command}: {name}; rerun to resume"
 
 
 def _last_line(message: str) -> None:
@@ -233,7 +298,7 @@ def console_main() -> None:
     interpreter exit (atexit hooks of libraries, late threads) may print after it: both output
     descriptors go to /dev/null for the rest of the process.
     """
-    code = main(restore_stdout=False)
+    code = main(restore_stdout=False, exit_grace_s=EXIT_GRACE_S)
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)

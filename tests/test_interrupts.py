@@ -89,7 +89,13 @@ def _interrupt_in(proc: subprocess.Popen, out: Path, stage: str, sig: int, marke
     if marker is None:
         time.sleep(1.0)  # into the stage's work, past its start
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        message = f"{stage}: no exit 120 s after the signal:\n{stderr[-3000:]}"
+        raise AssertionError(message) from None
     return proc.returncode, stderr
 
 
