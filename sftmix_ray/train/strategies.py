@@ -8,6 +8,7 @@ accumulation, sharded training checkpoints, and `full_state_dict` for the Huggin
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -190,6 +191,7 @@ class DeepSpeedStrategy:
     def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
         import deepspeed
 
+        skip_cpu_shm_comm_build()
         self.wrapper = wrapper
         self.train = train
         ds_config = deepspeed_config(train)
@@ -238,6 +240,30 @@ class DeepSpeedStrategy:
 
     def load(self, directory: Path) -> None:
         self.module.load_checkpoint(str(directory), tag="ds")
+
+
+def skip_cpu_shm_comm_build() -> bool:
+    """On DeepSpeed's CPU accelerator, do not JIT-compile its shared-memory all-reduce op.
+
+    DeepSpeed's communication backend compiles a C++ extension (`deepspeed_shm_comm`) when it
+    first initializes on the CPU accelerator: 55 s on an idle 2-core machine, 160 s under load,
+    and again whenever the environment's path changes (the build cache is keyed by name only).
+    The op serves `inference_all_reduce` (tensor-parallel inference) alone; ZeRO training
+    reduces through torch.distributed, so skipping it changes no result. Returns whether it was
+    skipped; GPU accelerators never build it, and an already initialized backend is left alone.
+    """
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or ds_comm.cdb is not None:
+        return False
+    # By name: `import deepspeed.comm.torch as x` binds the `torch` attribute of
+    # `deepspeed.comm` (PyTorch itself), not the submodule.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if not hasattr(ds_torch_comm, "build_shm_op"):
+        return False
+    ds_torch_comm.build_shm_op = lambda: None
+    return True
 
 
 def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
