@@ -287,7 +287,8 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
             }
             results["registered"] = (float(value) / WORLD, full)
         # The CPU backend came up without compiling DeepSpeed's shared-memory op.
-        results["shm"] = (skipped, repr(deepspeed.comm.comm.cdb.shm_comm_op), skip_cpu_shm_comm_build())
+        shm_op = repr(deepspeed.comm.comm.cdb.shm_comm_op)
+        results["shm"] = (skipped, shm_op, skip_cpu_shm_comm_build())
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "zero3.pt"))
     finally:
