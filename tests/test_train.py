@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,10 @@ from safetensors.torch import load_file
 
 from sftmix_ray.summary import read_summary
 from sftmix_ray.train.loop import FAULT_ENV
-from tests.conftest import tiny_config
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 
 STEPS = 3
+BUCKET = "sftmix-checkpoints"
 COMMON = [
     f"train.max_steps={STEPS}",
     "train.learning_rate=0.01",
@@ -50,13 +54,16 @@ def base_out(prepared_out: Path, tmp_path_factory) -> Path:
     return out
 
 
-def run_train(base: Path, tmp: Path, *overrides: str, name: str = "run") -> tuple[Path, list]:
-    """Train in a fresh copy of `base`; return OUT and the per-step history."""
+def run_train(
+    base: Path, tmp: Path, *overrides: str, name: str = "run", common: bool = True
+) -> tuple[Path, list]:
+    """Train in a fresh copy of `base` (with COMMON's settings unless `common` is false);
+    return OUT and the per-step history."""
     from sftmix_ray.pipeline import run_stage
 
     out = tmp / name
     shutil.copytree(base, out)
-    run_stage("train", tiny_config(*COMMON, *overrides), out)
+    run_stage("train", tiny_config(*(COMMON if common else ()), *overrides), out)
     history = json.loads((out / "logs" / "train-model-history.json").read_text())["history"]
     return out, history
 
@@ -106,20 +113,20 @@ def test_two_workers_match_one(single, base_out, tmp_path, strategy):
     assert stage["status"] == "completed" and stage["steps"] == STEPS and stage["restarts"] == 0
 
 
-def test_mu_zero_is_the_ntp_reference_loop(base_out, tmp_path):
-    """`mixup.mu=0` trains exactly like the NTP reference run (same sampler, same loss)."""
-    from sftmix_ray.pipeline import run_stage
-
-    out, ntp = run_train(base_out, tmp_path, "mixup.mu=0", name="ntp")
-    cfg = tiny_config(*COMMON, f"reference.max_steps={STEPS}", "reference.num_checkpoints=1")
-    run_stage("reference", cfg, out)
-    ref = json.loads((out / "logs" / "reference-model-history.json").read_text())["history"]
-    np.testing.assert_allclose(losses(ntp), losses(ref), rtol=1e-6)
+def test_mu_zero_is_the_ntp_reference_loop(reference_out, base_out, tmp_path):
+    """`mixup.mu=0` trains exactly like the NTP reference run (same sampler, same loss): the
+    session's shared reference run (`reference_out`: the tiny config, 3 steps) is the oracle."""
+    ntp_cfg = ["mixup.mu=0", "train.max_steps=3", "train.save_steps=1"]
+    _, ntp = run_train(base_out, tmp_path, *ntp_cfg, name="ntp", common=False)
+    assert len(ntp) == STEPS == tiny_config().reference.max_steps
+    ref = json.loads((reference_out / "logs" / "reference-model-history.json").read_text())
+    np.testing.assert_allclose(losses(ntp), losses(ref["history"]), rtol=1e-6)
     assert all("mix" not in h for h in ntp)
-    assert (out / "reference" / f"checkpoint-{STEPS}" / "model.safetensors").exists()
+    assert (reference_out / "reference" / f"checkpoint-{STEPS}" / "model.safetensors").exists()
     # The random-pairs ablation draws the same uniform batches as NTP: at step 1 (same weights)
     # its NTP term is NTP's loss, and Mixup pairs row i of each half of the batch.
-    _, rand = run_train(base_out, tmp_path, "mixup.pairing=random", name="random")
+    rand_cfg = ["mixup.pairing=random", "train.max_steps=3"]
+    _, rand = run_train(base_out, tmp_path, *rand_cfg, name="random", common=False)
     assert rand[0]["ntp"] == pytest.approx(ntp[0]["loss"], rel=1e-6)
     assert all(h["mix"] > 0 for h in rand) and len(rand) == STEPS
     for h in rand:
@@ -179,28 +186,86 @@ def _assert_same_run(out: Path, reference: Path) -> None:
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_killed_worker_resumes_from_checkpoint(single, base_out, tmp_path, monkeypatch):
-    """Rank 0 dies after step 1, before the first checkpoint (Ray Train restarts the worker
-    group from scratch), then again after step 3, past the step-2 checkpoint (restart from it).
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on loopback with one bucket; the environment that points at it."""
+    pytest.importorskip("moto", reason="moto (dev extra) serves S3 locally")
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per S3 request
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+    }
+    s3 = fs.S3FileSystem(
+        access_key="testing", secret_key="testing", region="us-east-1",
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+    )  # fmt: skip
+    s3.create_dir(BUCKET)
+    yield env, s3
+    server.stop()
+
+
+def test_killed_worker_resumes_from_checkpoint_in_s3(single, base_out, tmp_path, s3_env):
+    """`sftmix-ray train` with its checkpoints in an object store (`train.storage_path=s3://`,
+    moto's S3 server on loopback; the CLI starts its own cluster, so the S3 endpoint in its
+    environment reaches the controller and the workers). Rank 0 dies after step 1, before the
+    first checkpoint (Ray Train restarts the worker group from scratch), then again after
+    step 3, past the step-2 checkpoint (restart from the checkpoint read back from the bucket).
 
     Both restarts are counted, with or without a checkpoint to resume from, and the run ends
     with every step once and the losses and weights of an uninterrupted run.
     """
+    env, s3 = s3_env
+    out = tmp_path / "run"
+    shutil.copytree(base_out, out)
     before, after = tmp_path / "fault-before-checkpoint", tmp_path / "fault-after-checkpoint"
-    monkeypatch.setenv(FAULT_ENV, f"1:{before},3:{after}")
-    out, history = run_train(
-        base_out,
-        tmp_path,
-        "train.per_device_train_batch_size=8",
-        "train.save_steps=2",
-        "train.max_failures=2",
-        "train.report_to=tensorboard,mlflow",
-    )
+    sets = [
+        *TINY_OVERRIDES, *COMMON, "train.per_device_train_batch_size=8", "train.save_steps=2",
+        "train.max_failures=2", "train.report_to=tensorboard,mlflow",
+        f"train.storage_path=s3://{BUCKET}/runs",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [*sftmix_command(), "train", "--output-dir", str(out), *[f"--set={s}" for s in sets]],
+        capture_output=True, text=True, timeout=600,
+        env=cli_env(**env, **{FAULT_ENV: f"1:{before},3:{after}"}),
+    )  # fmt: skip
+    # stdout is only the result JSON; the raylet's note on the killed worker went to stderr.
+    stage = result_json(proc)["train"]
     assert before.exists() and after.exists(), "both faults were injected"
-    stage = read_summary(out)["stages"]["train"]
+    assert "A worker died or was killed" in proc.stderr
     assert stage["steps"] == STEPS and stage["restarts"] == 2
+    assert read_summary(out)["stages"]["train"]["restarts"] == 2
+    assert stage["storage_path"] == f"s3://{BUCKET}/runs"
+    history = json.loads((out / "logs" / "train-model-history.json").read_text())["history"]
     assert [h["step"] for h in history] == list(range(1, STEPS + 1))
     # Restart 1 started from scratch (no checkpoint), restart 2 from the step-2 checkpoint.
     assert [h["restarts"] for h in history] == [1.0, 1.0, 2.0]
     _assert_same_run(out, single[0])
     _assert_mlflow_run(out, history)  # the restarted workers continued the same MLflow run
+    # The checkpoints live in the bucket, none on local disk.
+    assert not (out / "ray_storage").exists()
+    from pyarrow import fs
+
+    files = s3.get_file_info(fs.FileSelector(f"{BUCKET}/runs", recursive=True))
+    states = [f.path for f in files if f.path.endswith("train_state.json")]
+    assert len(states) >= 2, [f.path for f in files][:20]
+    steps = []
+    for path in states:
+        with s3.open_input_stream(path) as stream:
+            steps.append(json.loads(stream.read())["step"])
+    assert max(steps) == STEPS

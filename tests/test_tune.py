@@ -42,6 +42,7 @@ DEFAULT_SPACE = yaml.safe_load(
 )
 SWEPT = list(DEFAULT_SPACE)  # mixup.alpha, mixup.mu, split.ratio
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRIALS = 2  # run side by side (tune.max_concurrent_trials=2)
 
 
 def _copy_base(base: Path, target: Path) -> Path:
@@ -69,7 +70,7 @@ def _attempts(trial_dir: Path) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A 3-trial random sweep of the default space through the CLI, then training with its best config
+# A 2-trial random sweep of the default space through the CLI, then training with its best config
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dic
     start = time.time()
     proc = _cli(
         "tune", "--output-dir", str(out), "--address", address,
-        "--set", "tune.search=random", "--set", "tune.num_samples=3",
+        "--set", "tune.search=random", "--set", f"tune.num_samples={TRIALS}",
         "--set", "tune.max_concurrent_trials=2",
     )  # fmt: skip
     # stdout is the summary alone: Tune's progress report went to stderr.
@@ -94,7 +95,7 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     parquet = pd.read_parquet(out / "tune" / "results.parquet")
     assert list(parquet.columns) == list(table.columns)
     assert parquet["trial_id"].tolist() == table["trial_id"].tolist()
-    assert len(table) == 3 and table["trial_id"].is_unique
+    assert len(table) == TRIALS and table["trial_id"].is_unique
     assert set(table["status"]) == {"TERMINATED"} and table["completed_training"].all()
     assert {*SWEPT, "eval_loss", "status", "error", "attempts"} <= set(table.columns)
     for key in SWEPT:
@@ -110,7 +111,7 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
         confident = pq.read_table(trial / "split" / "confident.parquet").num_rows
         assert confident == confident_count(n, row["split.ratio"])
         assert (trial / "model" / "config.json").exists() and (trial / "ray_storage").is_dir()
-    assert len({Path(d).resolve() for d in table["trial_dir"]}) == 3
+    assert len({Path(d).resolve() for d in table["trial_dir"]}) == TRIALS
     assert not (out / "split").exists()  # the sweep never touched OUT's own split
 
     best = table.loc[table["eval_loss"].idxmin()]
@@ -121,7 +122,7 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     png = (out / "tune" / "metric_vs_params.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     stage = read_summary(out)["stages"]["tune"]
-    assert stage["status"] == "completed" and stage["terminated"] == 3
+    assert stage["status"] == "completed" and stage["terminated"] == TRIALS
 
 
 @pytest.mark.slow
