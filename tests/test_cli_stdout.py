@@ -6,7 +6,7 @@ driver, folds the repeats and prints its deduplication notice while shutting dow
 here start their own local Ray cluster (no `--address`), so the shutdown happens in the CLI
 process itself. The subcommands that join the session's cluster are checked the same way where
 they run (`score`, `split`: test_scoring.py; `reference`: test_cross_tokenizer.py; `train`:
-test_train.py; `tune`: test_tune.py; `pipeline`: test_interrupts.py and
+test_train.py; `tune`: test_tune.py; `pipeline`:
 test_job_submit.py).
 """
 

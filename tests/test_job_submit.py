@@ -1,9 +1,13 @@
-"""The pipeline as users run it: `ray job submit` to a running Ray head, then reruns against it.
+"""The pipeline as users run it, interrupted and resumed: drivers joined to a running Ray head
+are stopped by Ctrl+C (SIGINT) or SIGTERM in each stage, the run is resumed with `ray job submit`,
+then rerun against the same head.
 
-A real head node on loopback (`ray start --head`), the real `ray job submit` CLI shipping this
-checkout with `cluster/runtime_env.yaml`, the quickstart config with a few steps. The reruns
-join the same cluster with `--address` and must skip finished stages, or redo only from
-`--force eval` on.
+A real head node on loopback (`ray start --head`, token authentication), the quickstart config
+with a few steps. Each interrupted driver must exit 130/143 with one line, mark its stage
+interrupted and leave no partial output in place; its actors and Ray Train workers die with it.
+Each rerun goes on without redoing finished work (training from its checkpoints). The real
+`ray job submit` CLI, shipping this checkout with `cluster/runtime_env.yaml`, finishes the run;
+reruns with `--address` skip every finished stage, and `--force eval` redoes eval alone.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,20 +24,24 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from sftmix_ray.summary import read_summary
-from tests.conftest import TINY_OVERRIDES, result_json
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# The quickstart shrunk to the tiny test model (a handful of steps per training stage), with
-# the tiny config's learning rate so that `prepare` and `reference` are those of the session's
-# shared `reference_out`: the job finds them complete and skips them (which also tests that a
-# rerun on another cluster skips finished stages), and runs score, split, train and eval.
-QUICK = [
+CONFIG = str(REPO / "configs" / "quickstart.yaml")
+STEPS = 4  # reference steps
+TRAIN_STEPS = 16  # steps are left to run when SIGTERM lands mid-training
+# The quickstart shrunk to the tiny test model.
+SETTINGS = [
     *(o for o in TINY_OVERRIDES if not o.startswith("ray.")),
+    f"reference.max_steps={STEPS}",
+    f"train.max_steps={TRAIN_STEPS}",
+    "train.save_steps=1",  # a Ray Train checkpoint after every step: something to resume from
     "train.learning_rate=0.001",
+    "data.num_workers=1",
     "score.num_actors=1",
     "eval.max_examples=8",
     "eval.max_new_tokens=4",
@@ -126,44 +133,121 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
         TOKEN_FILE.unlink(missing_ok=True)
 
 
-def _mtime(path: Path) -> int:
-    return path.stat().st_mtime_ns
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+
+# stage -> (signal, what must exist before the signal: the stage is under way, mid-work)
+PLAN = [
+    ("prepare", signal.SIGINT, None),
+    # Ctrl+C in training: Ray Train's own handler aborts the run gracefully first.
+    ("reference", signal.SIGINT, f"ray_storage/reference-*/{SNAPSHOT}"),
+    ("score", signal.SIGTERM, "scores/per_checkpoint/checkpoint-*.parquet"),
+    ("train", signal.SIGTERM, f"ray_storage/train-*/{SNAPSHOT}"),
+    # This driver resumes training first: Ray Train's SIGINT handler must not outlive its run.
+    ("eval", signal.SIGINT, None),
+]
+
+OUTPUTS = {
+    "prepare": ["data/*.parquet", "heldout/*.parquet", "base_model/model.safetensors"],
+    "reference": ["reference/checkpoint-*/model.safetensors"],
+    "score": ["scores/per_checkpoint/checkpoint-*.parquet", "scores/scores.parquet"],
+    "split": ["split/*.parquet"],
+    "train": ["model/model.safetensors"],
+}
 
 
-def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, reference_out, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(reference_out, out)  # prepare + reference done, with their summary
-    before = read_summary(out)["stages"]
-    prepared_at = {s: before[s]["updated_at"] for s in ("prepare", "reference")}
-    sets = [arg for o in QUICK for arg in ("--set", o)]
+def _stage(out: Path, name: str) -> dict:
+    path = out / "summary.json"
+    try:
+        return json.loads(path.read_text())["stages"].get(name, {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _has(out: Path, pattern: str) -> bool:
+    """A file matching `pattern` exists; for Ray Train's checkpoint-manager snapshot, one that
+    lists a checkpoint (a checkpoint directory alone may still be uploading, unregistered)."""
+    for path in out.glob(pattern):
+        if path.name != SNAPSHOT:
+            return True
+        try:
+            if json.loads(path.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being rewritten
+            pass
+    return False
+
+
+def _pipeline_command(out: Path, *extra: str) -> list[str]:
+    sets = [f"--set={o}" for o in SETTINGS]
+    return ["sftmix-ray", "pipeline", "--config", CONFIG, "--output-dir", str(out), *sets, *extra]
+
+
+def _driver(out: Path, head: dict[str, str], *extra: str) -> subprocess.Popen:
+    """`sftmix-ray pipeline` joined to the head (its processes print noise: cli_env)."""
+    command = _pipeline_command(out, "--address", head["gcs"], *extra)
+    command[0] = str(BIN / "sftmix-ray")
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(**_env())
+    )
+
+
+def _interrupt_in(proc: subprocess.Popen, out: Path, stage: str, sig: int, marker: str | None):
+    deadline = time.monotonic() + 300
+    while _stage(out, stage).get("status") != "running" or (marker and not _has(out, marker)):
+        assert proc.poll() is None, f"the pipeline ended before {stage} was interrupted"
+        assert time.monotonic() < deadline, f"{stage} did not get under way in 300 s"
+        time.sleep(0.2)
+    if marker is None:
+        time.sleep(1.0)  # into the stage's work, past its start
+    proc.send_signal(sig)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        message = f"{stage}: no exit 120 s after the signal:\n{stderr[-3000:]}"
+        raise AssertionError(message) from None
+    code = proc.returncode
+    assert code == 128 + sig, f"{stage}: exit {code}, stderr:\n{stderr[-3000:]}"
+    # One line from the driver, no traceback of its own (Ray forwards its actors' logs,
+    # prefixed with the actor's name, to the same stream).
+    assert "rerun to resume" in stderr, stderr[-3000:]
+    assert "\nTraceback (most recent call last)" not in "\n" + stderr, stderr[-3000:]
+    assert _stage(out, stage)["status"] == "interrupted"
+    # Nothing of the interrupted stage is in place except whole, readable files.
+    for path in out.rglob("*.parquet"):
+        if not any(part.startswith(".") for part in path.relative_to(out).parts):
+            pq.read_metadata(path)
+    return stderr
+
+
+def _mtimes(out: Path, stages) -> dict[str, int]:
+    """Modification times of the outputs of `stages`."""
+    patterns = [p for s in stages for p in OUTPUTS[s]]
+    return {str(p): p.stat().st_mtime_ns for pat in patterns for p in sorted(out.glob(pat))}
+
+
+def _again(files: dict[str, int]) -> dict[str, int]:
+    """The same files' modification times now."""
+    return {path: Path(path).stat().st_mtime_ns for path in files}
+
+
+def _finished_outputs(out: Path) -> dict[str, int]:
+    """Modification times of the outputs of every stage the summary calls completed."""
+    return _mtimes(out, [s for s in OUTPUTS if _stage(out, s).get("status") == "completed"])
+
+
+def _submit(head: dict[str, str], out: Path) -> str:
+    """`ray job submit` of the pipeline, shipping this checkout; returns the job's log."""
     submit = subprocess.run(
         [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            head["jobs"],
-            "--submission-id",
-            "sftmix-quickstart-test",
-            "--working-dir",
-            str(REPO),
-            "--runtime-env",
-            str(REPO / "cluster" / "runtime_env.yaml"),
-            "--",
-            "sftmix-ray",
-            "pipeline",
-            "--config",
-            "configs/quickstart.yaml",
-            "--output-dir",
-            str(out),
-            *sets,
+            str(BIN / "ray"), "job", "submit", "--address", head["jobs"],
+            "--submission-id", "sftmix-quickstart-test", "--working-dir", str(REPO),
+            "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+            "--", *_pipeline_command(out),
         ],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=900,
-        cwd=REPO,
-    )
+        capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO,
+    )  # fmt: skip
     logs = submit.stdout + submit.stderr
     assert submit.returncode == 0, logs[-4000:]
     status = subprocess.run(
@@ -173,62 +257,59 @@ def test_ray_job_submit_runs_the_pipeline_and_reruns_skip(head, reference_out, t
         env=_env(),
     )
     assert "job 'sftmix-quickstart-test' succeeded" in status.stdout.lower()
+    return logs
 
-    summary = read_summary(out)
-    stages = summary["stages"]
-    assert [stages[s]["status"] for s in ("prepare", "reference", "score", "split", "train")] == [
-        "completed"
-    ] * 5
-    assert stages["train"]["steps"] == 3 and stages["reference"]["steps"] == 3
-    # The finished stages of the copied run were skipped by the job, not redone.
-    assert {s: stages[s]["updated_at"] for s in prepared_at} == prepared_at
+
+def test_interrupted_pipeline_resumes_as_a_ray_job_and_reruns_skip(head, tmp_path):
+    out = tmp_path / "out"
+    # 1. A signal in each stage that runs long enough to be hit; each rerun goes on from there.
+    stderr = {}
+    for stage, sig, marker in PLAN:
+        finished = _finished_outputs(out)
+        stderr[stage] = _interrupt_in(_driver(out, head), out, stage, sig, marker)
+        # Stages that finished in earlier runs were not redone by this one.
+        assert _again(finished) == finished, f"a finished stage was redone while in {stage}"
+    assert "train loss=" in stderr["eval"], "rank 0's progress bar reached the driver's log"
+
+    # 2. `ray job submit` finishes the run (eval and report) without redoing finished work.
+    assert {s: _stage(out, s).get("status") for s in OUTPUTS} == dict.fromkeys(OUTPUTS, "completed")
+    finished = _finished_outputs(out)
+    logs = _submit(head, out)
+    assert _again(finished) == finished, "the job redid finished work"
     assert "stage prepare: complete for this config, skipped" in logs
+    assert "joining Ray cluster" in logs, "the job's driver joined the head, not a new cluster"
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert {s: stages[s]["status"] for s in (*OUTPUTS, "eval")} == dict.fromkeys(
+        (*OUTPUTS, "eval"), "completed"
+    )
+    # Training resumed from the checkpoints the interrupted runs left: every step ran once.
+    for mode, steps in (("reference", STEPS), ("train", TRAIN_STEPS)):
+        assert stages[mode]["steps"] == steps
+        history = json.loads(next((out / "logs").glob(f"{mode}-*history.json")).read_text())
+        done = [h["step"] for h in history["history"]]
+        assert done == list(range(1, steps + 1)), f"{mode} history {done}"
+        assert stages[mode]["restarts"] >= 1, f"{mode} started over instead of resuming"
+    assert stages["score"]["reused"], "the checkpoint scored before SIGTERM was not rescored"
     results = json.loads((out / "eval.json").read_text())
     assert results["sftmix"]["response_tokens"] > 0
-    assert (out / "model" / "model.safetensors").exists()
     report = (out / "report.md").read_text()
     assert f"| sftmix | {results['sftmix']['response_nll']:.4g} |" in report
     assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert "joining Ray cluster" in logs, "the job's driver joined the head, not a new cluster"
-    assert "train loss=" in logs, "rank 0's progress bar reached the driver's log"
 
-    def rerun(*extra: str) -> dict:
-        result = subprocess.run(
-            [
-                str(BIN / "sftmix-ray"),
-                "pipeline",
-                "--config",
-                str(REPO / "configs" / "quickstart.yaml"),
-                "--output-dir",
-                str(out),
-                "--address",
-                head["gcs"],
-                *sets,
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            timeout=600,
-        )
-        assert set(result_json(result)["pipeline"]) >= {"prepare", "train", "eval", "report"}
-        return read_summary(out)
-
-    stamps = {
-        p: _mtime(out / p)
-        for p in (
-            "scores/scores.parquet",
-            "split/confident.parquet",
-            "model/model.safetensors",
-            "eval.json",
-        )
-    }
-    rerun()
-    assert {p: _mtime(out / p) for p in stamps} == stamps, "a finished pipeline rewrote outputs"
-
-    # --force reruns that stage and the ones after it, nothing before (which stages a config
-    # change reruns is test_pipeline.py's): eval, the last stage, keeps this test short.
-    rerun("--force", "eval")
-    for path in ("scores/scores.parquet", "split/confident.parquet", "model/model.safetensors"):
-        assert _mtime(out / path) == stamps[path], f"{path} was redone by --force eval"
-    assert _mtime(out / "eval.json") > stamps["eval.json"], "eval.json was not redone"
+    # 3. Reruns against the same head: a finished pipeline rewrites nothing...
+    eval_json = str(out / "eval.json")
+    stamps = {**_mtimes(out, OUTPUTS), eval_json: Path(eval_json).stat().st_mtime_ns}
+    rerun = _driver(out, head)
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr[-4000:]
+    assert result_json(subprocess.CompletedProcess([], 0, stdout, stderr))["pipeline"]["report"]
+    assert _again(stamps) == stamps, "a finished pipeline rewrote outputs"
+    # ...`--force eval` reruns eval and nothing before it (which stages a config change reruns
+    # is test_pipeline.py's): eval, the last stage, keeps this test short.
+    forced = _driver(out, head, "--force", "eval")
+    stdout, stderr = forced.communicate(timeout=600)
+    assert forced.returncode == 0, stderr[-4000:]
+    assert set(json.loads(stdout)["pipeline"]) >= {"prepare", "train", "eval", "report"}
+    now = _again(stamps)
+    assert now[eval_json] > stamps.pop(eval_json), "eval.json was not redone"
+    assert _again(stamps) == stamps, "--force eval redid an earlier stage"

@@ -1,7 +1,7 @@
 """Pipeline bookkeeping: which stages a config change reruns, and --force validation.
 
-The whole pipeline end to end (run, skip, --force split) is in test_job_submit.py, through
-`ray job submit`.
+The whole pipeline end to end (interrupted in each stage, resumed, finished by `ray job submit`,
+rerun: skip, --force eval) is test_job_submit.py's.
 """
 
 from __future__ import annotations

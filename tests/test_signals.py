@@ -1,5 +1,5 @@
 """Ctrl+C and SIGTERM in the driver never abort it or hang it (no Ray here: the handler and the
-exit watchdog themselves; tests/test_interrupts.py signals the real pipeline in every stage).
+exit watchdog themselves; tests/test_job_submit.py signals the real pipeline in every stage).
 
 Raising KeyboardInterrupt in the middle of an import aborted the driver (exit -6, from torch's
 `c10d_init`) or left an import lock held so that `ray.shutdown()` hung; the CLI's handler now
