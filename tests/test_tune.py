@@ -70,18 +70,29 @@ def _attempts(trial_dir: Path) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A 2-trial random sweep of the default space through the CLI, then training with its best config
+# A 2-trial Optuna sweep through the CLI (continuous alpha and mu, the default space's split
+# ratios), then training with its best config
+
+# The default space's keys; alpha and mu drawn from ranges, so Optuna's two points differ.
+SPACE = {
+    "mixup.alpha": {"loguniform": [0.2, 1.0]},
+    "mixup.mu": {"uniform": [0.05, 0.5]},
+    "split.ratio": DEFAULT_SPACE["split.ratio"],
+}
 
 
 @pytest.fixture(scope="module")
 def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dict, float]:
+    pytest.importorskip("optuna")
     out = _copy_base(scored_base, tmp_path_factory.mktemp("tune_cli"))
+    space = out.parent / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
     address = ray_local.get_runtime_context().gcs_address
     start = time.time()
     proc = _cli(
-        "tune", "--output-dir", str(out), "--address", address,
-        "--set", "tune.search=random", "--set", f"tune.num_samples={TRIALS}",
-        "--set", "tune.max_concurrent_trials=2",
+        "tune", "--output-dir", str(out), "--address", address, "--set", f"tune.space={space}",
+        "--set", "tune.search=optuna", "--set", "tune.seed=7",
+        "--set", f"tune.num_samples={TRIALS}", "--set", "tune.max_concurrent_trials=2",
     )  # fmt: skip
     # stdout is the summary alone: Tune's progress report went to stderr.
     summary = result_json(proc)
@@ -98,15 +109,23 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     assert len(table) == TRIALS and table["trial_id"].is_unique
     assert set(table["status"]) == {"TERMINATED"} and table["completed_training"].all()
     assert {*SWEPT, "eval_loss", "status", "error", "attempts"} <= set(table.columns)
-    for key in SWEPT:
-        assert set(table[key]) <= set(DEFAULT_SPACE[key]["choice"])
+    assert list(SPACE) == SWEPT
+    assert (
+        table["mixup.alpha"].between(0.2, 1.0).all() and table["mixup.mu"].between(0.05, 0.5).all()
+    )
+    assert set(table["split.ratio"]) <= set(SPACE["split.ratio"]["choice"])
+    assert table["mixup.alpha"].nunique() == TRIALS, "Optuna proposed different points"
     assert (table["step"] == 2).all() and (table["reports"] == 2).all()  # eval at steps 1 and 2
     n = pq.read_table(out / "data", columns=["example_id"]).num_rows
     for _, row in table.iterrows():
         trial = Path(row["trial_dir"])
         assert trial.parent == out / "tune" / "trials"
-        # What Tune recorded is the trial's own held-out loss after its last step.
+        # What Tune recorded is the trial's own held-out loss after its last step, trained
+        # with the parameters Optuna proposed.
         assert row["eval_loss"] == pytest.approx(_history(trial)[-1]["eval_loss"], rel=1e-6)
+        saved = yaml.safe_load((trial / "config.yaml").read_text())
+        assert saved["mixup"]["alpha"] == pytest.approx(row["mixup.alpha"], rel=1e-9)
+        assert saved["mixup"]["mu"] == pytest.approx(row["mixup.mu"], rel=1e-9)
         # Its own split, recomputed from OUT/scores with its ratio; its own model and storage.
         confident = pq.read_table(trial / "split" / "confident.parquet").num_rows
         assert confident == confident_count(n, row["split.ratio"])
@@ -117,7 +136,8 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     best = table.loc[table["eval_loss"].idxmin()]
     assert result["best"]["trial_id"] == best["trial_id"]
     cfg = load_config(out / "tune" / "best_config.yaml")
-    assert (cfg.mixup.alpha, cfg.mixup.mu, cfg.split.ratio) == tuple(best[k] for k in SWEPT)
+    chosen = (cfg.mixup.alpha, cfg.mixup.mu, cfg.split.ratio)
+    assert chosen == pytest.approx(tuple(best[k] for k in SWEPT), rel=1e-12)
     assert cfg.train.max_steps == 2 and cfg.model.tiny_hidden_size == 64  # the full config
     png = (out / "tune" / "metric_vs_params.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000

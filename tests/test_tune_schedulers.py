@@ -1,4 +1,4 @@
-"""Ray Tune schedulers and searchers: ASHA stops the worse trial, Optuna samples the space.
+"""Ray Tune schedulers: ASHA stops the worse trial (Optuna: test_tune.py's CLI sweep).
 
 Split from test_tune_sweeps.py so that pytest-xdist (`--dist loadfile`) runs them beside it.
 """
@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from tests.conftest import tiny_config
 from tests.test_tune import SWEEP, _copy_base, _history
 from tuning.sweep import run_tune
 
 # ---------------------------------------------------------------------------------------------
-# ASHA stops a trial that is worse at its first rung; Optuna samples the space
+# ASHA stops a trial that is worse at its first rung
 
 
 @pytest.mark.slow
@@ -40,27 +39,3 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tm
     sane_step1 = _history(Path(sane["trial_dir"]))[0]["eval_loss"]
     assert wrecked["eval_loss"] > sane_step1, "ASHA stopped the trial that was worse at step 1"
     assert result["best"]["params"]["train.learning_rate"] == 0.01
-
-
-@pytest.mark.slow
-def test_optuna_search_samples_the_space(scored_base, ray_local, tmp_path):
-    pytest.importorskip("optuna")
-    out = _copy_base(scored_base, tmp_path / "out")
-    space = tmp_path / "space.yaml"
-    space.write_text("mixup.alpha: {loguniform: [0.2, 1.0]}\nmixup.mu: {uniform: [0.05, 0.5]}\n")
-    cfg = tiny_config(
-        *SWEEP, "train.max_steps=1", f"tune.space={space}", "tune.search=optuna",
-        "tune.num_samples=2", "tune.seed=7", "tune.max_concurrent_trials=2",
-    )  # fmt: skip
-    result = run_tune(cfg, out)
-    table = pd.read_csv(out / "tune" / "results.csv")
-    assert len(table) == 2 and set(table["status"]) == {"TERMINATED"}
-    assert (
-        table["mixup.alpha"].between(0.2, 1.0).all() and table["mixup.mu"].between(0.05, 0.5).all()
-    )
-    assert table["mixup.alpha"].nunique() == 2, "Optuna proposed two different points"
-    for _, row in table.iterrows():  # each trial trained with what Optuna proposed
-        saved = yaml.safe_load((Path(row["trial_dir"]) / "config.yaml").read_text())
-        assert saved["mixup"]["alpha"] == pytest.approx(row["mixup.alpha"], rel=1e-9)
-        assert row["eval_loss"] == pytest.approx(_history(Path(row["trial_dir"]))[-1]["eval_loss"])
-    assert result["best"]["eval_loss"] == pytest.approx(table["eval_loss"].min())
