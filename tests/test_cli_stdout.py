@@ -2,12 +2,12 @@
 
 Every Python process of these runs prints from a thread and at exit (`cli_env` in conftest),
 and Ray's log deduplication is on (its default), so Ray forwards the workers' lines to the
-driver, folds the repeats and prints its deduplication notice while shutting down. The CLI runs
-here start their own local Ray cluster (no `--address`), so the shutdown happens in the CLI
-process itself. The subcommands that join the session's cluster are checked the same way where
-they run (`score`, `split`: test_scoring.py; `reference`: test_cross_tokenizer.py; `train`:
-test_train.py; `tune`: test_tune.py; `pipeline`:
-test_job_submit.py).
+driver, folds the repeats and prints its deduplication notice while shutting down. `prepare`
+here starts its own local Ray cluster (no `--address`), so the shutdown happens in the CLI
+process itself. The subcommands that join a running cluster are checked the same way where they
+run (`eval`: below; `score`, `split`: test_scoring.py; `reference`: test_cross_tokenizer.py;
+`tune`: test_tune.py; `pipeline`: test_job_submit.py); `train` starts its own cluster in
+test_train.py (checkpoints in S3).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_prepare_and_eval_on_their_own_cluster_print_only_json(tmp_path: Path):
+def test_prepare_on_its_own_cluster_prints_only_json(tmp_path: Path):
     out = tmp_path / "out"
     prepare = _run("prepare", "--output-dir", str(out))
     result = result_json(prepare)["prepare"]["train"]
@@ -40,11 +40,20 @@ def test_prepare_and_eval_on_their_own_cluster_print_only_json(tmp_path: Path):
     assert "noisy-process" in prepare.stderr
     assert "noisy-process" not in prepare.stdout
 
+
+@pytest.mark.slow
+def test_eval_joined_to_a_cluster_prints_only_json(prepared_out: Path, ray_local, tmp_path: Path):
+    out = tmp_path / "out"
+    for name in ("data", "heldout", "base_model"):
+        shutil.copytree(prepared_out / name, out / name)
     shutil.copytree(out / "base_model", out / "model")
-    evaluation = _run("eval", "--output-dir", str(out), "--set=eval.max_examples=4")
+    address = ray_local.get_runtime_context().gcs_address
+    evaluation = _run(
+        "eval", "--output-dir", str(out), "--address", address, "--set=eval.max_examples=4"
+    )
     models = result_json(evaluation)["eval"]["models"]
     assert models["sftmix"]["response_tokens"] > 0
-    assert "noisy-process" in evaluation.stderr
+    assert "noisy-process" in evaluation.stderr  # the driver's own threads printed
     assert json.loads((out / "eval.json").read_text())["sftmix"]["response_tokens"] > 0
 
 
