@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +73,13 @@ class ScoredRun:
     stale_tmp: Path
     partial: dict
     cli: dict
+    killed: list[int]  # the scorer actor SIGKILLed while it scored the first checkpoint
 
 
 @pytest.fixture(scope="module")
 def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
-    """Score the tiny run as a crash and a rerun would, the rerun through `sftmix-ray score`."""
+    """Score the tiny run as a crash and a rerun would, the rerun through `sftmix-ray score`;
+    one of the two scorer actors is SIGKILLed mid-batch while the first checkpoint is scored."""
     out = _copy_run(reference_out, tmp_path_factory.mktemp("scored"))
     (_, first), (_, last) = list_checkpoints(out)
     per = out / SCORES_DIR / PER_CHECKPOINT_DIR
@@ -87,10 +91,16 @@ def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
     context = DataContext.get_current()
     default_wait = context.wait_for_min_actors_s
     context.wait_for_min_actors_s = int(WAIT_FOR_ACTORS["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"])
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_one_scorer, args=(killed,), daemon=True)
+    killer.start()
     try:
         partial = run_score(tiny_config(*SCORE_OVERRIDES), out)
     finally:
         context.wait_for_min_actors_s = default_wait
+        killed.append(0)  # stops the killer if it found nothing
+        killer.join(timeout=5)
+    killed.remove(0)
     aside.rename(last)
     (out / SCORES_DIR / SCORES_FILE).unlink()
     stale_tmp = per / f".{last.name}.parquet.x1y2.tmp"
@@ -99,7 +109,8 @@ def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
     # The rerun: the real CLI, joining the session's cluster (2 actors).
     address = ray_local.get_runtime_context().gcs_address
     proc = _cli("score", "--output-dir", str(out), "--address", address)
-    return ScoredRun(out, first.name, last.name, first_mtime, stale_tmp, partial, result_json(proc))
+    cli = result_json(proc)
+    return ScoredRun(out, first.name, last.name, first_mtime, stale_tmp, partial, cli, killed)
 
 
 def _data(out: Path):
@@ -242,40 +253,40 @@ def _scorer_busy_in_this_cluster() -> int | None:
     return None
 
 
-def test_killed_scorer_actor_mid_job_still_scores_every_example_once(scored: ScoredRun, tmp_path):
-    """SIGKILL one of two scorer actors while it scores a batch: Ray restarts it and retries
-    the batch; every example comes back exactly once with the same NLL as the clean run."""
-    import threading
-    import time
+def _kill_one_scorer(killed: list[int]) -> None:
+    """SIGKILL the first of this session's scorer actors seen scoring a batch (until `killed`
+    holds a pid: its own, or the 0 the fixture appends when scoring is over)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not killed:
+        pid = _scorer_busy_in_this_cluster()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.05)
 
-    out = tmp_path / "out"
-    for name in ("data", "base_model"):
-        shutil.copytree(scored.out / name, out / name)
-    # One pass is enough: the last checkpoint only.
-    shutil.copytree(scored.out / "reference" / scored.last, out / "reference" / scored.last)
-    killed: list[int] = []
 
-    def kill_one_scorer():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            pid = _scorer_busy_in_this_cluster()
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.05)
+def test_killed_scorer_actor_mid_job_still_scores_every_example_once(scored: ScoredRun):
+    """One of two scorer actors SIGKILLed while it scored a batch of the first checkpoint: Ray
+    restarts it and retries the batch; every example comes back exactly once, every NLL the
+    plain-transformers one."""
+    from transformers import AutoModelForCausalLM
 
-    killer = threading.Thread(target=kill_one_scorer, daemon=True)
-    killer.start()
-    result = run_score(tiny_config(*SCORE_OVERRIDES), out)
-    killer.join(timeout=1)
-    assert killed, "no scorer actor was caught scoring"
-    assert not psutil_pid_exists(killed[0])
-    per = f"{PER_CHECKPOINT_DIR}/{scored.last}.parquet"
-    clean = pq.read_table(scored.out / SCORES_DIR / per).sort_by("example_id")
-    again = pq.read_table(out / SCORES_DIR / per).sort_by("example_id")
-    assert result["scored"] == clean.num_rows  # every id once: checked per pass in the stage
-    assert np.array_equal(again.column("example_id"), clean.column("example_id"))
-    np.testing.assert_allclose(again.column("nll"), clean.column("nll"), rtol=1e-5)
+    assert scored.killed, "no scorer actor was caught scoring"
+    assert not psutil_pid_exists(scored.killed[0])
+    assert scored.partial["rescored"] == [scored.first]
+    data = _data(scored.out)
+    per = pq.read_table(scored.out / SCORES_DIR / PER_CHECKPOINT_DIR / f"{scored.first}.parquet")
+    per = per.sort_by("example_id")
+    assert np.array_equal(per.column("example_id"), data.column("example_id"))
+    checkpoint = scored.out / "reference" / scored.first
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    for row in range(data.num_rows):
+        ids = torch.tensor([data.column("input_ids")[row].as_py()])
+        labels = torch.tensor(data.column("labels")[row].as_py())
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        expected = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
+        assert per.column("nll")[row].as_py() == pytest.approx(float(expected), rel=NLL_RTOL)
 
 
 def psutil_pid_exists(pid: int) -> bool:
