@@ -258,7 +258,7 @@ def fsdp_worker(small: bool, out_file: str) -> None:
         else:
             strategy.optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        total = all_reduce_sum([metrics["loss"]], device).tolist()  # a host metric via NCCL
+        total = all_reduce_sum(metrics["loss"].reshape(1), device).tolist()  # a device metric
         return total[0] / world, time.perf_counter() - start, saved
 
     result: dict[str, Any] = {

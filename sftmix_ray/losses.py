@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 Normalizers = Tensor | Sequence[float]
+# A loss's metrics: detached 0-dim tensors on the loss's device (the host reads them once per
+# optimizer step, after the all-reduce; a `float()` here would sync the device every call).
+Metrics = dict[str, Tensor]
 
 
 def _check_batch(hidden: Tensor, labels: Tensor, what: str = "hidden") -> None:
@@ -279,15 +282,15 @@ class NTPLoss(nn.Module):
         *,
         lam: Tensor | None = None,
         normalizers: Normalizers | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, Metrics]:
         """Return `(loss, metrics)`; see the class docstring for `normalizers`."""
         nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, self.chunk_size)
         if normalizers is None:
             normalizers = n_tokens.sum().float().reshape(1)
         norm = _as_normalizers(normalizers, 1, hidden.device)
         loss = _safe_div(nll_sum.sum(), norm[0])
-        value = float(loss.detach())
-        return loss, {"loss": value, "ntp": value, "n_tokens": float(n_tokens.sum())}
+        value = loss.detach()
+        return loss, {"loss": value, "ntp": value, "n_tokens": n_tokens.sum().float()}
 
 
 class SFTMixLoss(nn.Module):
@@ -370,7 +373,7 @@ class SFTMixLoss(nn.Module):
         *,
         lam: Tensor | None = None,
         normalizers: Normalizers | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, Metrics]:
         """Return `(loss, metrics)` with metrics `loss`, `ntp`, `mix`, `lambda_mean`."""
         b = self._pairs(labels)
         if normalizers is None:
@@ -395,15 +398,13 @@ class SFTMixLoss(nn.Module):
                 normalizer=norm[1],
             )
             loss = self.ntp_weight * ntp + self.mu * mix
-        lambda_mean = (
-            float(torch.as_tensor(lam).float().mean()) if lam is not None else float("nan")
-        )
-        metrics = {
-            "loss": float(loss.detach()),
-            "ntp": float(ntp.detach()),
-            "mix": float(mix.detach()),
-            "lambda_mean": lambda_mean,
-            "n_tokens": float(n_tokens.sum()),
+        lam_mean = torch.as_tensor(lam).float().mean() if lam is not None else float("nan")
+        metrics: Metrics = {
+            "loss": loss.detach(),
+            "ntp": ntp.detach(),
+            "mix": mix.detach(),
+            "lambda_mean": torch.as_tensor(lam_mean, dtype=torch.float32),
+            "n_tokens": n_tokens.sum().float(),
         }
         return loss, metrics
 

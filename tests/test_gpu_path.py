@@ -132,7 +132,7 @@ def test_fsdp_bf16_keeps_lambda_and_normalizers_fp32(tmp_path, single_rank):
     norms = loss.normalizer_counts(labels, lam)
     value, metrics = strategy.module(ids, mask, labels, lam=lam, normalizers=norms)
     assert seen == {"lam": torch.float32, "normalizers": torch.float32}
-    assert metrics["lambda_mean"] == pytest.approx(float(lam.mean()), rel=1e-6)
+    assert float(metrics["lambda_mean"]) == pytest.approx(float(lam.mean()), rel=1e-6)
     # The decoder did compute in bf16 (the policy is on), only the loss inputs stayed fp32.
     layer = strategy.wrapper.model.model.layers[0]
     assert layer.mlp.down_proj.weight.dtype == torch.float32  # fp32 master (sharded) weights

@@ -12,6 +12,7 @@ reruns with `--address` skip every finished stage, and `--force eval` redoes eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -70,43 +71,59 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _start_head(log: Path) -> tuple[subprocess.Popen, int, int]:
+    """`ray start --head --block` on free loopback ports; returns (process, GCS, dashboard)."""
+    gcs, dashboard = _free_port(), _free_port()
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                # Every other port too: the session's own local cluster (and the other pytest
+                # worker's) already holds Ray's default agent ports, and a head whose dashboard
+                # agent cannot bind answers every submission with "No available agent".
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}",
+                "--num-cpus=2", "--disable-usage-stats",
+            ],
+            env=_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return proc, gcs, dashboard
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    # `ray stop` would also stop the test session's own cluster: kill this head's group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A Ray head on 127.0.0.1 with its dashboard (the job server); torn down afterwards."""
-    gcs, dashboard = _free_port(), _free_port()
+    """A Ray head on 127.0.0.1 with its dashboard (the job server); torn down afterwards.
+
+    Free ports are picked, then bound by `ray start`: another cluster starting at the same
+    moment (the other pytest worker's) can take one in between, and the head exits. Such a
+    start is retried on fresh ports, twice at most; the head's own log is in every failure.
+    """
+    log = tmp_path_factory.mktemp("head") / "ray-start.log"
     TOKEN_FILE.write_text(secrets.token_hex(32))
     TOKEN_FILE.chmod(0o600)
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            # Every other port too: the session's own local cluster (and the other pytest
-            # worker's) already holds Ray's default agent ports, and a head whose dashboard
-            # agent cannot bind answers every submission with "No available agent".
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-        ],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
+    proc, gcs, dashboard = _start_head(log)
+    starts = 1
     try:
         deadline = time.monotonic() + 300
         while True:
+            address = f"http://127.0.0.1:{dashboard}"
             # `ray job list` answers before the head's job agent is up ("No available agent
             # to submit job"): a trivial job submitted and finished is the real readiness probe.
             probe = subprocess.run(
@@ -117,19 +134,18 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
             )
             if probe.returncode == 0:
                 break
-            assert proc.poll() is None, "ray start --head exited"
+            if proc.poll() is not None:
+                head_log = log.read_text(errors="replace")[-3000:]
+                assert starts < 3, f"ray start --head exited {starts} times:\n{head_log}"
+                proc, gcs, dashboard = _start_head(log)
+                starts += 1
+                continue
             tail = (probe.stdout + probe.stderr).decode(errors="replace")[-2000:]
             assert time.monotonic() < deadline, f"the job server took no job in 300 s:\n{tail}"
             time.sleep(2)
         yield {"jobs": address, "gcs": f"127.0.0.1:{gcs}"}
     finally:
-        # `ray stop` would also stop the test session's own cluster: kill this head's group.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        _stop_head(proc)
         TOKEN_FILE.unlink(missing_ok=True)
 
 

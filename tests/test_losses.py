@@ -387,8 +387,8 @@ def test_ntp_matches_cross_entropy(chunk_size: int) -> None:
     assert_rel(actual, expected)
     for a, e in zip(grads(actual, hidden, head.weight), expected_grads, strict=True):
         assert_rel(a, e)
-    assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=TOL)
-    assert metrics["n_tokens"] == float((labels[:, 1:] != -100).sum())
+    assert float(metrics["loss"]) == pytest.approx(float(expected.detach()), rel=TOL)
+    assert float(metrics["n_tokens"]) == float((labels[:, 1:] != -100).sum())
 
 
 def test_ntp_normalizers_and_counts() -> None:
@@ -443,7 +443,7 @@ def test_sftmix_with_mu_zero_is_exactly_ntp() -> None:
     assert all(torch.equal(a, b) for a, b in zip(g_ntp, g_mix, strict=True))
     # The Mixup forward is skipped: the head only ever saw the NTP positions.
     assert sum(recorder.rows) == 2 * int((labels[:, 1:] != -100).sum())
-    assert metrics["mix"] == 0.0
+    assert float(metrics["mix"]) == 0.0
 
 
 @pytest.mark.parametrize("lambda_per", ["pair", "batch"])
@@ -464,8 +464,14 @@ def test_sftmix_loss_matches_oracle(lambda_per: str) -> None:
     ):
         assert_rel(a, e)
     assert set(metrics) >= {"loss", "ntp", "mix", "lambda_mean"}
-    assert metrics["loss"] == pytest.approx(metrics["ntp"] + 0.2 * metrics["mix"], rel=1e-6)
-    assert metrics["lambda_mean"] == pytest.approx(float(lam.mean()))
+    # Detached 0-dim tensors, not floats: reading them would sync the device every forward.
+    for key in ("loss", "ntp", "mix", "n_tokens"):
+        value = metrics[key]
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+    assert float(metrics["loss"]) == pytest.approx(
+        float(metrics["ntp"]) + 0.2 * float(metrics["mix"]), rel=1e-6
+    )
+    assert float(metrics["lambda_mean"]) == pytest.approx(float(lam.mean()))
     counts = loss_fn.normalizer_counts(labels, lam)
     assert counts.shape == (2,) and counts.dtype == torch.float32
     assert float(counts[0]) == float((labels[:, 1:] != -100).sum())
@@ -492,7 +498,9 @@ def test_ablation_losses_match_oracle(mu: float, ntp_weight: float, align: str) 
     assert_rel(actual, expected)
     for a, e in zip(grads(actual, hidden, head.weight), grads(expected, hidden, head.weight)):
         assert_rel(a, e)
-    assert metrics["loss"] == pytest.approx(ntp_weight * metrics["ntp"] + mu * metrics["mix"])
+    assert float(metrics["loss"]) == pytest.approx(
+        ntp_weight * float(metrics["ntp"]) + mu * float(metrics["mix"])
+    )
     assert_rel(
         loss_fn.normalizer_counts(labels, lam)[1], mixup_target_mass(y_c, y_u, lam, align=align)
     )
@@ -607,7 +615,7 @@ def test_wrapper_matches_hugging_face_loss() -> None:
     assert_rel(actual, expected)
     for a, e in zip(grads(actual, *params), expected_grads, strict=True):
         assert_rel(a, e)
-    assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=TOL)
+    assert float(metrics["loss"]) == pytest.approx(float(expected.detach()), rel=TOL)
 
 
 def test_wrapper_loss_override_for_evaluation() -> None:

@@ -135,7 +135,7 @@ class CausalLMWithLoss(nn.Module):
         normalizers: Tensor | None = None,
         loss: nn.Module | None = None,
         **model_kwargs: Any,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return `(loss, metrics)` for one batch; extra kwargs go to the decoder.
 
         `loss` overrides the training loss for this call (e.g. NTP for held-out evaluation),

@@ -57,8 +57,9 @@ def collate(
         "input_ids": torch.from_numpy(ids).to(device),
         "labels": torch.from_numpy(labs).to(device),
         "attention_mask": torch.from_numpy(mask).to(device),
-        # The host copy: counts and indices read from it cost no device sync.
+        # The host copies: counts and indices read from them cost no device sync.
         "labels_host": torch.from_numpy(labs),
+        "attention_mask_host": torch.from_numpy(mask),
     }
 
 
@@ -173,7 +174,10 @@ class Trainer:
             self.loss.normalizer_counts(b["labels_host"], lam) for b, lam in zip(batches, lams)
         )
         normalizers = all_reduce_sum(counts, self.device).float() / self.world
-        metrics_sum: dict[str, float] = {}
+        # Device metrics stay on the device until the step's one all-reduce (a `float()` per
+        # micro-batch would stall the host on every forward); host ones are summed here.
+        on_device: dict[str, torch.Tensor] = {}
+        on_host: dict[str, float] = {}
         tokens = 0
         for m, (batch, lam) in enumerate(zip(batches, lams)):
             with self.strategy.no_sync(m == accum - 1), self._autocast():
@@ -185,16 +189,25 @@ class Trainer:
                     normalizers=normalizers,
                 )
             self.strategy.backward(loss)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask_host"].sum())
             for k, v in metrics.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
+                if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                    v = v.detach().to(torch.float64)
+                    on_device[k] = on_device[k] + v if k in on_device else v
+                else:
+                    on_host[k] = on_host.get(k, 0.0) + float(v)
         grad_norm = self.strategy.step()
         lr = self.strategy.lr()
         self.step += 1
         # Loss terms are each micro-batch's share of the global mean (summed over micro-batches,
         # averaged over ranks); token counts add up; anything else is a mean over calls.
-        keys = sorted(metrics_sum)
-        reduced = all_reduce_sum([metrics_sum[k] for k in keys], self.device).tolist()
+        keys = [*sorted(on_device), *sorted(on_host)]
+        values = [
+            *(on_device[k] for k in sorted(on_device)),
+            *(torch.tensor(on_host[k], dtype=torch.float64) for k in sorted(on_host)),
+        ]
+        stacked = torch.stack([v.to(self.device) for v in values])
+        reduced = all_reduce_sum(stacked, self.device).tolist()  # the step's one host sync
         out = {}
         for k, v in zip(keys, reduced):
             if k in ("loss", "ntp", "mix"):
@@ -228,7 +241,8 @@ class Trainer:
         inputs, labels = self.heldout
         mine = range(self.rank, len(inputs), self.world)
         rows = self.plan.rows_per_device
-        total = torch.zeros(2, dtype=torch.float64)
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device
+        tokens = 0.0
         idx = list(mine)
         # Equal number of forward calls on every rank (FSDP/ZeRO-3 forwards are collective).
         n_batches = -(-len(range(0, len(inputs), self.world)) // rows)
@@ -250,8 +264,9 @@ class Trainer:
                     loss=self.eval_loss,
                 )
             if idx[b * rows : (b + 1) * rows]:
-                total[0] += float(loss)
-                total[1] += float(self.eval_loss.normalizer_counts(batch["labels_host"]).sum())
+                nll = nll + loss.detach().to(torch.float64)
+                tokens += float(self.eval_loss.normalizer_counts(batch["labels_host"]).sum())
+        total = torch.stack([nll, torch.tensor(tokens, dtype=torch.float64, device=self.device)])
         tokens_nll, tokens = all_reduce_sum(total, self.device).tolist()
         return tokens_nll / tokens if tokens > 0 else float("nan")
 
