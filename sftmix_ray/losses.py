@@ -398,12 +398,14 @@ class SFTMixLoss(nn.Module):
                 normalizer=norm[1],
             )
             loss = self.ntp_weight * ntp + self.mu * mix
-        lam_mean = torch.as_tensor(lam).float().mean() if lam is not None else float("nan")
+        # lam is drawn on the host: its mean costs no device sync.
+        nan = torch.tensor(float("nan"))
+        lam_mean = torch.as_tensor(lam).float().mean() if lam is not None else nan
         metrics: Metrics = {
             "loss": loss.detach(),
             "ntp": ntp.detach(),
             "mix": mix.detach(),
-            "lambda_mean": torch.as_tensor(lam_mean, dtype=torch.float32),
+            "lambda_mean": lam_mean,
             "n_tokens": n_tokens.sum().float(),
         }
         return loss, metrics

@@ -111,6 +111,15 @@ def sftmix_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "sftmix_ray.cli"]
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (another process may take it before it is bound)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tiny_config(*extra: str):
     """The tiny test config with extra `key=value` overrides."""
     from sftmix_ray.config import load_config

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import TINY_OVERRIDES, cli_env, result_json
+from tests.conftest import TINY_OVERRIDES, cli_env, free_port, result_json
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -51,12 +50,6 @@ SETTINGS = [
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TOKEN_FILE = Path(tempfile.gettempdir()) / f"sftmix-test-ray-token-{os.getpid()}"
 
 
@@ -73,7 +66,7 @@ def _env() -> dict[str, str]:
 
 def _start_head(log: Path) -> tuple[subprocess.Popen, int, int]:
     """`ray start --head --block` on free loopback ports; returns (process, GCS, dashboard)."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     with log.open("ab") as sink:
         proc = subprocess.Popen(
             [
@@ -83,11 +76,11 @@ def _start_head(log: Path) -> tuple[subprocess.Popen, int, int]:
                 # Every other port too: the session's own local cluster (and the other pytest
                 # worker's) already holds Ray's default agent ports, and a head whose dashboard
                 # agent cannot bind answers every submission with "No available agent".
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
-                f"--ray-client-server-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
                 "--num-cpus=2", "--disable-usage-stats",
             ],
             env=_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
@@ -193,15 +186,14 @@ def _has(out: Path, pattern: str) -> bool:
     return False
 
 
-def _pipeline_command(out: Path, *extra: str) -> list[str]:
+def _pipeline_command(program: str, out: Path, *extra: str) -> list[str]:
     sets = [f"--set={o}" for o in SETTINGS]
-    return ["sftmix-ray", "pipeline", "--config", CONFIG, "--output-dir", str(out), *sets, *extra]
+    return [program, "pipeline", "--config", CONFIG, "--output-dir", str(out), *sets, *extra]
 
 
 def _driver(out: Path, head: dict[str, str], *extra: str) -> subprocess.Popen:
     """`sftmix-ray pipeline` joined to the head (its processes print noise: cli_env)."""
-    command = _pipeline_command(out, "--address", head["gcs"], *extra)
-    command[0] = str(BIN / "sftmix-ray")
+    command = _pipeline_command(str(BIN / "sftmix-ray"), out, "--address", head["gcs"], *extra)
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(**_env())
     )
@@ -260,7 +252,7 @@ def _submit(head: dict[str, str], out: Path) -> str:
             str(BIN / "ray"), "job", "submit", "--address", head["jobs"],
             "--submission-id", "sftmix-quickstart-test", "--working-dir", str(REPO),
             "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
-            "--", *_pipeline_command(out),
+            "--", *_pipeline_command("sftmix-ray", out),  # the job's own PATH
         ],
         capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO,
     )  # fmt: skip

@@ -92,15 +92,15 @@ def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
     default_wait = context.wait_for_min_actors_s
     context.wait_for_min_actors_s = int(WAIT_FOR_ACTORS["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"])
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_one_scorer, args=(killed,), daemon=True)
+    scoring_over = threading.Event()
+    killer = threading.Thread(target=_kill_one_scorer, args=(killed, scoring_over), daemon=True)
     killer.start()
     try:
         partial = run_score(tiny_config(*SCORE_OVERRIDES), out)
     finally:
         context.wait_for_min_actors_s = default_wait
-        killed.append(0)  # stops the killer if it found nothing
+        scoring_over.set()
         killer.join(timeout=5)
-    killed.remove(0)
     aside.rename(last)
     (out / SCORES_DIR / SCORES_FILE).unlink()
     stale_tmp = per / f".{last.name}.parquet.x1y2.tmp"
@@ -253,11 +253,9 @@ def _scorer_busy_in_this_cluster() -> int | None:
     return None
 
 
-def _kill_one_scorer(killed: list[int]) -> None:
-    """SIGKILL the first of this session's scorer actors seen scoring a batch (until `killed`
-    holds a pid: its own, or the 0 the fixture appends when scoring is over)."""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not killed:
+def _kill_one_scorer(killed: list[int], scoring_over: threading.Event) -> None:
+    """SIGKILL the first of this session's scorer actors seen scoring a batch; record its pid."""
+    while not killed and not scoring_over.is_set():
         pid = _scorer_busy_in_this_cluster()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,14 @@ from safetensors.torch import load_file
 
 from sftmix_ray.summary import read_summary
 from sftmix_ray.train.loop import FAULT_ENV
-from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
+from tests.conftest import (
+    TINY_OVERRIDES,
+    cli_env,
+    free_port,
+    result_json,
+    sftmix_command,
+    tiny_config,
+)
 
 STEPS = 3
 BUCKET = "sftmix-checkpoints"
@@ -186,12 +192,6 @@ def _assert_same_run(out: Path, reference: Path) -> None:
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on loopback with one bucket; the environment that points at it."""
@@ -201,7 +201,7 @@ def s3_env():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per S3 request
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

@@ -85,7 +85,7 @@ SPACE = {
 def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dict, float]:
     pytest.importorskip("optuna")
     out = _copy_base(scored_base, tmp_path_factory.mktemp("tune_cli"))
-    space = out.parent / "space.yaml"
+    space = tmp_path_factory.mktemp("tune_cli_space") / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     address = ray_local.get_runtime_context().gcs_address
     start = time.time()

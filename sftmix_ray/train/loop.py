@@ -201,12 +201,11 @@ class Trainer:
         self.step += 1
         # Loss terms are each micro-batch's share of the global mean (summed over micro-batches,
         # averaged over ranks); token counts add up; anything else is a mean over calls.
-        keys = [*sorted(on_device), *sorted(on_host)]
-        values = [
-            *(on_device[k] for k in sorted(on_device)),
-            *(torch.tensor(on_host[k], dtype=torch.float64) for k in sorted(on_host)),
-        ]
-        stacked = torch.stack([v.to(self.device) for v in values])
+        device_keys, host_keys = sorted(on_device), sorted(on_host)
+        host = torch.tensor([on_host[k] for k in host_keys], dtype=torch.float64)
+        parts = [torch.stack([on_device[k] for k in device_keys])] if device_keys else []
+        stacked = torch.cat([*parts, host.to(self.device)])  # one host-to-device copy
+        keys = [*device_keys, *host_keys]
         reduced = all_reduce_sum(stacked, self.device).tolist()  # the step's one host sync
         out = {}
         for k, v in zip(keys, reduced):
