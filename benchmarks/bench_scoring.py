@@ -52,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GOALS, stats
 
 from sftmix_ray.config import Config, load_config
+from sftmix_ray.layout import RunDir
 from sftmix_ray.modeling import build_tiny_model, load_model, load_tokenizer
 from sftmix_ray.pipeline import run_stage
-from sftmix_ray.scoring import SCORES_DIR, Scorer, rows_per_batch, run_score
+from sftmix_ray.scoring import Scorer, rows_per_batch, run_score
 
 RATIOS = ("scoring_speedup_over_naive", "ray_data_over_bare_loop")
 TARGETS = {key: GOALS[key].target for key in RATIOS}
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(line), flush=True)
         del pairs
         for repeat in range(args.repeats):
-            shutil.rmtree(work / SCORES_DIR, ignore_errors=True)
+            shutil.rmtree(RunDir(work).scores_dir, ignore_errors=True)
+            shutil.rmtree(RunDir(work).checkpoint_scores_dir, ignore_errors=True)
             t_ray, summary = timed(run_score, cfg, work)
             t_bare, first = timed(bare_loop, models[HEADLINE], cfg, table, batch_rows, cores)
             startup["ray_data_first_batch"].append(summary["passes"][0]["first_batch_s"])

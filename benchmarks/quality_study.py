@@ -49,7 +49,7 @@ from _common import load_average, machine_info  # noqa: E402
 
 from sftmix_ray.config import Config, load_config  # noqa: E402
 from sftmix_ray.errors import SftmixError  # noqa: E402
-from sftmix_ray.pipeline import stage_fingerprint  # noqa: E402
+from sftmix_ray.stages import stage_fingerprint  # noqa: E402
 from sftmix_ray.summary import read_summary  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"

@@ -14,13 +14,8 @@ from types import FrameType
 
 from sftmix_ray.errors import SftmixError
 
-STAGE_HELP = {
-    "prepare": "validate, template and tokenize the corpus into OUT/data (Ray Data)",
-    "reference": "train the reference model with NTP, keeping T checkpoints (Ray Train)",
-    "score": "score every example's confidence with each reference checkpoint (Ray Data)",
-    "split": "split the corpus into confident and unconfident halves",
-    "train": "train the base model with SFTMix, or NTP with mixup.mu=0 (Ray Train)",
-    "eval": "held-out response NLL, perplexity and exact match",
+# Commands beside the stages of `sftmix_ray.stages.STAGES`.
+COMMAND_HELP = {
     "tune": "sweep mixup.alpha, mixup.mu and split.ratio with Ray Tune",
     "pipeline": "run prepare -> reference -> score -> split -> train -> eval",
 }
@@ -49,12 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sftmix-ray", description="SFTMix instruction tuning on Ray."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in STAGE_HELP.items():
+    from sftmix_ray.stages import STAGES
+
+    commands = {**{s.name: s.help for s in STAGES}, **COMMAND_HELP}
+    for name, text in commands.items():
         stage = sub.add_parser(name, help=text, description=text)
         _add_common(stage)
         if name == "pipeline":
             stage.add_argument(
                 "--force", metavar="STAGE", help="rerun STAGE and every stage after it"
+            )
+            stage.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="run nothing; print which stages would run and the changed values why",
             )
     v = sub.add_parser(
         "validate-data",
@@ -93,7 +96,7 @@ def _run(args: argparse.Namespace) -> str:
     cfg = load_config(args.config, overrides)
     out = Path(args.output_dir)
     if args.command == "pipeline":
-        result = run_pipeline(cfg, out, force=args.force)
+        result = run_pipeline(cfg, out, force=args.force, dry_run=args.dry_run)
     elif args.command == "tune":
         from tuning.sweep import run_tune
 

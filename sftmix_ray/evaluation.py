@@ -12,8 +12,7 @@ import torch
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import atomic_write_json
-
-EVAL_FILE = "eval.json"
+from sftmix_ray.layout import RunDir
 
 
 @torch.inference_mode()
@@ -132,29 +131,30 @@ def evaluate_model(model_dir: str, heldout_dir: str, eval_cfg: dict, bf16: bool 
     return result
 
 
-def run_eval(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     """Evaluate OUT/model (and OUT/model_ntp when present) on OUT/heldout -> OUT/eval.json."""
     import dataclasses
 
     import ray
 
-    heldout = out_dir / "heldout"
+    run = RunDir.of(out_dir)
+    heldout = run.heldout
     if not heldout.exists():
         raise SftmixError(
             f"{heldout} does not exist: evaluation needs a held-out split "
             "(data.eval_path, data.eval_fraction or the demo corpus)"
         )
-    models = {"sftmix": out_dir / "model", "ntp": out_dir / "model_ntp"}
+    models = {"sftmix": run.model(), "ntp": run.model(RunDir.NTP_MODEL)}
     models = {k: v for k, v in models.items() if (v / "config.json").exists()}
     if "sftmix" not in models:
-        raise SftmixError(f"{out_dir / 'model'} does not exist; run `sftmix-ray train` first")
+        raise SftmixError(f"{run.model()} does not exist; run `sftmix-ray train` first")
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     eval_cfg = dataclasses.asdict(cfg.eval)
     refs = {
         k: task.remote(str(v), str(heldout), eval_cfg, cfg.train.bf16) for k, v in models.items()
     }
     results = {k: ray.get(ref) for k, ref in refs.items()}
-    atomic_write_json(out_dir / EVAL_FILE, results)
+    atomic_write_json(run.eval_file, results)
     return {
         "models": {k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}
     }

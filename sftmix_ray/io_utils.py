@@ -38,6 +38,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise SftmixError(f"cannot write {path}: {exc.strerror}") from None
 
 
+def atomic_write_parquet(path: Path, table: Any) -> None:
+    """Write an Arrow table as one Parquet file, through a temporary file (synced to disk) and
+    an atomic rename: a crash mid-write leaves the previous file or none, never half of one."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise SftmixError(f"cannot write {path}: {exc.strerror}") from None
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (sorted keys, indented, trailing newline)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

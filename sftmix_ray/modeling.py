@@ -10,9 +10,9 @@ import torch
 
 from sftmix_ray.config import ModelConfig
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.layout import RunDir
 
 TINY = "tiny"
-BASE_MODEL_DIR = "base_model"  # OUT/base_model holds the materialized tiny preset
 
 # ChatML, used when a tokenizer has no chat template of its own. The assistant turn's
 # end-of-turn token is part of the assistant span, so the model learns to stop.
@@ -25,10 +25,10 @@ BUILTIN_CHAT_TEMPLATE = (
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def resolve_model_path(name_or_path: str, out_dir: Path) -> str:
+def resolve_model_path(name_or_path: str, out_dir: Path | RunDir) -> str:
     """The id or directory a stage loads: the materialized preset for `tiny`, else as given."""
     if name_or_path == TINY:
-        path = Path(out_dir) / BASE_MODEL_DIR
+        path = RunDir.of(out_dir).base_model
         if not (path / "config.json").exists():
             raise SftmixError(
                 f"the tiny preset has not been built in {path}; run `sftmix-ray prepare` first"

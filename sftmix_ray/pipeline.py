@@ -2,109 +2,50 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sftmix_ray.config import Config, save_config
 from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.io_utils import ensure_writable_dir
+from sftmix_ray.layout import RunDir
+from sftmix_ray.stages import STAGE_NAMES, STAGES, changed_reads, get_stage, stage_fingerprint
 from sftmix_ray.summary import read_summary, update_stage
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "reference", "score", "split", "train", "eval")
-# The config sections each stage's outputs depend on (cumulative down the pipeline), so a
-# change reruns the stage that reads it and every stage after it.
-STAGE_SECTIONS = {
-    "prepare": ("data", "model"),
-    "reference": ("reference", "train"),
-    "score": ("score",),
-    "split": ("split",),
-    "train": ("mixup", "train"),
-    "eval": ("eval",),
-}
-NEEDS_RAY = {"prepare", "reference", "score", "train", "eval"}
+
+def _recorded(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` as summary.json stores them (a JSON round trip: tuples become lists, ...)."""
+    return json.loads(json.dumps(values, default=str))
 
 
-def _prepare(cfg: Config, out: Path) -> dict[str, Any]:
-    from sftmix_ray.data.prepare import run_prepare
-
-    return run_prepare(cfg, out)
-
-
-def _reference(cfg: Config, out: Path) -> dict[str, Any]:
-    from sftmix_ray.train.launch import run_training
-
-    return run_training(cfg, out, "reference")
+def completion_record(cfg: Config, name: str) -> dict[str, Any]:
+    """What summary.json keeps of a completed stage to tell later whether it is still current:
+    its fingerprint, and the values it covers (for `pipeline --dry-run` to name changes)."""
+    return {
+        "config_fingerprint": stage_fingerprint(cfg, name),
+        "reads": _recorded(get_stage(name).reads(cfg)),
+    }
 
 
-def _score(cfg: Config, out: Path) -> dict[str, Any]:
-    from sftmix_ray.scoring import run_score
-
-    return run_score(cfg, out)
-
-
-def _split(cfg: Config, out: Path) -> dict[str, Any]:
-    from sftmix_ray.split import run_split
-
-    return run_split(cfg, out)
-
-
-def _train(cfg: Config, out: Path) -> dict[str, Any]:
-    """SFTMix training; with `eval.compare_ntp` also the NTP baseline (mu=0) to OUT/model_ntp."""
-    from sftmix_ray.train.launch import run_training
-
-    result = run_training(cfg, out, "train")
-    if cfg.eval.compare_ntp and cfg.mixup.mu > 0:
-        ntp = dataclasses.replace(cfg, mixup=dataclasses.replace(cfg.mixup, mu=0.0))
-        result["ntp_baseline"] = run_training(ntp, out, "train", export_name="model_ntp")
-    return result
-
-
-def _eval(cfg: Config, out: Path) -> dict[str, Any]:
-    from sftmix_ray.evaluation import run_eval
-
-    return run_eval(cfg, out)
-
-
-STAGE_FUNCS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
-    "prepare": _prepare,
-    "reference": _reference,
-    "score": _score,
-    "split": _split,
-    "train": _train,
-    "eval": _eval,
-}
-
-
-def stage_fingerprint(cfg: Config, stage: str) -> str:
-    """Hash of the config sections `stage` and the stages before it depend on."""
-    raw = cfg.to_dict()
-    sections: list[str] = []
-    for name in STAGES[: STAGES.index(stage) + 1]:
-        sections.extend(STAGE_SECTIONS[name])
-    picked = {s: raw[s] for s in sorted(set(sections))}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_stage(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Run one stage, recording its status and results in OUT/summary.json."""
-    out_dir = ensure_writable_dir(Path(out_dir))
-    save_config(cfg, out_dir / "config.yaml")
-    if name in NEEDS_RAY:
+def run_stage(name: str, cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
+    """Run one stage, recording its status, results and the values it read in summary.json."""
+    run = RunDir(ensure_writable_dir(RunDir.of(out_dir).root))
+    out_dir = run.root
+    stage = get_stage(name)
+    save_config(cfg, run.config)
+    if stage.needs_ray:
         from sftmix_ray.ray_utils import init_ray
 
         init_ray(cfg.ray)
     update_stage(out_dir, name, status="running")
     start = time.time()
     try:
-        result = STAGE_FUNCS[name](cfg, out_dir)
+        result = stage.run(cfg, run)
     except KeyboardInterrupt:  # Ctrl+C or SIGTERM (the CLI raises it): not a failure
         update_stage(out_dir, name, status="interrupted")
         raise
@@ -122,35 +63,70 @@ def run_stage(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
         name,
         status="completed",
         seconds=round(time.time() - start, 2),
-        config_fingerprint=stage_fingerprint(cfg, name),
+        **completion_record(cfg, name),
         **result,
     )
     return result
 
 
-def run_pipeline(cfg: Config, out_dir: Path, force: str | None = None) -> dict[str, Any]:
+def plan_pipeline(cfg: Config, out_dir: Path | RunDir, force: str | None = None) -> list[dict]:
+    """Which stages `pipeline` would run and why: one entry per stage, in order, with `run`
+    (bool) and `reason` (a stage reruns when it is not complete for this config, is forced,
+    or a stage before it reruns; `changed` lists the values it reads that differ)."""
+    if force is not None and force not in STAGE_NAMES:
+        raise ConfigError(f"--force {force!r} is not a stage; one of {', '.join(STAGE_NAMES)}")
+    done_stages = read_summary(RunDir.of(out_dir).root)["stages"]
+    forced = STAGE_NAMES.index(force) if force else len(STAGES)
+    plan: list[dict] = []
+    rerun_rest = None
+    for i, stage in enumerate(STAGES):
+        done = done_stages.get(stage.name, {})
+        entry: dict[str, Any] = {"stage": stage.name, "run": True}
+        recorded = done.get("reads")
+        if recorded is not None:
+            entry["changed"] = changed_reads(recorded, _recorded(stage.reads(cfg)))
+        if done.get("status") != "completed":
+            entry["reason"] = f"not completed (status: {done.get('status', 'never run')})"
+        elif rerun_rest is not None:
+            entry["reason"] = f"a stage before it reruns ({rerun_rest})"
+        elif i >= forced:
+            entry["reason"] = f"--force {force}"
+        elif done.get("config_fingerprint") != stage_fingerprint(cfg, stage.name):
+            entry["reason"] = (
+                "the values it reads changed"
+                if entry.get("changed")
+                else ("its recorded fingerprint differs (no record of the values it read)")
+            )
+        else:
+            entry.update(run=False, reason="complete for this config")
+        if entry["run"] and rerun_rest is None:
+            rerun_rest = stage.name
+        plan.append(entry)
+    return plan
+
+
+def run_pipeline(
+    cfg: Config, out_dir: Path | RunDir, force: str | None = None, dry_run: bool = False
+) -> dict[str, Any]:
     """Run every stage in order, skipping those already completed for the same config.
 
-    `force` reruns that stage and every stage after it.
+    `force` reruns that stage and every stage after it; `dry_run` runs nothing and returns the
+    plan (see `plan_pipeline`).
     """
-    if force is not None and force not in STAGES:
-        raise ConfigError(f"--force {force!r} is not a stage; one of {', '.join(STAGES)}")
-    out_dir = Path(out_dir)
-    forced = STAGES.index(force) if force else len(STAGES)
+    plan = plan_pipeline(cfg, out_dir, force)
+    if dry_run:
+        return {"dry_run": True, "stages": plan}
+    run = RunDir.of(out_dir)
     results: dict[str, Any] = {}
-    rerun_rest = False
-    for i, name in enumerate(STAGES):
-        done = read_summary(out_dir)["stages"].get(name, {})
-        fresh = done.get("status") == "completed" and done.get(
-            "config_fingerprint"
-        ) == stage_fingerprint(cfg, name)
-        if fresh and not rerun_rest and i < forced:
+    for entry in plan:
+        name = entry["stage"]
+        if not entry["run"]:
             log.info("stage %s: complete for this config, skipped", name)
             results[name] = {"status": "skipped"}
             continue
-        rerun_rest = True
-        results[name] = run_stage(name, cfg, out_dir)
+        log.info("stage %s: runs, %s", name, entry["reason"])
+        results[name] = run_stage(name, cfg, run)
     from sftmix_ray.report import write_report
 
-    results["report"] = str(write_report(out_dir))
+    results["report"] = str(write_report(run.root))
     return results

@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from sftmix_ray.io_utils import atomic_write_text
+from sftmix_ray.layout import RunDir
 from sftmix_ray.summary import read_summary
 
-REPORT_FILE = "report.md"
-LOSS_PLOT = "loss_curves.png"
 
-
-def _histories(out_dir: Path) -> dict[str, list[dict[str, float]]]:
+def _histories(run: RunDir) -> dict[str, list[dict[str, float]]]:
     """Per training run (reference, train, NTP baseline) its per-step metrics."""
     runs = {}
-    for path in sorted((out_dir / "logs").glob("*-history.json")):
+    for path in sorted(run.logs.glob("*-history.json")):
         runs[path.name.removesuffix("-history.json")] = json.loads(
             path.read_text(encoding="utf-8")
         )["history"]
@@ -53,13 +51,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_report(out_dir: Path) -> Path:
+def write_report(out_dir: Path | RunDir) -> Path:
     """Write OUT/report.md (and OUT/loss_curves.png) from summary.json, eval.json and the logs."""
-    out_dir = Path(out_dir)
-    stages = read_summary(out_dir)["stages"]
-    lines = ["# sftmix-ray run report", "", f"Output directory: `{out_dir}`", ""]
+    from sftmix_ray.stages import STAGE_NAMES
+
+    run = RunDir.of(out_dir)
+    stages = read_summary(run.root)["stages"]
+    lines = ["# sftmix-ray run report", "", f"Output directory: `{run.root}`", ""]
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-    for name, entry in stages.items():
+    # Pipeline order, then anything else recorded (summary.json's keys are sorted).
+    order = [s for s in STAGE_NAMES if s in stages] + sorted(set(stages) - set(STAGE_NAMES))
+    for name in order:
+        entry = stages[name]
         lines.append(f"| {name} | {entry.get('status')} | {_fmt(entry.get('seconds', ''))} |")
 
     prepare = stages.get("prepare", {})
@@ -93,7 +96,7 @@ def write_report(out_dir: Path) -> Path:
             f"{split['unconfident']} unconfident "
             f"(mean {_fmt(split['mean_confidence_unconfident'])})",
             "",
-            "![cartography](split/cartography.png)",
+            f"![cartography]({RunDir.CARTOGRAPHY})",
         ]
     for stage in ("reference", "train"):
         entry = stages.get(stage, {})
@@ -106,7 +109,7 @@ def write_report(out_dir: Path) -> Path:
                 f"- steps {entry.get('steps')}, restarts {entry.get('restarts')}, "
                 f"final loss {_fmt(metrics.get('loss', float('nan')))}",
             ]
-    eval_path = out_dir / "eval.json"
+    eval_path = run.eval_file
     if eval_path.exists():
         results = json.loads(eval_path.read_text(encoding="utf-8"))
         lines += [
@@ -121,8 +124,8 @@ def write_report(out_dir: Path) -> Path:
                 f"| {model} | {_fmt(r['response_nll'])} | {_fmt(r['perplexity'])} | "
                 f"{_fmt(r.get('exact_match', float('nan')))} |"
             )
-    if plot_losses(_histories(out_dir), out_dir / LOSS_PLOT):
-        lines += ["", "## Loss curves", "", f"![loss curves]({LOSS_PLOT})"]
-    path = out_dir / REPORT_FILE
+    if plot_losses(_histories(run), run.loss_plot):
+        lines += ["", "## Loss curves", "", f"![loss curves]({RunDir.LOSS_PLOT})"]
+    path = run.report
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -1,10 +1,10 @@
 """The `score` stage: every example's response NLL under every reference checkpoint (Ray Data).
 
 One Ray Data pass per checkpoint (`OUT/reference/checkpoint-<step>`, in step order) runs the
-`Scorer` on an actor pool and writes `OUT/scores/per_checkpoint/checkpoint-<step>.parquet`
+`Scorer` on an actor pool and writes the intermediate `OUT/work/scores/checkpoint-<step>.parquet`
 atomically. A rerun keeps every per-checkpoint file whose ids and fingerprints still match the
 data and the checkpoint, and redoes the rest. When all are there they are joined on
-`example_id` into `OUT/scores/scores.parquet` (read that file, not the directory).
+`example_id` into the result, `OUT/scores/scores.parquet`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,27 +24,27 @@ import pyarrow.parquet as pq
 
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.io_utils import atomic_write_parquet
+from sftmix_ray.layout import RunDir
 from sftmix_ray.losses import IGNORE_INDEX, confidence_and_variability, response_token_nll
 
 log = logging.getLogger(__name__)
 
-SCORES_DIR = "scores"
-SCORES_FILE = "scores.parquet"
-PER_CHECKPOINT_DIR = "per_checkpoint"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MEASURE_METADATA_KEY = b"sftmix.confidence_measure"  # which measure `confidence` holds
 _META = b"sftmix"  # Parquet key-value metadata: data and checkpoint fingerprints
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+def list_checkpoints(out_dir: Path | RunDir) -> list[tuple[int, Path]]:
     """Reference checkpoints as `(step, dir)`, in training order (by step number)."""
+    reference = RunDir.of(out_dir).reference
     found = [
         (int(m.group(1)), p)
-        for p in (Path(out_dir) / "reference").glob("checkpoint-*")
+        for p in reference.glob("checkpoint-*")
         if (m := _CHECKPOINT.match(p.name)) and (p / "config.json").exists()
     ]
     if not found:
-        raise SftmixError(f"no checkpoints in {out_dir}/reference; run `sftmix-ray reference`")
+        raise SftmixError(f"no checkpoints in {reference}; run `sftmix-ray reference`")
     return sorted(found)
 
 
@@ -190,17 +188,6 @@ def check_ids(found: np.ndarray, expected: np.ndarray, what: str) -> None:
         )
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write `table` to a hidden temporary file next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _complete(path: Path, ids: np.ndarray, meta: dict[str, str]) -> bool:
     """Whether a per-checkpoint file exists, scores exactly `ids`, and has matching fingerprints."""
     if not path.exists():
@@ -276,20 +263,20 @@ def _score_checkpoint(
     return table, {"batches": len(parts), "actors": actors, "first_batch_s": first_batch_s}
 
 
-def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     """Score every example under every checkpoint once; write OUT/scores; return the summary."""
     from sftmix_ray.data.retokenize import reference_data_dir
 
-    out_dir = Path(out_dir)
-    checkpoints = list_checkpoints(out_dir)
-    if not (out_dir / "data").exists():
-        raise SftmixError(f"{out_dir / 'data'} does not exist; run `sftmix-ray prepare` first")
-    data_dir = reference_data_dir(cfg, out_dir)  # OUT/data, or its re-tokenized copy
+    run = RunDir.of(out_dir)
+    checkpoints = list_checkpoints(run)
+    if not run.data.exists():
+        raise SftmixError(f"{run.data} does not exist; run `sftmix-ray prepare` first")
+    data_dir = reference_data_dir(cfg, run)  # OUT/data, or its re-tokenized copy
     all_ids = pq.read_table(data_dir, columns=["example_id"]).column("example_id").to_numpy()
     ids = np.unique(all_ids)
     if len(ids) != len(all_ids):
         raise SftmixError(f"{data_dir} holds {len(all_ids) - len(ids)} duplicated example ids")
-    per_dir = out_dir / SCORES_DIR / PER_CHECKPOINT_DIR
+    per_dir = run.checkpoint_scores_dir
     per_dir.mkdir(parents=True, exist_ok=True)
     for stale in per_dir.glob(".*.tmp"):  # left by a crash mid-write; never read
         stale.unlink(missing_ok=True)
@@ -297,7 +284,7 @@ def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
     reused, rescored, passes = [], [], []
     tokens = seconds = 0.0
     for step, checkpoint in checkpoints:
-        target = per_dir / f"checkpoint-{step}.parquet"
+        target = run.checkpoint_scores(step)
         meta = {"data": data_print, "checkpoint": fingerprint(checkpoint), "step": str(step)}
         if _complete(target, ids, meta):
             log.info("%s: already scored, kept (%s)", checkpoint.name, target)
@@ -315,12 +302,12 @@ def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
             checkpoint.name, len(ids), elapsed, len(ids) / elapsed, n_tokens / elapsed,
         )  # fmt: skip
         table = table.drop_columns(["n_tokens", "scorer"])
-        _write_parquet_atomic(table.replace_schema_metadata({_META: json.dumps(meta)}), target)
+        atomic_write_parquet(target, table.replace_schema_metadata({_META: json.dumps(meta)}))
         rescored.append(checkpoint.name)
     scores = assemble_scores(
-        [per_dir / f"checkpoint-{s}.parquet" for s, _ in checkpoints], ids, cfg.score.confidence
+        [run.checkpoint_scores(s) for s, _ in checkpoints], ids, cfg.score.confidence
     )
-    _write_parquet_atomic(scores, out_dir / SCORES_DIR / SCORES_FILE)
+    atomic_write_parquet(run.scores, scores)
     return {
         "scored": len(ids),
         "checkpoints": [c.name for _, c in checkpoints],
@@ -331,7 +318,7 @@ def run_score(cfg: Config, out_dir: Path) -> dict[str, Any]:
         "rows_per_s": round(len(ids) * len(rescored) / seconds, 1) if seconds else None,
         "mean_confidence": float(np.mean(scores.column("confidence"))),
         "mean_variability": float(np.mean(scores.column("variability"))),
-        "scores_path": str(out_dir / SCORES_DIR / SCORES_FILE),
+        "scores_path": str(run.scores),
     }
 
 

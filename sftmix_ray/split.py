@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,10 @@ import pyarrow.parquet as pq
 
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.layout import RunDir
 
 log = logging.getLogger(__name__)
 
-SPLIT_DIR = "split"
-CONFIDENT_FILE = "confident.parquet"
-UNCONFIDENT_FILE = "unconfident.parquet"
-PLOT_FILE = "cartography.png"
 RATIO_METADATA_KEY = b"sftmix.split_ratio"
 _SIDE_COLUMNS = ["example_id", "confidence", "variability"]
 _MAX_SCATTER_POINTS = 50_000  # beyond this the map plots a seeded sample of the points
@@ -141,12 +139,13 @@ def confidence_table(scores_path: Path, measure: str) -> pa.Table:
     )
 
 
-def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Split OUT/scores/scores.parquet by confidence into OUT/split; return counts and means."""
+def run_split(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
+    """Split OUT/scores/scores.parquet by confidence into OUT/split (two files, one dataset
+    with a `confident` column); draw OUT/cartography.png; return counts and means."""
     from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
-    from sftmix_ray.scoring import SCORES_DIR, SCORES_FILE
 
-    scores_path = Path(out_dir) / SCORES_DIR / SCORES_FILE
+    run = RunDir.of(out_dir)
+    scores_path = run.scores
     if not scores_path.exists():
         raise SftmixError(f"{scores_path} does not exist; run `sftmix-ray score` first")
     measure = cfg.score.confidence
@@ -159,17 +158,23 @@ def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
     is_confident = np.zeros(len(ids), dtype=bool)
     is_confident[conf_rows] = True
     threshold = float(confidence[conf_rows[-1]])  # the least confident confident example
-    target = Path(out_dir) / SPLIT_DIR
+    target = run.split_dir
     tmp = fresh_tmp_dir(target)
     # Rank order (confidence descending, ties by id) so each file reads as a ranking.
     # The ratio travels with the files: `train` refuses a split made for another ratio.
     meta = {RATIO_METADATA_KEY: repr(cfg.split.ratio).encode()}
-    for rows, name in ((conf_rows, CONFIDENT_FILE), (_rows_of(ids, unconf_ids), UNCONFIDENT_FILE)):
+    for rows, side_name in ((conf_rows, "confident"), (_rows_of(ids, unconf_ids), "unconfident")):
         side = scores.take(pa.array(rows))
+        flag = pa.array(np.full(len(rows), side_name == "confident"), pa.bool_())
+        side = side.append_column("confident", flag)
         pq.write_table(
-            side.replace_schema_metadata({**(side.schema.metadata or {}), **meta}), tmp / name
+            side.replace_schema_metadata({**(side.schema.metadata or {}), **meta}),
+            tmp / run.split_file(side_name).name,
         )
-    plot_cartography(confidence, variability, is_confident, threshold, tmp / PLOT_FILE, measure)
+    # The map is drawn before anything is put in place (a full disk fails the stage whole).
+    drawn = tmp / RunDir.CARTOGRAPHY
+    plot_cartography(confidence, variability, is_confident, threshold, drawn, measure)
+    os.replace(drawn, run.cartography)
     replace_dir(tmp, target)
     summary = {
         "ratio": cfg.split.ratio,
@@ -181,7 +186,7 @@ def run_split(cfg: Config, out_dir: Path) -> dict[str, Any]:
         "mean_confidence_unconfident": float(confidence[~is_confident].mean()),
         "mean_variability_confident": float(variability[is_confident].mean()),
         "mean_variability_unconfident": float(variability[~is_confident].mean()),
-        "plot": str(target / PLOT_FILE),
+        "plot": str(run.cartography),
     }
     log.info(
         "split %d examples: %d confident (mean %.4f), %d unconfident (mean %.4f)",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.layout import RunDir
 from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 
 REF_VOCAB = 300
@@ -62,7 +63,7 @@ def test_reference_stage_retokenizes_every_row(cross):
     assert summary["tokenizer"] == str(reference_model)
     for name in ("data", "heldout"):
         base = pq.read_table(out / name).sort_by("example_id")
-        ref = pq.read_table(out / "reference_data" / name).sort_by("example_id")
+        ref = pq.read_table(RunDir(out).reference_data / name).sort_by("example_id")
         assert summary[name]["rows"] == ref.num_rows == base.num_rows
         assert np.array_equal(ref.column("example_id"), base.column("example_id"))
         ref_ids = ref.column("input_ids").to_pylist()
@@ -75,7 +76,7 @@ def test_reference_stage_retokenizes_every_row(cross):
     tokenizer = AutoTokenizer.from_pretrained(reference_model)
     base_tok = AutoTokenizer.from_pretrained(out / "base_model")
     row = pq.read_table(out / "data").sort_by("example_id").slice(0, 1)
-    ref_row = pq.read_table(out / "reference_data" / "data").sort_by("example_id").slice(0, 1)
+    ref_row = pq.read_table(RunDir(out).reference_data / "data").sort_by("example_id").slice(0, 1)
     assert tokenizer.decode(ref_row.column("input_ids")[0].as_py()) == base_tok.decode(
         row.column("input_ids")[0].as_py()
     )
@@ -90,8 +91,8 @@ def test_scores_use_the_reference_tokenization(cross):
     from transformers import AutoModelForCausalLM
 
     out, _, _, results = cross
-    data = pq.read_table(out / "reference_data" / "data").sort_by("example_id")
-    scores = pq.read_table(out / "scores" / "scores.parquet")
+    data = pq.read_table(RunDir(out).reference_data / "data").sort_by("example_id")
+    scores = pq.read_table(RunDir(out).scores)
     assert np.array_equal(scores.column("example_id"), data.column("example_id"))
     assert results["score"]["scored"] == data.num_rows
     checkpoints = results["reference"]["checkpoints"]
@@ -138,9 +139,9 @@ def test_missing_or_stale_reference_data_is_a_clear_error(cross, tmp_path):
         SftmixError, match=r"reference_data/data does not exist.*sftmix-ray reference"
     ):
         reference_data_dir(cfg, copy)
-    (copy / "reference_data").mkdir()
-    table = pq.read_table(out / "reference_data" / "data")
-    pq.write_table(table.slice(1), copy / "reference_data" / "data")
+    RunDir(copy).reference_data.mkdir(parents=True)
+    table = pq.read_table(RunDir(out).reference_data / "data")
+    pq.write_table(table.slice(1), RunDir(copy).reference_data / "data")
     with pytest.raises(SftmixError, match="does not hold the rows of"):
         reference_data_dir(cfg, copy)
     # OUT/data written before the messages were kept: re-prepare, not a silent mismatch.

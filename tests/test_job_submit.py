@@ -149,7 +149,7 @@ PLAN = [
     ("prepare", signal.SIGINT, None),
     # Ctrl+C in training: Ray Train's own handler aborts the run gracefully first.
     ("reference", signal.SIGINT, f"ray_storage/reference-*/{SNAPSHOT}"),
-    ("score", signal.SIGTERM, "scores/per_checkpoint/checkpoint-*.parquet"),
+    ("score", signal.SIGTERM, "work/scores/checkpoint-*.parquet"),
     ("train", signal.SIGTERM, f"ray_storage/train-*/{SNAPSHOT}"),
     # This driver resumes training first: Ray Train's SIGINT handler must not outlive its run.
     ("eval", signal.SIGINT, None),
@@ -158,7 +158,7 @@ PLAN = [
 OUTPUTS = {
     "prepare": ["data/*.parquet", "heldout/*.parquet", "base_model/model.safetensors"],
     "reference": ["reference/checkpoint-*/model.safetensors"],
-    "score": ["scores/per_checkpoint/checkpoint-*.parquet", "scores/scores.parquet"],
+    "score": ["work/scores/checkpoint-*.parquet", "scores/scores.parquet"],
     "split": ["split/*.parquet"],
     "train": ["model/model.safetensors"],
 }
@@ -304,10 +304,11 @@ def test_interrupted_pipeline_resumes_as_a_ray_job_and_reruns_skip(head, tmp_pat
     assert f"| sftmix | {results['sftmix']['response_nll']:.4g} |" in report
     assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
-    # 3. Reruns against the same head: a finished pipeline rewrites nothing...
+    # 3. Reruns against the same head: a finished pipeline rewrites nothing, also with a
+    # logging-only change (the fingerprints cover only the values a stage's results depend on)...
     eval_json = str(out / "eval.json")
     stamps = {**_mtimes(out, OUTPUTS), eval_json: Path(eval_json).stat().st_mtime_ns}
-    rerun = _driver(out, head)
+    rerun = _driver(out, head, "--set", "train.logging_steps=2")
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr[-4000:]
     assert result_json(subprocess.CompletedProcess([], 0, stdout, stderr))["pipeline"]["report"]
@@ -321,3 +322,11 @@ def test_interrupted_pipeline_resumes_as_a_ray_job_and_reruns_skip(head, tmp_pat
     now = _again(stamps)
     assert now[eval_json] > stamps.pop(eval_json), "eval.json was not redone"
     assert _again(stamps) == stamps, "--force eval redid an earlier stage"
+    # ...and a dry run names what a Mixup change would rerun, running nothing.
+    dry = _driver(out, head, "--dry-run", "--set", "mixup.alpha=0.3")
+    stdout, stderr = dry.communicate(timeout=120)
+    assert dry.returncode == 0, stderr[-4000:]
+    plan = {p["stage"]: p for p in json.loads(stdout)["pipeline"]["stages"]}
+    assert [k for k, p in plan.items() if p["run"]] == ["train", "eval"]
+    assert plan["train"]["changed"] == ["mixup.alpha: 0.5 -> 0.3"]
+    assert _again(stamps) == stamps

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sftmix_ray.report import LOSS_PLOT, write_report
+from sftmix_ray.layout import RunDir
+from sftmix_ray.report import write_report
 from sftmix_ray.summary import update_stage
+
+LOSS_PLOT = RunDir.LOSS_PLOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,6 +34,7 @@ def test_report_quotes_the_run(tmp_path: Path):
         mean_confidence_confident=0.61, mean_confidence_unconfident=0.22,
     )  # fmt: skip
     update_stage(tmp_path, "train", status="completed", steps=3, restarts=1, metrics={"loss": 2.5})
+    update_stage(tmp_path, "eval", status="completed", seconds=2.0)  # sorts first in the JSON
     _history(tmp_path, "reference-model", [6.0, 5.5, 5.0], {})
     _history(tmp_path, "train-model", [5.0, 4.0, 3.0], {3: 3.2})
     (tmp_path / "eval.json").write_text(
@@ -42,7 +46,10 @@ def test_report_quotes_the_run(tmp_path: Path):
     assert "100 confident (mean confidence 0.61), 100 unconfident (mean 0.22)" in text
     assert "steps 3, restarts 1, final loss 2.5" in text
     assert "| sftmix | 2.94 | 18.9 | 0.03 |" in text
-    assert f"![loss curves]({LOSS_PLOT})" in text and "split/cartography.png" in text
+    assert f"![loss curves]({LOSS_PLOT})" in text and "(cartography.png)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    table = [line.split(" | ")[0].lstrip("| ") for line in rows]
+    assert table[1:6] == ["prepare", "score", "split", "train", "eval"]  # pipeline order
     png = (tmp_path / LOSS_PLOT).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5_000
 

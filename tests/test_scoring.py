@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from ray.data import DataContext
 
+from sftmix_ray.layout import RunDir
 from sftmix_ray.scoring import (
     _META,
-    PER_CHECKPOINT_DIR,
-    SCORES_DIR,
-    SCORES_FILE,
     _complete,
     fingerprint,
     list_checkpoints,
@@ -37,6 +38,9 @@ from sftmix_ray.scoring import (
 )
 from sftmix_ray.summary import read_summary
 from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
+
+# The results directories documented as datasets (README, sftmix_ray/layout.py).
+RESULT_DIRS = (RunDir.DATA, RunDir.SCORES, RunDir.SPLIT)
 
 NLL_RTOL = 1e-4  # scorer vs plain transformers, both float32
 # A small token budget forces many micro-batches that mix lengths, so padding is exercised.
@@ -56,7 +60,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _copy_run(source: Path, target: Path) -> Path:
     """A private copy of a run directory's stage outputs (data, models, scores)."""
-    for name in ("data", "base_model", "reference", SCORES_DIR):
+    for name in (RunDir.DATA, RunDir.BASE_MODEL, RunDir.REFERENCE, RunDir.SCORES, RunDir.WORK):
         if (source / name).exists():
             shutil.copytree(source / name, target / name)
     return target
@@ -82,7 +86,7 @@ def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
     one of the two scorer actors is SIGKILLed mid-batch while the first checkpoint is scored."""
     out = _copy_run(reference_out, tmp_path_factory.mktemp("scored"))
     (_, first), (_, last) = list_checkpoints(out)
-    per = out / SCORES_DIR / PER_CHECKPOINT_DIR
+    per = RunDir(out).checkpoint_scores_dir
     # A run killed while scoring the last checkpoint leaves the first checkpoint's file, a
     # half-written temporary file of the last one, and no assembled scores. Make that state:
     # score with the last checkpoint out of sight, then drop scores.parquet, add the tmp file.
@@ -102,7 +106,7 @@ def scored(reference_out: Path, ray_local, tmp_path_factory) -> ScoredRun:
         scoring_over.set()
         killer.join(timeout=5)
     aside.rename(last)
-    (out / SCORES_DIR / SCORES_FILE).unlink()
+    RunDir(out).scores.unlink()
     stale_tmp = per / f".{last.name}.parquet.x1y2.tmp"
     stale_tmp.write_bytes(b"PAR1 half a file")
     first_mtime = (per / f"{first.name}.parquet").stat().st_mtime_ns
@@ -119,7 +123,7 @@ def _data(out: Path):
 
 def test_every_example_is_scored_exactly_once(scored: ScoredRun):
     out = scored.out
-    scores = pq.read_table(out / SCORES_DIR / SCORES_FILE)
+    scores = pq.read_table(RunDir(out).scores)
     ids = _data(out).column("example_id").to_numpy()
     assert scores.column_names == [
         "example_id", "confidence", "variability", "n_response_tokens", "nll"
@@ -133,7 +137,7 @@ def test_every_example_is_scored_exactly_once(scored: ScoredRun):
     assert len(passes) == 2 and all(p["batches"] >= 2 and p["actors"] == 2 for p in passes)
     assert stage["tokens_per_s"] > 0
     for name in (scored.first, scored.last):
-        per = pq.read_table(out / SCORES_DIR / PER_CHECKPOINT_DIR / f"{name}.parquet")
+        per = pq.read_table(RunDir(out).checkpoint_scores_dir / f"{name}.parquet")
         assert np.array_equal(per.column("example_id").to_numpy(), ids)
 
 
@@ -141,7 +145,7 @@ def test_rerun_after_crash_keeps_finished_checkpoints(scored: ScoredRun):
     assert scored.partial["rescored"] == [scored.first]
     stage = scored.cli["score"]
     assert stage["reused"] == [scored.first] and stage["rescored"] == [scored.last]
-    per = scored.out / SCORES_DIR / PER_CHECKPOINT_DIR
+    per = RunDir(scored.out).checkpoint_scores_dir
     assert (per / f"{scored.first}.parquet").stat().st_mtime_ns == scored.first_mtime
     assert not scored.stale_tmp.exists()
     # Everything complete: another run redoes nothing and rewrites no per-checkpoint file.
@@ -155,7 +159,7 @@ def test_nll_matches_plain_transformers(scored: ScoredRun):
     from transformers import AutoModelForCausalLM
 
     data = _data(scored.out)
-    scores = pq.read_table(scored.out / SCORES_DIR / SCORES_FILE)
+    scores = pq.read_table(RunDir(scored.out).scores)
     lengths = np.array([len(x) for x in data.column("input_ids").to_pylist()])
     rows = sorted({int(lengths.argmin()), int(lengths.argmax()), 0, 7, 55, len(lengths) - 1})
     for t, (_, checkpoint) in enumerate(list_checkpoints(scored.out)):
@@ -178,7 +182,7 @@ def test_confidence_and_variability_follow_stored_nll(scored: ScoredRun, tmp_pat
     from sftmix_ray.scoring import MEASURE_METADATA_KEY
     from sftmix_ray.split import run_split
 
-    scores = pq.read_table(scored.out / SCORES_DIR / SCORES_FILE)
+    scores = pq.read_table(RunDir(scored.out).scores)
     assert scores.schema.metadata[MEASURE_METADATA_KEY] == b"neg_mean_perplexity"
     ppl = np.exp(np.array(scores.column("nll").to_pylist()))
     np.testing.assert_allclose(scores.column("confidence").to_numpy(), -ppl.mean(1))
@@ -196,7 +200,7 @@ def test_confidence_and_variability_follow_stored_nll(scored: ScoredRun, tmp_pat
 def test_incomplete_or_stale_checkpoint_files_are_redone(scored: ScoredRun, tmp_path):
     out = _copy_run(scored.out, tmp_path)
     ids = _data(out).column("example_id").to_numpy()
-    path = out / SCORES_DIR / PER_CHECKPOINT_DIR / f"{scored.first}.parquet"
+    path = RunDir(out).checkpoint_scores_dir / f"{scored.first}.parquet"
     table = pq.read_table(path)
     meta = json.loads(table.schema.metadata[_META])
     assert _complete(path, ids, meta)
@@ -233,8 +237,15 @@ def test_cli_split_after_score(scored: ScoredRun, tmp_path):
     n = _data(out).num_rows
     assert summary["confident"] + summary["unconfident"] == n
     assert summary["mean_confidence_confident"] >= summary["mean_confidence_unconfident"]
-    for name in ("confident.parquet", "unconfident.parquet", "cartography.png"):
-        assert (out / "split" / name).stat().st_size > 0
+    run = RunDir(out)
+    assert run.cartography.read_bytes().startswith(b"\x89PNG")
+    # Every results directory reads as one dataset (intermediates live under OUT/work).
+    datasets = {d: pads.dataset(out / d, format="parquet").to_table() for d in RESULT_DIRS}
+    assert datasets["data"].num_rows == n and datasets["scores"].num_rows == n
+    split = datasets["split"]
+    assert split.num_rows == n and pc.sum(split.column("confident")).as_py() == summary["confident"]
+    assert pd.read_parquet(out / "scores").shape[0] == n  # what users type first
+    assert len(list(run.checkpoint_scores_dir.glob("checkpoint-*.parquet"))) == 2
 
 
 def _scorer_busy_in_this_cluster() -> int | None:
@@ -273,7 +284,7 @@ def test_killed_scorer_actor_mid_job_still_scores_every_example_once(scored: Sco
     assert not psutil_pid_exists(scored.killed[0])
     assert scored.partial["rescored"] == [scored.first]
     data = _data(scored.out)
-    per = pq.read_table(scored.out / SCORES_DIR / PER_CHECKPOINT_DIR / f"{scored.first}.parquet")
+    per = pq.read_table(RunDir(scored.out).checkpoint_scores_dir / f"{scored.first}.parquet")
     per = per.sort_by("example_id")
     assert np.array_equal(per.column("example_id"), data.column("example_id"))
     checkpoint = scored.out / "reference" / scored.first

@@ -88,7 +88,9 @@ def test_run_split_writes_both_sides_and_the_map(tmp_path: Path):
     summary = run_split(load_config(None, ["split.ratio=0.4"]), tmp_path)
     conf = pq.read_table(tmp_path / "split" / "confident.parquet")
     unconf = pq.read_table(tmp_path / "split" / "unconfident.parquet")
-    assert conf.column_names == ["example_id", "confidence", "variability"]
+    assert conf.column_names == ["example_id", "confidence", "variability", "confident"]
+    assert conf.column("confident").to_pylist() == [True] * 120
+    assert unconf.column("confident").to_pylist() == [False] * 180
     assert (summary["confident"], summary["unconfident"]) == (120, 180)
     assert (conf.num_rows, unconf.num_rows) == (120, 180)
     assert np.array_equal(conf.column("example_id"), split_by_confidence(ids, confidence, 0.4)[0])
@@ -99,7 +101,7 @@ def test_run_split_writes_both_sides_and_the_map(tmp_path: Path):
     by_id = dict(zip(ids.tolist(), variability.tolist()))
     expected = [by_id[i] for i in conf["example_id"].to_pylist()]
     assert conf["variability"].to_pylist() == expected
-    png = tmp_path / "split" / "cartography.png"
+    png = tmp_path / "cartography.png"  # beside OUT/split, which holds Parquet files only
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 

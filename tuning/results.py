@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sftmix_ray.layout import RunDir
 from sftmix_ray.tune_space import Domain, is_finite_number
-from tuning.trial import ATTEMPTS_FILE, RESULT_FILE, TRIALS_DIR, TUNE_DIR
+from tuning.trial import ATTEMPTS_FILE, RESULT_FILE
 
 STATUS_ORDER = ("TERMINATED", "ERROR", "RUNNING", "PAUSED", "PENDING")
 
@@ -41,7 +42,7 @@ def trial_rows(trials: list[Any], keys: list[str], metric: str, out: Path) -> li
     rows = []
     for trial in trials:
         last = trial.last_result or {}
-        trial_out = out / TUNE_DIR / TRIALS_DIR / trial.trial_id
+        trial_out = RunDir.of(out).trial(trial.trial_id).root
         attempts_file = trial_out / ATTEMPTS_FILE
         attempts = json.loads(attempts_file.read_text()) if attempts_file.exists() else []
         error = trial.get_error() if trial.status == "ERROR" else None

@@ -25,6 +25,7 @@ from ray import tune
 from sftmix_ray.config import Config, save_config
 from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.io_utils import atomic_write_json, ensure_writable_dir
+from sftmix_ray.layout import RunDir
 from sftmix_ray.summary import read_summary, update_stage
 from sftmix_ray.tune_space import Domain, apply_params, load_space
 from tuning.results import (
@@ -36,8 +37,6 @@ from tuning.results import (
     trial_rows,
 )
 from tuning.trial import (
-    TRIALS_DIR,
-    TUNE_DIR,
     ReleaseFinishedTrials,
     release_placement_groups,
     trial_dirname,
@@ -156,21 +155,22 @@ def expected_trials(cfg: Config, domains: list[Domain]) -> int:
 def _split_is_current(out: Path, ratio: float) -> bool:
     """Whether OUT/split exists and was made with `ratio` (per OUT/summary.json)."""
     stage = read_summary(out)["stages"].get("split", {})
-    return (out / "split").is_dir() and stage.get("ratio", ratio) == ratio
+    return RunDir.of(out).split_dir.is_dir() and stage.get("ratio", ratio) == ratio
 
 
 def _check_inputs(cfg: Config, out: Path, recompute_split: bool) -> None:
     """Fail before any trial when a stage the sweep reads has not run."""
-    if not (out / "data").exists():
-        raise SftmixError(f"{out / 'data'} does not exist; run `sftmix-ray prepare` first")
-    if recompute_split and not (out / "scores").exists():
+    run = RunDir.of(out)
+    if not run.data.exists():
+        raise SftmixError(f"{run.data} does not exist; run `sftmix-ray prepare` first")
+    if recompute_split and not run.scores.exists():
         raise SftmixError(
-            f"{out / 'scores'} does not exist; sweeping split.ratio recomputes the split from "
+            f"{run.scores} does not exist; sweeping split.ratio recomputes the split from "
             "the scores: run `sftmix-ray score` first"
         )
-    if cfg.tune.metric.startswith("eval_") and not (out / "heldout").exists():
+    if cfg.tune.metric.startswith("eval_") and not run.heldout.exists():
         raise SftmixError(
-            f"tune.metric={cfg.tune.metric} needs held-out data, and {out / 'heldout'} does not "
+            f"tune.metric={cfg.tune.metric} needs held-out data, and {run.heldout} does not "
             "exist; set data.eval_path or data.eval_fraction and rerun `sftmix-ray prepare`"
         )
 
@@ -185,9 +185,10 @@ def _build_tuner(
         ),
         _trial_resources(cfg),
     )
-    experiment = out / TUNE_DIR / EXPERIMENT
+    run = RunDir.of(out)
+    experiment = run.tune / EXPERIMENT
     # Tune pickles the callbacks with the experiment: a restored sweep keeps them.
-    release = ReleaseFinishedTrials(str(out / TUNE_DIR / TRIALS_DIR))
+    release = ReleaseFinishedTrials(str(run.trials))
     callbacks = [release, *(callbacks or [])]
     if tune.Tuner.can_restore(str(experiment)):
         log.info("resuming the sweep in %s (finished trials are kept)", experiment)
@@ -212,7 +213,7 @@ def _build_tuner(
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
-            storage_path=str(out / TUNE_DIR),
+            storage_path=str(run.tune),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             callbacks=callbacks,
         ),
@@ -229,7 +230,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     from sftmix_ray.ray_utils import init_ray
 
     out = Path(out_dir).resolve()
-    tune_dir = ensure_writable_dir(out / TUNE_DIR)
+    tune_dir = ensure_writable_dir(RunDir(out).tune)
     domains = load_space(cfg.tune.space, cfg.to_dict())
     keys = [d.key for d in domains]
     recompute_split = "split.ratio" in keys or not _split_is_current(out, cfg.split.ratio)
@@ -253,7 +254,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         raise
     finally:
         # Trials stopped by an interruption leave their worker groups too.
-        for trial_out in sorted((tune_dir / TRIALS_DIR).glob("*")):
+        for trial_out in sorted(RunDir(out).trials.glob("*")):
             release_placement_groups(trial_out)
     frame = results_frame(rows, keys)
     frame.to_csv(tune_dir / f"{RESULTS}.csv", index=False)

@@ -21,16 +21,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from sftmix_ray.config import save_config
 from sftmix_ray.io_utils import atomic_write_json
+from sftmix_ray.layout import RunDir
 from sftmix_ray.tune_space import apply_params
 
 log = logging.getLogger(__name__)
 
-TUNE_DIR = "tune"  # OUT/tune
-TRIALS_DIR = "trials"  # OUT/tune/trials/<trial_id>
 ATTEMPTS_FILE = "attempts.json"  # one entry per start of a trial's driver
 RESULT_FILE = "result.json"  # written when the trial's training finished
 PLACEMENT_GROUPS_FILE = "placement_groups.txt"  # the trial's Ray Train worker groups
-LINKED_INPUTS = ("data", "heldout", "base_model")
+LINKED_INPUTS = (RunDir.DATA, RunDir.HELDOUT, RunDir.BASE_MODEL)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -164,28 +163,29 @@ def trial_driver(
 
     cfg = apply_params(base, params)
     trial_id = tune.get_context().get_trial_id()
-    out = Path(out_dir)
-    trial_out = out / TUNE_DIR / TRIALS_DIR / trial_id
+    out = RunDir.of(out_dir)
+    trial = out.trial(trial_id)
+    trial_out = trial.root
     trial_out.mkdir(parents=True, exist_ok=True)
     attempt = _record_attempt(trial_out)
     log.info("trial %s (attempt %d): %s", trial_id, attempt, params)
-    save_config(cfg, trial_out / "config.yaml")
+    save_config(cfg, trial.config)
     for name in LINKED_INPUTS:
         if (out / name).exists():
-            _link(out / name, trial_out / name)
+            _link(out / name, trial / name)
     if recompute_split or "split.ratio" in params:
-        _link(out / "scores", trial_out / "scores")
-        run_split(cfg, trial_out)
+        _link(out.scores_dir, trial.scores_dir)
+        run_split(cfg, trial)
     else:
-        _link(out / "split", trial_out / "split")
+        _link(out.split_dir, trial.split_dir)
     # Own Ray Train storage per trial: two trials with equal params must not share a run.
     storage = (
         f"{cfg.train.storage_path.rstrip('/')}/tune/{trial_id}"
         if cfg.train.storage_path
-        else str(trial_out / "ray_storage")
+        else str(trial.ray_storage)
     )
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
     summary = run_training(
-        run_cfg, trial_out, "train", callbacks=_train_callbacks(cfg.tune.metric, trial_out)
+        run_cfg, trial, "train", callbacks=_train_callbacks(cfg.tune.metric, trial_out)
     )
     atomic_write_json(trial_out / RESULT_FILE, {"attempt": attempt, **summary})

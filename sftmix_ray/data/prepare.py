@@ -14,12 +14,10 @@ import pyarrow.parquet as pq
 from sftmix_ray.config import Config
 from sftmix_ray.errors import DataError
 from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
+from sftmix_ray.layout import RunDir
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"  # OUT/data: the training corpus (example_id, input_ids, labels, messages_json)
-HELDOUT_DIR = "heldout"  # OUT/heldout: the held-out corpus, plus messages/answer for eval
-REJECTIONS_DIR = "rejections"  # OUT/rejections/<split>.jsonl: every rejected row, outside data
 DEMO = "demo"
 
 
@@ -187,29 +185,27 @@ def _finish(corpus: Corpus, tokenized: pa.Table, target: Path, rejections_file: 
     }
 
 
-def run_prepare(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run_prepare(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     """Prepare OUT/data (and OUT/heldout); builds the tiny preset when the model is `tiny`."""
-    from sftmix_ray.modeling import BASE_MODEL_DIR, TINY, materialize_tiny
+    from sftmix_ray.modeling import TINY, materialize_tiny
 
+    run = RunDir.of(out_dir)
     train, heldout = load_corpora(cfg)
     if not train.rows:
         raise DataError(f"{train.source}: no valid rows ({train.total} read, all rejected)")
     tokenizer_path = cfg.model.name_or_path
     if cfg.model.name_or_path == TINY:
         texts = tokenizer_training_texts(train.rows)
-        tokenizer_path = str(materialize_tiny(cfg.model, texts, out_dir / BASE_MODEL_DIR))
+        tokenizer_path = str(materialize_tiny(cfg.model, texts, run.base_model))
     corpora = [train] + ([heldout] if heldout is not None and heldout.rows else [])
     tokenized = tokenize_corpora(corpora, tokenizer_path, cfg)
     # The held-out table keeps messages and answers for generation-based evaluation; the
     # training table keeps the messages so a reference model with another tokenizer can
     # re-tokenize them (`sftmix_ray.data.retokenize`).
-    rejections = out_dir / REJECTIONS_DIR
     train_table = tokenized[0].drop_columns(["answer"])
-    counts = {"train": _finish(train, train_table, out_dir / DATA_DIR, rejections / "train.jsonl")}
+    counts = {"train": _finish(train, train_table, run.data, run.rejections("train"))}
     if len(corpora) == 2:
-        counts["heldout"] = _finish(
-            heldout, tokenized[1], out_dir / HELDOUT_DIR, rejections / "heldout.jsonl"
-        )
+        counts["heldout"] = _finish(heldout, tokenized[1], run.heldout, run.rejections("heldout"))
     if counts["train"]["written"] == 0:
         raise DataError(f"{train.source}: every row was rejected during tokenization")
     return counts

@@ -3,7 +3,7 @@
 When `reference.model` reads a different vocabulary than `model.name_or_path`, the reference
 run and scoring cannot use OUT/data's ids. The `reference` stage then re-tokenizes OUT/data's
 conversations (its `messages_json` column) with the reference tokenizer into
-OUT/reference_data/data/ (and OUT/heldout into OUT/reference_data/heldout/), one row per row
+OUT/work/reference_data/data/ (and OUT/heldout into .../heldout/), one row per row
 with the same `example_id`, and scoring reads it.
 Confidence is a per-example mean over response tokens, so scores made under one tokenizer rank
 the examples that training then reads under the other.
@@ -26,20 +26,19 @@ import pyarrow.parquet as pq
 
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.layout import RunDir
 
 log = logging.getLogger(__name__)
 
-REFERENCE_DATA_DIR = "reference_data"
 
-
-def reference_model_path(cfg: Config, out_dir: Path) -> str:
+def reference_model_path(cfg: Config, out_dir: Path | RunDir) -> str:
     """The id or directory of the reference model (the base model when none is named)."""
     from sftmix_ray.modeling import resolve_model_path
 
     return resolve_model_path(cfg.reference.model or cfg.model.name_or_path, out_dir)
 
 
-def needs_retokenize(cfg: Config, out_dir: Path) -> bool:
+def needs_retokenize(cfg: Config, out_dir: Path | RunDir) -> bool:
     """True when the reference model's tokenizer has another vocabulary than the base's."""
     from sftmix_ray.modeling import load_tokenizer, resolve_model_path
 
@@ -88,35 +87,32 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
     }
 
 
-def build_reference_data(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Write OUT/reference_data/{data,heldout}: OUT/data and OUT/heldout under the reference
-    tokenizer, row for row; returns the tokenizer and the counts per directory."""
-    from sftmix_ray.data.prepare import DATA_DIR, HELDOUT_DIR
-
-    out_dir = Path(out_dir)
-    if not (out_dir / DATA_DIR).exists():
-        raise SftmixError(f"{out_dir / DATA_DIR} does not exist; run `sftmix-ray prepare` first")
-    tokenizer_path = reference_model_path(cfg, out_dir)
+def build_reference_data(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
+    """Write OUT/work/reference_data/{data,heldout}: OUT/data and OUT/heldout under the
+    reference tokenizer, row for row; returns the tokenizer and the counts per directory."""
+    run = RunDir.of(out_dir)
+    if not run.data.exists():
+        raise SftmixError(f"{run.data} does not exist; run `sftmix-ray prepare` first")
+    tokenizer_path = reference_model_path(cfg, run)
     summary: dict[str, Any] = {"tokenizer": str(tokenizer_path)}
-    for name in (DATA_DIR, HELDOUT_DIR):
-        if (out_dir / name).exists():
-            target = out_dir / REFERENCE_DATA_DIR / name
-            summary[name] = _retokenize(cfg, out_dir / name, target, tokenizer_path)
+    target = RunDir(run.reference_data)
+    pairs = (("data", run.data, target.data), ("heldout", run.heldout, target.heldout))
+    for name, source, dest in pairs:
+        if source.exists():
+            summary[name] = _retokenize(cfg, source, dest, tokenizer_path)
     log.info("re-tokenized the corpus for the reference model: %s", summary)
     return summary
 
 
-def reference_data_dir(cfg: Config, out_dir: Path) -> Path:
-    """Where the reference run and scoring read token ids: OUT/reference_data/data or OUT/data.
-
-    Checks that OUT/reference_data/data, when needed, holds exactly OUT/data's example ids.
+def reference_data_dir(cfg: Config, out_dir: Path | RunDir) -> Path:
+    """Where the reference run and scoring read token ids: OUT/work/reference_data/data or
+    OUT/data. Checks that the former, when needed, holds exactly OUT/data's example ids.
     """
-    from sftmix_ray.data.prepare import DATA_DIR
-
-    data = Path(out_dir) / DATA_DIR
-    if not needs_retokenize(cfg, out_dir):
+    run = RunDir.of(out_dir)
+    data = run.data
+    if not needs_retokenize(cfg, run):
         return data
-    target = Path(out_dir) / REFERENCE_DATA_DIR / DATA_DIR
+    target = RunDir(run.reference_data).data
     if not target.exists():
         raise SftmixError(
             f"{target} does not exist: reference.model '{cfg.reference.model}' has its own "

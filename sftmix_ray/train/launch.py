@@ -13,10 +13,7 @@ from typing import Any
 
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
-
-REFERENCE_DIR = "reference"
-MODEL_DIR = "model"
-
+from sftmix_ray.layout import RunDir
 
 TOKEN_COLUMNS = ["example_id", "input_ids", "labels"]
 
@@ -50,9 +47,21 @@ def _subset(data: Any, split_file: Path, ratio: float) -> Any:
     return data.filter(pc.is_in(data.column("example_id"), value_set=ids.combine_chunks()))
 
 
-def _run_name(mode: str, spec: dict[str, Any]) -> str:
-    """Same config -> same name (a rerun resumes); any change -> a fresh run."""
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+def run_name(cfg: Config, mode: str, export_name: str, rows: dict[str, str]) -> str:
+    """The Ray Train run's name: the same for a rerun that would train the same weights in the
+    same checkpoint layout (it resumes from the run's checkpoints), new for any change of what
+    the weights depend on or of the rows of a stream (`rows`: stream -> digest of its ids).
+    Logging, sinks, eval and checkpoint cadence, storage and retries are left out."""
+    from sftmix_ray.stages import training_reads, training_topology
+
+    key = {
+        "mode": mode,
+        "export": export_name,
+        "reads": training_reads(cfg, mode),
+        "topology": training_topology(cfg),
+        "rows": rows,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return f"{mode}-{digest[:10]}"
 
 
@@ -73,13 +82,16 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_DIR) -> dict:
+def build_spec(
+    cfg: Config, out_dir: Path | RunDir, mode: str, export_name: str = RunDir.MODEL
+) -> dict:
     """The train-loop config dict for `mode` ("reference" or "train")."""
     from sftmix_ray.data.retokenize import reference_model_path
     from sftmix_ray.modeling import resolve_model_path
 
     train = dataclasses.asdict(cfg.train)
-    out = out_dir.resolve()
+    run = RunDir(RunDir.of(out_dir).root.resolve())
+    out = run.root
     spec: dict[str, Any] = {"mode": mode, "trust": cfg.model.trust_remote_code}
     if mode == "reference":
         model_path = reference_model_path(cfg, out)
@@ -91,7 +103,7 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
             num_train_epochs=cfg.reference.num_train_epochs,
             max_steps=cfg.reference.max_steps,
             export_count=cfg.reference.num_checkpoints,
-            export_dir=str(out / REFERENCE_DIR),
+            export_dir=str(run.reference),
             final_export=None,
         )
     else:
@@ -119,19 +131,20 @@ def build_spec(cfg: Config, out_dir: Path, mode: str, export_name: str = MODEL_D
             num_train_epochs=cfg.train.num_train_epochs,
             max_steps=cfg.train.max_steps,
             export_count=0,
-            export_dir=str(out / export_name),
-            final_export=str(out / export_name),
+            export_dir=str(run.model(export_name)),
+            final_export=str(run.model(export_name)),
         )
     spec.update(
         train=train,
         model_path=model_path,
         tokenizer_path=model_path,
-        heldout=(out / "heldout").exists(),
+        heldout=run.heldout.exists(),
         eval_steps=cfg.train.eval_steps,
         torch_threads=_torch_threads(cfg),
     )
-    spec["history_path"] = str(out / "logs" / f"{mode}-{export_name}-history.json")
-    spec["tensorboard_dir"] = str(out / "logs" / "tensorboard" / f"{mode}-{export_name}")
+    spec["history_path"] = str(run.history(mode, export_name))
+    spec["starts_path"] = str(run.starts(mode, export_name))
+    spec["tensorboard_dir"] = str(run.tensorboard(mode, export_name))
     return spec
 
 
@@ -141,14 +154,16 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def mlflow_settings(cfg: Config, out_dir: Path, run_key: str, run_name: str) -> dict[str, Any]:
+def mlflow_settings(
+    cfg: Config, out_dir: Path | RunDir, run_key: str, run_name: str
+) -> dict[str, Any]:
     """Where and under which names rank 0 logs to MLflow (config, then MLflow's env vars)."""
     from sftmix_ray.config import redacted
     from sftmix_ray.train.reporting import flat_params
 
     uri = cfg.train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:  # MLflow 3 retired the file store; a local SQLite file is its default
-        db_dir = (out_dir / "mlruns").resolve()
+        db_dir = RunDir.of(out_dir).mlruns.resolve()
         db_dir.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{db_dir / 'mlflow.db'}"
     experiment = (
@@ -188,9 +203,9 @@ def _fit(trainer: Any, mode: str) -> Any:
 
 def run_training(
     cfg: Config,
-    out_dir: Path,
+    out_dir: Path | RunDir,
     mode: str,
-    export_name: str = MODEL_DIR,
+    export_name: str = RunDir.MODEL,
     callbacks: list[Any] | None = None,
 ) -> dict:
     """Run the reference or SFTMix training with Ray Train; returns the stage summary.
@@ -201,43 +216,39 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sftmix_ray.data.retokenize import (
-        REFERENCE_DATA_DIR,
-        build_reference_data,
-        needs_retokenize,
-    )
+    from sftmix_ray.data.retokenize import build_reference_data, needs_retokenize
     from sftmix_ray.train.loop import train_loop_per_worker
 
-    spec = build_spec(cfg, out_dir, mode, export_name)
-    data_dir, heldout_dir, retokenized = out_dir / "data", out_dir / "heldout", None
-    if mode == "reference" and needs_retokenize(cfg, out_dir):  # another tokenizer's ids
-        retokenized = build_reference_data(cfg, out_dir)
-        data_dir, heldout_dir = (out_dir / REFERENCE_DATA_DIR / d for d in ("data", "heldout"))
+    run = RunDir.of(out_dir)
+    spec = build_spec(cfg, run, mode, export_name)
+    data_dir, heldout_dir, retokenized = run.data, run.heldout, None
+    if mode == "reference" and needs_retokenize(cfg, run):  # another tokenizer's ids
+        retokenized = build_reference_data(cfg, run)
+        source = RunDir(run.reference_data)
+        data_dir, heldout_dir = source.data, source.heldout
     data = _read_table(data_dir, TOKEN_COLUMNS)
     tables: dict[str, Any] = {}
     if spec["streams"] == ["data"]:
         tables["data"] = data
     else:
         for side in ("confident", "unconfident"):
-            split_file = out_dir / "split" / f"{side}.parquet"
-            tables[side] = _subset(data, split_file, cfg.split.ratio)
+            tables[side] = _subset(data, run.split_file(side), cfg.split.ratio)
     if spec["heldout"]:
         tables["heldout"] = _read_table(heldout_dir, TOKEN_COLUMNS)
     # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
     # to wait for a CPU that the training workers hold.
     datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
-    storage = storage_uri(cfg.train.storage_path or str(out_dir / "ray_storage"))
-    # The run name covers the config and the exact rows of every stream: a rerun of the same
-    # run resumes from its checkpoints, while a new split or corpus starts a fresh run.
+    storage = storage_uri(cfg.train.storage_path or str(run.ray_storage))
+    # A rerun of the same run resumes from its checkpoints, while a new split or corpus
+    # starts a fresh run.
     rows = {
         k: hashlib.sha256(t.column("example_id").to_numpy().tobytes()).hexdigest()
         for k, t in tables.items()
     }
-    name = _run_name(mode, {**{k: v for k, v in spec.items() if k != "torch_threads"}, **rows})
+    name = run_name(cfg, mode, export_name, rows)
     spec["run_name"] = name
-    spec["starts_path"] = str(out_dir.resolve() / "logs" / f"{mode}-{export_name}-starts.json")
     if "mlflow" in cfg.train.report_to:
-        spec["mlflow"] = mlflow_settings(cfg, out_dir, name, f"{mode}-{export_name}")
+        spec["mlflow"] = mlflow_settings(cfg, run, name, f"{mode}-{export_name}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
@@ -279,9 +290,7 @@ def run_training(
     if retokenized:
         summary["retokenized"] = retokenized
     if mode == "reference":
-        summary["checkpoints"] = sorted(
-            str(p) for p in (out_dir / REFERENCE_DIR).glob("checkpoint-*")
-        )
+        summary["checkpoints"] = sorted(str(p) for p in run.reference.glob("checkpoint-*"))
     else:
         summary["model_dir"] = spec["final_export"]
     return summary
