@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import GOALS, stats
+from _common import GOALS, machine_info, stats
 
 from sftmix_ray.config import Config, load_config
 from sftmix_ray.layout import RunDir
@@ -227,14 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": cores,
-            "load_average_at_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
         "config": {
             "device": "cpu",
             "dtype": "float32",

@@ -2,7 +2,7 @@
 
 `train_steps` is the per-worker loop: a seeded small Llama-style model in `CausalLMWithLoss`
 with the project's SFTMix loss, wrapped by the `ddp` strategy (DDP over gloo), the step done
-as `sftmix_ray.train.loop.Trainer.train_step` does it (normalizer counts all-reduced, forward,
+as `sftmix_ray.train.loop.TrainWorker.train_step` does it (normalizer counts all-reduced, forward,
 backward, clip, AdamW). It times each step after a warm-up and returns the per-step times, each
 the slower rank's. Both arms run it with 2 workers and 1 torch thread per worker:
 

@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="run nothing; print which stages would run and the changed values why",
             )
+    show = sub.add_parser(
+        "show-config",
+        help="every config key with its value, default and meaning",
+        description="Every config key with its value (after --config and --set), its default "
+        "and its meaning.",
+    )
+    show.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
+    show.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )  # fmt: skip
+    show.add_argument("--json", action="store_true", help="print one JSON list")
+    show.add_argument("--debug", action="store_true", help="show tracebacks")
     v = sub.add_parser(
         "validate-data",
         help="count valid and rejected rows of a corpus file, with reasons",
@@ -84,6 +97,14 @@ def _validate_data(args: argparse.Namespace) -> str:
     if args.json:
         return json.dumps(report.to_json())
     return format_report(report, args.data)
+
+
+def _show_config(args: argparse.Namespace) -> str:
+    from sftmix_ray.config import load_config
+    from sftmix_ray.config_doc import describe, format_rows
+
+    rows = describe(load_config(args.config, args.overrides))
+    return json.dumps(rows, indent=2, default=str) if args.json else format_rows(rows)
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -245,7 +266,9 @@ def main(
     watchdog: threading.Timer | None = None
     try:
         try:
-            run = _validate_data if args.command == "validate-data" else _run
+            run = {"validate-data": _validate_data, "show-config": _show_config}.get(
+                args.command, _run
+            )
             result = run(args)
         except KeyboardInterrupt as exc:
             if exit_grace_s is not None:

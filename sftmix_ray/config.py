@@ -27,6 +27,7 @@ class DataConfig:
     """Where the corpus comes from and how it is tokenized."""
 
     path: str = "demo"  # file, directory, HF dataset id, or "demo" (the bundled generator)
+    # row format; auto detects alpaca, sharegpt or messages per file
     format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
     hf_split: str = "train"  # split used when `path` is a Hugging Face dataset id
     eval_path: str | None = None  # held-out file; "demo" data brings its own held-out split
@@ -39,8 +40,8 @@ class DataConfig:
     # Longer examples: turns keeps the longest prefix of whole exchanges that fits (or cuts the
     # first response); truncate cuts at max_length; drop rejects the row.
     truncation: Literal["turns", "truncate", "drop"] = "turns"
-    demo_train_size: int = 4000
-    demo_eval_size: int = 400
+    demo_train_size: int = 4000  # rows of the bundled demo corpus (data.path: demo)
+    demo_eval_size: int = 400  # held-out rows of the demo corpus
     tokenize_batch_size: int = 256  # rows per Ray Data tokenization batch
     num_workers: int = 2  # Ray Data tokenization actors
 
@@ -69,11 +70,11 @@ class ModelConfig:
 
     name_or_path: str = "tiny"  # HF id, local HF directory, or "tiny" (built-in offline preset)
     trust_remote_code: bool = False  # off unless set: remote code runs arbitrary Python
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (HF attn_implementation)
     tiny_hidden_size: int = 256  # sizes of the "tiny" preset (seeded random init)
-    tiny_num_layers: int = 4
+    tiny_num_layers: int = 4  # decoder layers of the tiny preset
     tiny_vocab_size: int = 2048  # BPE vocab trained locally on the corpus
-    tiny_seed: int = 0
+    tiny_seed: int = 0  # seed of the tiny preset's random init
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path", self.name_or_path, "non-empty")
@@ -98,7 +99,7 @@ class ReferenceConfig:
 
     model: str | None = None  # smaller reference model (compute-constrained mode); None = base
     num_checkpoints: int = 3  # T checkpoints spread evenly over the run
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 1.0  # length of the reference run (max_steps > 0 wins)
     max_steps: int = -1  # > 0 overrides num_train_epochs
     learning_rate: float | None = None  # None = train.learning_rate
 
@@ -128,7 +129,7 @@ class ScoreConfig:
     """Ray Data confidence scoring."""
 
     num_actors: int = 2  # scorer actors (one per GPU on GPU clusters)
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: float = 0.0  # GPUs per scorer actor (0 = CPU)
     batch_tokens: int = 8192  # token budget per forward (after sorting by length)
     chunk_size: int = 1024  # positions per log-sum-exp chunk
     # neg_mean_perplexity: the paper's -(1/C) sum_c exp(nll_c); mean_inverse_perplexity: the
@@ -165,6 +166,7 @@ class MixupConfig:
 
     alpha: float = 0.5  # Beta(alpha, alpha) for the interpolation weight lambda
     mu: float = 0.2  # weight of L_mix in L = L_ntp + mu * L_mix
+    # one lambda per confident/unconfident pair, or one per batch
     lambda_per: Literal["pair", "batch"] = "pair"
     pairing: Literal["confidence", "random"] = "confidence"  # random = ablation
     # response: mix the n-th response token of each pair (the paper's); position: equal
@@ -186,26 +188,25 @@ class MixupConfig:
 class TrainConfig:
     """Ray Train settings shared by the reference run and SFTMix training."""
 
+    # ddp, fsdp (FSDP2) or deepspeed (ZeRO, train.deepspeed_stage)
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1  # Ray Train workers (one per GPU)
+    use_gpu: bool = False  # one GPU per worker, NCCL
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # workers on nodes
-    per_device_train_batch_size: int = (
-        8  # rows per device per micro-step (SFTMix: b conf + b unconf)
-    )
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8  # rows per device per micro-step (SFTMix: b + b)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    learning_rate: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.05  # fraction of steps of linear warm-up
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    num_train_epochs: float = 1.0  # passes over the larger stream (max_steps > 0 wins)
     max_steps: int = -1  # > 0 overrides num_train_epochs
     max_failures: int = 0  # Ray Train FailureConfig(max_failures)
-    seed: int = 42
+    seed: int = 42  # model init aside, every random draw: batches, lambdas, dropout
     bf16: bool = False  # autocast on GPU
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (less memory)
+    logging_steps: int = 10  # metrics to the sinks every N steps
     # Metric sinks on rank 0: OUT/logs/tensorboard, and MLflow ("none" = neither).
     report_to: list[Literal["tensorboard", "mlflow"]] = field(
         default_factory=lambda: ["tensorboard"]
@@ -215,13 +216,13 @@ class TrainConfig:
     progress_bar: bool = True  # a tqdm bar on the driver for rank 0's steps
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # Ray Train checkpoints kept
     # FSDP2: reduce-scatter gradients after every micro-batch (default). True defers it to the
     # last micro-batch, which keeps unsharded fp32 gradients of the whole model meanwhile.
     fsdp_defer_grad_sync: bool = False
-    deepspeed_stage: Literal[2, 3] = 2
+    deepspeed_stage: Literal[2, 3] = 2  # ZeRO stage under strategy deepspeed
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON replaces ours
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 1024  # positions per log-sum-exp chunk of the loss
     # Process-group timeout: must outlast rank 0 writing an HF export to shared storage.
     collective_timeout_s: int = 3600
     storage_path: str | None = None  # shared storage for checkpoints; default OUT/ray_storage
@@ -264,8 +265,8 @@ class EvalConfig:
 
     compare_ntp: bool = False  # also train an NTP baseline (mixup.mu = 0) and evaluate it
     exact_match: bool = True  # greedy generation vs the demo corpus's answers
-    max_new_tokens: int = 32
-    max_examples: int = 200
+    max_new_tokens: int = 32  # greedy generation length for exact match
+    max_examples: int = 200  # held-out rows evaluated
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
@@ -277,12 +278,14 @@ class TuneConfig:
     """Ray Tune sweep over train (+ split)."""
 
     num_samples: int = 3  # random/optuna: trials; grid: repeats of the whole grid
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: int = 1  # trials run side by side
+    # grid, random (seeded, without repeats) or optuna
     search: Literal["grid", "random", "optuna"] = "random"
     space: str | None = None  # search-space YAML, or "default" / "wide" (tuning/*_space.yaml)
+    # fifo, or asha (stops poor trials at eval_steps rungs)
     scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: str = "eval_loss"
-    mode: Literal["min", "max"] = "min"
+    metric: str = "eval_loss"  # what trials are compared by (eval_loss needs held-out data)
+    mode: Literal["min", "max"] = "min"  # whether lower or higher metric is better
     max_failures: int = 0  # Tune retries of a failed trial (train.max_failures retries workers)
     driver_cpus: float = 0.0  # CPUs held by each trial's driver; its Ray Train workers hold theirs
     grace_period: int = 0  # ASHA: steps before a trial may be stopped (0 = train.eval_steps or 1)
@@ -308,7 +311,7 @@ class RayConfig:
 
     address: str | None = None  # None: RAY_ADDRESS if set, else start a local cluster
     num_cpus: int | None = None  # local cluster only
-    include_dashboard: bool = False
+    include_dashboard: bool = False  # local cluster only
     dashboard_host: str = "127.0.0.1"  # never exposed beyond loopback by default
 
 
@@ -445,7 +448,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw or {}, "")
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, as `--set a.b.c=value` does."""
     parts = dotted.split(".")
     node = raw
     for part in parts[:-1]:
@@ -486,7 +490,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = loaded or {}
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return config_from_dict(raw)
 
 

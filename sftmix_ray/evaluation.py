@@ -22,9 +22,9 @@ def response_nll(model: Any, input_ids: list, labels: list, batch_size: int = 16
     Logits come from the model's own head transform (Gemma's soft-capping, Cohere's and
     Granite's scaling), exactly as in training and scoring.
     """
+    from sftmix_ray.batching import collate
     from sftmix_ray.losses import NTPLoss, response_token_nll
     from sftmix_ray.train.forward import CausalLMWithLoss
-    from sftmix_ray.train.loop import collate
 
     adapter = CausalLMWithLoss(model, NTPLoss())
     head = adapter.output_head()
@@ -103,7 +103,13 @@ def exact_match(
     }
 
 
-def evaluate_model(model_dir: str, heldout_dir: str, eval_cfg: dict, bf16: bool = False) -> dict:
+def evaluate_model(
+    model_dir: str,
+    heldout_dir: str,
+    eval_cfg: dict,
+    bf16: bool = False,
+    attn_implementation: str | None = "sdpa",
+) -> dict:
     """All held-out metrics of one HF model directory, on the GPU Ray assigned when there is
     one (in bf16 when `bf16`), else on the CPU in fp32."""
     import pyarrow.parquet as pq
@@ -112,7 +118,8 @@ def evaluate_model(model_dir: str, heldout_dir: str, eval_cfg: dict, bf16: bool 
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if (bf16 and on_gpu) else torch.float32
-    model = load_model(model_dir, dtype=dtype).to("cuda" if on_gpu else "cpu").eval()
+    model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    model = model.to("cuda" if on_gpu else "cpu").eval()
     tokenizer = load_tokenizer(model_dir)
     table = pq.read_table(heldout_dir).slice(0, eval_cfg["max_examples"])
     result = response_nll(
@@ -151,7 +158,10 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     eval_cfg = dataclasses.asdict(cfg.eval)
     refs = {
-        k: task.remote(str(v), str(heldout), eval_cfg, cfg.train.bf16) for k, v in models.items()
+        k: task.remote(
+            str(v), str(heldout), eval_cfg, cfg.train.bf16, cfg.model.attn_implementation
+        )
+        for k, v in models.items()
     }
     results = {k: ray.get(ref) for k, ref in refs.items()}
     atomic_write_json(run.eval_file, results)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +24,32 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and an atomic rename."""
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Call `write(file)` on a temporary file beside `path` opened with `mode`, sync it to
+    disk, then rename it into place: a crash leaves the previous file or none, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise SftmixError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic rename."""
+    _atomic_write(path, lambda fh: fh.write(text), "w")
 
 
 def atomic_write_parquet(path: Path, table: Any) -> None:
-    """Write an Arrow table as one Parquet file, through a temporary file (synced to disk) and
-    an atomic rename: a crash mid-write leaves the previous file or none, never half of one."""
+    """Write an Arrow table as one Parquet file, atomically (synced, then renamed)."""
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise SftmixError(f"cannot write {path}: {exc.strerror}") from None
+    _atomic_write(path, lambda fh: pq.write_table(table, fh), "wb")
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

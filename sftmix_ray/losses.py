@@ -256,8 +256,6 @@ class NTPLoss(nn.Module):
     Without `normalizers` the local counts are used (one worker, no accumulation).
     """
 
-    name = "ntp"
-
     def __init__(self, chunk_size: int = 1024) -> None:
         super().__init__()
         if chunk_size < 1:
@@ -303,8 +301,6 @@ class SFTMixLoss(nn.Module):
     contract is the one of `NTPLoss` (sum over micro-batches, all-reduce, divide by world size).
     With `mu == 0` the Mixup forward is skipped and the loss equals `NTPLoss` exactly.
     """
-
-    name = "sftmix"
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ COMMANDS = [
     "tune",
     "pipeline",
     "validate-data",
+    "show-config",
 ]
 
 
@@ -38,9 +39,27 @@ def test_every_subcommand_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage: sftmix-ray " + command in result.stdout
-    if command != "validate-data":
+    if command not in ("validate-data", "show-config"):
         for flag in ("--config", "--set", "--output-dir"):
             assert flag in result.stdout
+
+
+def test_show_config_lists_every_key_with_value_default_and_meaning():
+    from sftmix_ray.config import Config
+
+    result = run_cli("show-config", "--set", "mixup.alpha=0.3", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["key"]: row for row in json.loads(result.stdout)}
+    sections = [f for f in Config.__dataclass_fields__]
+    expected = {f"{s}.{k}" for s in sections for k in getattr(Config(), s).__dataclass_fields__}
+    assert set(rows) == expected and all(row["meaning"] for row in rows.values())
+    alpha = rows["mixup.alpha"]
+    assert (alpha["value"], alpha["default"]) == (0.3, 0.5) and "Beta" in alpha["meaning"]
+    assert rows["train.report_to"]["value"] == ["tensorboard"]
+    text = run_cli("show-config", "--set", "mixup.alpha=0.3")
+    assert text.returncode == 0 and "mixup.alpha = 0.3   (default 0.5)" in text.stdout
+    bad = run_cli("show-config", "--set", "mixup.alhpa=1")
+    assert bad.returncode == 1 and "did you mean 'mixup.alpha'" in bad.stderr
 
 
 def _corpus(tmp_path: Path) -> Path:

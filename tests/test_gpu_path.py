@@ -37,7 +37,7 @@ def _tiny_dir(tmp_path: Path, dropout: float = 0.0) -> Path:
 
 def _spec(path: Path, checkpointing: bool) -> dict:
     train = dataclasses.asdict(TrainConfig(gradient_checkpointing=checkpointing))
-    return {"model_path": str(path), "trust": False, "train": train}
+    return {"model_path": str(path), "trust": False, "train": train, "attn_implementation": "eager"}
 
 
 def _batch(rows: int = 4, length: int = 12) -> tuple[torch.Tensor, ...]:
@@ -79,7 +79,8 @@ def test_training_model_is_in_train_mode_and_checkpointing_recomputes(tmp_path):
 
 def test_dropout_is_on_in_training_and_off_in_eval(tmp_path):
     model = training_model(_spec(_tiny_dir(tmp_path, dropout=0.5), False))
-    # Dropout needs eager attention (sdpa's dropout is fine too, but eager is explicit).
+    # model.attn_implementation reaches the training model (eager: attention dropout explicit).
+    assert model.config._attn_implementation == "eager"
     wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.0))
     ids, mask, labels = _batch()
     torch.manual_seed(0)

@@ -672,3 +672,54 @@ def test_wrapper_applies_gemma_soft_capping_with_tied_head() -> None:
     assert_rel(actual, expected)
     shared = model.get_input_embeddings().weight
     assert_rel(grads(actual, shared)[0], grads(expected, shared)[0])
+
+
+def test_eval_and_scoring_use_the_models_own_logits_gemma_soft_capping(tmp_path) -> None:
+    """The scorer (per-row NLL) and evaluation (token-weighted NLL) read a Gemma-2 model's
+    soft-capped logits, as `transformers` computes them, through the one adapter."""
+    import pyarrow as pa
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from sftmix_ray.evaluation import response_nll
+    from sftmix_ray.scoring import Scorer
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        final_logit_softcapping=2.0, attn_implementation="eager",
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # large logits, so that capping them at 2 changes the NLL
+        model.get_output_embeddings().weight.mul_(40.0)
+    model.save_pretrained(tmp_path / "gemma")
+    input_ids, attention_mask, labels = lm_batch()
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits.float()
+        raw = model.get_output_embeddings()(
+            model.model(input_ids, attention_mask=attention_mask).last_hidden_state
+        ).float()  # the head without the capping
+    targets = labels[:, 1:]
+
+    def per_row(scores: Tensor) -> Tensor:
+        nll = F.cross_entropy(scores[:, :-1].transpose(1, 2), targets, reduction="none")
+        return nll.sum(1) / (targets != -100).sum(1)
+
+    expected, uncapped = per_row(logits), per_row(raw)
+    assert float((expected - uncapped).abs().max()) > 0.05  # the capping matters here
+    rows = [attention_mask[r].bool() for r in range(len(input_ids))]
+    ids = [input_ids[r][m].tolist() for r, m in enumerate(rows)]
+    labs = [labels[r][m].tolist() for r, m in enumerate(rows)]
+
+    scorer = Scorer(str(tmp_path / "gemma"), batch_tokens=64, chunk_size=5,
+                    attn_implementation="eager")  # fmt: skip
+    table = pa.table({"example_id": pa.array(range(len(ids)), pa.int64()),
+                      "input_ids": ids, "labels": labs})  # fmt: skip
+    scored = torch.tensor(scorer(table).column("nll").to_numpy())
+    assert_rel(scored, expected.double(), tol=1e-5)
+
+    counts = (targets != -100).sum(1)
+    weighted = float((expected * counts).sum() / counts.sum())
+    result = response_nll(model, ids, labs, batch_size=3)  # two batches, right-padded
+    assert result["response_tokens"] == int(counts.sum())
+    assert abs(result["response_nll"] - weighted) <= 1e-5 * weighted

@@ -22,9 +22,9 @@ from sftmix_ray.config import load_config
 from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.split import confident_count
 from sftmix_ray.summary import read_summary
-from sftmix_ray.tune_space import load_space, parse_domain
 from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 from tuning.results import best_row
+from tuning.space import load_space, parse_domain
 from tuning.sweep import (
     _check_same_sweep,
     _scheduler,
@@ -213,9 +213,9 @@ def test_optuna_without_the_package_is_a_clear_error():
         import optuna  # noqa: F401
     except ImportError:
         with pytest.raises(ConfigError, match=r"pip install 'sftmix-ray\[optuna\]'"):
-            _search_alg(tiny_config("tune.search=optuna"))
+            _search_alg(tiny_config("tune.search=optuna"), None)
     else:
-        assert _search_alg(tiny_config("tune.search=optuna")) is not None
+        assert _search_alg(tiny_config("tune.search=optuna"), None) is not None
 
 
 def test_missing_inputs_and_a_different_sweep_are_refused(tmp_path):
@@ -244,6 +244,19 @@ def test_best_row_ignores_unfinished_and_nan_trials():
     assert np.isnan(rows[2]["eval_loss"])
 
 
+def test_random_search_over_choices_draws_different_points():
+    from tuning.space import distinct_points
+
+    domains = load_space(None, tiny_config().to_dict())  # 3 x 3 x 3 choices
+    points = distinct_points(domains, 20, seed=0)
+    assert len(points) == 20 and len({tuple(sorted(p.items())) for p in points}) == 20
+    assert points == distinct_points(domains, 20, seed=0)  # seeded: a rerun draws the same
+    assert points != distinct_points(domains, 20, seed=1)
+    assert len(distinct_points(domains, 100, seed=0)) == 27  # never more than the space holds
+    continuous = [parse_domain("mixup.alpha", {"uniform": [0.1, 1.0]}), *domains[1:]]
+    assert distinct_points(continuous, 3, seed=0) is None  # Tune samples continuous spaces
+
+
 def test_asha_counts_optimizer_steps_and_grid_counts_trials():
     from ray.tune.schedulers import ASHAScheduler
 
@@ -258,6 +271,9 @@ def test_asha_counts_optimizer_steps_and_grid_counts_trials():
     assert expected_trials(cfg, load_space(None, cfg.to_dict())) == 2 * 27
     cfg = tiny_config("tune.search=random", "tune.num_samples=4")
     assert expected_trials(cfg, load_space(None, cfg.to_dict())) == 4
+    # The default space is all choices: random search draws different points, all 27 at most.
+    cfg = tiny_config("tune.search=random", "tune.num_samples=40")
+    assert expected_trials(cfg, load_space(None, cfg.to_dict())) == 27
 
 
 def test_cli_reports_a_bad_space_without_a_traceback(tmp_path):

@@ -42,8 +42,10 @@ class InterruptOnce(tune.Callback):
 def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_local, tmp_path):
     out = _copy_base(scored_base, tmp_path / "out")
     space = tmp_path / "space.yaml"
-    space.write_text("mixup.mu: {grid: [0.1, 0.4]}\n")
-    cfg = tiny_config(*SWEEP, "tune.search=grid", "tune.num_samples=1", f"tune.space={space}")
+    space.write_text("mixup.mu: {choice: [0.1, 0.4]}\n")
+    # Random search over a discrete space draws without repeats: 5 samples of 2 points run
+    # each point once (Tune's own sampling would repeat one).
+    cfg = tiny_config(*SWEEP, "tune.search=random", "tune.num_samples=5", f"tune.space={space}")
     marker = tmp_path / "interrupted"
     with pytest.raises(SweepInterrupted, match="rerun the same command"):
         run_tune(cfg, out, callbacks=[InterruptOnce(str(marker))])
@@ -56,7 +58,7 @@ def test_interrupted_sweep_resumes_only_the_remaining_trials(scored_base, ray_lo
 
     resumed_at = time.time()
     result = run_tune(cfg, out)
-    assert result["resumed"] and result["terminated"] == 2
+    assert result["resumed"] and result["terminated"] == result["trials"] == 2
     table = pd.read_csv(out / "tune" / "results.csv")
     assert len(table) == 2 and table["trial_id"].is_unique
     assert sorted(table["mixup.mu"]) == [0.1, 0.4] and set(table["status"]) == {"TERMINATED"}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sftmix_ray.layout import RunDir
-from sftmix_ray.tune_space import Domain, is_finite_number
+from tuning.space import Domain, is_finite_number
 from tuning.trial import ATTEMPTS_FILE, RESULT_FILE
 
 STATUS_ORDER = ("TERMINATED", "ERROR", "RUNNING", "PAUSED", "PENDING")
@@ -21,20 +21,6 @@ def _short_error(text: str | None) -> str | None:
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     named = [ln for ln in lines if ":" in ln and not ln.startswith(("File ", "^", "~"))]
     return (named[-1] if named else lines[-1])[:1000]
-
-
-def sweep_trials(grid: Any, experiment: Path) -> list[Any]:
-    """The sweep's Tune trials as the run left them.
-
-    The ResultGrid's analysis holds the controller's own trials; experiment_state.json can
-    lag behind them (Ray 2.60 may leave a trial that errored on its last retry as RUNNING).
-    """
-    analysis = getattr(grid, "_experiment_analysis", None)
-    if analysis is None:  # pragma: no cover - a Ray without it: read the saved state
-        from ray.tune import ExperimentAnalysis
-
-        analysis = ExperimentAnalysis(str(experiment))
-    return list(analysis.trials)
 
 
 def trial_rows(trials: list[Any], keys: list[str], metric: str, out: Path) -> list[dict]:

@@ -27,15 +27,15 @@ from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.io_utils import atomic_write_json, ensure_writable_dir
 from sftmix_ray.layout import RunDir
 from sftmix_ray.summary import read_summary, update_stage
-from sftmix_ray.tune_space import Domain, apply_params, load_space
+from tuning.ray_compat import check_ray_version, controller_trials
 from tuning.results import (
     STATUS_ORDER,
     best_row,
     plot_metric_vs_params,
     results_frame,
-    sweep_trials,
     trial_rows,
 )
+from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
     ReleaseFinishedTrials,
     release_placement_groups,
@@ -58,25 +58,17 @@ class SweepInterrupted(SftmixError):
     """The sweep stopped before every trial finished; rerunning the command resumes it."""
 
 
-def _require_train_v2() -> None:
-    try:
-        from ray.train.v2._internal.constants import is_v2_enabled
-    except ImportError:  # pragma: no cover - Ray without Train V2
-        raise SftmixError("sftmix-ray tune needs Ray Train V2 (Ray >= 2.50)") from None
-    if not is_v2_enabled():
-        raise SftmixError(
-            "sftmix-ray tune needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0 "
-            "(TuneReportCallback reports from V2 runs only)"
-        )
-
-
-def _search_alg(cfg: Config) -> Any:
+def _search_alg(cfg: Config, points: list[dict[str, Any]] | None) -> Any:
     from ray.tune.search import BasicVariantGenerator
 
     if cfg.tune.search != "optuna":
         # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: set it here.
+        # `points` (distinct draws from a discrete space) replace Tune's own sampling, which
+        # draws with replacement and ran one (alpha, mu, ratio) twice in 3 samples of 27.
         return BasicVariantGenerator(
-            random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials
+            random_state=cfg.tune.seed,
+            max_concurrent=cfg.tune.max_concurrent_trials,
+            points_to_evaluate=points,
         )
     try:
         from ray.tune.search.optuna import OptunaSearch
@@ -143,9 +135,25 @@ def _check_same_sweep(tune_dir: Path, identity: dict[str, Any]) -> None:
         )
 
 
+def random_points(cfg: Config, domains: list[Domain]) -> list[dict[str, Any]] | None:
+    """The trials' params of a random search over a discrete space, all different; None
+    where Tune samples (continuous domains, grid or Optuna search)."""
+    if cfg.tune.search != "random":
+        return None
+    points = distinct_points(domains, cfg.tune.num_samples, cfg.tune.seed)
+    if points is not None and len(points) < cfg.tune.num_samples:
+        log.warning(
+            "tune.num_samples=%d exceeds the %d different points of the search space: "
+            "running each point once", cfg.tune.num_samples, len(points),
+        )  # fmt: skip
+    return points
+
+
 def expected_trials(cfg: Config, domains: list[Domain]) -> int:
-    """How many trials the sweep makes: num_samples, times every grid axis under grid search."""
-    total = cfg.tune.num_samples
+    """How many trials the sweep makes: num_samples (at most every point of a discrete space
+    under random search), times every grid axis under grid search."""
+    points = random_points(cfg, domains)
+    total = len(points) if points is not None else cfg.tune.num_samples
     for domain in domains:
         if domain.kind == "grid" or (domain.kind == "choice" and cfg.tune.search == "grid"):
             total *= len(domain.values)
@@ -196,15 +204,17 @@ def _build_tuner(
             str(experiment), trainable, resume_unfinished=True, resume_errored=True
         )
         return tuner, True
+    points = random_points(cfg, domains)
     tuner = tune.Tuner(
         trainable,
         param_space={d.key: d.to_tune(cfg.tune.search) for d in domains},
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
-            search_alg=_search_alg(cfg),
+            search_alg=_search_alg(cfg, points),
             scheduler=_scheduler(cfg),
-            num_samples=cfg.tune.num_samples,
+            # Samples (each a whole grid under grid search); the distinct points, when drawn.
+            num_samples=len(points) if points is not None else cfg.tune.num_samples,
             # Optuna is wrapped in a ConcurrencyLimiter; the generator limits itself.
             max_concurrent_trials=(
                 cfg.tune.max_concurrent_trials if cfg.tune.search == "optuna" else None
@@ -238,7 +248,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     identity = sweep_identity(cfg, domains)
     _check_same_sweep(tune_dir, identity)
     init_ray(cfg.ray)
-    _require_train_v2()
+    check_ray_version()
     tuner, resumed = _build_tuner(cfg, out, domains, recompute_split, callbacks)
     if not resumed:
         atomic_write_json(tune_dir / SWEEP_FILE, {"identity": identity})
@@ -247,7 +257,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     start = time.time()
     try:
         grid = tuner.fit()
-        trials = sweep_trials(grid, tune_dir / EXPERIMENT)
+        trials = controller_trials(grid, tune_dir / EXPERIMENT)
         rows = trial_rows(trials, keys, cfg.tune.metric, out)
     except BaseException as exc:
         update_stage(out, "tune", status="failed", error=str(exc) or type(exc).__name__)
@@ -297,7 +307,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         "trial_id": best["trial_id"],
         cfg.tune.metric: best[cfg.tune.metric],
         "params": {k: best[k] for k in keys},
-        "model_dir": str(Path(best["trial_dir"]) / "model"),
+        "model_dir": str(RunDir(Path(best["trial_dir"])).model()),
     }
     summary["best_config"] = str(tune_dir / BEST_CONFIG)
     # OUT/split holds the split of the base ratio: a swept ratio needs its own split first.

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sftmix_ray.config import save_config
 from sftmix_ray.io_utils import atomic_write_json
 from sftmix_ray.layout import RunDir
-from sftmix_ray.tune_space import apply_params
+from tuning.ray_compat import worker_group_callback_base
+from tuning.space import apply_params
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,13 @@ class MetricReportCallback(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-class PlacementGroupRecorder(WorkerGroupCallback):
+class PlacementGroupRecorder(worker_group_callback_base()):  # type: ignore[misc]
     """Appends the id of each worker placement group the trial's run creates to a file.
 
     A trial that Tune stops early (ASHA) is killed with its Train controller, which leaves the
     workers' placement group behind until Ray Train's PlacementGroupCleaner removes it; that
     cleaner needs the state API (the dashboard), which local clusters often run without, and
     the leaked CPUs then stall every later trial. The sweep removes them (see below).
-    `WorkerGroupCallback` is internal to Ray Train, which accepts it in RunConfig.callbacks.
     """
 
     def __init__(self, path: str):

@@ -9,9 +9,8 @@ from typing import Any
 import pyarrow as pa
 
 from sftmix_ray.errors import RowRejected
+from sftmix_ray.loss_kernels import IGNORE_INDEX
 from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
-
-IGNORE_INDEX = -100
 
 
 def _render(tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool) -> str:

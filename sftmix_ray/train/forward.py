@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from sftmix_ray.losses import NTPLoss, SFTMixLoss
@@ -134,16 +132,15 @@ class CausalLMWithLoss(nn.Module):
         lam: Tensor | None = None,
         normalizers: Tensor | None = None,
         loss: nn.Module | None = None,
-        **model_kwargs: Any,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return `(loss, metrics)` for one batch; extra kwargs go to the decoder.
+        """Return `(loss, metrics)` for one batch.
 
         `loss` overrides the training loss for this call (e.g. NTP for held-out evaluation),
         still inside this module's forward so sharded weights are gathered.
         """
         head = self.output_head()  # checks how the head is sharded before any collective
         outputs = self.decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         loss_fn = self.loss if loss is None else loss

@@ -92,7 +92,11 @@ def build_spec(
     train = dataclasses.asdict(cfg.train)
     run = RunDir(RunDir.of(out_dir).root.resolve())
     out = run.root
-    spec: dict[str, Any] = {"mode": mode, "trust": cfg.model.trust_remote_code}
+    spec: dict[str, Any] = {
+        "mode": mode,
+        "trust": cfg.model.trust_remote_code,
+        "attn_implementation": cfg.model.attn_implementation,
+    }
     if mode == "reference":
         model_path = reference_model_path(cfg, out)
         if cfg.reference.learning_rate:

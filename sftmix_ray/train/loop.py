@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sftmix_ray.data.tokenize import IGNORE_INDEX
+from sftmix_ray.batching import collate
 from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
@@ -43,26 +43,6 @@ def load_rows(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [inputs[i] for i in order], [labels[i] for i in order]
 
 
-def collate(
-    inputs: list[np.ndarray], labels: list[np.ndarray], pad_id: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Right-pad one micro-batch to its longest row (pads are masked and ignored)."""
-    length = max(len(x) for x in inputs)
-    ids = np.full((len(inputs), length), pad_id, dtype=np.int64)
-    labs = np.full((len(inputs), length), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((len(inputs), length), dtype=np.int64)
-    for i, (x, y) in enumerate(zip(inputs, labels)):
-        ids[i, : len(x)], labs[i, : len(y)], mask[i, : len(x)] = x, y, 1
-    return {
-        "input_ids": torch.from_numpy(ids).to(device),
-        "labels": torch.from_numpy(labs).to(device),
-        "attention_mask": torch.from_numpy(mask).to(device),
-        # The host copies: counts and indices read from them cost no device sync.
-        "labels_host": torch.from_numpy(labs),
-        "attention_mask_host": torch.from_numpy(mask),
-    }
-
-
 def training_model(spec: dict[str, Any]) -> torch.nn.Module:
     """The HF model a worker trains: loaded, gradient checkpointing as configured, train mode.
 
@@ -72,7 +52,11 @@ def training_model(spec: dict[str, Any]) -> torch.nn.Module:
     """
     from sftmix_ray.modeling import load_model
 
-    model = load_model(spec["model_path"], trust_remote_code=spec["trust"])
+    model = load_model(
+        spec["model_path"],
+        trust_remote_code=spec["trust"],
+        attn_implementation=spec["attn_implementation"],
+    )
     if spec["train"]["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -84,7 +68,7 @@ def checkpoint_steps(total: int, count: int) -> list[int]:
     return sorted({max(1, round(total * (k + 1) / count)) for k in range(count)})
 
 
-class Trainer:
+class TrainWorker:
     """One worker's training run."""
 
     def __init__(self, spec: dict[str, Any]):
@@ -346,7 +330,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     import ray.train
 
     torch.set_num_threads(spec.get("torch_threads", 1))
-    trainer = Trainer(spec)
+    trainer = TrainWorker(spec)
     if trainer.rank == 0:
         trainer.restarts = record_start(Path(spec["starts_path"]), spec["run_name"]) - 1
     checkpoint = ray.train.get_checkpoint()

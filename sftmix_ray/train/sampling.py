@@ -7,6 +7,7 @@ workers sees the same global batch as a run with 1, and resuming at step k is ex
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,16 +20,12 @@ def _cycled_index(n: int, position: int, seed: int, stream: int) -> int:
     return int(perm[offset])
 
 
-_PERM_CACHE: dict[tuple[int, int, int, int], np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _perm(n: int, seed: int, stream: int, cycle: int) -> np.ndarray:
-    key = (n, seed, stream, cycle)
-    if key not in _PERM_CACHE:
-        if len(_PERM_CACHE) > 8:
-            _PERM_CACHE.clear()
-        _PERM_CACHE[key] = np.random.default_rng([seed, stream, cycle]).permutation(n)
-    return _PERM_CACHE[key]
+    """The permutation of one pass over a stream (read-only: it is shared between calls)."""
+    perm = np.random.default_rng([seed, stream, cycle]).permutation(n)
+    perm.setflags(write=False)
+    return perm
 
 
 @dataclass(frozen=True)

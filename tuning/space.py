@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from sftmix_ray.config import Config, config_from_dict
+from sftmix_ray.config import Config, config_from_dict, set_dotted
 from sftmix_ray.errors import ConfigError
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -82,7 +82,7 @@ class Domain:
 
 def bundled_space_path(name: str) -> Path:
     """Path of a space file shipped in `tuning/` ("default" or "wide")."""
-    return Path(__file__).resolve().parent.parent / "tuning" / f"{name}_space.yaml"
+    return Path(__file__).resolve().parent / f"{name}_space.yaml"
 
 
 def resolve_space_path(space: str | None) -> Path:
@@ -129,17 +129,6 @@ def parse_domain(key: str, spec: Any) -> Domain:
     if kind == "randint" and not (low.is_integer() and high.is_integer()):
         raise ConfigError(f"search space key '{key}': randint takes integer bounds, got {args!r}")
     return Domain(key, kind, low=low, high=high)
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict (as `--set a.b.c=value` does)."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set '{key}': '{part}' is not a section")
-    node[parts[-1]] = value
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> Config:
@@ -190,6 +179,22 @@ def load_space(space: str | None, base: dict[str, Any]) -> list[Domain]:
             except ConfigError as exc:
                 raise ConfigError(f"search space {path.name}: {exc}") from None
     return domains
+
+
+def distinct_points(
+    domains: list[Domain], num_samples: int, seed: int
+) -> list[dict[str, Any]] | None:
+    """For random search over a space whose every domain lists its values (choices, fixed
+    values): `num_samples` different points, drawn with `seed`, or every point of the space
+    when it has fewer. None when a domain is continuous or a grid (Tune draws those itself)."""
+    import itertools
+    import random
+
+    if not domains or any(d.kind not in ("choice", "fixed") for d in domains):
+        return None
+    combos = list(itertools.product(*(d.values for d in domains)))
+    picked = random.Random(seed).sample(combos, min(num_samples, len(combos)))
+    return [dict(zip((d.key for d in domains), combo)) for combo in picked]
 
 
 def is_finite_number(value: Any) -> bool:
