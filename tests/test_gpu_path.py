@@ -19,7 +19,10 @@ from sftmix_ray.config import TrainConfig
 from sftmix_ray.losses import SFTMixLoss
 from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.forward import CausalLMWithLoss
+from sftmix_ray.train.launch import build_spec
 from sftmix_ray.train.loop import training_model
+from sftmix_ray.train.spec import RunSpec
+from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -35,9 +38,13 @@ def _tiny_dir(tmp_path: Path, dropout: float = 0.0) -> Path:
     return tmp_path / "m"
 
 
-def _spec(path: Path, checkpointing: bool) -> dict:
-    train = dataclasses.asdict(TrainConfig(gradient_checkpointing=checkpointing))
-    return {"model_path": str(path), "trust": False, "train": train, "attn_implementation": "eager"}
+def _spec(path: Path, checkpointing: bool) -> RunSpec:
+    """The run spec the driver builds for a model directory (eager attention)."""
+    cfg = tiny_config(
+        f"model.name_or_path={path}", "model.attn_implementation=eager",
+        f"train.gradient_checkpointing={checkpointing}",
+    )  # fmt: skip
+    return build_spec(cfg, path.parent / "out", "train")
 
 
 def _batch(rows: int = 4, length: int = 12) -> tuple[torch.Tensor, ...]:

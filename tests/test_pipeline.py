@@ -104,6 +104,28 @@ def test_ray_train_run_name_ignores_logging_but_not_results_or_layout():
     assert name(mode="reference") != base
 
 
+def test_run_spec_is_typed_and_applies_what_each_run_uses(tmp_path):
+    import dataclasses
+
+    from sftmix_ray.train.launch import build_spec
+    from sftmix_ray.train.spec import LossSpec
+
+    (tmp_path / "base_model").mkdir()
+    (tmp_path / "base_model" / "config.json").write_text("{}")  # the tiny preset's place
+    cfg = tiny_config("reference.learning_rate=0.5", "train.report_to=mlflow", "mixup.mu=0.3")
+    ref = build_spec(cfg, tmp_path, "reference")
+    assert ref.train.learning_rate == 0.5 and ref.loss == LossSpec("ntp", {"chunk_size": 1024})
+    assert ref.streams == ("data",) and ref.export_count == 2 and ref.final_export is None
+    assert ref.max_steps == 3 and ref.train.report_to == ["mlflow"]
+    train = build_spec(cfg, tmp_path, "train")
+    assert train.train.learning_rate == cfg.train.learning_rate
+    assert train.loss.name == "sftmix" and train.loss.kwargs["mu"] == 0.3
+    assert train.streams == ("confident", "unconfident")
+    assert train.final_export == str((tmp_path / "model").resolve())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        train.run_name = "other"  # type: ignore[misc]
+
+
 def _completed(out, cfg) -> None:
     """A summary.json as a finished pipeline with `cfg` leaves it."""
     for name in STAGE_NAMES:

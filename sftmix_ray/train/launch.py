@@ -14,6 +14,7 @@ from typing import Any
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.layout import RunDir
+from sftmix_ray.train.spec import LossSpec, RunSpec
 
 TOKEN_COLUMNS = ["example_id", "input_ids", "labels"]
 
@@ -84,72 +85,55 @@ def _worker_env(cfg: Config) -> dict[str, str]:
 
 def build_spec(
     cfg: Config, out_dir: Path | RunDir, mode: str, export_name: str = RunDir.MODEL
-) -> dict:
-    """The train-loop config dict for `mode` ("reference" or "train")."""
+) -> RunSpec:
+    """The run spec every worker of a `mode` ("reference" or "train") run receives."""
     from sftmix_ray.data.retokenize import reference_model_path
     from sftmix_ray.modeling import resolve_model_path
 
-    train = dataclasses.asdict(cfg.train)
     run = RunDir(RunDir.of(out_dir).root.resolve())
-    out = run.root
-    spec: dict[str, Any] = {
-        "mode": mode,
-        "trust": cfg.model.trust_remote_code,
-        "attn_implementation": cfg.model.attn_implementation,
-    }
+    train = cfg.train
+    ntp = LossSpec("ntp", {"chunk_size": train.loss_chunk_size})
     if mode == "reference":
-        model_path = reference_model_path(cfg, out)
+        model_path = reference_model_path(cfg, run)
         if cfg.reference.learning_rate:
-            train["learning_rate"] = cfg.reference.learning_rate
-        spec.update(
-            streams=["data"],
-            loss={"name": "ntp", "kwargs": {"chunk_size": cfg.train.loss_chunk_size}},
-            num_train_epochs=cfg.reference.num_train_epochs,
-            max_steps=cfg.reference.max_steps,
-            export_count=cfg.reference.num_checkpoints,
-            export_dir=str(run.reference),
-            final_export=None,
-        )
+            train = dataclasses.replace(train, learning_rate=cfg.reference.learning_rate)
+        streams, loss = ("data",), ntp
+        epochs, max_steps = cfg.reference.num_train_epochs, cfg.reference.max_steps
+        export_count, export_dir, final_export = cfg.reference.num_checkpoints, run.reference, None
     else:
-        model_path = resolve_model_path(cfg.model.name_or_path, out)
+        model_path = resolve_model_path(cfg.model.name_or_path, run)
         mixup = cfg.mixup
-        if mixup.mu == 0:
-            loss = {"name": "ntp", "kwargs": {"chunk_size": cfg.train.loss_chunk_size}}
-        else:
-            loss = {
-                "name": "sftmix",
-                "kwargs": {
-                    "alpha": mixup.alpha,
-                    "mu": mixup.mu,
-                    "lambda_per": mixup.lambda_per,
-                    "chunk_size": cfg.train.loss_chunk_size,
-                    "align": mixup.align,
-                    "ntp_weight": mixup.ntp_weight,
-                },
-            }
+        loss = ntp
+        if mixup.mu > 0:
+            keys = ("alpha", "mu", "lambda_per", "align", "ntp_weight")
+            kwargs = {k: getattr(mixup, k) for k in keys}
+            loss = LossSpec("sftmix", {**kwargs, "chunk_size": train.loss_chunk_size})
         # NTP and random pairing sample the whole corpus; SFTMix pairs confident/unconfident.
         uniform = mixup.mu == 0 or mixup.pairing == "random"
-        spec.update(
-            streams=["data"] if uniform else ["confident", "unconfident"],
-            loss=loss,
-            num_train_epochs=cfg.train.num_train_epochs,
-            max_steps=cfg.train.max_steps,
-            export_count=0,
-            export_dir=str(run.model(export_name)),
-            final_export=str(run.model(export_name)),
-        )
-    spec.update(
+        streams = ("data",) if uniform else ("confident", "unconfident")
+        epochs, max_steps = train.num_train_epochs, train.max_steps
+        export_count, export_dir = 0, run.model(export_name)
+        final_export = str(export_dir)
+    return RunSpec(
+        mode=mode,  # type: ignore[arg-type]
         train=train,
+        loss=loss,
+        streams=streams,
         model_path=model_path,
         tokenizer_path=model_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        export_count=export_count,
+        export_dir=str(export_dir),
+        final_export=final_export,
         heldout=run.heldout.exists(),
-        eval_steps=cfg.train.eval_steps,
         torch_threads=_torch_threads(cfg),
+        history_path=str(run.history(mode, export_name)),
+        starts_path=str(run.starts(mode, export_name)),
+        tensorboard_dir=str(run.tensorboard(mode, export_name)),
     )
-    spec["history_path"] = str(run.history(mode, export_name))
-    spec["starts_path"] = str(run.starts(mode, export_name))
-    spec["tensorboard_dir"] = str(run.tensorboard(mode, export_name))
-    return spec
 
 
 def storage_uri(path: str) -> str:
@@ -232,12 +216,12 @@ def run_training(
         data_dir, heldout_dir = source.data, source.heldout
     data = _read_table(data_dir, TOKEN_COLUMNS)
     tables: dict[str, Any] = {}
-    if spec["streams"] == ["data"]:
+    if spec.streams == ("data",):
         tables["data"] = data
     else:
         for side in ("confident", "unconfident"):
             tables[side] = _subset(data, run.split_file(side), cfg.split.ratio)
-    if spec["heldout"]:
+    if spec.heldout:
         tables["heldout"] = _read_table(heldout_dir, TOKEN_COLUMNS)
     # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
     # to wait for a CPU that the training workers hold.
@@ -250,12 +234,13 @@ def run_training(
         for k, t in tables.items()
     }
     name = run_name(cfg, mode, export_name, rows)
-    spec["run_name"] = name
+    mlflow = None
     if "mlflow" in cfg.train.report_to:
-        spec["mlflow"] = mlflow_settings(cfg, run, name, f"{mode}-{export_name}")
+        mlflow = mlflow_settings(cfg, run, name, f"{mode}-{export_name}")
+    spec = dataclasses.replace(spec, run_name=name, mlflow=mlflow)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=spec,
+        train_loop_config={"spec": spec},
         # The process-group timeout covers the longest wait of one rank on another: rank 0
         # writing an exported HF checkpoint (tens of GB at 8B) while the others already sit in
         # the next step's collective. NCCL's watchdog kills the run past it.
@@ -281,7 +266,7 @@ def run_training(
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = _fit(trainer, mode)
-    history = json.loads(Path(spec["history_path"]).read_text(encoding="utf-8"))
+    history = json.loads(Path(spec.history_path).read_text(encoding="utf-8"))
     last = history["history"][-1] if history["history"] else {}
     summary: dict[str, Any] = {
         "steps": int(last.get("step", 0)),
@@ -296,5 +281,5 @@ def run_training(
     if mode == "reference":
         summary["checkpoints"] = sorted(str(p) for p in run.reference.glob("checkpoint-*"))
     else:
-        summary["model_dir"] = spec["final_export"]
+        summary["model_dir"] = spec.final_export
     return summary

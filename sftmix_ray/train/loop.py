@@ -5,6 +5,7 @@ Everything comes from the config dict handed to `train_loop_per_worker`; no modu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from sftmix_ray.batching import collate
 from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
+from sftmix_ray.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def load_rows(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [inputs[i] for i in order], [labels[i] for i in order]
 
 
-def training_model(spec: dict[str, Any]) -> torch.nn.Module:
+def training_model(spec: RunSpec) -> torch.nn.Module:
     """The HF model a worker trains: loaded, gradient checkpointing as configured, train mode.
 
     `from_pretrained` returns the model in eval mode: dropout off, and transformers recomputes
@@ -53,11 +55,11 @@ def training_model(spec: dict[str, Any]) -> torch.nn.Module:
     from sftmix_ray.modeling import load_model
 
     model = load_model(
-        spec["model_path"],
-        trust_remote_code=spec["trust"],
-        attn_implementation=spec["attn_implementation"],
+        spec.model_path,
+        trust_remote_code=spec.trust_remote_code,
+        attn_implementation=spec.attn_implementation,
     )
-    if spec["train"]["gradient_checkpointing"]:
+    if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
@@ -71,7 +73,7 @@ def checkpoint_steps(total: int, count: int) -> list[int]:
 class TrainWorker:
     """One worker's training run."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: RunSpec):
         import ray.train
 
         from sftmix_ray.losses import NTPLoss, build_loss
@@ -81,34 +83,37 @@ class TrainWorker:
         from sftmix_ray.train.strategies import build_strategy
 
         self.spec = spec
-        self.train_cfg: dict[str, Any] = spec["train"]
+        self.train_cfg = train = spec.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = torch.device("cuda" if self.train_cfg["use_gpu"] else "cpu")
-        if self.train_cfg["use_gpu"]:
+        self.device = torch.device("cuda" if train.use_gpu else "cpu")
+        if train.use_gpu:
             self.device = ray.train.torch.get_device()
             torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
-        torch.manual_seed(self.train_cfg["seed"])
+        torch.manual_seed(train.seed)
         self.nodes = self._gather_nodes()
 
-        self.streams = [load_rows(name) for name in spec["streams"]]
-        self.heldout = load_rows("heldout") if spec.get("heldout") else None
+        self.streams = [load_rows(name) for name in spec.streams]
+        self.heldout = load_rows("heldout") if spec.heldout else None
         self.plan = BatchPlan(
             sizes=tuple(len(s[0]) for s in self.streams),
-            rows_per_device=self.train_cfg["per_device_train_batch_size"],
+            rows_per_device=train.per_device_train_batch_size,
             world_size=self.world,
-            grad_accum=self.train_cfg["gradient_accumulation_steps"],
-            seed=self.train_cfg["seed"],
+            grad_accum=train.gradient_accumulation_steps,
+            seed=train.seed,
         )
-        self.total_steps = total_steps(self.plan, spec["num_train_epochs"], spec["max_steps"])
-        self.tokenizer = load_tokenizer(spec["tokenizer_path"], trust_remote_code=spec["trust"])
+        self.total_steps = total_steps(self.plan, spec.num_train_epochs, spec.max_steps)
+        self.tokenizer = load_tokenizer(
+            spec.tokenizer_path, trust_remote_code=spec.trust_remote_code
+        )
         model = training_model(spec)
         self.config_json = model.config.to_json_string()
-        self.loss = build_loss(spec["loss"]["name"], **spec["loss"]["kwargs"])
-        self.eval_loss = NTPLoss(chunk_size=self.train_cfg["loss_chunk_size"])
+        self.loss = build_loss(spec.loss.name, **spec.loss.kwargs)
+        self.eval_loss = NTPLoss(chunk_size=train.loss_chunk_size)
         wrapper = CausalLMWithLoss(model, self.loss).to(self.device)
+        # The strategies read their settings from a plain dict of the Train section.
         self.strategy = build_strategy(
-            self.train_cfg["strategy"], wrapper, self.train_cfg, self.total_steps
+            train.strategy, wrapper, dataclasses.asdict(train), self.total_steps
         )
         self.step = 0
         self.restarts = 0
@@ -140,7 +145,7 @@ class TrainWorker:
         whatever the worker count or accumulation, so runs stay comparable.
         """
         lam = self.loss.sample_lambda(
-            self.plan.global_pairs, seed=self.train_cfg["seed"], step=step, rank=0
+            self.plan.global_pairs, seed=self.train_cfg.seed, step=step, rank=0
         )
         if lam is None:
             return None
@@ -149,7 +154,7 @@ class TrainWorker:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
-        accum = self.train_cfg["gradient_accumulation_steps"]
+        accum = self.train_cfg.gradient_accumulation_steps
         batches = [self._micro_batch(self.step, m) for m in range(accum)]
         lams = [self._lambda(self.step, m) for m in range(accum)]
         # Normalize by the global count over ranks and micro-batches, so neither changes
@@ -203,7 +208,7 @@ class TrainWorker:
         return out
 
     def _autocast(self) -> Any:
-        if self.train_cfg["bf16"] and self.device.type == "cuda":
+        if self.train_cfg.bf16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         import contextlib
 
@@ -276,7 +281,7 @@ class TrainWorker:
         from sftmix_ray.modeling import save_hf
 
         config = AutoConfig.from_pretrained(
-            self.spec["model_path"], trust_remote_code=self.spec["trust"]
+            self.spec.model_path, trust_remote_code=self.spec.trust_remote_code
         )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -325,24 +330,26 @@ def record_start(path: Path, run_name: str) -> int:
     return starts[run_name]
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> None:
-    """Ray Train entry: resume if a checkpoint exists, train, report, export."""
+def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
+    """Ray Train entry (`train_loop_config={"spec": RunSpec}`): resume if a checkpoint exists,
+    train, report, export."""
     import ray.train
 
-    torch.set_num_threads(spec.get("torch_threads", 1))
+    spec = config["spec"]
+    torch.set_num_threads(spec.torch_threads)
     trainer = TrainWorker(spec)
     if trainer.rank == 0:
-        trainer.restarts = record_start(Path(spec["starts_path"]), spec["run_name"]) - 1
+        trainer.restarts = record_start(Path(spec.starts_path), spec.run_name) - 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.restore(Path(d))
-    save_every = spec["train"]["save_steps"]
-    export_steps = set(spec.get("export_steps", []))
-    if spec.get("export_count"):
-        export_steps |= set(checkpoint_steps(trainer.total_steps, spec["export_count"]))
-    log_every = spec["train"]["logging_steps"]
-    eval_every = spec.get("eval_steps", 0)
+    save_every = spec.train.save_steps
+    export_steps = set()
+    if spec.export_count:
+        export_steps = set(checkpoint_steps(trainer.total_steps, spec.export_count))
+    log_every = spec.train.logging_steps
+    eval_every = spec.train.eval_steps
     sinks = MetricSinks(spec, trainer.rank, trainer.step, trainer.total_steps)
     last_time = time.perf_counter()
     while trainer.step < trainer.total_steps:
@@ -360,7 +367,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         trainer.history.append({k: round(v, 6) for k, v in metrics.items()})
         sinks.log(step, metrics)
         if step in export_steps:
-            trainer.export_hf(str(Path(spec["export_dir"]) / f"checkpoint-{step}"))
+            trainer.export_hf(str(Path(spec.export_dir) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
         # Every eval is reported (a Tune scheduler stops trials on it), whatever logging_steps.
         if not (save or step % log_every == 0 or "eval_loss" in metrics):
@@ -374,13 +381,13 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if trainer.rank == 0:
             log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
     sinks.close()
-    if spec.get("final_export"):
-        trainer.export_hf(spec["final_export"])
+    if spec.final_export:
+        trainer.export_hf(spec.final_export)
     if trainer.rank == 0:
         from sftmix_ray.io_utils import atomic_write_json
 
         atomic_write_json(
-            Path(spec["history_path"]),
+            Path(spec.history_path),
             {"restarts": trainer.restarts, "history": trainer.history, "nodes": trainer.nodes},
         )
 

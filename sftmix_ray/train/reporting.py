@@ -1,13 +1,16 @@
 """Metric sinks on rank 0: TensorBoard, MLflow (when configured) and a progress bar.
 
 The loop calls `log(step, metrics)` every step and `close()` at the end; which sinks exist is
-read from `train.report_to` in the spec. Sinks only run on rank 0, so the other ranks pay nothing.
+read from `train.report_to` in the run spec. Sinks only run on rank 0: other ranks pay nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sftmix_ray.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -17,19 +20,19 @@ MLFLOW_RUN_TAG = "sftmix.run_key"
 class MetricSinks:
     """Fan-out of per-step metrics to the configured sinks (rank 0 only)."""
 
-    def __init__(self, spec: dict[str, Any], rank: int, start_step: int, total_steps: int):
-        self.prefix = spec["mode"]
+    def __init__(self, spec: RunSpec, rank: int, start_step: int, total_steps: int):
+        self.prefix = spec.mode
         self.sinks: list[Any] = []
         if rank != 0:
             return
-        report_to = spec["train"].get("report_to", [])
+        report_to = spec.train.report_to
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.sinks.append(_TensorBoard(SummaryWriter(log_dir=spec["tensorboard_dir"])))
+            self.sinks.append(_TensorBoard(SummaryWriter(log_dir=spec.tensorboard_dir)))
         if "mlflow" in report_to:
             self.sinks.append(_MLflow(spec))
-        if spec["train"].get("progress_bar", True):
+        if spec.train.progress_bar:
             self.sinks.append(_Progress(self.prefix, start_step, total_steps))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -56,7 +59,7 @@ class _TensorBoard:
 class _MLflow:
     """One MLflow run per training run; a restarted worker group continues the same run."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: RunSpec):
         try:
             import mlflow
         except ImportError as exc:  # config validation cannot see the worker's environment
@@ -64,7 +67,9 @@ class _MLflow:
                 "train.report_to includes 'mlflow' but mlflow is not installed on the workers: "
                 "pip install 'sftmix-ray[mlflow]' (or add mlflow to the runtime_env)"
             ) from exc
-        cfg = spec["mlflow"]
+        cfg = spec.mlflow
+        if cfg is None:
+            raise RuntimeError("train.report_to includes 'mlflow' but the run has no settings")
         self.client = mlflow.MlflowClient(tracking_uri=cfg["tracking_uri"])
         experiment = self.client.get_experiment_by_name(cfg["experiment"])
         experiment_id = (
