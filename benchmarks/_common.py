@@ -74,6 +74,7 @@ GOALS = {
     "scoring_speedup_over_naive": Goal(">=", 2.0, 1.5),
     "ray_data_over_bare_loop": Goal(">=", 0.95, 0.85),
     "torchtrainer_over_torchrun": Goal("<=", 1.03, 1.10),
+    "sharded_load_peak_rss_over_full": Goal("<=", 0.6, 0.8),
 }
 
 

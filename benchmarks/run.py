@@ -13,7 +13,10 @@ Ratios (each a median over repeats, with min, max and the runs):
   (`bench_scoring.py`; Ray Data's rate once running, its start-up and the end-to-end ratio in
   `details`);
 - `torchtrainer_over_torchrun`: median DDP step time under Ray Train against torchrun
-  (`trainer_overhead.py`).
+  (`trainer_overhead.py`);
+- `sharded_load_peak_rss_over_full`: host memory of building the FSDP2-sharded model on a
+  rank other than 0, meta device + rank 0's rows over every rank loading the whole checkpoint
+  (`sharded_load.py`, 2 gloo processes, a 1 GB fp32 model).
 
 `--quick` takes about 3.5 minutes on 2 idle cores. The JSON holds the machine, the load average
 before and after, every ratio's settings, target, bar and whether it passes; `--check` exits 1
@@ -137,6 +140,12 @@ def measure_trainer(mode: str, repeats: int | None) -> Measured:
     return measure(mode, repeats)
 
 
+def measure_sharded_load(mode: str, repeats: int | None) -> Measured:
+    from sharded_load import measure
+
+    return measure(mode, repeats)
+
+
 GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]] = {
     "losses": (
         measure_losses,
@@ -145,6 +154,7 @@ GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]]
     "step_time": (measure_step_time, ("sftmix_over_ntp_step_time",)),
     "scoring": (measure_scoring, ("scoring_speedup_over_naive", "ray_data_over_bare_loop")),
     "trainer": (measure_trainer, ("torchtrainer_over_torchrun",)),
+    "sharded_load": (measure_sharded_load, ("sharded_load_peak_rss_over_full",)),
 }
 
 

@@ -314,3 +314,76 @@ def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> No
     assert "register_head_for_zero3" in results["unregistered"]
     # Skipped before the backend existed; once it is up, it is left alone.
     assert results["shm"] == (True, "None", False)
+
+
+def _meta_init_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -> None:
+    """Both ranks build on the meta device; rank 0 alone loads the checkpoint."""
+    from sftmix_ray.modeling import load_model
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.meta_init import meta_model, rank_zero_weights
+    from sftmix_ray.train.strategies import FSDPStrategy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = meta_model(model_dir, trust_remote_code=False, attn_implementation="sdpa")
+        assert all(p.is_meta for p in model.parameters())
+        source = load_model(model_dir) if rank == 0 else None
+        weights = rank_zero_weights(source)
+        del source
+        wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
+        train = {"learning_rate": 0.0, "weight_decay": 0.0, "warmup_ratio": 0.0,
+                 "lr_scheduler_type": "constant", "bf16": False}  # fmt: skip
+        strategy = FSDPStrategy(wrapper, train, 1, weights=weights, device=torch.device("cpu"))
+        local = sum(p.to_local().numel() for p in strategy.module.parameters())
+        total = sum(p.numel() for p in strategy.module.parameters())
+        data = _llama_batch()
+        rows = [rank, 2 + rank]
+        counts = wrapper.loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
+        dist.all_reduce(counts)
+        loss, _ = strategy.module(
+            data["ids"][rows], data["mask"][rows], data["labels"][rows],
+            lam=data["lam"][[rank]], normalizers=counts / WORLD,
+        )  # fmt: skip
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        full = strategy.full_state_dict()  # a collective
+        buffers = {n: b.clone() for n, b in wrapper.model.named_buffers()}
+        torch.save(
+            {"full": full, "buffers": buffers, "local": local, "total": total,
+             "loss": float(value) / WORLD, "tied": wrapper.model.lm_head.weight
+             is wrapper.model.model.embed_tokens.weight},
+            os.path.join(out_dir, f"meta-{rank}.pt"),
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_meta_init_loads_the_checkpoint_into_the_shards(tmp_path: Path) -> None:
+    """FSDP2 without a full model per rank: meta device, shard, rank 0's weights broadcast.
+    The shards hold exactly the checkpoint (and its non-persistent rotary buffers), each rank
+    holds half of the parameters, and the loss equals the plain model's."""
+    from safetensors.torch import load_file
+
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "ckpt")
+    spawn_args = (str(tmp_path / "pg"), str(tmp_path), str(tmp_path / "ckpt"))
+    mp.spawn(_meta_init_worker, args=spawn_args, nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"meta-{r}.pt") for r in range(WORLD)]
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    full = ranks[0]["full"]
+    assert ranks[1]["full"] is None
+    for name, tensor in saved.items():
+        assert torch.equal(full[name], tensor), name
+    for rank in ranks:  # rotary inv_freq is not in the checkpoint: broadcast from rank 0
+        for name, buffer in model.named_buffers():
+            assert torch.equal(rank["buffers"][name], buffer), name
+        assert rank["local"] <= 0.55 * rank["total"]  # its own shard, not the whole model
+    data = _llama_batch()
+    ref, _ = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))(
+        data["ids"], data["mask"], data["labels"], lam=data["lam"]
+    )
+    assert_rel(ranks[0]["loss"], float(ref.detach()))

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from sftmix_ray.batching import collate
 from sftmix_ray.train.collectives import all_reduce_sum
+from sftmix_ray.train.meta_init import rank_zero_weights
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
 from sftmix_ray.train.spec import RunSpec
@@ -45,7 +46,7 @@ def load_rows(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [inputs[i] for i in order], [labels[i] for i in order]
 
 
-def training_model(spec: RunSpec) -> torch.nn.Module:
+def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
     """The HF model a worker trains: loaded, gradient checkpointing as configured, train mode.
 
     `from_pretrained` returns the model in eval mode: dropout off, and transformers recomputes
@@ -53,8 +54,10 @@ def training_model(spec: RunSpec) -> torch.nn.Module:
     nothing and every layer's activations stay in memory.
     """
     from sftmix_ray.modeling import load_model
+    from sftmix_ray.train.meta_init import meta_model
 
-    model = load_model(
+    load = meta_model if meta else load_model  # meta: the modules, no weights (FSDP2 init)
+    model = load(
         spec.model_path,
         trust_remote_code=spec.trust_remote_code,
         attn_implementation=spec.attn_implementation,
@@ -106,18 +109,39 @@ class TrainWorker:
         self.tokenizer = load_tokenizer(
             spec.tokenizer_path, trust_remote_code=spec.trust_remote_code
         )
-        model = training_model(spec)
+        # FSDP2 over several workers: no rank holds the whole model; every rank builds it on
+        # the meta device and rank 0 alone reads the checkpoint, broadcast into the shards.
+        sharded_init = train.strategy == "fsdp" and self.world > 1
+        model = training_model(spec, meta=sharded_init)
         self.config_json = model.config.to_json_string()
         self.loss = build_loss(spec.loss.name, **spec.loss.kwargs)
         self.eval_loss = NTPLoss(chunk_size=train.loss_chunk_size)
-        wrapper = CausalLMWithLoss(model, self.loss).to(self.device)
+        wrapper = CausalLMWithLoss(model, self.loss)
+        weights = None
+        if sharded_init:
+            weights = rank_zero_weights(self._rank_zero_source(spec))
+        else:
+            wrapper = wrapper.to(self.device)
         # The strategies read their settings from a plain dict of the Train section.
         self.strategy = build_strategy(
-            train.strategy, wrapper, dataclasses.asdict(train), self.total_steps
-        )
+            train.strategy, wrapper, dataclasses.asdict(train), self.total_steps,
+            weights=weights, device=self.device,
+        )  # fmt: skip
         self.step = 0
         self.restarts = 0
         self.history: list[dict[str, float]] = []
+
+    def _rank_zero_source(self, spec: RunSpec) -> torch.nn.Module | None:
+        """The checkpoint as a CPU model on rank 0 (what it broadcasts); None elsewhere."""
+        from sftmix_ray.modeling import load_model
+
+        if self.rank != 0:
+            return None
+        return load_model(
+            spec.model_path,
+            trust_remote_code=spec.trust_remote_code,
+            attn_implementation=spec.attn_implementation,
+        )
 
     def _gather_nodes(self) -> list[str]:
         """The Ray node id of every rank (recorded to show where workers ran)."""

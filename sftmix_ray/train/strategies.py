@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sftmix_ray.train.forward import CausalLMWithLoss
+from sftmix_ray.train.meta_init import RankZeroWeights, materialize_from_rank0
 
 MODEL_PREFIX = "model."  # the wrapper's state-dict prefix in front of the HF model's keys
 
@@ -55,10 +56,26 @@ def _rank() -> int:
 class TorchStrategy:
     """DDP (or a single process) and FSDP2 share the torch optimizer path."""
 
-    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
+    def __init__(
+        self,
+        wrapper: CausalLMWithLoss,
+        train: dict[str, Any],
+        total_steps: int,
+        *,
+        weights: RankZeroWeights | None = None,
+        device: torch.device | None = None,
+    ):
         self.wrapper = wrapper
         self.train = train
         self.module = self._wrap(wrapper)
+        if weights is not None:  # built on the meta device: fill the shards from rank 0
+            if not isinstance(self, FSDPStrategy):
+                raise ValueError("a model built on the meta device needs the fsdp strategy")
+            materialize_from_rank0(
+                self.module, weights, device or torch.device("cpu"), MODEL_PREFIX
+            )
+            weights.state.clear()  # rank 0's full copy goes now, before the optimizer state
+            weights.buffers.clear()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
             lr=train["learning_rate"],
@@ -188,8 +205,19 @@ class FSDPStrategy(TorchStrategy):
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO-2/3 from our config, or a user's DeepSpeed JSON."""
 
-    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
+    def __init__(
+        self,
+        wrapper: CausalLMWithLoss,
+        train: dict[str, Any],
+        total_steps: int,
+        *,
+        weights: RankZeroWeights | None = None,
+        device: torch.device | None = None,
+    ):
         import deepspeed
+
+        if weights is not None:
+            raise ValueError("DeepSpeed takes a loaded model (meta-device init is FSDP2's)")
 
         skip_cpu_shm_comm_build()
         self.wrapper = wrapper
@@ -320,7 +348,14 @@ STRATEGIES = {"ddp": TorchStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeed
 
 
 def build_strategy(
-    name: str, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int
+    name: str,
+    wrapper: CausalLMWithLoss,
+    train: dict[str, Any],
+    total_steps: int,
+    *,
+    weights: RankZeroWeights | None = None,
+    device: torch.device | None = None,
 ) -> TorchStrategy | DeepSpeedStrategy:
-    """Wrap the model with the strategy named by `train.strategy`."""
-    return STRATEGIES[name](wrapper, train, total_steps)
+    """Wrap the model with the strategy named by `train.strategy`; `weights` when the wrapper
+    was built on the meta device (FSDP2: rank 0's checkpoint, broadcast into the shards)."""
+    return STRATEGIES[name](wrapper, train, total_steps, weights=weights, device=device)
