@@ -8,10 +8,10 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sftmix_ray.config import Config, TrainConfig
+from sftmix_ray.layout import RunDir
 
 Reads = dict[str, Any]  # dotted config key -> the value the stage uses
 
@@ -123,33 +123,32 @@ def _eval_reads(cfg: Config) -> Reads:
     return values
 
 
-def _prepare(cfg: Config, out: Path) -> dict[str, Any]:
+def _prepare(cfg: Config, out: RunDir) -> dict[str, Any]:
     from sftmix_ray.data.prepare import run_prepare
 
     return run_prepare(cfg, out)
 
 
-def _reference(cfg: Config, out: Path) -> dict[str, Any]:
+def _reference(cfg: Config, out: RunDir) -> dict[str, Any]:
     from sftmix_ray.train.launch import run_training
 
     return run_training(cfg, out, "reference")
 
 
-def _score(cfg: Config, out: Path) -> dict[str, Any]:
+def _score(cfg: Config, out: RunDir) -> dict[str, Any]:
     from sftmix_ray.scoring import run_score
 
     return run_score(cfg, out)
 
 
-def _split(cfg: Config, out: Path) -> dict[str, Any]:
+def _split(cfg: Config, out: RunDir) -> dict[str, Any]:
     from sftmix_ray.split import run_split
 
     return run_split(cfg, out)
 
 
-def _train(cfg: Config, out: Path) -> dict[str, Any]:
+def _train(cfg: Config, out: RunDir) -> dict[str, Any]:
     """SFTMix training; with `eval.compare_ntp` also the NTP baseline (mu=0) to OUT/model_ntp."""
-    from sftmix_ray.layout import RunDir
     from sftmix_ray.train.launch import run_training
 
     result = run_training(cfg, out, "train")
@@ -159,7 +158,7 @@ def _train(cfg: Config, out: Path) -> dict[str, Any]:
     return result
 
 
-def _eval(cfg: Config, out: Path) -> dict[str, Any]:
+def _eval(cfg: Config, out: RunDir) -> dict[str, Any]:
     from sftmix_ray.evaluation import run_eval
 
     return run_eval(cfg, out)
@@ -170,7 +169,7 @@ class Stage:
     """One step of the pipeline."""
 
     name: str
-    run: Callable[[Config, Path], dict[str, Any]]  # (config, OUT) -> the stage's result
+    run: Callable[[Config, RunDir], dict[str, Any]]  # (config, OUT) -> the stage's result
     reads: Callable[[Config], Reads]  # the config values its results depend on
     needs_ray: bool
     help: str

@@ -7,6 +7,7 @@ losses' contract: all-reduce the counts, pass `global_counts / world_size`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -382,6 +383,75 @@ def test_fsdp2_meta_init_loads_the_checkpoint_into_the_shards(tmp_path: Path) ->
         for name, buffer in model.named_buffers():
             assert torch.equal(rank["buffers"][name], buffer), name
         assert rank["local"] <= 0.55 * rank["total"]  # its own shard, not the whole model
+    data = _llama_batch()
+    ref, _ = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))(
+        data["ids"], data["mask"], data["labels"], lam=data["lam"]
+    )
+    assert_rel(ranks[0]["loss"], float(ref.detach()))
+
+
+def _zero3_loading_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -> None:
+    """ZeRO-3 as the loop builds it: the model loaded partition by partition, then wrapped."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from sftmix_ray.config import TrainConfig
+    from sftmix_ray.modeling import load_model
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.strategies import build_strategy, zero3_partitioned_loading
+
+    train = dataclasses.asdict(
+        TrainConfig(strategy="deepspeed", deepspeed_stage=3, per_device_train_batch_size=2)
+    )
+    try:
+        loading = zero3_partitioned_loading(train)
+        model = load_model(model_dir)
+        params = list(model.parameters())
+        partitioned = all(hasattr(p, "ds_id") for p in params)
+        local = sum(p.ds_tensor.numel() for p in params)
+        total = sum(p.ds_numel for p in params)
+        wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
+        strategy = build_strategy("deepspeed", wrapper, train, 1)
+        del loading
+        data = _llama_batch()
+        rows = [rank, 2 + rank]
+        counts = wrapper.loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
+        dist.all_reduce(counts)
+        loss, _ = strategy.module(
+            data["ids"][rows], data["mask"][rows], data["labels"][rows],
+            lam=data["lam"][[rank]], normalizers=counts / WORLD,
+        )  # fmt: skip
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        full = strategy.full_state_dict()  # a collective
+        torch.save(
+            {"partitioned": partitioned, "local": local, "total": total,
+             "loss": float(value) / WORLD, "full": full},
+            os.path.join(out_dir, f"zero3-load-{rank}.pt"),
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_model_partitioned_and_loads_the_checkpoint(tmp_path: Path) -> None:
+    """Under ZeRO-3 `from_pretrained` runs inside `deepspeed.zero.Init`: no rank holds the
+    whole model, the partitions hold the checkpoint, and the loss equals the plain model's."""
+    from safetensors.torch import load_file
+
+    from sftmix_ray.train.forward import CausalLMWithLoss
+
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "ckpt")
+    spawn_args = (str(tmp_path / "pg"), str(tmp_path), str(tmp_path / "ckpt"))
+    mp.spawn(_zero3_loading_worker, args=spawn_args, nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"zero3-load-{r}.pt") for r in range(WORLD)]
+    for rank in ranks:
+        assert rank["partitioned"] and rank["local"] <= 0.55 * rank["total"]
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    for name, tensor in saved.items():
+        assert torch.equal(ranks[0]["full"][name], tensor), name
     data = _llama_batch()
     ref, _ = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))(
         data["ids"], data["mask"], data["labels"], lam=data["lam"]

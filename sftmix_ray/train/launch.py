@@ -97,7 +97,8 @@ def build_spec(
         model_path = reference_model_path(cfg, run)
         if cfg.reference.learning_rate:
             train = dataclasses.replace(train, learning_rate=cfg.reference.learning_rate)
-        streams, loss = ("data",), ntp
+        streams: tuple[str, ...] = ("data",)
+        loss = ntp
         epochs, max_steps = cfg.reference.num_train_epochs, cfg.reference.max_steps
         export_count, export_dir, final_export = cfg.reference.num_checkpoints, run.reference, None
     else:

@@ -83,7 +83,7 @@ class TrainWorker:
         from sftmix_ray.modeling import load_tokenizer
         from sftmix_ray.train.forward import CausalLMWithLoss
         from sftmix_ray.train.sampling import total_steps
-        from sftmix_ray.train.strategies import build_strategy
+        from sftmix_ray.train.strategies import build_strategy, zero3_partitioned_loading
 
         self.spec = spec
         self.train_cfg = train = spec.train
@@ -111,7 +111,10 @@ class TrainWorker:
         )
         # FSDP2 over several workers: no rank holds the whole model; every rank builds it on
         # the meta device and rank 0 alone reads the checkpoint, broadcast into the shards.
+        # ZeRO-3 likewise: the model is built and loaded partition by partition.
         sharded_init = train.strategy == "fsdp" and self.world > 1
+        train_dict = dataclasses.asdict(train)  # the strategies read the Train section as a dict
+        zero3 = zero3_partitioned_loading(train_dict)
         model = training_model(spec, meta=sharded_init)
         self.config_json = model.config.to_json_string()
         self.loss = build_loss(spec.loss.name, **spec.loss.kwargs)
@@ -120,13 +123,13 @@ class TrainWorker:
         weights = None
         if sharded_init:
             weights = rank_zero_weights(self._rank_zero_source(spec))
-        else:
+        elif zero3 is None:  # (ZeRO-3 places its partitions itself)
             wrapper = wrapper.to(self.device)
-        # The strategies read their settings from a plain dict of the Train section.
         self.strategy = build_strategy(
-            train.strategy, wrapper, dataclasses.asdict(train), self.total_steps,
+            train.strategy, wrapper, train_dict, self.total_steps,
             weights=weights, device=self.device,
         )  # fmt: skip
+        del zero3  # deepspeed.initialize has run: from_pretrained may build whole models again
         self.step = 0
         self.restarts = 0
         self.history: list[dict[str, float]] = []

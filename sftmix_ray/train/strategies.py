@@ -294,6 +294,23 @@ def skip_cpu_shm_comm_build() -> bool:
     return True
 
 
+def zero3_partitioned_loading(train: dict[str, Any]) -> Any | None:
+    """Under ZeRO-3, what makes `from_pretrained` build the model partitioned: while the
+    returned object is alive, transformers constructs the model under `deepspeed.zero.Init`
+    (each rank allocates only its partition) and loads the checkpoint into the partitions.
+    Keep a reference until `deepspeed.initialize` (transformers holds it weakly). None for
+    other strategies and stages."""
+    if train["strategy"] != "deepspeed":
+        return None
+    config = deepspeed_config(train)
+    if int(config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    skip_cpu_shm_comm_build()  # zero.Init brings DeepSpeed's communication backend up
+    return HfDeepSpeedConfig(config)
+
+
 def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
     """Our ZeRO config, or the user's JSON with batch keys filled in from our config."""
     if train.get("deepspeed_config"):
