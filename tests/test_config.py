@@ -142,3 +142,33 @@ def test_every_named_config_loads(path):
     cfg = load_config(path)
     raw = yaml.safe_load(path.read_text())
     assert set(raw) <= set(cfg.to_dict())
+
+
+PAPER_RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
+def test_gpu_recipes_use_the_papers_training_setup(path):
+    """README "Paper recipes": AdamW 2e-6, weight decay 0.1, cosine, warm-up 0.1, global batch
+    32 on 8 GPUs, Alpaca 3 epochs / UltraChat 1, C = 3, the paper's confidence and Mixup."""
+    cfg = load_config(path)
+    t = cfg.train
+    assert (t.learning_rate, t.weight_decay, t.lr_scheduler_type, t.warmup_ratio) == (
+        2e-6,
+        0.1,
+        "cosine",
+        0.1,
+    )
+    assert t.num_workers * t.per_device_train_batch_size * t.gradient_accumulation_steps == 32
+    assert t.num_workers == 8 and t.use_gpu and t.bf16
+    epochs = 3 if "alpaca" in path.name else 1
+    assert t.num_train_epochs == cfg.reference.num_train_epochs == epochs
+    assert cfg.reference.learning_rate is None and cfg.reference.num_checkpoints == 3
+    assert (cfg.mixup.alpha, cfg.mixup.mu, cfg.mixup.align) == (0.5, 0.2, "response")
+    assert (cfg.split.ratio, cfg.score.confidence) == (0.5, "neg_mean_perplexity")
+    data = {
+        "alpaca": ("tatsu-lab/alpaca", "train"),
+        "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
+    }
+    key = "alpaca" if "alpaca" in path.name else "ultrachat"
+    assert (cfg.data.path, cfg.data.hf_split) == data[key]
