@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sftmix_ray.summary import read_summary
-from sftmix_ray.train.loop import FAULT_ENV
+from sftmix_ray.train.loop import FAULT_ENV, node_cpus, worker_threads
 from tests.conftest import (
     TINY_OVERRIDES,
     cli_env,
@@ -117,6 +117,8 @@ def test_two_workers_match_one(single, base_out, tmp_path, strategy):
     assert losses(one)[-1] < losses(one)[0], "training lowers the loss"
     stage = read_summary(out)["stages"]["train"]
     assert stage["status"] == "completed" and stage["steps"] == STEPS and stage["restarts"] == 0
+    record = json.loads((out / "logs" / "train-model-history.json").read_text())
+    assert record["torch_threads"] == 1  # ray.num_cpus=2 shared by 2 workers
 
 
 def test_mu_zero_is_the_ntp_reference_loop(reference_out, base_out, tmp_path):
@@ -158,6 +160,9 @@ def test_export_is_a_loadable_hf_model(single):
     assert np.isfinite(history[-1]["eval_loss"])
     events = list((out / "logs" / "tensorboard" / "train-model").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0, "rank 0 wrote TensorBoard scalars"
+    # The worker's threads: its share of its node's CPUs, capped by ray.num_cpus=2 / 1 worker.
+    record = json.loads((out / "logs" / "train-model-history.json").read_text())
+    assert record["torch_threads"] == min(2, node_cpus())
     _assert_mlflow_run(out, history)
 
 
@@ -269,3 +274,10 @@ def test_killed_worker_resumes_from_checkpoint_in_s3(single, base_out, tmp_path,
         with s3.open_input_stream(path) as stream:
             steps.append(json.loads(stream.read())["step"])
     assert max(steps) == STEPS
+
+
+def test_worker_threads_are_a_share_of_the_workers_own_node():
+    assert worker_threads(0, cpus=96, local_workers=8) == 12  # a GPU node, auto
+    assert worker_threads(2, cpus=96, local_workers=8) == 2  # capped by ray.num_cpus' share
+    assert worker_threads(0, cpus=4, local_workers=8) == 1  # never 0
+    assert worker_threads(16, cpus=8, local_workers=1) == 8  # never more than the node has

@@ -67,8 +67,10 @@ def run_name(cfg: Config, mode: str, export_name: str, rows: dict[str, str]) -> 
 
 
 def _torch_threads(cfg: Config) -> int:
-    total = cfg.ray.num_cpus or os.cpu_count() or 1
-    return max(1, total // cfg.train.num_workers)
+    """A cap on each worker's threads: its share of a local cluster's `ray.num_cpus`; 0 leaves
+    it to the worker (its share of its own node's CPUs, `loop.worker_threads`). Not the
+    driver's CPU count: on a cluster the driver's machine is not the workers'."""
+    return max(1, cfg.ray.num_cpus // cfg.train.num_workers) if cfg.ray.num_cpus else 0
 
 
 def _worker_env(cfg: Config) -> dict[str, str]:

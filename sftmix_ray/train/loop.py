@@ -357,13 +357,30 @@ def record_start(path: Path, run_name: str) -> int:
     return starts[run_name]
 
 
+def node_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(requested: int, cpus: int, local_workers: int) -> int:
+    """Intra-op threads of one worker: its share of its own node's CPUs among the workers on
+    that node, capped by `requested` (> 0: the local cluster's `ray.num_cpus` share)."""
+    share = max(1, cpus // max(1, local_workers))
+    return min(requested, share) if requested > 0 else share
+
+
 def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     """Ray Train entry (`train_loop_config={"spec": RunSpec}`): resume if a checkpoint exists,
     train, report, export."""
     import ray.train
 
     spec = config["spec"]
-    torch.set_num_threads(spec.torch_threads)
+    local_workers = ray.train.get_context().get_local_world_size()
+    threads = worker_threads(spec.torch_threads, node_cpus(), local_workers)
+    torch.set_num_threads(threads)
     trainer = TrainWorker(spec)
     if trainer.rank == 0:
         trainer.restarts = record_start(Path(spec.starts_path), spec.run_name) - 1
@@ -415,7 +432,12 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
 
         atomic_write_json(
             Path(spec.history_path),
-            {"restarts": trainer.restarts, "history": trainer.history, "nodes": trainer.nodes},
+            {
+                "restarts": trainer.restarts,
+                "history": trainer.history,
+                "nodes": trainer.nodes,
+                "torch_threads": threads,
+            },
         )
 
 

@@ -35,7 +35,7 @@ class RunSpec:
     export_dir: str  # where they go: <export_dir>/checkpoint-<step>
     final_export: str | None  # the trained HF model's directory (SFTMix training)
     heldout: bool  # a "heldout" dataset is attached (held-out eval_loss)
-    torch_threads: int  # intra-op threads per worker (its share of the node's CPUs)
+    torch_threads: int  # cap on intra-op threads per worker; 0: its share of its node's CPUs
     history_path: str  # per-step metrics, restarts and nodes, written by rank 0 at the end
     starts_path: str  # worker-group starts per run name (the `restarts` count)
     tensorboard_dir: str
