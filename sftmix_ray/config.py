@@ -98,9 +98,12 @@ class ReferenceConfig:
     """The reference NTP run whose checkpoints score confidence."""
 
     model: str | None = None  # smaller reference model (compute-constrained mode); None = base
-    num_checkpoints: int = 3  # T checkpoints spread evenly over the run
+    num_checkpoints: int = 3  # C checkpoints the confidence averages over
+    # even: the C checkpoints spread evenly over a run of num_train_epochs (or max_steps);
+    # epochs: at the ends of C epochs (the run lasts C epochs; num_train_epochs is not read).
+    checkpoints_at: Literal["even", "epochs"] = "even"
     num_train_epochs: float = 1.0  # length of the reference run (max_steps > 0 wins)
-    max_steps: int = -1  # > 0 overrides num_train_epochs
+    max_steps: int = -1  # > 0 overrides num_train_epochs (checkpoints_at: even)
     learning_rate: float | None = None  # None = train.learning_rate
 
     def __post_init__(self) -> None:

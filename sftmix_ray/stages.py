@@ -77,10 +77,12 @@ def training_reads(cfg: Config, mode: str) -> Reads:
             {
                 "reference.model": ref.model,
                 "reference.num_checkpoints": ref.num_checkpoints,
-                "reference.num_train_epochs": ref.num_train_epochs,
-                "reference.max_steps": ref.max_steps,
+                "reference.checkpoints_at": ref.checkpoints_at,
             }
         )
+        if ref.checkpoints_at == "even":  # under epochs the run's length is C epochs
+            values["reference.num_train_epochs"] = ref.num_train_epochs
+            values["reference.max_steps"] = ref.max_steps
         return values
     values = _train_values(cfg.train)
     mixup = cfg.mixup

@@ -56,6 +56,7 @@ def test_changes_that_leave_results_alone_rerun_nothing(change):
         (["train.learning_rate=0.002"], "reference"),  # the reference run inherits it
         (["train.per_device_train_batch_size=4"], "reference"),  # another global batch
         (["reference.num_checkpoints=3"], "reference"),
+        (["reference.checkpoints_at=epochs"], "reference"),
         (["score.confidence=mean_inverse_perplexity"], "score"),
         (["split.ratio=0.3"], "split"),
         (["train.max_steps=7"], "train"),  # the reference run has its own length
@@ -80,6 +81,10 @@ def test_reference_fingerprint_uses_the_learning_rate_it_trains_with():
     assert _first_changed(tiny_config(*pinned), tiny_config(*pinned, "train.learning_rate=1")) == (
         "train"
     )
+    # checkpoints_at=epochs runs C epochs: the run length keys are not read.
+    epochs = ["reference.checkpoints_at=epochs"]
+    same = tiny_config(*epochs, "reference.num_train_epochs=5", "reference.max_steps=9")
+    assert _first_changed(tiny_config(*epochs), same) is None
     # mu = 0 is plain NTP: the Mixup settings it does not read change nothing.
     ntp = ["mixup.mu=0"]
     assert _first_changed(tiny_config(*ntp), tiny_config(*ntp, "mixup.alpha=0.9")) is None
@@ -117,6 +122,9 @@ def test_run_spec_is_typed_and_applies_what_each_run_uses(tmp_path):
     assert ref.train.learning_rate == 0.5 and ref.loss == LossSpec("ntp", {"chunk_size": 1024})
     assert ref.streams == ("data",) and ref.export_count == 2 and ref.final_export is None
     assert ref.max_steps == 3 and ref.train.report_to == ["mlflow"]
+    assert ref.export_at == "even"
+    epochs = build_spec(tiny_config("reference.checkpoints_at=epochs"), tmp_path, "reference")
+    assert (epochs.num_train_epochs, epochs.max_steps, epochs.export_at) == (2.0, -1, "epochs")
     train = build_spec(cfg, tmp_path, "train")
     assert train.train.learning_rate == cfg.train.learning_rate
     assert train.loss.name == "sftmix" and train.loss.kwargs["mu"] == 0.3

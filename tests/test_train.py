@@ -27,10 +27,11 @@ from tests.conftest import (
 )
 
 STEPS = 3
+LR = 0.01
 BUCKET = "sftmix-checkpoints"
 COMMON = [
     f"train.max_steps={STEPS}",
-    "train.learning_rate=0.01",
+    f"train.learning_rate={LR}",
     "train.warmup_ratio=0",
     "train.save_steps=1",
 ]
@@ -193,8 +194,15 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     a = load_file(str(out / "model" / "model.safetensors"))
     b = load_file(str(reference / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
+    # The weights agree to a tenth of one step's update. Not bit for bit: a resumed run's
+    # kernels work on other allocations and threads under load, and Adam's first steps move
+    # every weight by about the learning rate whatever its gradient's size, so a 1e-9
+    # difference in a near-zero gradient can flip a weight's first update (seen once in a
+    # dozen suite runs: up to 4e-4, with learning rate 1e-2, and every loss equal to 1e-6).
+    # A lost optimizer state, a skipped or repeated step, or weights restored from the wrong
+    # checkpoint move weights by whole updates, and the losses above.
     for key in a:
-        np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=0, atol=0.1 * LR)
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,11 @@ def build_spec(
             train = dataclasses.replace(train, learning_rate=cfg.reference.learning_rate)
         streams: tuple[str, ...] = ("data",)
         loss = ntp
-        epochs, max_steps = cfg.reference.num_train_epochs, cfg.reference.max_steps
-        export_count, export_dir, final_export = cfg.reference.num_checkpoints, run.reference, None
+        ref = cfg.reference
+        epochs, max_steps = ref.num_train_epochs, ref.max_steps
+        if ref.checkpoints_at == "epochs":  # C epochs, a checkpoint at the end of each
+            epochs, max_steps = float(ref.num_checkpoints), -1
+        export_count, export_dir, final_export = ref.num_checkpoints, run.reference, None
     else:
         model_path = resolve_model_path(cfg.model.name_or_path, run)
         mixup = cfg.mixup
@@ -129,6 +132,7 @@ def build_spec(
         num_train_epochs=epochs,
         max_steps=max_steps,
         export_count=export_count,
+        export_at=cfg.reference.checkpoints_at if mode == "reference" else "even",
         export_dir=str(export_dir),
         final_export=final_export,
         heldout=run.heldout.exists(),
@@ -282,7 +286,8 @@ def run_training(
     if retokenized:
         summary["retokenized"] = retokenized
     if mode == "reference":
-        summary["checkpoints"] = sorted(str(p) for p in run.reference.glob("checkpoint-*"))
+        by_step = sorted(run.reference.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name))
+        summary["checkpoints"] = [str(p) for p in by_step]  # checkpoint-9 before checkpoint-10
     else:
         summary["model_dir"] = spec.final_export
     return summary

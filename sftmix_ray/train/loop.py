@@ -68,8 +68,11 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
     return model
 
 
-def checkpoint_steps(total: int, count: int) -> list[int]:
-    """`count` steps spread evenly over a run of `total` steps, the last one included."""
+def checkpoint_steps(total: int, count: int, per_epoch: int | None = None) -> list[int]:
+    """`count` steps spread evenly over a run of `total` steps, the last one included; with
+    `per_epoch`, the ends of the first `count` epochs instead."""
+    if per_epoch is not None:
+        return [per_epoch * (k + 1) for k in range(count)]
     return sorted({max(1, round(total * (k + 1) / count)) for k in range(count)})
 
 
@@ -391,7 +394,8 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     save_every = spec.train.save_steps
     export_steps = set()
     if spec.export_count:
-        export_steps = set(checkpoint_steps(trainer.total_steps, spec.export_count))
+        per_epoch = trainer.plan.steps_per_epoch() if spec.export_at == "epochs" else None
+        export_steps = set(checkpoint_steps(trainer.total_steps, spec.export_count, per_epoch))
     log_every = spec.train.logging_steps
     eval_every = spec.train.eval_steps
     sinks = MetricSinks(spec, trainer.rank, trainer.step, trainer.total_steps)

@@ -31,7 +31,8 @@ class RunSpec:
     attn_implementation: str | None
     num_train_epochs: float
     max_steps: int  # > 0 overrides num_train_epochs
-    export_count: int  # HF checkpoints spread over the run (the reference run's), else 0
+    export_count: int  # HF checkpoints over the run (the reference run's), else 0
+    export_at: Literal["even", "epochs"]  # spread evenly, or at the ends of export_count epochs
     export_dir: str  # where they go: <export_dir>/checkpoint-<step>
     final_export: str | None  # the trained HF model's directory (SFTMix training)
     heldout: bool  # a "heldout" dataset is attached (held-out eval_loss)
