@@ -317,6 +317,22 @@ def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> No
     assert results["shm"] == (True, "None", False)
 
 
+def _global_loss(module: nn.Module, loss: SFTMixLoss, rank: int) -> float:
+    """This rank's pair of `_llama_batch` through a wrapped module, as the loop normalizes it;
+    the loss of the whole batch (a collective)."""
+    data = _llama_batch()
+    rows = [rank, 2 + rank]
+    counts = loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
+    dist.all_reduce(counts)
+    value, _ = module(
+        data["ids"][rows], data["mask"][rows], data["labels"][rows],
+        lam=data["lam"][[rank]], normalizers=counts / WORLD,
+    )  # fmt: skip
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / WORLD
+
+
 def _meta_init_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -> None:
     """Both ranks build on the meta device; rank 0 alone loads the checkpoint."""
     from sftmix_ray.modeling import load_model
@@ -338,22 +354,11 @@ def _meta_init_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -
         strategy = FSDPStrategy(wrapper, train, 1, weights=weights, device=torch.device("cpu"))
         local = sum(p.to_local().numel() for p in strategy.module.parameters())
         total = sum(p.numel() for p in strategy.module.parameters())
-        data = _llama_batch()
-        rows = [rank, 2 + rank]
-        counts = wrapper.loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
-        dist.all_reduce(counts)
-        loss, _ = strategy.module(
-            data["ids"][rows], data["mask"][rows], data["labels"][rows],
-            lam=data["lam"][[rank]], normalizers=counts / WORLD,
-        )  # fmt: skip
-        value = loss.detach().clone()
-        dist.all_reduce(value)
+        value = _global_loss(strategy.module, wrapper.loss, rank)
         full = strategy.full_state_dict()  # a collective
         buffers = {n: b.clone() for n, b in wrapper.model.named_buffers()}
         torch.save(
-            {"full": full, "buffers": buffers, "local": local, "total": total,
-             "loss": float(value) / WORLD, "tied": wrapper.model.lm_head.weight
-             is wrapper.model.model.embed_tokens.weight},
+            {"full": full, "buffers": buffers, "local": local, "total": total, "loss": value},
             os.path.join(out_dir, f"meta-{rank}.pt"),
         )  # fmt: skip
     finally:
@@ -414,20 +419,11 @@ def _zero3_loading_worker(rank: int, init_file: str, out_dir: str, model_dir: st
         wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
         strategy = build_strategy("deepspeed", wrapper, train, 1)
         del loading
-        data = _llama_batch()
-        rows = [rank, 2 + rank]
-        counts = wrapper.loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
-        dist.all_reduce(counts)
-        loss, _ = strategy.module(
-            data["ids"][rows], data["mask"][rows], data["labels"][rows],
-            lam=data["lam"][[rank]], normalizers=counts / WORLD,
-        )  # fmt: skip
-        value = loss.detach().clone()
-        dist.all_reduce(value)
+        value = _global_loss(strategy.module, wrapper.loss, rank)
         full = strategy.full_state_dict()  # a collective
         torch.save(
             {"partitioned": partitioned, "local": local, "total": total,
-             "loss": float(value) / WORLD, "full": full},
+             "loss": value, "full": full},
             os.path.join(out_dir, f"zero3-load-{rank}.pt"),
         )  # fmt: skip
     finally:
