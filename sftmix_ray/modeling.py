@@ -122,6 +122,16 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     return tok
 
 
+def model_kwargs(
+    trust_remote_code: bool, dtype: torch.dtype, attn_implementation: str | None
+) -> dict[str, Any]:
+    """The keyword arguments every model construction here passes to transformers."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -132,9 +142,7 @@ def load_model(
     """AutoModelForCausalLM from an id or directory (safetensors preferred)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = model_kwargs(trust_remote_code, dtype, attn_implementation)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as exc:

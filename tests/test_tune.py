@@ -255,6 +255,10 @@ def test_random_search_over_choices_draws_different_points():
     assert len(distinct_points(domains, 100, seed=0)) == 27  # never more than the space holds
     continuous = [parse_domain("mixup.alpha", {"uniform": [0.1, 1.0]}), *domains[1:]]
     assert distinct_points(continuous, 3, seed=0) is None  # Tune samples continuous spaces
+    # 12 keys of 10 choices: 1e12 points, drawn without listing them.
+    huge = [parse_domain(f"train.seed_{i}", {"choice": list(range(10))}) for i in range(12)]
+    drawn = distinct_points(huge, 5, seed=0)
+    assert len({tuple(p.values()) for p in drawn}) == 5 and all(len(p) == 12 for p in drawn)
 
 
 def test_asha_counts_optimizer_steps_and_grid_counts_trials():

@@ -187,14 +187,23 @@ def distinct_points(
     """For random search over a space whose every domain lists its values (choices, fixed
     values): `num_samples` different points, drawn with `seed`, or every point of the space
     when it has fewer. None when a domain is continuous or a grid (Tune draws those itself)."""
-    import itertools
+    import math
     import random
 
     if not domains or any(d.kind not in ("choice", "fixed") for d in domains):
         return None
-    combos = list(itertools.product(*(d.values for d in domains)))
-    picked = random.Random(seed).sample(combos, min(num_samples, len(combos)))
-    return [dict(zip((d.key for d in domains), combo)) for combo in picked]
+    sizes = [len(d.values) for d in domains]
+    total = math.prod(sizes)
+    # Draw point numbers, not points: the product of many choices can be astronomically large.
+    picked = random.Random(seed).sample(range(total), min(num_samples, total))
+    points = []
+    for number in picked:
+        point = {}
+        for domain, size in zip(reversed(domains), reversed(sizes)):  # mixed-radix digits
+            number, digit = divmod(number, size)
+            point[domain.key] = domain.values[digit]
+        points.append({d.key: point[d.key] for d in domains})
+    return points
 
 
 def is_finite_number(value: Any) -> bool:

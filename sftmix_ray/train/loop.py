@@ -57,15 +57,18 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
     from sftmix_ray.train.meta_init import meta_model
 
     load = meta_model if meta else load_model  # meta: the modules, no weights (FSDP2 init)
-    model = load(
-        spec.model_path,
-        trust_remote_code=spec.trust_remote_code,
-        attn_implementation=spec.attn_implementation,
-    )
+    model = load(spec.model_path, **_load_options(spec))
     if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _load_options(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "trust_remote_code": spec.trust_remote_code,
+        "attn_implementation": spec.attn_implementation,
+    }
 
 
 def checkpoint_steps(total: int, count: int, per_epoch: int | None = None) -> list[int]:
@@ -143,11 +146,7 @@ class TrainWorker:
 
         if self.rank != 0:
             return None
-        return load_model(
-            spec.model_path,
-            trust_remote_code=spec.trust_remote_code,
-            attn_implementation=spec.attn_implementation,
-        )
+        return load_model(spec.model_path, **_load_options(spec))
 
     def _gather_nodes(self) -> list[str]:
         """The Ray node id of every rank (recorded to show where workers ran)."""

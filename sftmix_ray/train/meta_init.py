@@ -37,10 +37,10 @@ def meta_model(
     """The model's modules and parameters on the meta device, in fp32 (the master weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sftmix_ray.modeling import model_kwargs
+
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = model_kwargs(trust_remote_code, torch.float32, attn_implementation)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
@@ -54,6 +54,7 @@ def rank_zero_weights(model: nn.Module | None) -> RankZeroWeights:
     )
 
 
+@torch.no_grad()
 def materialize_from_rank0(
     module: nn.Module, weights: RankZeroWeights, device: torch.device, prefix: str = ""
 ) -> None:
@@ -68,13 +69,14 @@ def materialize_from_rank0(
     """
     module.to_empty(device=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    for name, value in module.state_dict().items():
+    # Each tensor once: a tied parameter (embedding and head) and a shared buffer are one.
+    for name, param in module.named_parameters():
         full = _source(weights.state, name, prefix) if rank == 0 else None
-        if _is_row_sharded(value):
-            _scatter_rows(value.to_local(), full, rank, world, device)
-        elif isinstance(value, torch.Tensor):
-            _broadcast_into(_local(value), full, rank)
-    for name, buffer in module.named_buffers(remove_duplicate=False):
+        if _is_row_sharded(param):
+            _scatter_rows(param.to_local(), full, rank, world, device)
+        else:
+            _broadcast_into(_local(param), full, rank)
+    for name, buffer in module.named_buffers():
         full = _source(weights.buffers, name, prefix) if rank == 0 else None
         _broadcast_into(buffer, full, rank)
 

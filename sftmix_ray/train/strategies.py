@@ -56,26 +56,10 @@ def _rank() -> int:
 class TorchStrategy:
     """DDP (or a single process) and FSDP2 share the torch optimizer path."""
 
-    def __init__(
-        self,
-        wrapper: CausalLMWithLoss,
-        train: dict[str, Any],
-        total_steps: int,
-        *,
-        weights: RankZeroWeights | None = None,
-        device: torch.device | None = None,
-    ):
+    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
         self.wrapper = wrapper
         self.train = train
         self.module = self._wrap(wrapper)
-        if weights is not None:  # built on the meta device: fill the shards from rank 0
-            if not isinstance(self, FSDPStrategy):
-                raise ValueError("a model built on the meta device needs the fsdp strategy")
-            materialize_from_rank0(
-                self.module, weights, device or torch.device("cpu"), MODEL_PREFIX
-            )
-            weights.state.clear()  # rank 0's full copy goes now, before the optimizer state
-            weights.buffers.clear()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
             lr=train["learning_rate"],
@@ -145,7 +129,23 @@ class TorchStrategy:
 
 
 class FSDPStrategy(TorchStrategy):
-    """FSDP2: `fully_shard` each decoder layer, then the wrapper (which owns the LM head)."""
+    """FSDP2: `fully_shard` each decoder layer, then the wrapper (which owns the LM head).
+
+    With `weights`, the wrapper was built on the meta device: after sharding, each rank
+    allocates its shards on `device` and rank 0's checkpoint fills them (`meta_init`).
+    """
+
+    def __init__(
+        self,
+        wrapper: CausalLMWithLoss,
+        train: dict[str, Any],
+        total_steps: int,
+        *,
+        weights: RankZeroWeights | None = None,
+        device: torch.device | None = None,
+    ):
+        self._weights, self._device = weights, device or torch.device("cpu")
+        super().__init__(wrapper, train, total_steps)
 
     def _wrap(self, wrapper: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
@@ -156,6 +156,11 @@ class FSDPStrategy(TorchStrategy):
         for layer in _decoder_layers(wrapper):
             fully_shard(layer, mp_policy=layer_policy)
         fully_shard(wrapper, mp_policy=root_policy)
+        if self._weights is not None:  # before the optimizer exists: no state to rebuild
+            materialize_from_rank0(wrapper, self._weights, self._device, MODEL_PREFIX)
+            self._weights.state.clear()  # rank 0's full copy goes before the optimizer state
+            self._weights.buffers.clear()
+            self._weights = None
         return wrapper
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -205,19 +210,8 @@ class FSDPStrategy(TorchStrategy):
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO-2/3 from our config, or a user's DeepSpeed JSON."""
 
-    def __init__(
-        self,
-        wrapper: CausalLMWithLoss,
-        train: dict[str, Any],
-        total_steps: int,
-        *,
-        weights: RankZeroWeights | None = None,
-        device: torch.device | None = None,
-    ):
+    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
         import deepspeed
-
-        if weights is not None:
-            raise ValueError("DeepSpeed takes a loaded model (meta-device init is FSDP2's)")
 
         skip_cpu_shm_comm_build()
         self.wrapper = wrapper
@@ -374,5 +368,9 @@ def build_strategy(
     device: torch.device | None = None,
 ) -> TorchStrategy | DeepSpeedStrategy:
     """Wrap the model with the strategy named by `train.strategy`; `weights` when the wrapper
-    was built on the meta device (FSDP2: rank 0's checkpoint, broadcast into the shards)."""
-    return STRATEGIES[name](wrapper, train, total_steps, weights=weights, device=device)
+    was built on the meta device (FSDP2 only: rank 0's checkpoint, sent into the shards)."""
+    if name == "fsdp":
+        return FSDPStrategy(wrapper, train, total_steps, weights=weights, device=device)
+    if weights is not None:
+        raise ValueError(f"a model built on the meta device needs the fsdp strategy, not {name}")
+    return STRATEGIES[name](wrapper, train, total_steps)
