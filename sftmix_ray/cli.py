@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate_data(args: argparse.Namespace) -> str:
     from sftmix_ray.data.validation import format_report, validate_file
 
-    _, report = validate_file(args.data, args.format, repair=args.repair)
+    _, report = validate_file(args.data, args.format, repair=args.repair, keep_valid=False)
     if args.json:
         return json.dumps(report.to_json())
     return format_report(report, args.data)

@@ -17,6 +17,8 @@
       work/                           intermediates a rerun reuses, never results:
         scores/checkpoint-<step>.parquet   NLL per example for one reference checkpoint
         reference_data/{data,heldout}/      corpus in a smaller reference model's tokenizer
+        prepare/                            the demo corpus as JSON Lines, JSON arrays and Hub
+                                            datasets rewritten so they can be cut into chunks
 
 Results and intermediates are apart: `pyarrow.dataset.dataset(OUT/<results dir>)` reads every
 results directory above as one dataset.
@@ -146,6 +148,11 @@ class RunDir:
     def reference_data(self) -> Path:
         """The corpus retokenized for a reference model with another tokenizer."""
         return self.root / self.WORK / "reference_data"
+
+    @property
+    def prepare_work(self) -> Path:
+        """Files `prepare` writes to read the corpus in chunks, and its unfinished outputs."""
+        return self.root / self.WORK / "prepare"
 
     @property
     def logs(self) -> Path:

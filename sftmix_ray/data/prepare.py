@@ -1,17 +1,25 @@
-"""The `prepare` stage: read, validate, normalize, template and tokenize the corpus -> OUT/data/."""
+"""The `prepare` stage: read, validate, repair, template and tokenize the corpus -> OUT/data/.
+
+Streaming: the driver plans chunks (`sftmix_ray.data.chunks`) and receives counts; Ray Data
+actors read each chunk from the files, validate, repair, tokenize and write its Parquet part
+and its rejections (`sftmix_ray.data.chunk_worker`). No process holds the corpus or its tokens,
+so the driver's memory does not grow with the corpus (see `prepare_driver_rss_4x_over_1x` in
+benchmarks/run.py). The tiny preset's tokenizer trains on a bounded sample of the corpus.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from sftmix_ray.config import Config
+from sftmix_ray.data.chunk_worker import SIDES, ChunkJob, SideStats
+from sftmix_ray.data.chunks import Chunk
 from sftmix_ray.errors import DataError
 from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
 from sftmix_ray.layout import RunDir
@@ -19,193 +27,235 @@ from sftmix_ray.layout import RunDir
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
+TOKENIZER_SAMPLE_ROWS = 50_000  # valid rows the tiny preset's tokenizer trains on, at most
+TOKENIZER_SAMPLE_CHARS = 16 << 20  # and characters of their turns
+CHUNKS_PER_WORKER = 4
 
 
 @dataclass
-class Corpus:
-    """Validated conversations of one split: (example_id, messages, answer) and the report."""
+class CorpusPlan:
+    """One corpus file/directory to process: where it is and how its rows are routed."""
 
-    rows: list[tuple[int, list[dict], str | None]]
+    path: str
+    job: ChunkJob
+    chunks: list[Chunk]
     total: int
-    rejections: list[dict]  # {"index", "reason", "kind"}
-    source: str
-    repairs: dict[str, int] = field(default_factory=dict)  # kind -> rows repaired and kept
 
 
-def _answer(row: Any) -> str | None:
-    return row.get("answer") if isinstance(row, dict) else None
+def resolve_format(path: str, fmt: str, hf_split: str) -> str:
+    """`fmt`, or for `auto` the format of the corpus' first row that matches one (streamed)."""
+    from sftmix_ray.data.formats import detect_format
+    from sftmix_ray.data.readers import iter_records
+
+    if fmt != "auto":
+        return fmt
+    try:
+        return detect_format(iter_records(path, hf_split=hf_split))
+    except DataError as exc:
+        if str(exc).startswith("cannot detect"):  # detect_format's own error: name the corpus
+            raise DataError(f"{path}: {exc}") from None
+        raise
 
 
-def _validated(
-    raw_rows: list[Any], fmt: str, source: str, on_invalid: str, repair: str = "standard"
-) -> Corpus:
-    from sftmix_ray.data.validation import validate_rows
+def _write_demo(cfg: Config, work: Path) -> tuple[str, str | None]:
+    """The bundled demo corpus as JSON Lines files (train, held-out) under `work`."""
+    from sftmix_ray.data.demo import generate_demo
 
-    valid, report = validate_rows(raw_rows, fmt, repair=repair)
-    rejections = [{"index": r.index, "reason": r.reason, "kind": r.kind} for r in report.rejections]
-    if rejections and on_invalid == "error":
-        first = rejections[0]
-        raise DataError(
-            f"{source}: {len(rejections)} invalid rows (data.on_invalid=error); first: "
-            f"row {first['index']}: {first['reason']}"
-        )
-    rows = [(idx, messages, _answer(raw_rows[idx])) for idx, messages in valid]
-    return Corpus(
-        rows=rows, total=report.total, rejections=rejections, source=source, repairs=report.repairs
-    )
+    train_rows, eval_rows = generate_demo(cfg.data.demo_train_size, cfg.data.demo_eval_size, seed=0)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in (("demo-train.jsonl", train_rows), ("demo-eval.jsonl", eval_rows)):
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        paths.append(str(work / name) if rows else None)
+    return str(paths[0]), paths[1]
 
 
-def load_corpora(cfg: Config) -> tuple[Corpus, Corpus | None]:
-    """Train and held-out corpora from the demo generator, files, or a HF dataset."""
-    from sftmix_ray.data.readers import read_records
+def plan_corpora(cfg: Config, run: RunDir, dirs: dict[str, str], rejection_dirs: dict[str, str]):
+    """The corpora of a run (train, and held-out when it has its own file), chunked."""
+    from sftmix_ray.data.chunks import plan_chunks
 
     d = cfg.data
+    work = run.prepare_work
+    parts = d.num_workers * CHUNKS_PER_WORKER
     if d.path == DEMO:
-        from sftmix_ray.data.demo import generate_demo
+        train_path, eval_path = _write_demo(cfg, work)
+        specs = [("demo:train", train_path, "messages", "train", 0)]
+        if eval_path:
+            specs.append(("demo:eval", eval_path, "messages", "heldout", 0))
+    else:
+        every = max(2, round(1 / d.eval_fraction)) if d.eval_fraction > 0 else 0
+        route = "by_id" if every and not d.eval_path else "train"
+        specs = [(d.path, d.path, d.format, route, every)]
+        if d.eval_path:
+            specs.append((d.eval_path, d.eval_path, d.format, "heldout", 0))
+    plans = []
+    for number, (source, path, fmt, route, every) in enumerate(specs):
+        fmt = resolve_format(path, fmt, d.hf_split)
+        job = ChunkJob(source, fmt, d.repair, route, every, dirs, rejection_dirs)
+        chunks, total = plan_chunks(
+            path, hf_split=d.hf_split, work_dir=work / f"source-{number}", parts=parts
+        )
+        plans.append(CorpusPlan(path, job, chunks, total))
+    return plans
 
-        train_raw, eval_raw = generate_demo(d.demo_train_size, d.demo_eval_size, seed=0)
-        train = _validated(train_raw, "messages", "demo:train", d.on_invalid)
-        heldout = _validated(eval_raw, "messages", "demo:eval", d.on_invalid) if eval_raw else None
-        return train, heldout
-    raw_train = read_records(d.path, hf_split=d.hf_split)
-    train = _validated(raw_train, d.format, d.path, d.on_invalid, d.repair)
-    if d.eval_path:
-        raw = read_records(d.eval_path, hf_split=d.hf_split)
-        return train, _validated(raw, d.format, d.eval_path, d.on_invalid, d.repair)
-    if d.eval_fraction > 0:
-        # Every k-th example by id, so the held-out split is stable across runs.
-        every = max(2, round(1 / d.eval_fraction))
-        kept = [r for r in train.rows if r[0] % every != every - 1]
-        held = [r for r in train.rows if r[0] % every == every - 1]
-        heldout = Corpus(rows=held, total=len(held), rejections=[], source=f"{d.path}[heldout]")
-        train.rows = kept
-        return train, heldout
-    return train, None
 
+def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> list[str]:
+    """Texts the tiny preset's BPE trains on: every turn of the first `limit` valid training
+    rows (in row order, held-out rows left out; at most TOKENIZER_SAMPLE_CHARS characters)
+    and the role names."""
+    from sftmix_ray.data.chunks import iter_chunk
+    from sftmix_ray.data.formats import normalize_with_repairs
+    from sftmix_ray.errors import RowRejected
 
-def tokenizer_training_texts(rows: list[tuple[int, list[dict], str | None]]) -> list[str]:
-    """Texts the tiny preset's BPE is trained on: every turn's content and the role names."""
-    texts = [m["content"] for _, messages, _ in rows for m in messages]
+    texts: list[str] = []
+    kept = chars = 0
+    for chunk in plan.chunks:
+        for index, raw in iter_chunk(chunk):
+            if plan.job.side(index) != "train":
+                continue
+            try:
+                messages, _ = normalize_with_repairs(raw, plan.job.fmt, plan.job.repair)
+            except RowRejected:
+                continue
+            texts.extend(m["content"] for m in messages)
+            kept += 1
+            chars += sum(len(m["content"]) for m in messages)
+            if kept >= limit or chars >= TOKENIZER_SAMPLE_CHARS:
+                return [*texts, "system user assistant"]
+    if not kept:
+        raise DataError(f"{plan.job.source}: no valid rows ({plan.total} read, all rejected)")
     return [*texts, "system user assistant"]
 
 
-def tokenize_corpora(
-    corpora: list[Corpus], tokenizer_path: str, cfg: Config, truncation: str | None = None
-) -> list[pa.Table]:
-    """Tokenize all corpora in one Ray Data `map_batches` pass on an actor pool.
+def run_chunk_jobs(
+    plans: list[CorpusPlan], tokenizer_path: str, cfg: Config, truncation: str
+) -> list[dict[str, SideStats]]:
+    """Process every chunk of every plan on one Ray Data actor pool; per plan, merged counts.
 
-    Returns one table per corpus with every row and its fate (kept or a reject reason).
-    `truncation` overrides `data.truncation`.
+    Raises the first unreadable-file error in corpus and file order.
     """
-    import pyarrow.compute as pc
     import ray
 
-    from sftmix_ray.data.tokenize import TokenizeBatch
+    from sftmix_ray.data.chunk_worker import PrepareChunks
 
-    rows = [(k, r) for k, corpus in enumerate(corpora) for r in corpus.rows]
-    table = pa.table(
-        {
-            "corpus": pa.array([k for k, _ in rows], type=pa.int8()),
-            "example_id": pa.array([r[0] for _, r in rows], type=pa.int64()),
-            "messages_json": pa.array([json.dumps(r[1]) for _, r in rows], type=pa.string()),
-            "answer": pa.array([r[2] for _, r in rows], type=pa.string()),
-        }
-    )
-    n_actors = max(1, min(cfg.data.num_workers, len(rows) // cfg.data.tokenize_batch_size))
-    # Pre-sliced blocks: a repartition would need free CPUs while the actor pool holds them.
-    per_block = -(-table.num_rows // (n_actors * 2))
-    ds = ray.data.from_arrow(
-        [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
-    )
-    truncation = truncation or cfg.data.truncation
+    items = []
+    for job_no, plan in enumerate(plans):
+        for chunk in plan.chunks:
+            items.append({"job": job_no, "chunk_no": len(items), "chunk": chunk.to_json()})
+    size = max(1, min(cfg.data.num_workers, len(items)))
+    jobs = [p.job for p in plans]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        TokenizeBatch,
-        fn_constructor_args=(tokenizer_path, cfg.data.max_length, truncation),
+        PrepareChunks,
+        fn_constructor_args=(jobs, tokenizer_path, cfg.data.max_length, truncation),
         fn_constructor_kwargs={"trust": cfg.model.trust_remote_code},
-        batch_size=cfg.data.tokenize_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=size),
         num_cpus=1,
     )
-    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("example_id")
-    return [
-        out.filter(pc.equal(out.column("corpus"), k)).drop_columns(["corpus"])
-        for k in range(len(corpora))
-    ]
+    results = sorted(ds.take_all(), key=lambda r: int(r["chunk_no"]))
+    merged = [{side: SideStats() for side in SIDES} for _ in plans]
+    for result in results:
+        stats = json.loads(result["stats"])
+        if stats["error"]:
+            raise DataError(stats["error"])
+        for side in SIDES:
+            merged[int(result["job"])][side].merge(SideStats(**stats[side]))
+    return merged
 
 
-def write_shards(table: pa.Table, target: Path, rows_per_file: int = 2048) -> None:
-    """Write kept rows as Parquet shards into `target`, atomically (tmp dir then rename)."""
-    tmp = fresh_tmp_dir(target)
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        pq.write_table(table.slice(start, rows_per_file), tmp / f"part-{i:05d}.parquet")
-    replace_dir(tmp, target)
+def _gather_rejections(parts: Path, target: Path) -> None:
+    """Concatenate a side's rejection parts (in row order) into `target`, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as out:
+        for part in sorted(parts.glob("part-*.jsonl")) if parts.exists() else []:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, target)
 
 
-def _finish(corpus: Corpus, tokenized: pa.Table, target: Path, rejections_file: Path) -> dict:
-    """Split tokenized rows into kept and rejected, write the kept ones and the list of every
-    rejection (`rejections_file`, JSON Lines), return the counts.
+def _ensure_schema_file(directory: Path, side: str) -> None:
+    """A side with no kept row still reads as a dataset: one empty file with the schema."""
+    import pyarrow.parquet as pq
 
-    Row indices are 0-based positions in the source (for file corpora also the example_id).
-    """
-    import pyarrow.compute as pc
+    from sftmix_ray.data.chunk_worker import SCHEMAS
 
-    from sftmix_ray.data.validation import Rejection, rejections_by_kind
-    from sftmix_ray.io_utils import atomic_write_text
+    if not any(directory.glob("*.parquet")):
+        pq.write_table(SCHEMAS[side].empty_table(), directory / "part-00000.parquet")
 
-    reasons = tokenized.column("reject_reason")
-    kept = tokenized.filter(pc.equal(reasons, "")).drop_columns(["reject_reason", "reject_kind"])
-    dropped = tokenized.filter(pc.not_equal(reasons, ""))
-    write_shards(kept.drop_columns(["truncated"]), target)
-    token_rejections = [
-        {"index": int(i), "reason": str(r), "kind": str(k)}
-        for i, r, k in zip(
-            dropped.column("example_id").to_pylist(),
-            dropped.column("reject_reason").to_pylist(),
-            dropped.column("reject_kind").to_pylist(),
-        )
-    ]
-    rejections = sorted(corpus.rejections + token_rejections, key=lambda r: r["index"])
-    lines = "".join(json.dumps({"example_id": r["index"], **r}) + "\n" for r in rejections)
-    atomic_write_text(rejections_file, lines)
-    n_tokens = pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0
-    by_kind = rejections_by_kind(
-        [Rejection(r["index"], r["reason"], r["kind"]) for r in rejections]
+
+def _check_invalid(plan: CorpusPlan, stats: dict[str, SideStats], on_invalid: str) -> None:
+    """With data.on_invalid=error, fail on the corpus' first invalid row."""
+    invalid = sum(s.invalid for s in stats.values())
+    if not invalid or on_invalid != "error":
+        return
+    first = min(
+        (s.first_invalid for s in stats.values() if s.first_invalid), key=lambda f: f["index"]
     )
+    raise DataError(
+        f"{plan.job.source}: {invalid} invalid rows (data.on_invalid=error); first: "
+        f"row {first['index']}: {first['reason']}"
+    )
+
+
+def _side_result(source: str, stats: SideStats, rejections_file: Path) -> dict[str, Any]:
     return {
-        "source": corpus.source,
-        "input": corpus.total,
-        "rejected": len(rejections),
-        "written": kept.num_rows,
-        "truncated": int(pc.sum(kept.column("truncated")).as_py() or 0),
-        "repairs": corpus.repairs,
-        "tokens": int(n_tokens),
-        "rejections_by_kind": by_kind,
+        "source": source,
+        "input": stats.input,
+        "rejected": stats.rejected,
+        "written": stats.written,
+        "truncated": stats.truncated,
+        "repairs": dict(sorted(stats.repairs.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "tokens": stats.tokens,
+        "rejections_by_kind": stats.ordered_kinds(),
         "rejections_file": str(rejections_file),
     }
 
 
 def run_prepare(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
-    """Prepare OUT/data (and OUT/heldout); builds the tiny preset when the model is `tiny`."""
+    """Prepare OUT/data (and OUT/heldout); builds the tiny preset when the model is `tiny`.
+
+    Every row is counted once: per side, `input == written + rejected`.
+    """
     from sftmix_ray.modeling import TINY, materialize_tiny
 
     run = RunDir.of(out_dir)
-    train, heldout = load_corpora(cfg)
-    if not train.rows:
-        raise DataError(f"{train.source}: no valid rows ({train.total} read, all rejected)")
+    scratch = run.prepare_work / "outputs"
+    shutil.rmtree(scratch, ignore_errors=True)
+    dirs = {"train": str(fresh_tmp_dir(run.data)), "heldout": str(fresh_tmp_dir(run.heldout))}
+    rejection_dirs = {side: str(scratch / "rejections" / side) for side in SIDES}
+    plans = plan_corpora(cfg, run, dirs, rejection_dirs)
     tokenizer_path = cfg.model.name_or_path
     if cfg.model.name_or_path == TINY:
-        texts = tokenizer_training_texts(train.rows)
+        texts = tokenizer_sample(plans[0])
         tokenizer_path = str(materialize_tiny(cfg.model, texts, run.base_model))
-    corpora = [train] + ([heldout] if heldout is not None and heldout.rows else [])
-    tokenized = tokenize_corpora(corpora, tokenizer_path, cfg)
-    # The held-out table keeps messages and answers for generation-based evaluation; the
-    # training table keeps the messages so a reference model with another tokenizer can
-    # re-tokenize them (`sftmix_ray.data.retokenize`).
-    train_table = tokenized[0].drop_columns(["answer"])
-    counts = {"train": _finish(train, train_table, run.data, run.rejections("train"))}
-    if len(corpora) == 2:
-        counts["heldout"] = _finish(heldout, tokenized[1], run.heldout, run.rejections("heldout"))
-    if counts["train"]["written"] == 0:
-        raise DataError(f"{train.source}: every row was rejected during tokenization")
+    stats = run_chunk_jobs(plans, tokenizer_path, cfg, cfg.data.truncation)
+    for plan, plan_stats in zip(plans, stats):
+        _check_invalid(plan, plan_stats, cfg.data.on_invalid)
+    train_plan, train = plans[0], stats[0]["train"]
+    source = train_plan.job.source
+    if train.written == 0:
+        if train.invalid == train.input:
+            raise DataError(f"{source}: no valid rows ({train.input} read, all rejected)")
+        raise DataError(f"{source}: every row was rejected during tokenization")
+    counts = {"train": _side_result(train_plan.job.source, train, run.rejections("train"))}
+    heldout_source, heldout = None, None
+    if len(plans) == 2:
+        heldout_source, heldout = plans[1].job.source, stats[1]["heldout"]
+    elif stats[0]["heldout"].input:
+        heldout_source, heldout = f"{train_plan.job.source}[heldout]", stats[0]["heldout"]
+    _ensure_schema_file(Path(dirs["train"]), "train")
+    replace_dir(Path(dirs["train"]), run.data)
+    _gather_rejections(Path(rejection_dirs["train"]), run.rejections("train"))
+    if heldout is not None and heldout_source is not None:
+        _ensure_schema_file(Path(dirs["heldout"]), "heldout")
+        replace_dir(Path(dirs["heldout"]), run.heldout)
+        _gather_rejections(Path(rejection_dirs["heldout"]), run.rejections("heldout"))
+        counts["heldout"] = _side_result(heldout_source, heldout, run.rejections("heldout"))
+    else:
+        shutil.rmtree(dirs["heldout"], ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     return counts

@@ -3,6 +3,7 @@
 Every row comes back as it is in the file (normally a dict; `null`, `5` or a list stay as they
 are so validation can reject them one by one). Problems with the file itself raise `DataError`
 with one message naming the file and the position (byte offset, line and column).
+`iter_records` streams: it holds one row (one Parquet batch) at a time, never the corpus.
 
 Decisions worth knowing:
 - Blank lines in JSON Lines are ignored: they are not rows, so they are neither returned nor
@@ -12,17 +13,25 @@ Decisions worth knowing:
 - A file or directory without any rows is an error: there is nothing to train on.
 - A directory is read non-recursively: its `.parquet`, `.jsonl` and `.ndjson` files, sorted by
   name, so a HF-style `train/` folder of shards reads in shard order.
+- A path with a scheme (`s3://bucket/corpus.jsonl`, `gs://...`, `file:///...`) is opened
+  through `pyarrow.fs`, so any filesystem pyarrow can open works, directories included.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from sftmix_ray.data.formats import json_type_name
+from sftmix_ray.data.json_stream import (
+    iter_json_array,
+    json_file_kind,
+    jsonl_lines,
+    parse_jsonl_line,
+)
 from sftmix_ray.errors import DataError
 
 JSON_SUFFIXES = (".json",)
@@ -30,23 +39,169 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 DIRECTORY_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES
 SUPPORTED_SUFFIXES = JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+PARQUET_BATCH = 1024
 
 # `org/name` as on the Hugging Face Hub; a local-looking path (with a data suffix) never matches.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def read_records(path: str | os.PathLike[str], *, hf_split: str = "train") -> list[Any]:
-    """Read every raw row of a local corpus file/directory or a Hugging Face dataset by name."""
-    local = Path(path)
-    if local.is_dir():
-        return _read_directory(local)
-    if local.is_file():
-        return _read_file(local)
+    """Every raw row of a corpus (see `iter_records`) as one list."""
+    return list(iter_records(path, hf_split=hf_split))
+
+
+def iter_records(path: str | os.PathLike[str], *, hf_split: str = "train") -> Iterator[Any]:
+    """Stream every raw row of a local or `pyarrow.fs` corpus file/directory, or of a Hugging
+    Face dataset by name."""
+    files = corpus_files(path)
+    if files is None:
+        yield from _iter_hub_dataset(os.fspath(path), hf_split)
+        return
+    for file in files:
+        yield from iter_file(file)
+
+
+def is_uri(path: str) -> bool:
+    """Whether `path` names a file through a filesystem scheme (s3://, gs://, file://, ...)."""
+    return "://" in path
+
+
+def corpus_files(path: str | os.PathLike[str]) -> list[str] | None:
+    """The data files a corpus path names, in reading order; None for a Hub dataset id."""
     name = os.fspath(path)
+    if is_uri(name):
+        return _uri_files(name)
+    local = Path(name)
+    if local.is_dir():
+        files = sorted(
+            p for p in local.iterdir() if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES
+        )
+        if not files:
+            raise DataError(f"{local}: is a directory without .parquet, .jsonl or .ndjson files")
+        return [str(p) for p in files]
+    if local.is_file():
+        return [str(local)]
     if looks_like_hub_id(name):
-        return _read_hub_dataset(name, hf_split)
+        return None
     raise DataError(f"{name}: no such file or directory")
+
+
+def _uri_files(uri: str) -> list[str]:
+    """Files under a `pyarrow.fs` URI: the file itself, or a directory's data files, sorted."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+        else:
+            entries = [info]
+    except (OSError, ValueError) as exc:  # pyarrow raises these for bad URIs and I/O
+        raise DataError(f"{uri}: cannot open: {str(exc).splitlines()[0]}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: no such file or directory")
+    scheme = uri.split("://", 1)[0]
+    if info.type == pafs.FileType.Directory:
+        names = sorted(
+            e.path
+            for e in entries
+            if e.type == pafs.FileType.File and e.path.lower().endswith(DIRECTORY_SUFFIXES)
+        )
+        if not names:
+            raise DataError(f"{uri}: is a directory without .parquet, .jsonl or .ndjson files")
+        return [f"{scheme}://{n}" for n in names]
+    return [uri]
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """A seekable binary file for a local path or a `pyarrow.fs` URI."""
+    if not is_uri(path):
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read file: {exc.strerror}") from None
+    import pyarrow.fs as pafs
+
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return io.BufferedReader(fs.open_input_file(inner))  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read file: {str(exc).splitlines()[0]}") from None
+
+
+def file_kind(path: str) -> str:
+    """ "parquet", "jsonl" or "json" from the file's extension; an error for anything else."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    supported = ", ".join(SUPPORTED_SUFFIXES)
+    raise DataError(f"{path}: unsupported file extension {suffix or '(none)'!r}; use {supported}")
+
+
+def iter_file(path: str) -> Iterator[Any]:
+    """Stream one data file's rows; an error for an empty file or one without rows."""
+    kind = file_kind(path)
+    if kind == "parquet":
+        rows = _iter_parquet(path)
+    elif kind == "json":
+        with open_binary(path) as f:
+            kind = json_file_kind(f, path)
+        rows = _iter_json_array(path) if kind == "array" else _iter_jsonl(path)
+    else:
+        rows = _iter_jsonl(path)
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        problem = "file is empty" if kind == "jsonl" else "contains no rows"
+        raise DataError(f"{path}: {problem}")
+
+
+def _iter_jsonl(path: str) -> Iterator[Any]:
+    with open_binary(path) as f:
+        for _, line, text in jsonl_lines(f, path):
+            yield parse_jsonl_line(path, line, text)
+
+
+def _iter_json_array(path: str) -> Iterator[Any]:
+    with open_binary(path) as f:
+        yield from iter_json_array(f, path)
+
+
+def parquet_file(path: str) -> Any:
+    """`pyarrow.parquet.ParquetFile` of `path`; a DataError when it is not readable Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(open_binary(path))
+    except (pa.ArrowException, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
+
+
+def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterator[Any]:
+    """Rows of a Parquet file (or of some of its row groups), a batch at a time; list and
+    struct columns become Python lists and dicts."""
+    import pyarrow as pa
+
+    pf = parquet_file(path)
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=row_groups):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
+
+
+def _iter_parquet(path: str) -> Iterator[Any]:
+    return iter_parquet_rows(path)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -54,131 +209,9 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.lower().endswith(SUPPORTED_SUFFIXES)
 
 
-def _read_file(path: Path) -> list[Any]:
-    """Dispatch on the file's extension."""
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        rows = _read_parquet(path)
-    elif suffix in JSONL_SUFFIXES:
-        rows = _parse_jsonl(path, _read_text(path))
-    elif suffix in JSON_SUFFIXES:
-        rows = _parse_json(path, _read_text(path))
-    else:
-        supported = ", ".join(SUPPORTED_SUFFIXES)
-        raise DataError(
-            f"{path}: unsupported file extension {suffix or '(none)'!r}; use {supported}"
-        )
-    if not rows:
-        raise DataError(f"{path}: contains no rows")
-    return rows
-
-
-def _read_directory(path: Path) -> list[Any]:
-    """Read the directory's Parquet and JSON Lines files in sorted order."""
-    files = sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES
-    )
-    if not files:
-        raise DataError(f"{path}: is a directory without .parquet, .jsonl or .ndjson files")
-    rows: list[Any] = []
-    for file in files:
-        rows.extend(_read_file(file))
-    return rows
-
-
-def _read_text(path: Path) -> str:
-    """Decode a file as UTF-8 (an optional BOM is dropped); reject empty files."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file: {exc.strerror}") from None
-    bom = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
-    try:
-        text = data[bom:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = bom + exc.start  # position in the file as stored, BOM included
-        line = data.count(b"\n", 0, offset) + 1
-        raise DataError(
-            f"{path}: not valid UTF-8 at byte {offset} (line {line}): "
-            f"unexpected byte 0x{data[offset]:02x}"
-        ) from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    return text
-
-
-def _parse_json(path: Path, text: str) -> list[Any]:
-    """Parse a `.json` file: a JSON array, or JSON Lines when it holds several values."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and _first_value_is_one_line(text):
-            return _parse_jsonl(path, text)  # one value per line: JSON Lines named .json
-        raise DataError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
-    except RecursionError:
-        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
-    if isinstance(value, list):
-        return value
-    start = len(text) - len(text.lstrip())
-    line = text.count("\n", 0, start) + 1
-    column = start - (text.rfind("\n", 0, start) + 1) + 1
-    what = json_type_name(value)
-    if isinstance(value, dict):
-        what += f" with keys {', '.join(repr(k) for k in list(value)[:5]) or '(none)'}"
-    raise DataError(
-        f"{path}: line {line}, column {column}: the top-level JSON value must be an array of "
-        f"rows, or one row per line (JSON Lines) (got {what})"
-    )
-
-
-def _first_value_is_one_line(text: str) -> bool:
-    """Whether the text's first JSON value sits on one line (JSON Lines, not `[...] junk`)."""
-    start = len(text) - len(text.lstrip())
-    _, end = json.JSONDecoder().raw_decode(text, start)
-    return "\n" not in text[start:end]
-
-
-def _parse_jsonl(path: Path, text: str) -> list[Any]:
-    """Parse JSON Lines: one value per line; blank lines are ignored; CRLF is accepted."""
-    rows: list[Any] = []
-    # Split on "\n" only: U+2028 and friends may legally appear raw inside JSON strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            hint = (
-                " (a JSON array? name the file .json)"
-                if lineno == 1 and line.strip() == "["
-                else ""
-            )
-            raise DataError(
-                f"{path}: invalid JSON at line {lineno}, column {exc.colno}: {exc.msg}{hint}"
-            ) from None
-        except RecursionError:
-            raise DataError(f"{path}: invalid JSON at line {lineno}: nested too deeply") from None
-    return rows
-
-
-def _read_parquet(path: Path) -> list[Any]:
-    """Read a Parquet file; list and struct columns become Python lists and dicts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
-    return table.to_pylist()
-
-
-def _read_hub_dataset(name: str, split: str) -> list[Any]:
-    """Load a Hugging Face dataset split by name; any failure becomes one clear DataError."""
+def load_hub_dataset(name: str, split: str) -> Any:
+    """A Hugging Face dataset split by name (Arrow-backed, memory-mapped); any failure becomes
+    one clear DataError."""
     try:
         import datasets
     except ImportError:
@@ -188,13 +221,16 @@ def _read_hub_dataset(name: str, split: str) -> list[Any]:
         ) from None
     try:
         dataset = datasets.load_dataset(name, split=split)
-        rows = dataset.to_list()
     except Exception as exc:  # the Hub raises many types: report them, never a traceback
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"{name}: no such local file, and the Hugging Face dataset (split {split!r}) "
             f"cannot be loaded: {detail}"
         ) from None
-    if not rows:
+    if len(dataset) == 0:
         raise DataError(f"{name}: Hugging Face dataset split {split!r} contains no rows")
-    return rows
+    return dataset
+
+
+def _iter_hub_dataset(name: str, split: str) -> Iterator[Any]:
+    yield from load_hub_dataset(name, split)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -54,8 +53,17 @@ def needs_retokenize(cfg: Config, out_dir: Path | RunDir) -> bool:
 
 
 def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) -> dict[str, Any]:
-    """Write `target`: every row of `source` under the reference tokenizer; its counts."""
-    from sftmix_ray.data.prepare import Corpus, tokenize_corpora, write_shards
+    """Write `target`: every row of `source` under the reference tokenizer; its counts.
+
+    Streams like `prepare`: chunks of `source`'s row groups on a Ray Data actor pool, each
+    writing its own Parquet part.
+    """
+    import shutil
+
+    from sftmix_ray.data.chunk_worker import PREPARED, ChunkJob
+    from sftmix_ray.data.chunks import plan_chunks
+    from sftmix_ray.data.prepare import CHUNKS_PER_WORKER, CorpusPlan, run_chunk_jobs
+    from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
 
     dataset = pads.dataset(source, format="parquet")
     if "messages_json" not in dataset.schema.names:
@@ -64,27 +72,37 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
             "`sftmix-ray prepare` (or the pipeline with `--force prepare`) to re-tokenize it "
             f"for reference.model '{cfg.reference.model}'"
         )
-    table = dataset.to_table(columns=["example_id", "messages_json"])
-    ids, messages = table.column("example_id").to_pylist(), table.column("messages_json")
-    rows = [(int(i), json.loads(m), None) for i, m in zip(ids, messages.to_pylist())]
-    corpus = Corpus(rows=rows, total=len(rows), rejections=[], source=str(source))
-    tokenized = tokenize_corpora([corpus], tokenizer_path, cfg, truncation="truncate")[0]
-    lost = tokenized.filter(pc.not_equal(tokenized.column("reject_reason"), ""))
-    if lost.num_rows:
-        pairs = zip(lost.column("example_id").to_pylist(), lost.column("reject_reason").to_pylist())
-        first = ", ".join(f"example_id {i}: {r}" for i, r in list(pairs)[:5])
+    tmp = fresh_tmp_dir(target)
+    if dataset.count_rows() == 0:  # an all-rejected held-out split: nothing to re-tokenize
+        from sftmix_ray.data.chunk_worker import SCHEMAS
+
+        pq.write_table(SCHEMAS[PREPARED].empty_table(), tmp / "part-00000.parquet")
+        replace_dir(tmp, target)
+        return {"rows": 0, "truncated": 0, "tokens": 0}
+    rejections = fresh_tmp_dir(target.with_name(f"{target.name}-rejections"))
+    job = ChunkJob(str(source), PREPARED, "none", "train", 0, {"train": str(tmp)},
+                   {"train": str(rejections)})  # fmt: skip
+    chunks, total = plan_chunks(
+        str(source), hf_split="train", work_dir=tmp.parent,
+        parts=cfg.data.num_workers * CHUNKS_PER_WORKER,
+    )  # fmt: skip
+    stats = run_chunk_jobs([CorpusPlan(str(source), job, chunks, total)], tokenizer_path, cfg,
+                           "truncate")[0]["train"]  # fmt: skip
+    if stats.rejected:
+        lost = [
+            json.loads(line)
+            for part in sorted(rejections.glob("*.jsonl"))
+            for line in part.read_text().splitlines()
+        ][:5]
+        first = ", ".join(f"example_id {r['example_id']}: {r['reason']}" for r in lost)
         raise SftmixError(
-            f"reference.model '{cfg.reference.model}': {lost.num_rows} of {len(rows)} rows of "
+            f"reference.model '{cfg.reference.model}': {stats.rejected} of {total} rows of "
             f"{source} cannot be tokenized with its tokenizer ({first}); raise data.max_length "
             "or pick a reference model whose tokenizer covers the corpus"
         )
-    kept = tokenized.select(["example_id", "input_ids", "labels"])
-    write_shards(kept, target)
-    return {
-        "rows": kept.num_rows,
-        "truncated": int(pc.sum(tokenized.column("truncated")).as_py() or 0),
-        "tokens": int(pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0),
-    }
+    shutil.rmtree(rejections, ignore_errors=True)
+    replace_dir(tmp, target)
+    return {"rows": stats.written, "truncated": stats.truncated, "tokens": stats.tokens}
 
 
 def build_reference_data(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:

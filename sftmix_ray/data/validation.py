@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sftmix_ray.data.formats import FORMATS, Message, detect_format, normalize_with_repairs
-from sftmix_ray.data.readers import read_records
+from sftmix_ray.data.readers import iter_records
 from sftmix_ray.errors import DataError, RowRejected
 
 ValidPair = tuple[int, list[Message]]
@@ -70,13 +70,19 @@ class ValidationReport:
 
 
 def validate_rows(
-    rows: Sequence[Any], fmt: str = "auto", *, source: str | None = None, repair: str = "standard"
+    rows: Iterable[Any],
+    fmt: str = "auto",
+    *,
+    source: str | None = None,
+    repair: str = "standard",
+    keep_valid: bool = True,
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Normalize every row; return the valid (row index, messages) pairs and the report.
 
-    `repair` is `data.repair` (`standard` repairs what real dumps break, counted per kind and
-    row; `none` is strict). `source` (a file name) prefixes the DataError raised when `auto`
-    cannot detect a format.
+    `rows` may be a stream (one pass) unless `fmt` is `auto`, which reads it twice. `repair`
+    is `data.repair` (`standard` repairs what real dumps break, counted per kind and row;
+    `none` is strict). `source` (a file name) prefixes the DataError raised when `auto` cannot
+    detect a format. `keep_valid=False` returns no pairs, so memory holds only the rejections.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -87,17 +93,21 @@ def validate_rows(
     valid: list[ValidPair] = []
     rejections: list[Rejection] = []
     repairs: Counter[str] = Counter()
+    total = n_valid = 0
     for index, row in enumerate(rows):
+        total += 1
         try:
             messages, applied = normalize_with_repairs(row, resolved, repair)
         except RowRejected as exc:
             rejections.append(Rejection(index, exc.reason, exc.kind))
             continue
-        valid.append((index, messages))
+        n_valid += 1
+        if keep_valid:
+            valid.append((index, messages))
         repairs.update(applied)  # each kind once per row
     report = ValidationReport(
-        total=len(rows),
-        valid=len(valid),
+        total=total,
+        valid=n_valid,
         rejected=len(rejections),
         rejections=rejections,
         format=resolved,
@@ -112,10 +122,15 @@ def validate_file(
     *,
     hf_split: str = "train",
     repair: str = "standard",
+    keep_valid: bool = True,
 ) -> tuple[list[ValidPair], ValidationReport]:
-    """Read a corpus (file, directory or HF dataset) and validate every row."""
-    rows = read_records(path, hf_split=hf_split)
-    return validate_rows(rows, fmt, source=os.fspath(path), repair=repair)
+    """Stream a corpus (file, directory, URI or HF dataset) and validate every row."""
+    from sftmix_ray.data.prepare import resolve_format
+
+    source = os.fspath(path)
+    resolved = resolve_format(source, fmt, hf_split) if fmt in FORMATS else fmt
+    rows = iter_records(path, hf_split=hf_split)
+    return validate_rows(rows, resolved, source=source, repair=repair, keep_valid=keep_valid)
 
 
 def format_report(

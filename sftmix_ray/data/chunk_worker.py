@@ -1,0 +1,244 @@
+"""What one tokenization actor does with one chunk: read, validate, repair, route, tokenize, and
+write its kept rows and its rejections as files of their own.
+
+A chunk's outputs are `part-<chunk>.parquet` in each side's directory and
+`part-<chunk>.jsonl` of rejections, so the files sort in row order and the driver only ever
+receives counts (`SideStats`), never rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftmix_ray.data.chunks import Chunk, iter_chunk
+from sftmix_ray.errors import DataError, RowRejected
+
+EXAMPLES_PER_KIND = 5
+FLUSH_ROWS = 1024
+PREPARED = "prepared"  # a job format: rows of OUT/data (example_id, messages_json), re-tokenized
+
+SIDES = ("train", "heldout")
+SCHEMAS = {
+    "train": pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("messages_json", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+        ]
+    ),
+    "heldout": pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("messages_json", pa.string()),
+            ("answer", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+        ]
+    ),
+    PREPARED: pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+        ]
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """How every chunk of one corpus is processed, and where its outputs go."""
+
+    source: str  # the name in messages: the corpus path, "demo:train", ...
+    fmt: str  # a resolved row format, or PREPARED
+    repair: str
+    route: str  # "train", "heldout", or "by_id" (example_id % every == every - 1: held out)
+    every: int = 0
+    dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of Parquet parts
+    rejection_dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of parts
+
+    def side(self, example_id: int) -> str:
+        if self.route == "by_id":
+            return "heldout" if example_id % self.every == self.every - 1 else "train"
+        return self.route
+
+
+@dataclass
+class SideStats:
+    """Counts of one side of one chunk (or, merged, of a whole corpus)."""
+
+    input: int = 0
+    written: int = 0
+    rejected: int = 0
+    invalid: int = 0  # rejected by validation (before tokenization)
+    first_invalid: dict[str, Any] | None = None  # {"index", "reason"}
+    truncated: int = 0
+    tokens: int = 0
+    repairs: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> count, examples
+
+    def reject(self, index: int, exc: RowRejected, invalid: bool) -> None:
+        self.rejected += 1
+        entry = self.by_kind.setdefault(exc.kind, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_KIND:
+            entry["examples"].append(index)
+        if invalid:
+            self.invalid += 1
+            if self.first_invalid is None:
+                self.first_invalid = {"index": index, "reason": exc.reason}
+
+    def merge(self, other: SideStats) -> None:
+        """Add a later chunk's counts (examples stay the first ones in row order)."""
+        for name in ("input", "written", "rejected", "invalid", "truncated", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.first_invalid = self.first_invalid or other.first_invalid
+        self.repairs = dict(Counter(self.repairs) + Counter(other.repairs))
+        for kind, entry in other.by_kind.items():
+            mine = self.by_kind.setdefault(kind, {"count": 0, "examples": []})
+            mine["count"] += entry["count"]
+            mine["examples"] = (mine["examples"] + entry["examples"])[:EXAMPLES_PER_KIND]
+
+    def ordered_kinds(self) -> dict[str, dict[str, Any]]:
+        """`by_kind`, most frequent kind first."""
+        return dict(sorted(self.by_kind.items(), key=lambda kv: (-kv[1]["count"], kv[0])))
+
+
+class _Side:
+    """Kept rows of one side of a chunk, written to its Parquet part in row groups."""
+
+    def __init__(self, schema: pa.Schema, target: Path):
+        self.schema, self.target = schema, target
+        self.rows: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, values in self.rows.items():
+            values.append(row[name])
+        if len(self.rows["example_id"]) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows["example_id"]:
+            return
+        table = pa.table(
+            {n: pa.array(v, type=self.schema.field(n).type) for n, v in self.rows.items()},
+            schema=self.schema,
+        )
+        if self.writer is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.target, self.schema)
+        self.writer.write_table(table)
+        self.rows = {name: [] for name in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> dict[str, Any]:
+    """Process one chunk; return {"error": str | None, side: SideStats as a dict}.
+
+    `tokenize(messages) -> (ids, labels, truncated)` raises RowRejected. A DataError (the file
+    is unreadable at some line) stops the chunk and is returned, not raised, so the driver can
+    report the first one in file order.
+    """
+    from sftmix_ray.data.formats import normalize_with_repairs
+
+    stats = {side: SideStats() for side in SIDES}
+    name = f"part-{chunk_no:05d}"
+    writers: dict[str, _Side] = {}
+    rejections: dict[str, list[str]] = {side: [] for side in SIDES}
+    error = None
+    try:
+        for index, raw in iter_chunk(chunk):
+            if job.fmt == PREPARED:
+                index, side = int(raw["example_id"]), "train"
+            else:
+                side = job.side(index)
+            side_stats = stats[side]
+            side_stats.input += 1
+            try:
+                if job.fmt == PREPARED:
+                    messages, applied = json.loads(raw["messages_json"]), []
+                else:
+                    messages, applied = normalize_with_repairs(raw, job.fmt, job.repair)
+            except RowRejected as exc:
+                side_stats.reject(index, exc, invalid=True)
+                rejections[side].append(_rejection_line(index, exc))
+                continue
+            try:
+                ids, labels, truncated = tokenize(messages)
+            except RowRejected as exc:
+                side_stats.reject(index, exc, invalid=False)
+                rejections[side].append(_rejection_line(index, exc))
+                continue
+            for kind in applied:
+                side_stats.repairs[kind] = side_stats.repairs.get(kind, 0) + 1
+            side_stats.written += 1
+            side_stats.truncated += int(truncated)
+            side_stats.tokens += len(ids)
+            schema = SCHEMAS[PREPARED if job.fmt == PREPARED else side]
+            if side not in writers:
+                writers[side] = _Side(schema, Path(job.dirs[side]) / f"{name}.parquet")
+            answer = raw.get("answer") if isinstance(raw, dict) else None
+            writers[side].add(
+                {
+                    "example_id": index,
+                    "messages_json": json.dumps(messages),
+                    "answer": answer if isinstance(answer, str) else None,
+                    "input_ids": ids,
+                    "labels": labels,
+                }
+            )
+    except DataError as exc:
+        error = str(exc)
+    for writer in writers.values():
+        writer.close()
+    for side, lines in rejections.items():
+        if lines:
+            target = Path(job.rejection_dirs[side]) / f"{name}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("".join(lines), encoding="utf-8")
+    return {"error": error, **{side: asdict(s) for side, s in stats.items()}}
+
+
+def _rejection_line(index: int, exc: RowRejected) -> str:
+    record = {"example_id": index, "index": index, "reason": exc.reason, "kind": exc.kind}
+    return json.dumps(record) + "\n"
+
+
+class PrepareChunks:
+    """Ray Data callable class: processes chunks (one per batch row) with one tokenizer."""
+
+    def __init__(
+        self, jobs: list[ChunkJob], tokenizer_path: str, max_length: int, truncation: str,
+        trust: bool = False,
+    ):  # fmt: skip
+        from sftmix_ray.data.tokenize import tokenize_conversation
+        from sftmix_ray.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust)
+        self.jobs = jobs
+
+        def tokenize(messages: list[dict]) -> tuple[list[int], list[int], bool]:
+            return tokenize_conversation(tokenizer, messages, max_length, truncation)
+
+        self.tokenize = tokenize
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        for job_no, chunk_no, chunk in zip(batch["job"], batch["chunk_no"], batch["chunk"]):
+            job = self.jobs[int(job_no)]
+            stats = process_chunk(job, int(chunk_no), Chunk.from_json(str(chunk)), self.tokenize)
+            results.append(json.dumps(stats))
+        return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}

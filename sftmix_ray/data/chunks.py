@@ -1,0 +1,164 @@
+"""Split a corpus into chunks that workers read on their own, numbered so row ids stay global.
+
+The driver plans: it lists the files, scans JSON Lines once line by line (counting rows and
+checking UTF-8, never parsing or keeping them), reads Parquet footers, and turns a JSON array
+or a Hub dataset into a file it can cut (JSON Lines / Parquet under `work_dir`, streamed).
+Each `Chunk` knows the corpus index of its first row, so `example_id`s are the same as a
+whole-file read gives, however many chunks or workers there are. Workers read a chunk with
+`iter_chunk`; JSON syntax errors are found there and still name the file, line and column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sftmix_ray.data.json_stream import json_file_kind, jsonl_lines, parse_jsonl_line
+from sftmix_ray.data.readers import (
+    corpus_files,
+    file_kind,
+    is_uri,
+    iter_file,
+    iter_parquet_rows,
+    load_hub_dataset,
+    open_binary,
+    parquet_file,
+)
+from sftmix_ray.errors import DataError
+
+MIN_CHUNK_BYTES = 64 << 10
+MAX_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous run of a corpus' rows inside one file."""
+
+    path: str  # the file (local path or URI) the chunk reads
+    kind: str  # "jsonl" (byte range) or "parquet" (row-group range)
+    start: int  # first byte (jsonl, a line start) or first row group (parquet)
+    stop: int  # end byte or end row group, exclusive
+    first_row: int  # index in the corpus of the chunk's first row
+    rows: int
+    first_line: int = 1  # jsonl: the file's line number at `start`
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Chunk:
+        return cls(**json.loads(text))
+
+
+def iter_chunk(chunk: Chunk) -> Iterator[tuple[int, Any]]:
+    """(corpus row index, raw row) for every row of the chunk, in file order."""
+    if chunk.kind == "parquet":
+        rows = iter_parquet_rows(chunk.path, list(range(chunk.start, chunk.stop)))
+    else:
+        rows = _chunk_jsonl_rows(chunk)
+    for offset, row in enumerate(rows):
+        yield chunk.first_row + offset, row
+
+
+def _chunk_jsonl_rows(chunk: Chunk) -> Iterator[Any]:
+    with open_binary(chunk.path) as f:
+        for _, line, text in jsonl_lines(f, chunk.path, chunk.start, chunk.stop, chunk.first_line):
+            yield parse_jsonl_line(chunk.path, line, text)
+
+
+def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tuple[list[Chunk], int]:
+    """The chunks of a corpus, in row order, about `parts` of them or more, and its row count.
+
+    A JSON array file is rewritten as JSON Lines and a Hub dataset as Parquet under
+    `work_dir` (streamed), so that both can be cut; all other files are read where they are.
+    """
+    files = corpus_files(path)
+    if files is None:
+        files = [_hub_to_parquet(path, hf_split, work_dir)]
+    target = _target_bytes(files, parts)
+    chunks: list[Chunk] = []
+    total = 0
+    for number, file in enumerate(files):
+        kind = file_kind(file)
+        if kind == "json":
+            with open_binary(file) as f:
+                kind = json_file_kind(f, file)
+            if kind == "array":
+                file = _array_to_jsonl(file, work_dir / f"{number:05d}.jsonl")
+                kind = "jsonl"
+        planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
+        for chunk in planned:
+            chunks.append(Chunk(**{**asdict(chunk), "first_row": total}))
+            total += chunk.rows
+    return chunks, total
+
+
+def _target_bytes(files: list[str], parts: int) -> int:
+    """Bytes per chunk: the corpus in about `parts` chunks, within [64 KiB, 64 MiB]."""
+    size = sum(_size(f) for f in files)
+    return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, -(-size // max(parts, 1))))
+
+
+def _size(path: str) -> int:
+    if not is_uri(path):
+        return os.path.getsize(path)
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return int(fs.get_file_info(inner).size or 0)
+
+
+def _plan_jsonl(path: str, target: int) -> list[Chunk]:
+    """Byte ranges of about `target` bytes, each starting at a row's line."""
+    chunks: list[Chunk] = []
+    start, first_line, rows = 0, 1, 0
+    with open_binary(path) as f:
+        for offset, line, _ in jsonl_lines(f, path):
+            if rows and offset - start >= target:
+                chunks.append(Chunk(path, "jsonl", start, offset, 0, rows, first_line))
+                start, first_line, rows = offset, line, 0
+            rows += 1
+    if not rows:
+        raise DataError(f"{path}: file is empty")
+    chunks.append(Chunk(path, "jsonl", start, _size(path), 0, rows, first_line))
+    return chunks
+
+
+def _plan_parquet(path: str, target: int) -> list[Chunk]:
+    """Runs of whole row groups of about `target` (uncompressed) bytes."""
+    meta = parquet_file(path).metadata
+    if meta.num_rows == 0:
+        raise DataError(f"{path}: contains no rows")
+    chunks: list[Chunk] = []
+    start, rows, size = 0, 0, 0
+    for group in range(meta.num_row_groups):
+        if rows and size >= target:
+            chunks.append(Chunk(path, "parquet", start, group, 0, rows))
+            start, rows, size = group, 0, 0
+        rows += meta.row_group(group).num_rows
+        size += meta.row_group(group).total_byte_size
+    chunks.append(Chunk(path, "parquet", start, meta.num_row_groups, 0, rows))
+    return [c for c in chunks if c.rows]
+
+
+def _array_to_jsonl(path: str, target: Path) -> str:
+    """Rewrite a JSON array file as JSON Lines, one element per line, streaming."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w", encoding="utf-8") as out:
+        for row in iter_file(path):
+            out.write(json.dumps(row) + "\n")  # ASCII: lone surrogates survive
+    return str(target)
+
+
+def _hub_to_parquet(name: str, split: str, work_dir: Path) -> str:
+    """Write a Hub dataset split to Parquet under `work_dir` (batch by batch, from its
+    memory-mapped Arrow cache)."""
+    dataset = load_hub_dataset(name, split)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    target = work_dir / "hub.parquet"
+    dataset.to_parquet(str(target))
+    return str(target)

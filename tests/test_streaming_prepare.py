@@ -1,0 +1,153 @@
+"""Streaming prepare: the corpus is cut into chunks that Ray Data actors read on their own.
+
+Row ids, outputs and errors must not depend on how the corpus is cut: chunks cover every row
+exactly once with its whole-file index, `sftmix-ray prepare` writes the same OUT/data whether
+the rows come as one JSON array or as a directory of JSON Lines and multi-row-group Parquet
+cut into many chunks, and a broken line deep in a later chunk is reported with its file,
+line and column.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sftmix_ray.cli import main
+from sftmix_ray.data import chunks as chunks_module
+from sftmix_ray.data.chunks import iter_chunk, plan_chunks
+from sftmix_ray.data.readers import read_records
+from tests.conftest import TINY_OVERRIDES
+
+SETS = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+
+
+def _rows(n: int) -> list[object]:
+    """Chat rows of varied length, with some invalid ones and raw U+2028 inside strings."""
+    rows: list[object] = []
+    for i in range(n):
+        turns = [
+            {"from": "human", "value": f"question {i} \u2028" + " more" * (i % 13)},
+            {"from": "gpt", "value": f"answer {i}" + " words" * (i % 7)},
+        ]
+        rows.append({"conversations": turns, "id": f"r{i}"})
+    rows[17] = None
+    rows[40] = {"conversations": []}
+    rows[77] = {"conversations": [{"from": "gpt", "value": "lost prompt"}, *turns]}  # repaired
+    return rows
+
+
+def _jsonl_bytes(rows: list[object]) -> bytes:
+    """JSON Lines with a BOM, CRLF line ends and blank lines between some rows."""
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append(json.dumps(row, ensure_ascii=False))
+        if i % 9 == 0:
+            lines.append("   ")
+    return b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n"
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few hundred bytes, so that a small corpus is cut into many."""
+    monkeypatch.setattr(chunks_module, "MIN_CHUNK_BYTES", 512)
+
+
+def test_chunks_cover_every_row_once_with_its_whole_file_index(tmp_path, small_chunks):
+    rows = _rows(120)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(_jsonl_bytes(rows))
+    array = tmp_path / "c.json"
+    array.write_text(json.dumps(rows, indent=1))
+    parquet_dir = tmp_path / "shards"
+    parquet_dir.mkdir()
+    valid = [r for r in rows if r is not None]
+    pq.write_table(pa.Table.from_pylist(valid[:70]), parquet_dir / "a.parquet", row_group_size=9)
+    (parquet_dir / "b.jsonl").write_bytes(_jsonl_bytes(valid[70:]))
+    for path in (jsonl, array, parquet_dir):
+        chunks, total = plan_chunks(str(path), hf_split="train", work_dir=tmp_path / "w", parts=8)
+        assert len(chunks) >= 6, (path, len(chunks))
+        assert total == sum(c.rows for c in chunks)
+        got = [pair for chunk in chunks for pair in iter_chunk(chunk)]
+        expected = list(enumerate(read_records(path)))
+        assert got == expected, path
+        firsts = [c.first_row for c in chunks]
+        assert firsts == [sum(c.rows for c in chunks[:k]) for k in range(len(chunks))]
+
+
+def _prepare(out: Path, *sets: str, capsys) -> tuple[int, str]:
+    code = main(["prepare", "--output-dir", str(out), *SETS, *sets])
+    return code, capsys.readouterr().err
+
+
+def test_prepare_output_does_not_depend_on_how_the_corpus_is_cut(
+    ray_local, tmp_path, small_chunks, capsys
+):
+    rows = _rows(150)
+    array = tmp_path / "one.json"
+    array.write_text(json.dumps(rows))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_bytes(_jsonl_bytes(rows[:64]))
+    pq.write_table(
+        pa.Table.from_pylist([r for r in rows[64:]]), shards / "b.parquet", row_group_size=7
+    )  # rows[64:] has no None: Parquet needs objects
+    outs = {}
+    for name, path in (("array", array), ("shards", shards)):
+        out = tmp_path / f"out-{name}"
+        code, err = _prepare(
+            out, f"--set=data.path={path}", "--set=data.eval_fraction=0.1", capsys=capsys
+        )
+        assert code == 0, err
+        outs[name] = out
+    tables = {n: pq.read_table(o / "data").sort_by("example_id") for n, o in outs.items()}
+    assert tables["array"].equals(tables["shards"])
+    heldout = {n: pq.read_table(o / "heldout").sort_by("example_id") for n, o in outs.items()}
+    assert heldout["array"].equals(heldout["shards"])
+    # Ids are whole-corpus row indices; every 10th row (id % 10 == 9) is held out.
+    train_ids = tables["array"].column("example_id").to_pylist()
+    held_ids = heldout["array"].column("example_id").to_pylist()
+    assert all(i % 10 == 9 for i in held_ids) and not any(i % 10 == 9 for i in train_ids)
+    assert sorted(train_ids + held_ids) == [i for i in range(150) if i not in (17, 40)]
+    summary = json.loads((outs["shards"] / "summary.json").read_text())["stages"]["prepare"]
+    train, held = summary["train"], summary["heldout"]
+    assert train["input"] + held["input"] == 150
+    for side in (train, held):
+        assert side["input"] == side["written"] + side["rejected"]
+    assert train["repairs"] == {"leading_assistant_dropped": 1}  # row 77
+    assert {k: v["examples"] for k, v in train["rejections_by_kind"].items()} == {
+        "not_an_object": [17], "empty_conversation": [40],
+    }  # fmt: skip
+    lines = Path(train["rejections_file"]).read_text().splitlines()
+    assert [json.loads(x)["index"] for x in lines] == [17, 40]
+    # The part files sort in row order (one or two per chunk), so a plain read is ordered.
+    assert pq.read_table(outs["shards"] / "data").column("example_id").to_pylist() == train_ids
+    assert len(list((outs["shards"] / "data").glob("*.parquet"))) >= 6
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("json", 'invalid JSON at line {line}, column 2: Expecting property name'),
+        ("utf8", "not valid UTF-8 at byte {offset} (line {line}): unexpected byte 0xff"),
+    ],
+)
+def test_a_broken_line_in_a_later_chunk_names_file_line_and_byte(
+    ray_local, tmp_path, small_chunks, capsys, damage, expected
+):
+    good = [json.dumps(r) for r in _rows(200) if r is not None]
+    line = 160  # well past the first chunks of ~512 bytes
+    broken = "{oops}" if damage == "json" else None
+    data = "\n".join(good[: line - 1]).encode() + b"\n"
+    offset = len(data) + 2
+    data += (broken.encode() if broken else b'{"\xff": 1}') + b"\n"
+    data += "\n".join(good[line:]).encode() + b"\n"
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(data)
+    code, err = _prepare(tmp_path / "out", f"--set=data.path={path}", capsys=capsys)
+    assert code == 1
+    assert f"{path}: " + expected.format(line=line, offset=offset) in err, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "data").exists()
