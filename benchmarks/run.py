@@ -16,7 +16,9 @@ Ratios (each a median over repeats, with min, max and the runs):
   (`trainer_overhead.py`);
 - `sharded_load_peak_rss_over_full`: host memory of building the FSDP2-sharded model on a
   rank other than 0, meta device + rank 0's rows over every rank loading the whole checkpoint
-  (`sharded_load.py`, 2 gloo processes, a 1 GB fp32 model).
+  (`sharded_load.py`, 2 gloo processes, a 1 GB fp32 model);
+- `prepare_driver_rss_4x_over_1x`: peak RSS of the `prepare` driver on a ShareGPT-like corpus 4
+  times over against once (`prepare_scale.py`; rows/s in `details`).
 
 `--quick` takes about 3.5 minutes on 2 idle cores. The JSON holds the machine, the load average
 before and after, every ratio's settings, target, bar and whether it passes; `--check` exits 1
@@ -146,6 +148,12 @@ def measure_sharded_load(mode: str, repeats: int | None) -> Measured:
     return measure(mode, repeats)
 
 
+def measure_prepare(mode: str, repeats: int | None) -> Measured:
+    from prepare_scale import measure
+
+    return measure(mode, repeats)
+
+
 GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]] = {
     "losses": (
         measure_losses,
@@ -155,6 +163,7 @@ GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]]
     "scoring": (measure_scoring, ("scoring_speedup_over_naive", "ray_data_over_bare_loop")),
     "trainer": (measure_trainer, ("torchtrainer_over_torchrun",)),
     "sharded_load": (measure_sharded_load, ("sharded_load_peak_rss_over_full",)),
+    "prepare": (measure_prepare, ("prepare_driver_rss_4x_over_1x",)),
 }
 
 

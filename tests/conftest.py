@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -226,3 +227,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
         seconds = time.monotonic() - _SUITE_START
         terminalreporter.write_line(f"suite wall time: {seconds:.0f} s ({seconds / 60:.1f} min)")
+
+
+BUCKET = "sftmix-checkpoints"
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A moto S3 server on loopback with one bucket; the environment that points at it."""
+    pytest.importorskip("moto", reason="moto (dev extra) serves S3 locally")
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per S3 request
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+    }
+    s3 = fs.S3FileSystem(
+        access_key="testing", secret_key="testing", region="us-east-1",
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+    )  # fmt: skip
+    s3.create_dir(BUCKET)
+    yield env, s3
+    server.stop()

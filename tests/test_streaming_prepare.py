@@ -131,7 +131,7 @@ def test_prepare_output_does_not_depend_on_how_the_corpus_is_cut(
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
-        ("json", 'invalid JSON at line {line}, column 2: Expecting property name'),
+        ("json", "invalid JSON at line {line}, column 2: Expecting property name"),
         ("utf8", "not valid UTF-8 at byte {offset} (line {line}): unexpected byte 0xff"),
     ],
 )
@@ -151,3 +151,33 @@ def test_a_broken_line_in_a_later_chunk_names_file_line_and_byte(
     assert code == 1
     assert f"{path}: " + expected.format(line=line, offset=offset) in err, err
     assert "Traceback" not in err and not (tmp_path / "out" / "data").exists()
+
+
+def test_an_object_store_corpus_reads_like_the_local_one(
+    tmp_path, s3_env, monkeypatch, small_chunks
+):
+    """`s3://` through pyarrow.fs (moto's S3 server on loopback): a directory of shards lists,
+    streams and cuts into the same rows and chunks as its local copy."""
+    from tests.conftest import BUCKET
+
+    env, s3 = s3_env
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rows = [r for r in _rows(80) if r is not None][:60]
+    local = tmp_path / "corpus"
+    local.mkdir()
+    rows[3] = {"conversations": []}  # Parquet needs one type: no None, but an invalid row
+    (local / "a.jsonl").write_bytes(_jsonl_bytes(rows[:25]))
+    pq.write_table(pa.Table.from_pylist(rows[25:]), local / "b.parquet", row_group_size=10)
+    (local / "notes.txt").write_text("not data")
+    for name in ("a.jsonl", "b.parquet", "notes.txt"):
+        with s3.open_output_stream(f"{BUCKET}/corpus/{name}") as out:
+            out.write((local / name).read_bytes())
+    uri = f"s3://{BUCKET}/corpus"
+    expected = read_records(local)
+    assert len(expected) == len(rows) and read_records(uri) == expected
+    remote, total = plan_chunks(uri, hf_split="train", work_dir=tmp_path / "w", parts=4)
+    assert total == len(rows) and len(remote) >= 3
+    assert [r for c in remote for r in iter_chunk(c)] == list(enumerate(expected))
+    with pytest.raises(Exception, match="no such file or directory"):
+        read_records(f"s3://{BUCKET}/missing.jsonl")

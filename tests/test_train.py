@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,9 +17,9 @@ from safetensors.torch import load_file
 from sftmix_ray.summary import read_summary
 from sftmix_ray.train.loop import FAULT_ENV, node_cpus, worker_threads
 from tests.conftest import (
+    BUCKET,
     TINY_OVERRIDES,
     cli_env,
-    free_port,
     result_json,
     sftmix_command,
     tiny_config,
@@ -28,7 +27,6 @@ from tests.conftest import (
 
 STEPS = 3
 LR = 0.01
-BUCKET = "sftmix-checkpoints"
 COMMON = [
     f"train.max_steps={STEPS}",
     f"train.learning_rate={LR}",
@@ -203,34 +201,6 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     # checkpoint move weights by whole updates, and the losses above.
     for key in a:
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=0, atol=0.1 * LR)
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on loopback with one bucket; the environment that points at it."""
-    pytest.importorskip("moto", reason="moto (dev extra) serves S3 locally")
-    from moto.server import ThreadedMotoServer
-    from pyarrow import fs
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per S3 request
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-    }
-    s3 = fs.S3FileSystem(
-        access_key="testing", secret_key="testing", region="us-east-1",
-        endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
-    )  # fmt: skip
-    s3.create_dir(BUCKET)
-    yield env, s3
-    server.stop()
 
 
 def test_killed_worker_resumes_from_checkpoint_in_s3(single, base_out, tmp_path, s3_env):

@@ -100,7 +100,7 @@ class _TextStream:
                 if byte & 0xC0 != 0x80:
                     need = (
                         1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
-                    )  # noqa: E501
+                    )
                     cut = len(data) - back if need > back else len(data)
                     break
             data, self.pending = data[:cut], data[cut:]

@@ -16,11 +16,9 @@ from sftmix_ray.errors import SftmixError
 from sftmix_ray.layout import RunDir
 from sftmix_ray.train.spec import LossSpec, RunSpec
 
-TOKEN_COLUMNS = ["example_id", "input_ids", "labels"]
-
 
 def _read_table(path: Path, columns: list[str] | None = None) -> Any:
-    """A stage's Parquet output as one Arrow table (token ids are small next to the model)."""
+    """Columns of a stage's Parquet output as one Arrow table (the driver reads example ids)."""
     import pyarrow.parquet as pq
 
     if not path.exists():
@@ -207,7 +205,6 @@ def run_training(
 
     `callbacks` are Ray Train `UserCallback`s for the run (a Tune sweep passes its reporter).
     """
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -221,18 +218,25 @@ def run_training(
         retokenized = build_reference_data(cfg, run)
         source = RunDir(run.reference_data)
         data_dir, heldout_dir = source.data, source.heldout
-    data = _read_table(data_dir, TOKEN_COLUMNS)
+    # The driver reads example ids only (for the run's name and the split checks); every
+    # worker memory-maps the token columns from a node-local cache (`train.token_rows`).
+    data = _read_table(data_dir, ["example_id"])
     tables: dict[str, Any] = {}
+    sources: list[tuple[str, str | None]] = []
     if spec.streams == ("data",):
         tables["data"] = data
+        sources.append((str(data_dir.resolve()), None))
     else:
         for side in ("confident", "unconfident"):
             tables[side] = _subset(data, run.split_file(side), cfg.split.ratio)
+            sources.append((str(data_dir.resolve()), str(run.split_file(side).resolve())))
     if spec.heldout:
-        tables["heldout"] = _read_table(heldout_dir, TOKEN_COLUMNS)
-    # Built from Arrow in the driver: the workers only fetch blocks, and no Ray Data task has
-    # to wait for a CPU that the training workers hold.
-    datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
+        tables["heldout"] = _read_table(heldout_dir, ["example_id"])
+    spec = dataclasses.replace(
+        spec,
+        sources=tuple(sources),
+        heldout_source=str(heldout_dir.resolve()) if spec.heldout else None,
+    )
     storage = storage_uri(cfg.train.storage_path or str(run.ray_storage))
     # A rerun of the same run resumes from its checkpoints, while a new split or corpus
     # starts a fresh run.
@@ -269,8 +273,6 @@ def run_training(
             worker_runtime_env={"env_vars": _worker_env(cfg)},
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = _fit(trainer, mode)
     history = json.loads(Path(spec.history_path).read_text(encoding="utf-8"))

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,26 +23,11 @@ from sftmix_ray.train.meta_init import rank_zero_weights
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
 from sftmix_ray.train.spec import RunSpec
+from sftmix_ray.train.token_rows import open_token_rows
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
-
-
-def load_rows(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """All rows of a (replicated) Ray Data shard, ordered by example_id."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
-    ids: list[int] = []
-    inputs: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
-        ids.extend(batch.column("example_id").to_pylist())
-        inputs.extend(np.asarray(x, dtype=np.int64) for x in batch.column("input_ids").to_pylist())
-        labels.extend(np.asarray(x, dtype=np.int64) for x in batch.column("labels").to_pylist())
-    order = np.argsort(np.asarray(ids), kind="stable")
-    return [inputs[i] for i in order], [labels[i] for i in order]
 
 
 def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
@@ -102,10 +86,15 @@ class TrainWorker:
         torch.manual_seed(train.seed)
         self.nodes = self._gather_nodes()
 
-        self.streams = [load_rows(name) for name in spec.streams]
-        self.heldout = load_rows("heldout") if spec.heldout else None
+        self.streams = [
+            open_token_rows(Path(source), Path(keep) if keep else None)
+            for source, keep in spec.sources
+        ]
+        self.heldout = None
+        if spec.heldout_source:
+            self.heldout = open_token_rows(Path(spec.heldout_source))
         self.plan = BatchPlan(
-            sizes=tuple(len(s[0]) for s in self.streams),
+            sizes=tuple(len(s) for s in self.streams),
             rows_per_device=train.per_device_train_batch_size,
             world_size=self.world,
             grad_accum=train.gradient_accumulation_steps,
@@ -162,8 +151,8 @@ class TrainWorker:
     # ------------------------------------------------------------------ batches and losses
     def _micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         per_stream = self.plan.rows(step, micro, self.rank)
-        inputs = [self.streams[s][0][i] for s, rows in enumerate(per_stream) for i in rows]
-        labels = [self.streams[s][1][i] for s, rows in enumerate(per_stream) for i in rows]
+        pairs = [self.streams[s].row(i) for s, rows in enumerate(per_stream) for i in rows]
+        inputs, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         pad = self.tokenizer.pad_token_id
         return collate(inputs, labels, pad if pad is not None else 0, self.device)
 
@@ -255,20 +244,21 @@ class TrainWorker:
             self.strategy.module.train()
 
     def _heldout_nll(self) -> float:
-        inputs, labels = self.heldout
-        mine = range(self.rank, len(inputs), self.world)
+        heldout = self.heldout
+        mine = range(self.rank, len(heldout), self.world)
         rows = self.plan.rows_per_device
         nll = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device
         tokens = 0.0
         idx = list(mine)
         # Equal number of forward calls on every rank (FSDP/ZeRO-3 forwards are collective).
-        n_batches = -(-len(range(0, len(inputs), self.world)) // rows)
+        n_batches = -(-len(range(0, len(heldout), self.world)) // rows)
         one = torch.ones(1, device=self.device)
         for b in range(n_batches):
             part = idx[b * rows : (b + 1) * rows] or idx[:1]
+            pairs = [heldout.row(i) for i in part]
             batch = collate(
-                [inputs[i] for i in part],
-                [labels[i] for i in part],
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
                 self.tokenizer.pad_token_id or 0,
                 self.device,
             )

@@ -24,7 +24,7 @@ class RunSpec:
     # The Train section as this run uses it (the reference run's learning rate already applied).
     train: TrainConfig
     loss: LossSpec
-    streams: tuple[str, ...]  # ("data",) or ("confident", "unconfident"): Ray Train datasets
+    streams: tuple[str, ...]  # ("data",) or ("confident", "unconfident")
     model_path: str  # HF id or directory the weights are loaded from
     tokenizer_path: str
     trust_remote_code: bool
@@ -35,7 +35,7 @@ class RunSpec:
     export_at: Literal["even", "epochs"]  # spread evenly, or at the ends of export_count epochs
     export_dir: str  # where they go: <export_dir>/checkpoint-<step>
     final_export: str | None  # the trained HF model's directory (SFTMix training)
-    heldout: bool  # a "heldout" dataset is attached (held-out eval_loss)
+    heldout: bool  # there is a held-out split (held-out eval_loss)
     torch_threads: int  # cap on intra-op threads per worker; 0: its share of its node's CPUs
     history_path: str  # per-step metrics, restarts and nodes, written by rank 0 at the end
     starts_path: str  # worker-group starts per run name (the `restarts` count)
@@ -44,3 +44,7 @@ class RunSpec:
     # weights in the same layout (`launch.run_name`), so it resumes from its checkpoints.
     run_name: str = ""
     mlflow: dict[str, Any] | None = None  # tracking URI, experiment, names, params
+    # Per stream: (Parquet directory, split file whose example_ids it keeps, or None); read by
+    # every worker through a node-local memory-mapped cache (`train.token_rows`).
+    sources: tuple[tuple[str, str | None], ...] = ()
+    heldout_source: str | None = None  # the held-out Parquet directory when `heldout`

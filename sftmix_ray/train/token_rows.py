@@ -1,0 +1,153 @@
+"""Token rows for training workers: flat int32 arrays memory-mapped from a node-local cache.
+
+Every training worker reads the whole (replicated) corpus. Python lists of it cost minutes and
+gigabytes per worker at 1M rows; instead the first worker on a node streams the Parquet files
+(a batch at a time) into flat binary files under a node-local directory, and every worker of
+that node memory-maps them: one copy per node, shared in the page cache, no Python objects
+per token. Rows are served in `example_id` order, so the batch plan does not depend on file
+or worker order.
+
+Cache layout (`<cache>/<key>/`): `input_ids.i32`, `labels.i32` (all rows' tokens end to end),
+`offsets.i64` (n + 1 row starts), `example_id.i64` and `order.i64` (rows by example_id). The
+key hashes the source files' names, sizes and modification times and the id filter, so a
+re-prepared corpus or a new split never reads a stale cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE_ENV = "SFTMIX_TOKEN_CACHE"  # node-local directory for the cache (default: the temp dir)
+FILES = {
+    "input_ids": np.int32,
+    "labels": np.int32,
+    "offsets": np.int64,
+    "example_id": np.int64,
+    "order": np.int64,
+}
+_SUFFIX = {np.int32: "i32", np.int64: "i64"}
+
+
+def _file(directory: Path, name: str) -> Path:
+    return directory / f"{name}.{_SUFFIX[FILES[name]]}"
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of token ids and labels, in example_id order, backed by memory-mapped arrays."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    example_id: np.ndarray
+    order: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, labels) of the i-th row by example_id: views, no copy."""
+        j = self.order[i]
+        start, end = self.offsets[j], self.offsets[j + 1]
+        return self.input_ids[start:end], self.labels[start:end]
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per row, in example_id order."""
+        return np.diff(self.offsets)[self.order]
+
+    def ids(self) -> np.ndarray:
+        """example_id of every row, ascending."""
+        return self.example_id[self.order]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "sftmix-token-cache")
+
+
+def _parquet_files(source: Path) -> list[Path]:
+    return sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+
+
+def cache_key(source: Path, keep: Path | None) -> str:
+    """Hash of the source files' (name, size, mtime) and of the id filter file's."""
+    digest = hashlib.sha256()
+    for path in [*_parquet_files(source), *([keep] if keep else [])]:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def _build(source: Path, keep: Path | None, target: Path) -> None:
+    """Stream `source` (rows whose example_id is in `keep`'s, when given) into `target`."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    wanted = None
+    if keep is not None:
+        wanted = pq.read_table(keep, columns=["example_id"]).column("example_id").combine_chunks()
+    dataset = pads.dataset(_parquet_files(source), format="parquet")
+    ids: list[np.ndarray] = []
+    total = 0
+    with contextlib.ExitStack() as stack:
+        handles = {
+            name: stack.enter_context(open(_file(target, name), "wb"))
+            for name in FILES
+            if name != "order"
+        }
+        handles["offsets"].write(np.zeros(1, np.int64).tobytes())
+        columns = ["example_id", "input_ids", "labels"]
+        for batch in dataset.to_batches(columns=columns, batch_size=4096):
+            if wanted is not None:
+                batch = batch.filter(pc.is_in(batch.column("example_id"), value_set=wanted))
+            if not batch.num_rows:
+                continue
+            for name in ("input_ids", "labels"):
+                values = pc.list_flatten(batch.column(name)).to_numpy(zero_copy_only=False)
+                handles[name].write(values.astype(np.int32, copy=False).tobytes())
+            lengths = pc.list_value_length(batch.column("input_ids")).to_numpy()
+            ends = total + np.cumsum(lengths, dtype=np.int64)
+            total = int(ends[-1])
+            handles["offsets"].write(ends.tobytes())
+            batch_ids = batch.column("example_id").to_numpy().astype(np.int64)
+            handles["example_id"].write(batch_ids.tobytes())
+            ids.append(batch_ids)
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    np.argsort(all_ids, kind="stable").astype(np.int64).tofile(_file(target, "order"))
+
+
+def _map(directory: Path) -> TokenRows:
+    arrays = {}
+    for name, dtype in FILES.items():
+        path = _file(directory, name)
+        # np.memmap cannot map an empty file; an empty array is the same thing.
+        size = path.stat().st_size
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    return TokenRows(**arrays)
+
+
+def open_token_rows(source: Path, keep: Path | None = None, root: Path | None = None) -> TokenRows:
+    """The rows of a Parquet file/directory (only example_ids listed in `keep` when given),
+    built once per node into the cache under a file lock and memory-mapped by every caller."""
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(source, keep)
+    final = root / key
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map
+        if not final.exists():
+            tmp = root / f".{key}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _build(source, keep, tmp)
+            os.replace(tmp, final)
+    return _map(final)

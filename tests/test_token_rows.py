@@ -1,0 +1,77 @@
+"""Training workers' token rows: a node-local cache built once, memory-mapped by every worker,
+served in example_id order whatever the file order, filtered by a split file."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftmix_ray.train.token_rows import open_token_rows
+
+
+def _write(directory: Path, seed: int = 0) -> dict[int, tuple[list[int], list[int]]]:
+    """Three shards with example ids out of order; returns id -> (input_ids, labels)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(300) * 3 + 1  # sparse, shuffled ids
+    rows = {}
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard, part in enumerate(np.array_split(ids, 3)):
+        inputs = [rng.integers(0, 50000, rng.integers(1, 40)).tolist() for _ in part]
+        labels = [[-100 if k % 3 else x for k, x in enumerate(row)] for row in inputs]
+        rows.update({int(i): (a, b) for i, a, b in zip(part, inputs, labels)})
+        table = pa.table(
+            {
+                "example_id": pa.array(part, pa.int64()),
+                "messages_json": pa.array(["[]"] * len(part)),
+                "input_ids": pa.array(inputs, pa.list_(pa.int32())),
+                "labels": pa.array(labels, pa.list_(pa.int32())),
+            }
+        )
+        pq.write_table(table, directory / f"part-{shard:05d}.parquet", row_group_size=37)
+    return rows
+
+
+def _open_and_sum(args: tuple[str, str]) -> tuple[int, int]:
+    source, root = args
+    rows = open_token_rows(Path(source), root=Path(root))
+    return len(rows), int(sum(int(rows.row(i)[0].sum()) for i in range(len(rows))))
+
+
+def test_rows_come_in_example_id_order_zero_copy(tmp_path):
+    expected = _write(tmp_path / "data")
+    rows = open_token_rows(tmp_path / "data", root=tmp_path / "cache")
+    assert len(rows) == 300 and list(rows.ids()) == sorted(expected)
+    for i, example_id in enumerate(sorted(expected)):
+        ids, labels = rows.row(i)
+        assert ids.tolist() == expected[example_id][0]
+        assert labels.tolist() == expected[example_id][1]
+    assert isinstance(rows.input_ids, np.memmap) and rows.input_ids.dtype == np.int32
+    assert rows.lengths().tolist() == [len(expected[k][0]) for k in sorted(expected)]
+
+
+def test_split_file_keeps_its_ids_only(tmp_path):
+    expected = _write(tmp_path / "data")
+    keep = sorted(expected)[::4]
+    split = tmp_path / "confident.parquet"
+    pq.write_table(pa.table({"example_id": pa.array(keep[::-1], pa.int64())}), split)
+    rows = open_token_rows(tmp_path / "data", split, root=tmp_path / "cache")
+    assert list(rows.ids()) == keep
+    assert rows.row(5)[0].tolist() == expected[keep[5]][0]
+
+
+def test_one_build_per_node_and_a_new_corpus_gets_a_new_cache(tmp_path):
+    _write(tmp_path / "data")
+    root = tmp_path / "cache"
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.map(_open_and_sum, [(str(tmp_path / "data"), str(root))] * 3)
+    assert len(set(results)) == 1 and results[0][0] == 300
+    assert len([p for p in root.iterdir() if p.is_dir()]) == 1  # built once, mapped thrice
+    assert not list(root.glob(".*.tmp"))
+    _write(tmp_path / "data", seed=1)  # re-prepared: other rows, same file names
+    again = open_token_rows(tmp_path / "data", root=root)
+    assert len([p for p in root.iterdir() if p.is_dir()]) == 2
+    assert int(sum(int(again.row(i)[0].sum()) for i in range(300))) != results[0][1]
