@@ -12,6 +12,12 @@ rows per second end to end (Ray start-up included). The ratio
 `prepare_driver_rss_4x_over_1x` is peak RSS at 4x over 1x: 1.0 when the driver's memory does
 not grow with the corpus. Before streaming prepare the driver held the whole corpus (1.25 GB at
 121 MB of JSON Lines, 3.46 GB at 4x: a ratio of 2.8, issue 17).
+
+`padding_efficiency` reads the token lengths of the prepared 1x corpus, splits it at random
+into two halves (confident, unconfident) and counts real over padded tokens in one epoch of
+the training batch plan (8 workers x 8 rows x 2 micro-batches per step, micro-batches padded to
+their longest row) with `train.group_by_length` at its default (`pairs`); `details` has `rows`,
+`none` and the bound for random pairs (each pair's shorter row padded to its partner).
 """
 
 from __future__ import annotations
@@ -69,11 +75,37 @@ def _prepare(corpus: Path, model: Path, out: Path) -> dict[str, Any]:
             "written": train["written"], "repairs": train["repairs"]}  # fmt: skip
 
 
+def padding(data_dir: Path) -> dict[str, float]:
+    """Padding efficiency of one epoch per `train.group_by_length` mode (and the pair bound)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from sftmix_ray.train.sampling import BatchPlan, padding_efficiency
+
+    table = pq.read_table(data_dir, columns=["input_ids"])
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
+    halves = np.random.default_rng(0).permutation(len(lengths))
+    half = len(lengths) // 2
+    streams = (lengths[halves[:half]], lengths[halves[half : 2 * half]])
+    result = {}
+    for name in ("pairs", "rows", "none"):
+        plan = BatchPlan(sizes=(half, half), rows_per_device=8, world_size=8, grad_accum=2,
+                         seed=0, lengths=None if name == "none" else streams,
+                         group="rows" if name == "rows" else "pairs")  # fmt: skip
+        result[name] = padding_efficiency(plan, streams, plan.steps_per_epoch())
+    longer, shorter = np.maximum(*streams), np.minimum(*streams)
+    result["random_pair_bound"] = float((longer + shorter).sum() / (2 * longer.sum()))
+    result["n_rows"], result["tokens_p50"] = half * 2, float(np.median(lengths))
+    result["at_max_length"] = float((lengths >= 1024).mean())
+    return result
+
+
 def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
     """`prepare_driver_rss_4x_over_1x`, `repeats` times (1x and 4x alternate)."""
     rows = ROWS[mode]
     repeats = repeats or (1 if mode == "quick" else 2)
-    runs, details = [], []
+    runs, details, pads = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         work = Path(tmp)
         model = _tokenizer(work)
@@ -83,6 +115,7 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
             four = _prepare(work / "4x.jsonl", model, work / f"out-4x-{repeat}")
             runs.append(four["peak_rss"] / one["peak_rss"])
             details.append({"1x": one, "4x": four})
+            pads.append(padding(work / f"out-1x-{repeat}" / "data"))
     settings = {
         "rows_1x": rows,
         "bytes": sizes,
@@ -93,6 +126,15 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
         "memory": "driver peak RSS (VmHWM) of a fresh `sftmix-ray prepare` process",
     }
     return {
+        "padding_efficiency": {
+            "runs": [p["pairs"] for p in pads],
+            "settings": {
+                "corpus": "the prepared 1x corpus, split at random into two halves",
+                "plan": "8 workers x 8 rows x 2 micro-batches, one epoch",
+                "group_by_length": "pairs (the default)",
+            },
+            "details": {"modes": pads},
+        },
         "prepare_driver_rss_4x_over_1x": {
             "runs": runs,
             "settings": settings,
@@ -100,7 +142,7 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
                 "rows_per_s_4x": stats([d["4x"]["rows_per_s"] for d in details]),
                 "repeats": details,
             },
-        }
+        },
     }
 
 

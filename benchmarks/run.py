@@ -18,7 +18,9 @@ Ratios (each a median over repeats, with min, max and the runs):
   rank other than 0, meta device + rank 0's rows over every rank loading the whole checkpoint
   (`sharded_load.py`, 2 gloo processes, a 1 GB fp32 model);
 - `prepare_driver_rss_4x_over_1x`: peak RSS of the `prepare` driver on a ShareGPT-like corpus 4
-  times over against once (`prepare_scale.py`; rows/s in `details`).
+  times over against once (`prepare_scale.py`; rows/s in `details`);
+- `padding_efficiency`: real over padded tokens in one epoch of length-grouped training batches
+  of that corpus (`prepare_scale.py`; each grouping mode in `details`).
 
 `--quick` takes about 3.5 minutes on 2 idle cores. The JSON holds the machine, the load average
 before and after, every ratio's settings, target, bar and whether it passes; `--check` exits 1
@@ -163,7 +165,7 @@ GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]]
     "scoring": (measure_scoring, ("scoring_speedup_over_naive", "ray_data_over_bare_loop")),
     "trainer": (measure_trainer, ("torchtrainer_over_torchrun",)),
     "sharded_load": (measure_sharded_load, ("sharded_load_peak_rss_over_full",)),
-    "prepare": (measure_prepare, ("prepare_driver_rss_4x_over_1x",)),
+    "prepare": (measure_prepare, ("prepare_driver_rss_4x_over_1x", "padding_efficiency")),
 }
 
 

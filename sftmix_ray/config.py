@@ -198,6 +198,11 @@ class TrainConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # workers on nodes
     per_device_train_batch_size: int = 8  # rows per device per micro-step (SFTMix: b + b)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    # Batches of similar length (less padding), sorted within windows of length_group_steps
+    # steps, batches in shuffled order: pairs (random confident/unconfident pairs, sorted by
+    # the longer row), rows (each side by length, partners random within a batch), or none.
+    group_by_length: Literal["pairs", "rows", "none"] = "pairs"
+    length_group_steps: int = 64  # optimizer steps per length-grouping window
     learning_rate: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.05  # fraction of steps of linear warm-up
@@ -237,6 +242,12 @@ class TrainConfig:
             "train.per_device_train_batch_size",
             self.per_device_train_batch_size,
             ">= 1",
+        )
+        _check(
+            self.length_group_steps >= 1,
+            "train.length_group_steps",
+            self.length_group_steps,
+            "an integer >= 1",
         )
         _check(
             self.gradient_accumulation_steps >= 1,

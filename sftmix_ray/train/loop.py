@@ -99,6 +99,11 @@ class TrainWorker:
             world_size=self.world,
             grad_accum=train.gradient_accumulation_steps,
             seed=train.seed,
+            lengths=None
+            if train.group_by_length == "none"
+            else tuple(s.lengths() for s in self.streams),
+            window_steps=train.length_group_steps,
+            group="rows" if train.group_by_length == "rows" else "pairs",
         )
         self.total_steps = total_steps(self.plan, spec.num_train_epochs, spec.max_steps)
         self.tokenizer = load_tokenizer(
