@@ -21,8 +21,10 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,16 +88,24 @@ def cache_key(source: Path, keep: Path | None) -> str:
     return digest.hexdigest()[:32]
 
 
+def _batches(files: list[Path], columns: list[str]) -> Iterator[Any]:
+    """Record batches of the files in order, one file and one batch at a time (no read-ahead:
+    the builder's memory stays at a batch, whatever the corpus)."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        with pq.ParquetFile(path) as parquet:
+            yield from parquet.iter_batches(batch_size=4096, columns=columns, use_threads=False)
+
+
 def _build(source: Path, keep: Path | None, target: Path) -> None:
     """Stream `source` (rows whose example_id is in `keep`'s, when given) into `target`."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     wanted = None
     if keep is not None:
         wanted = pq.read_table(keep, columns=["example_id"]).column("example_id").combine_chunks()
-    dataset = pads.dataset(_parquet_files(source), format="parquet")
     ids: list[np.ndarray] = []
     total = 0
     with contextlib.ExitStack() as stack:
@@ -106,7 +116,7 @@ def _build(source: Path, keep: Path | None, target: Path) -> None:
         }
         handles["offsets"].write(np.zeros(1, np.int64).tobytes())
         columns = ["example_id", "input_ids", "labels"]
-        for batch in dataset.to_batches(columns=columns, batch_size=4096):
+        for batch in _batches(_parquet_files(source), columns):
             if wanted is not None:
                 batch = batch.filter(pc.is_in(batch.column("example_id"), value_set=wanted))
             if not batch.num_rows:
