@@ -1,10 +1,15 @@
 """The `score` stage: every example's response NLL under every reference checkpoint (Ray Data).
 
-One Ray Data pass per checkpoint (`OUT/reference/checkpoint-<step>`, in step order) runs the
-`Scorer` on an actor pool and writes the intermediate `OUT/work/scores/checkpoint-<step>.parquet`
-atomically. A rerun keeps every per-checkpoint file whose ids and fingerprints still match the
-data and the checkpoint, and redoes the rest. When all are there they are joined on
-`example_id` into the result, `OUT/scores/scores.parquet`.
+One Ray Data pass over work items (a checkpoint and a slice of one of OUT/data's row groups),
+in checkpoint order, on one actor pool that lives through all checkpoints: a scorer actor
+loads a checkpoint's weights when its first item of that checkpoint arrives (freeing the
+previous ones first), so the pool pays its start-up (processes, imports, Ray Data planning)
+once, not once per checkpoint. Items are dispatched in order, so an actor swaps weights about
+once per checkpoint. As soon as every row of a checkpoint is back, the driver checks that each
+id came exactly once and writes `OUT/work/scores/checkpoint-<step>.parquet` atomically. A rerun
+keeps every per-checkpoint file whose ids and fingerprints still match the data and the
+checkpoint, and redoes the rest. When all are there they are joined on `example_id` into the
+result, `OUT/scores/scores.parquet`.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def rows_per_batch(n_rows: int, num_actors: int) -> int:
 
 
 class Scorer:
-    """Ray Data callable class: mean response NLL of each row under one checkpoint."""
+    """Mean response NLL of each row of a token table under one checkpoint (`load` swaps it)."""
 
     def __init__(
         self,
@@ -97,26 +102,46 @@ class Scorer:
         import ray
         import torch
 
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
+        self.load_options = {
+            "trust_remote_code": trust_remote_code,
+            "attn_implementation": attn_implementation,
+        }
+        self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
+        self.name = in_actor or "local"  # counts the actors that did the work
+        self.model_path = ""
+        self.load(model_path)
+
+    def load(self, model_path: str) -> None:
+        """Score with `model_path`'s weights from now on (the previous model freed first)."""
+        import gc
+
+        import torch
+
         from sftmix_ray.losses import NTPLoss
         from sftmix_ray.modeling import load_model
         from sftmix_ray.train.forward import CausalLMWithLoss
 
-        if num_threads > 0:
-            torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
-        model = load_model(
-            model_path, trust_remote_code=trust_remote_code, dtype=dtype,
-            attn_implementation=attn_implementation,
-        )  # fmt: skip
+        if model_path == self.model_path:
+            return
+        self.decoder = self.head = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = load_model(model_path, dtype=self.dtype, **self.load_options)
         # The training wrapper knows each model's decoder body and logit scaling/soft-capping.
-        wrapper = CausalLMWithLoss(model.to(self.device).eval(), NTPLoss(chunk_size))
+        wrapper = CausalLMWithLoss(model.to(self.device).eval(), NTPLoss(self.chunk_size))
         self.decoder, self.head = wrapper.decoder(), wrapper.output_head()
-        self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
-        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
-        self.name = in_actor or "local"  # counts the actors that did the work
+        self.model_path = model_path
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.score(batch)
+
+    def score(self, batch: pa.Table) -> pa.Table:
         """`example_id`, `nll` (mean over response tokens), `n_response_tokens`, `n_tokens`."""
         import torch
 
@@ -159,6 +184,46 @@ class Scorer:
                 "scorer": pa.array([self.name] * batch.num_rows, pa.string()),
             }
         )
+
+
+class ScoreItems(Scorer):
+    """Ray Data callable class: scores work items (checkpoint, file, row group, row slice).
+
+    It reads each item's rows itself from OUT (a shared path), so no rows pass through the
+    driver; a restarted actor (Ray Data retries the item) loads the item's checkpoint again.
+    """
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:  # type: ignore[override]
+        parts = []
+        for i in range(len(batch["checkpoint"])):
+            self.load(str(batch["checkpoint"][i]))
+            table = pq.ParquetFile(str(batch["file"][i])).read_row_group(
+                int(batch["row_group"][i]), columns=["example_id", "input_ids", "labels"]
+            )
+            lo, hi = int(batch["lo"][i]), int(batch["hi"][i])
+            scored = self.score(table.slice(lo, hi - lo))
+            for name in ("step", "batch"):
+                value = pa.array([int(batch[name][i])] * scored.num_rows, pa.int64())
+                scored = scored.append_column(name, value)
+            parts.append(scored)
+        return pa.concat_tables(parts)
+
+
+def score_items(data_dir: Path, checkpoints: list[tuple[int, Path]], rows: int) -> list[dict]:
+    """Work items in checkpoint order: each checkpoint over every row of `data_dir`, in slices
+    of at most `rows` rows of one row group (the driver reads Parquet footers only)."""
+    slices = []
+    for file in sorted(data_dir.glob("*.parquet")):
+        meta = pq.ParquetFile(file).metadata
+        for group in range(meta.num_row_groups):
+            n = meta.row_group(group).num_rows
+            slices.extend((str(file), group, lo, min(n, lo + rows)) for lo in range(0, n, rows))
+    items = []
+    for step, path in checkpoints:
+        for k, (f, g, lo, hi) in enumerate(slices):
+            item = {"checkpoint": str(path), "step": step, "batch": k, "file": f}
+            items.append({**item, "row_group": g, "lo": lo, "hi": hi})
+    return items
 
 
 def fingerprint(path: Path) -> str:
@@ -217,50 +282,66 @@ def _actor_resources(cfg: Config) -> tuple[float, int]:
     return max(0.05, min(wanted, spare / cfg.score.num_actors)), threads
 
 
-def _score_checkpoint(
-    cfg: Config, data_dir: Path, checkpoint: Path, n_rows: int
-) -> tuple[pa.Table, dict[str, Any]]:
-    """One Ray Data pass of `Scorer` over OUT/data with `checkpoint`: rows by id, and counts."""
+def _score_all(
+    cfg: Config, data_dir: Path, checkpoints: list[tuple[int, Path]], n_rows: int
+) -> Any:
+    """One Ray Data pass of `ScoreItems` over every (checkpoint, rows) item, on one actor pool.
+
+    Yields `(step, table of the checkpoint's rows by id, counts)` as each checkpoint completes.
+    """
     import ray
 
     num_cpus, threads = _actor_resources(cfg)
     batch_rows = rows_per_batch(n_rows, cfg.score.num_actors)
-    ds = ray.data.read_parquet(str(data_dir.resolve()), file_extensions=["parquet"])
-    ds = ds.select_columns(["example_id", "input_ids", "labels"])
+    items = score_items(data_dir.resolve(), checkpoints, batch_rows)
     scorer_kwargs = dict(
         batch_tokens=cfg.score.batch_tokens, chunk_size=cfg.score.chunk_size,
         num_threads=threads, trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation, bf16_on_gpu=cfg.train.bf16,
     )  # fmt: skip
-    # Streaming split into blocks of `batch_rows`, so every actor gets work even from one file.
-    ds = ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
-        Scorer,
-        fn_constructor_args=(str(checkpoint),),
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ScoreItems,
+        fn_constructor_args=(str(checkpoints[0][1]),),
         fn_constructor_kwargs=scorer_kwargs,
-        batch_size=batch_rows,
-        batch_format="pyarrow",
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
         num_cpus=num_cpus,
         num_gpus=cfg.score.num_gpus_per_actor or None,
         # Ray Data's actor pools restart a dead actor (OOM, lost node, kill) and retry its
-        # in-flight batch (max_restarts=-1, max_task_retries=-1 by default; the kwargs are
+        # in-flight item (max_restarts=-1, max_task_retries=-1 by default; the kwargs are
         # deprecated); the driver then checks that every id came back exactly once.
     )
     start = last = time.time()
-    parts: list[pa.Table] = []
+    parts: dict[int, list[pa.Table]] = {step: [] for step, _ in checkpoints}
+    began: dict[int, float] = {}
     first_batch_s, done = 0.0, 0
-    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        assert isinstance(part, pa.Table)
-        parts.append(part)
-        done += part.num_rows
+    rows: dict[int, int] = {step: 0 for step, _ in checkpoints}
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        assert isinstance(block, pa.Table)
         first_batch_s = first_batch_s or round(time.time() - start, 2)  # startup + model load
+        done += block.num_rows
         if time.time() - last > 10:
             last = time.time()
-            rate = done / (last - start)
-            log.info("%s: %d/%d rows (%.0f rows/s)", checkpoint.name, done, n_rows, rate)
-    table = pa.concat_tables(parts).sort_by("example_id")
-    actors = len(set(table.column("scorer").to_pylist()))
-    return table, {"batches": len(parts), "actors": actors, "first_batch_s": first_batch_s}
+            log.info("scored %d/%d rows (%.0f rows/s)", done, n_rows * len(checkpoints),
+                     done / (last - start))  # fmt: skip
+        steps = block.column("step").to_numpy()
+        for step in np.unique(steps).tolist():
+            if step not in parts:
+                raise SftmixError(f"checkpoint-{step}: rows came back after it was complete")
+            part = block.filter(pa.array(steps == step)).drop_columns(["step"])
+            began.setdefault(step, time.time())
+            parts[step].append(part)
+            rows[step] += part.num_rows
+            if rows[step] >= n_rows:  # check_ids then finds any row scored twice or missed
+                table = pa.concat_tables(parts.pop(step)).sort_by("example_id")
+                actors = sorted(set(table.column("scorer").to_pylist()))
+                counts = {"batches": len(set(table.column("batch").to_pylist())),
+                          "actors": len(actors), "actor_ids": actors,
+                          "seconds": round(time.time() - began[step], 2),
+                          "first_batch_s": first_batch_s}  # fmt: skip
+                yield step, table.drop_columns(["batch"]), counts
+    if parts:
+        raise SftmixError(f"scoring ended with checkpoints {sorted(parts)} incomplete")
 
 
 def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
@@ -281,29 +362,29 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     for stale in per_dir.glob(".*.tmp"):  # left by a crash mid-write; never read
         stale.unlink(missing_ok=True)
     data_print = fingerprint(data_dir)
-    reused, rescored, passes = [], [], []
-    tokens = seconds = 0.0
+    reused, rescored, passes, pending = [], [], [], {}
     for step, checkpoint in checkpoints:
-        target = run.checkpoint_scores(step)
         meta = {"data": data_print, "checkpoint": fingerprint(checkpoint), "step": str(step)}
-        if _complete(target, ids, meta):
-            log.info("%s: already scored, kept (%s)", checkpoint.name, target)
+        if _complete(run.checkpoint_scores(step), ids, meta):
+            log.info("%s: already scored, kept", checkpoint.name)
             reused.append(checkpoint.name)
-            continue
+        else:
+            pending[step] = (checkpoint, meta)
+    tokens = seconds = 0.0
+    if pending:
         start = time.time()
-        table, counts = _score_checkpoint(cfg, data_dir, checkpoint, len(ids))
-        elapsed = time.time() - start
-        check_ids(table.column("example_id").to_numpy(), ids, checkpoint.name)
-        n_tokens = int(np.sum(table.column("n_tokens").to_numpy()))
-        tokens, seconds = tokens + n_tokens, seconds + elapsed
-        passes.append({"checkpoint": checkpoint.name, "seconds": round(elapsed, 2), **counts})
-        log.info(
-            "%s: %d rows in %.1fs (%.0f rows/s, %.0f tokens/s)",
-            checkpoint.name, len(ids), elapsed, len(ids) / elapsed, n_tokens / elapsed,
-        )  # fmt: skip
-        table = table.drop_columns(["n_tokens", "scorer"])
-        atomic_write_parquet(target, table.replace_schema_metadata({_META: json.dumps(meta)}))
-        rescored.append(checkpoint.name)
+        todo = [(step, checkpoint) for step, (checkpoint, _) in pending.items()]
+        for step, table, counts in _score_all(cfg, data_dir, todo, len(ids)):
+            checkpoint, meta = pending[step]
+            check_ids(table.column("example_id").to_numpy(), ids, checkpoint.name)
+            tokens += int(np.sum(table.column("n_tokens").to_numpy()))
+            passes.append({"checkpoint": checkpoint.name, **counts})
+            log.info("%s: %d rows scored", checkpoint.name, len(ids))
+            table = table.drop_columns(["n_tokens", "scorer"])
+            target = run.checkpoint_scores(step)
+            atomic_write_parquet(target, table.replace_schema_metadata({_META: json.dumps(meta)}))
+            rescored.append(checkpoint.name)
+        seconds = time.time() - start
     scores = assemble_scores(
         [run.checkpoint_scores(s) for s, _ in checkpoints], ids, cfg.score.confidence
     )

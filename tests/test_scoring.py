@@ -30,6 +30,7 @@ from ray.data import DataContext
 from sftmix_ray.layout import RunDir
 from sftmix_ray.scoring import (
     _META,
+    Scorer,
     _complete,
     fingerprint,
     list_checkpoints,
@@ -255,7 +256,7 @@ def _scorer_busy_in_this_cluster() -> int | None:
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::MapWorker(MapBatches(Scorer)).submit"):
+        if title.startswith("ray::MapWorker(MapBatches(ScoreItems)).submit"):
             try:
                 if me in (p.pid for p in proc.parents()):  # our local cluster, not another's
                     return proc.info["pid"]
@@ -302,3 +303,30 @@ def psutil_pid_exists(pid: int) -> bool:
     import psutil
 
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_one_actor_pool_scores_every_checkpoint(reference_out: Path, ray_local, tmp_path):
+    """Both checkpoints in one pass: the two scorer actors that score the first also score the
+    second (they swap weights between checkpoints; a pool per checkpoint would have started
+    four), every id comes once per checkpoint, with the NLL of a scorer that loaded that
+    checkpoint alone."""
+    out = _copy_run(reference_out, tmp_path / "one-pool")
+    context = DataContext.get_current()
+    default_wait = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = int(WAIT_FOR_ACTORS["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"])
+    try:
+        summary = run_score(tiny_config(*SCORE_OVERRIDES), out)
+    finally:
+        context.wait_for_min_actors_s = default_wait
+    passes = summary["passes"]
+    assert [p["checkpoint"] for p in passes] == [c.name for _, c in list_checkpoints(out)]
+    assert all(p["batches"] >= 2 for p in passes) and passes[0]["actors"] == 2, passes
+    assert len({a for p in passes for a in p["actor_ids"]}) == 2, passes
+    data = _data(out)
+    for step, checkpoint in list_checkpoints(out):
+        stored = pq.read_table(RunDir(out).checkpoint_scores(step)).sort_by("example_id")
+        assert stored.column("example_id").to_pylist() == data.column("example_id").to_pylist()
+        alone = Scorer(str(checkpoint), batch_tokens=256, chunk_size=16).score(data.slice(0, 40))
+        np.testing.assert_allclose(
+            stored.column("nll").to_numpy()[:40], alone.column("nll").to_numpy(), rtol=1e-5
+        )
