@@ -75,6 +75,7 @@ GOALS = {
     "ray_data_over_bare_loop": Goal(">=", 0.95, 0.85),
     "torchtrainer_over_torchrun": Goal("<=", 1.03, 1.10),
     "sharded_load_peak_rss_over_full": Goal("<=", 0.6, 0.8),
+    "ray_data_over_bare_loop_end_to_end": Goal(">=", 0.8, 0.7),
     "prepare_driver_rss_4x_over_1x": Goal("<=", 1.2, 1.3),
     "padding_efficiency": Goal(">=", 0.9, 0.85),
 }

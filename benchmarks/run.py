@@ -17,6 +17,8 @@ Ratios (each a median over repeats, with min, max and the runs):
 - `sharded_load_peak_rss_over_full`: host memory of building the FSDP2-sharded model on a
   rank other than 0, meta device + rank 0's rows over every rank loading the whole checkpoint
   (`sharded_load.py`, 2 gloo processes, a 1 GB fp32 model);
+- `ray_data_over_bare_loop_end_to_end`: the `score` stage (one actor pool for all checkpoints)
+  against a bare in-process loop, wall time over 20k rows x 3 checkpoints (`scoring_e2e.py`);
 - `prepare_driver_rss_4x_over_1x`: peak RSS of the `prepare` driver on a ShareGPT-like corpus 4
   times over against once (`prepare_scale.py`; rows/s in `details`);
 - `padding_efficiency`: real over padded tokens in one epoch of length-grouped training batches
@@ -150,6 +152,12 @@ def measure_sharded_load(mode: str, repeats: int | None) -> Measured:
     return measure(mode, repeats)
 
 
+def measure_scoring_e2e(mode: str, repeats: int | None) -> Measured:
+    from scoring_e2e import measure
+
+    return measure(mode, repeats)
+
+
 def measure_prepare(mode: str, repeats: int | None) -> Measured:
     from prepare_scale import measure
 
@@ -165,6 +173,7 @@ GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]]
     "scoring": (measure_scoring, ("scoring_speedup_over_naive", "ray_data_over_bare_loop")),
     "trainer": (measure_trainer, ("torchtrainer_over_torchrun",)),
     "sharded_load": (measure_sharded_load, ("sharded_load_peak_rss_over_full",)),
+    "scoring_e2e": (measure_scoring_e2e, ("ray_data_over_bare_loop_end_to_end",)),
     "prepare": (measure_prepare, ("prepare_driver_rss_4x_over_1x", "padding_efficiency")),
 }
 
