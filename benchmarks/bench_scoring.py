@@ -54,7 +54,8 @@ from sftmix_ray.config import Config, load_config
 from sftmix_ray.layout import RunDir
 from sftmix_ray.modeling import build_tiny_model, load_model, load_tokenizer
 from sftmix_ray.pipeline import run_stage
-from sftmix_ray.scoring import Scorer, rows_per_batch, run_score
+from sftmix_ray.scorer import Scorer, rows_per_batch
+from sftmix_ray.scoring import run_score
 
 RATIOS = ("scoring_speedup_over_naive", "ray_data_over_bare_loop")
 TARGETS = {key: GOALS[key].target for key in RATIOS}

@@ -34,7 +34,7 @@ SIZES = {"quick": (20000, 3), "full": (50000, 3)}  # rows, checkpoints
 
 def bare_loop(checkpoints: list[Path], cfg: Any, table: Any, batch_rows: int, threads: int) -> None:
     """Every row under every checkpoint with the stage's `Scorer`, in this process."""
-    from sftmix_ray.scoring import Scorer
+    from sftmix_ray.scorer import Scorer
 
     scorer = Scorer(str(checkpoints[0]), batch_tokens=cfg.score.batch_tokens,
                     chunk_size=cfg.score.chunk_size, num_threads=threads)  # fmt: skip
@@ -49,7 +49,8 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
     import ray
 
     from sftmix_ray.layout import RunDir
-    from sftmix_ray.scoring import rows_per_batch, run_score
+    from sftmix_ray.scorer import rows_per_batch
+    from sftmix_ray.scoring import run_score
 
     rows, n_checkpoints = SIZES[mode]
     repeats = repeats or 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import atomic_write_parquet
 from sftmix_ray.layout import RunDir
-from sftmix_ray.losses import IGNORE_INDEX, confidence_and_variability, response_token_nll
+from sftmix_ray.losses import confidence_and_variability
+from sftmix_ray.scorer import ScoreItems, rows_per_batch, score_items
 
 log = logging.getLogger(__name__)
 
@@ -51,179 +51,6 @@ def list_checkpoints(out_dir: Path | RunDir) -> list[tuple[int, Path]]:
     if not found:
         raise SftmixError(f"no checkpoints in {reference}; run `sftmix-ray reference`")
     return sorted(found)
-
-
-def token_budget_batches(
-    lengths: np.ndarray, batch_tokens: int, overhead_tokens: int | None = None
-) -> list[np.ndarray]:
-    """Row indices of micro-batches of length-sorted rows, each at most `batch_tokens` padded.
-
-    Of all such splits (a row longer than the budget goes alone) this takes the one with the
-    fewest padded tokens plus `overhead_tokens` (default: budget / 8) per micro-batch, the
-    fixed cost of a forward: rows of different lengths share a micro-batch only when their
-    padding costs less than another forward would.
-    """
-    order = np.argsort(lengths, kind="stable")
-    sorted_lengths = np.asarray(lengths, dtype=np.int64)[order]
-    overhead = batch_tokens // 8 if overhead_tokens is None else overhead_tokens
-    cost, start = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=np.int64)
-    for end in range(1, len(order) + 1):  # rows [i, end) padded to the longest, row end - 1
-        longest = int(sorted_lengths[end - 1])
-        first = np.arange(max(0, end - max(1, batch_tokens // longest)), end)
-        total = cost[first] + (end - first) * longest + overhead
-        best = int(np.argmin(total))
-        cost[end], start[end] = total[best], first[best]
-    batches, end = [], len(order)
-    while end > 0:
-        batches.append(order[start[end] : end])
-        end = int(start[end])
-    return batches[::-1]
-
-
-def rows_per_batch(n_rows: int, num_actors: int) -> int:
-    """Rows per scorer call: about 4 per actor to keep the pool busy, 32 to 1024 to sort well."""
-    return int(min(1024, max(32, math.ceil(n_rows / (4 * num_actors)))))
-
-
-class Scorer:
-    """Mean response NLL of each row of a token table under one checkpoint (`load` swaps it)."""
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        batch_tokens: int,
-        chunk_size: int,
-        num_threads: int = 0,
-        trust_remote_code: bool = False,
-        attn_implementation: str | None = "sdpa",
-        bf16_on_gpu: bool = False,
-    ) -> None:
-        import ray
-        import torch
-
-        if num_threads > 0:
-            torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
-        self.load_options = {
-            "trust_remote_code": trust_remote_code,
-            "attn_implementation": attn_implementation,
-        }
-        self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
-        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
-        self.name = in_actor or "local"  # counts the actors that did the work
-        self.model_path = ""
-        self.load(model_path)
-
-    def load(self, model_path: str) -> None:
-        """Score with `model_path`'s weights from now on (the previous model freed first)."""
-        import gc
-
-        import torch
-
-        from sftmix_ray.losses import NTPLoss
-        from sftmix_ray.modeling import load_model
-        from sftmix_ray.train.forward import CausalLMWithLoss
-
-        if model_path == self.model_path:
-            return
-        self.decoder = self.head = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        model = load_model(model_path, dtype=self.dtype, **self.load_options)
-        # The training wrapper knows each model's decoder body and logit scaling/soft-capping.
-        wrapper = CausalLMWithLoss(model.to(self.device).eval(), NTPLoss(self.chunk_size))
-        self.decoder, self.head = wrapper.decoder(), wrapper.output_head()
-        self.model_path = model_path
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.score(batch)
-
-    def score(self, batch: pa.Table) -> pa.Table:
-        """`example_id`, `nll` (mean over response tokens), `n_response_tokens`, `n_tokens`."""
-        import torch
-
-        ids_col = batch.column("input_ids").combine_chunks()
-        offsets = ids_col.offsets.to_numpy()
-        flat_ids = ids_col.values.to_numpy(zero_copy_only=False)
-        flat_labels = batch.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False)
-        lengths = np.diff(offsets)
-        nll = np.full(batch.num_rows, np.nan)
-        n_response = np.zeros(batch.num_rows, dtype=np.int64)
-        for rows in token_budget_batches(lengths, self.batch_tokens):
-            shape = (len(rows), int(lengths[rows].max()))
-            input_ids, mask = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
-            labels = np.full(shape, IGNORE_INDEX, np.int64)
-            for j, r in enumerate(rows):  # right padding: positions of real tokens unchanged
-                lo, n = offsets[r], lengths[r]
-                input_ids[j, :n], labels[j, :n] = flat_ids[lo : lo + n], flat_labels[lo : lo + n]
-                mask[j, :n] = 1
-            with torch.inference_mode():
-                out = self.decoder(
-                    input_ids=torch.from_numpy(input_ids).to(self.device),
-                    # Equal lengths need no mask: SDPA then takes its plain causal path.
-                    attention_mask=None if mask.all() else torch.from_numpy(mask).to(self.device),
-                    use_cache=False,
-                )
-                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                # Target log-probs only, chunk by chunk, in fp32: never a [B, L, V] log-softmax.
-                nll_sum, counts = response_token_nll(
-                    hidden, torch.from_numpy(labels), self.head, self.chunk_size
-                )
-            n_response[rows] = counts.cpu().numpy()
-            with np.errstate(invalid="ignore", divide="ignore"):  # no response tokens -> NaN
-                nll[rows] = nll_sum.double().cpu().numpy() / n_response[rows]
-        return pa.table(
-            {
-                "example_id": batch.column("example_id").combine_chunks().cast(pa.int64()),
-                "nll": pa.array(nll, pa.float64()),
-                "n_response_tokens": pa.array(n_response, pa.int64()),
-                "n_tokens": pa.array(lengths, pa.int64()),
-                "scorer": pa.array([self.name] * batch.num_rows, pa.string()),
-            }
-        )
-
-
-class ScoreItems(Scorer):
-    """Ray Data callable class: scores work items (checkpoint, file, row group, row slice).
-
-    It reads each item's rows itself from OUT (a shared path), so no rows pass through the
-    driver; a restarted actor (Ray Data retries the item) loads the item's checkpoint again.
-    """
-
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:  # type: ignore[override]
-        parts = []
-        for i in range(len(batch["checkpoint"])):
-            self.load(str(batch["checkpoint"][i]))
-            table = pq.ParquetFile(str(batch["file"][i])).read_row_group(
-                int(batch["row_group"][i]), columns=["example_id", "input_ids", "labels"]
-            )
-            lo, hi = int(batch["lo"][i]), int(batch["hi"][i])
-            scored = self.score(table.slice(lo, hi - lo))
-            for name in ("step", "batch"):
-                value = pa.array([int(batch[name][i])] * scored.num_rows, pa.int64())
-                scored = scored.append_column(name, value)
-            parts.append(scored)
-        return pa.concat_tables(parts)
-
-
-def score_items(data_dir: Path, checkpoints: list[tuple[int, Path]], rows: int) -> list[dict]:
-    """Work items in checkpoint order: each checkpoint over every row of `data_dir`, in slices
-    of at most `rows` rows of one row group (the driver reads Parquet footers only)."""
-    slices = []
-    for file in sorted(data_dir.glob("*.parquet")):
-        meta = pq.ParquetFile(file).metadata
-        for group in range(meta.num_row_groups):
-            n = meta.row_group(group).num_rows
-            slices.extend((str(file), group, lo, min(n, lo + rows)) for lo in range(0, n, rows))
-    items = []
-    for step, path in checkpoints:
-        for k, (f, g, lo, hi) in enumerate(slices):
-            item = {"checkpoint": str(path), "step": step, "batch": k, "file": f}
-            items.append({**item, "row_group": g, "lo": lo, "hi": hi})
-    return items
 
 
 def fingerprint(path: Path) -> str:

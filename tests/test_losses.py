@@ -681,7 +681,7 @@ def test_eval_and_scoring_use_the_models_own_logits_gemma_soft_capping(tmp_path)
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from sftmix_ray.evaluation import response_nll
-    from sftmix_ray.scoring import Scorer
+    from sftmix_ray.scorer import Scorer
 
     torch.manual_seed(0)
     config = Gemma2Config(

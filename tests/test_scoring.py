@@ -28,15 +28,8 @@ import torch.nn.functional as F
 from ray.data import DataContext
 
 from sftmix_ray.layout import RunDir
-from sftmix_ray.scoring import (
-    _META,
-    Scorer,
-    _complete,
-    fingerprint,
-    list_checkpoints,
-    run_score,
-    token_budget_batches,
-)
+from sftmix_ray.scorer import Scorer, token_budget_batches
+from sftmix_ray.scoring import _META, _complete, fingerprint, list_checkpoints, run_score
 from sftmix_ray.summary import read_summary
 from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, tiny_config
 
