@@ -213,6 +213,9 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train FailureConfig(max_failures)
     seed: int = 42  # model init aside, every random draw: batches, lambdas, dropout
     bf16: bool = False  # autocast on GPU
+    # dtype of exported HF models and reference checkpoints: auto is bfloat16 under bf16
+    # (half the bytes and write time at 8B; training keeps fp32 master weights), else float32
+    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less memory)
     logging_steps: int = 10  # metrics to the sinks every N steps
     # Metric sinks on rank 0: OUT/logs/tensorboard, and MLflow ("none" = neither).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_mu_zero_is_the_ntp_reference_loop(reference_out, base_out, tmp_path):
     """`mixup.mu=0` trains exactly like the NTP reference run (same sampler, same loss): the
     session's shared reference run (`reference_out`: the tiny config, 3 steps) is the oracle."""
     ntp_cfg = ["mixup.mu=0", "train.max_steps=3", "train.save_steps=1"]
-    _, ntp = run_train(base_out, tmp_path, *ntp_cfg, name="ntp", common=False)
+    ntp_out, ntp = run_train(base_out, tmp_path, *ntp_cfg, name="ntp", common=False)
     assert len(ntp) == STEPS == tiny_config().reference.max_steps
     ref = json.loads((reference_out / "logs" / "reference-model-history.json").read_text())
     np.testing.assert_allclose(losses(ntp), losses(ref["history"]), rtol=1e-6)
@@ -132,12 +133,33 @@ def test_mu_zero_is_the_ntp_reference_loop(reference_out, base_out, tmp_path):
     assert (reference_out / "reference" / f"checkpoint-{STEPS}" / "model.safetensors").exists()
     # The random-pairs ablation draws the same uniform batches as NTP: at step 1 (same weights)
     # its NTP term is NTP's loss, and Mixup pairs row i of each half of the batch.
-    rand_cfg = ["mixup.pairing=random", "train.max_steps=3"]
-    _, rand = run_train(base_out, tmp_path, *rand_cfg, name="random", common=False)
+    rand_cfg = ["mixup.pairing=random", "train.max_steps=3", "train.export_dtype=bfloat16"]
+    rand_out, rand = run_train(base_out, tmp_path, *rand_cfg, name="random", common=False)
     assert rand[0]["ntp"] == pytest.approx(ntp[0]["loss"], rel=1e-6)
     assert all(h["mix"] > 0 for h in rand) and len(rand) == STEPS
     for h in rand:
         assert h["loss"] == pytest.approx(h["ntp"] + 0.2 * h["mix"], rel=1e-5)
+    # train.export_dtype=bfloat16: the export is bf16 on disk and loads; fp32 by default.
+    exported = load_file(str(rand_out / "model" / "model.safetensors"))
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+    assert {v.dtype for v in load_file(str(ntp_out / "model" / "model.safetensors")).values()} == {
+        torch.float32
+    }
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(rand_out / "model", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    # Resume state went straight into storage (our names, no upload), at most
+    # train.save_total_limit of them; the reference run's was removed after its exports.
+    (run_dir,) = (ntp_out / "ray_storage").iterdir()
+    saved = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    assert len(saved) == 2, saved
+    assert all(re.fullmatch(r"checkpoint-0000000[23]-[0-9a-f]{8}", n) for n in saved), saved
+    ref_stage = read_summary(reference_out)["stages"]["reference"]
+    assert ref_stage["resume_checkpoints_removed"] >= 1
+    ref_runs = list((reference_out / "ray_storage").iterdir())
+    assert ref_runs and not [p for r in ref_runs for p in r.iterdir() if p.is_dir()]
 
 
 def test_export_is_a_loadable_hf_model(single):

@@ -275,6 +275,13 @@ def run_training(
         ),
     )
     result = _fit(trainer, mode)
+    removed = 0
+    if mode == "reference":
+        # Its C HF checkpoints are exported: the resume state (optimizer included, ~96 GB per
+        # save at 8B) is of no further use.
+        from sftmix_ray.train.checkpointing import delete_checkpoints
+
+        removed = delete_checkpoints(str(storage), name)
     history = json.loads(Path(spec.history_path).read_text(encoding="utf-8"))
     last = history["history"][-1] if history["history"] else {}
     summary: dict[str, Any] = {
@@ -290,6 +297,7 @@ def run_training(
     if mode == "reference":
         by_step = sorted(run.reference.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name))
         summary["checkpoints"] = [str(p) for p in by_step]  # checkpoint-9 before checkpoint-10
+        summary["resume_checkpoints_removed"] = removed
     else:
         summary["model_dir"] = spec.final_export
     return summary

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sftmix_ray.batching import collate
+from sftmix_ray.train.checkpointing import report_checkpoint
 from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.meta_init import rank_zero_weights
 from sftmix_ray.train.reporting import MetricSinks
@@ -307,14 +307,24 @@ class TrainWorker:
         config = AutoConfig.from_pretrained(
             self.spec.model_path, trust_remote_code=self.spec.trust_remote_code
         )
+        dtype = export_dtype(self.train_cfg)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise RuntimeError(f"export is missing weights: {missing[:5]}")
         save_hf(model, self.tokenizer, Path(target))
+
+
+def export_dtype(train: Any) -> torch.dtype:
+    """The dtype HF exports are written in (`train.export_dtype`; auto follows `train.bf16`)."""
+    name = train.export_dtype
+    if name == "auto":
+        name = "bfloat16" if train.bf16 else "float32"
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 FAULT_ENV = "SFTMIX_FAULT_AT_STEP"
@@ -415,9 +425,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         if not (save or step % log_every == 0 or "eval_loss" in metrics):
             continue
         if save:
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer.save_checkpoint(Path(tmp))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            report_checkpoint(metrics, step, trainer.save_checkpoint, trainer.world)
         else:
             ray.train.report(metrics)
         if trainer.rank == 0:
