@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MEASURE_METADATA_KEY = b"sftmix.confidence_measure"  # which measure `confidence` holds
 _META = b"sftmix"  # Parquet key-value metadata: data and checkpoint fingerprints
+# Test hook: seconds the driver waits after writing each checkpoint's scores. With one actor
+# pool a tiny test model scores the next checkpoint in well under a second, too short for a
+# test to land a signal between two checkpoints.
+PAUSE_ENV = "SFTMIX_SCORE_PAUSE_AFTER_CHECKPOINT_S"
 
 
 def list_checkpoints(out_dir: Path | RunDir) -> list[tuple[int, Path]]:
@@ -211,6 +216,8 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
             target = run.checkpoint_scores(step)
             atomic_write_parquet(target, table.replace_schema_metadata({_META: json.dumps(meta)}))
             rescored.append(checkpoint.name)
+            if os.environ.get(PAUSE_ENV):  # the interruption tests' window between checkpoints
+                time.sleep(float(os.environ[PAUSE_ENV]))
         seconds = time.time() - start
     scores = assemble_scores(
         [run.checkpoint_scores(s) for s, _ in checkpoints], ids, cfg.score.confidence

@@ -61,6 +61,9 @@ def _env() -> dict[str, str]:
     # job driver, reruns) read the same token file; clients send it only when the mode is set.
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
+    # A window between two scored checkpoints for the SIGTERM in `score` (one actor pool
+    # scores the tiny model's next checkpoint in well under a second).
+    env["SFTMIX_SCORE_PAUSE_AFTER_CHECKPOINT_S"] = "5"
     return env
 
 

@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent(
     trainer = threading.Thread(target=train)
     trainer.start()
     local = Path(storage.removeprefix("file://"))
-    while len(list(local.glob("train-*/checkpoint_*"))) < 2 and trainer.is_alive():
+    # Checkpoint directories (written straight into the shared storage: checkpoint-<step>-...).
+    while len(list(local.glob("train-*/checkpoint-*/"))) < 2 and trainer.is_alive():
         time.sleep(0.1)
     # Two checkpoints are in the shared storage: the second node goes away (its raylet and
     # the worker on it die) and a fresh node joins in its place.
@@ -105,7 +106,7 @@ def test_training_survives_losing_a_node(prepared_out: Path, tmp_path: Path):
     # The last checkpoints are whole in the shared storage (the lost attempt may leave one
     # more directory behind, which Ray Train never registered).
     states = [
-        json.loads(p.read_text()) for p in storage.glob("train-*/checkpoint_*/train_state.json")
+        json.loads(p.read_text()) for p in storage.glob("train-*/checkpoint-*/train_state.json")
     ]
     assert len(states) >= 2 and max(s["step"] for s in states) == STEPS
     assert (out / "model" / "model.safetensors").exists()
