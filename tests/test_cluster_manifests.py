@@ -277,3 +277,27 @@ def test_launcher_schema_rejects_an_unknown_field() -> None:
     raw["available_node_types"]["gpu_worker"]["gpu_count"] = 4
     with pytest.raises(jsonschema.ValidationError, match="gpu_count"):
         validate_config(prepare_config(raw))
+
+
+def test_gpu_processes_get_expandable_cuda_segments(monkeypatch) -> None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reaches every GPU process: the GPU
+    worker pods, the job runtime env, and the Ray Train workers of a GPU run (a user's own
+    value kept); CPU runs leave it alone."""
+    from sftmix_ray.train.launch import _worker_env
+    from tests.conftest import tiny_config
+
+    setting = "expandable_segments:True"
+    for manifest, spec in _cluster_specs():
+        for group in spec["workerGroupSpecs"]:
+            env = {
+                e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]
+            }
+            assert env["PYTORCH_CUDA_ALLOC_CONF"] == setting, (manifest, group["groupName"])
+    assert _load(RUNTIME_ENV)["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == setting
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert _worker_env(tiny_config("train.use_gpu=true"))["PYTORCH_CUDA_ALLOC_CONF"] == setting
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in _worker_env(tiny_config())
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert _worker_env(tiny_config("train.use_gpu=true"))["PYTORCH_CUDA_ALLOC_CONF"] == (
+        "max_split_size_mb:512"
+    )

@@ -71,6 +71,9 @@ def _torch_threads(cfg: Config) -> int:
     return max(1, cfg.ray.num_cpus // cfg.train.num_workers) if cfg.ray.num_cpus else 0
 
 
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
 def _worker_env(cfg: Config) -> dict[str, str]:
     """Environment for the training workers."""
     from sftmix_ray.train.loop import FAULT_ENV
@@ -78,6 +81,8 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    else:  # variable-length batches fragment the caching allocator (a user's value wins)
+        env[ALLOC_CONF] = os.environ.get(ALLOC_CONF, "expandable_segments:True")
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
