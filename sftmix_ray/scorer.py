@@ -72,10 +72,7 @@ class Scorer:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
-        self.load_options = {
-            "trust_remote_code": trust_remote_code,
-            "attn_implementation": attn_implementation,
-        }
+        self.trust_remote_code, self.attn_implementation = trust_remote_code, attn_implementation
         self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
         self.name = in_actor or "local"  # counts the actors that did the work
@@ -94,11 +91,15 @@ class Scorer:
 
         if model_path == self.model_path:
             return
-        self.decoder = self.head = None
+        self.__dict__.pop("decoder", None)  # free the previous weights before loading the next
+        self.__dict__.pop("head", None)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        model = load_model(model_path, dtype=self.dtype, **self.load_options)
+        model = load_model(
+            model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
+        )  # fmt: skip
         # The training wrapper knows each model's decoder body and logit scaling/soft-capping.
         wrapper = CausalLMWithLoss(model.to(self.device).eval(), NTPLoss(self.chunk_size))
         self.decoder, self.head = wrapper.decoder(), wrapper.output_head()
@@ -159,7 +160,7 @@ class ScoreItems(Scorer):
     driver; a restarted actor (Ray Data retries the item) loads the item's checkpoint again.
     """
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:  # type: ignore[override]
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
         parts = []
         for i in range(len(batch["checkpoint"])):
             self.load(str(batch["checkpoint"][i]))
@@ -178,7 +179,7 @@ class ScoreItems(Scorer):
 def score_items(data_dir: Path, checkpoints: list[tuple[int, Path]], rows: int) -> list[dict]:
     """Work items in checkpoint order: each checkpoint over every row of `data_dir`, in slices
     of at most `rows` rows of one row group (the driver reads Parquet footers only)."""
-    slices = []
+    slices: list[tuple[str, int, int, int]] = []
     for file in sorted(data_dir.glob("*.parquet")):
         meta = pq.ParquetFile(file).metadata
         for group in range(meta.num_row_groups):

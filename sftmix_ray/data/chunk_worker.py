@@ -167,9 +167,10 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                 side = job.side(index)
             side_stats = stats[side]
             side_stats.input += 1
+            applied: list[str] = []
             try:
                 if job.fmt == PREPARED:
-                    messages, applied = json.loads(raw["messages_json"]), []
+                    messages = json.loads(raw["messages_json"])
                 else:
                     messages, applied = normalize_with_repairs(raw, job.fmt, job.repair)
             except RowRejected as exc:

@@ -138,14 +138,13 @@ def run_chunk_jobs(
 
     from sftmix_ray.data.chunk_worker import PrepareChunks
 
-    items = []
+    items: list[dict[str, Any]] = []
     for job_no, plan in enumerate(plans):
         for chunk in plan.chunks:
             items.append({"job": job_no, "chunk_no": len(items), "chunk": chunk.to_json()})
     size = max(1, min(cfg.data.num_workers, len(items)))
     jobs = [p.job for p in plans]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PrepareChunks,
         fn_constructor_args=(jobs, tokenizer_path, cfg.data.max_length, truncation),
         fn_constructor_kwargs={"trust": cfg.model.trust_remote_code},

@@ -125,7 +125,7 @@ def open_binary(path: str) -> IO[bytes]:
 
     try:
         fs, inner = pafs.FileSystem.from_uri(path)
-        return io.BufferedReader(fs.open_input_file(inner))  # type: ignore[arg-type]
+        return io.BufferedReader(fs.open_input_file(inner))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read file: {str(exc).splitlines()[0]}") from None
 
