@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import operator
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+Measure = Callable[[str, "int | None"], dict[str, dict[str, Any]]]
 
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
@@ -101,3 +107,27 @@ def seeded_llama(
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
+
+
+def measured_ratio(name: str, runs: list[float], settings: dict, details: dict) -> dict:
+    """One ratio as a `measure` function returns it to benchmarks/run.py."""
+    return {name: {"runs": runs, "settings": settings, "details": details}}
+
+
+def single_benchmark_main(
+    benchmark: str, ratio: str, measure: Measure, description: str, argv: list[str] | None
+) -> int:
+    """The command line of a benchmark that measures one ratio of benchmarks/run.py:
+    `--json OUT [--full] [--repeats N]`; writes the measurement with the machine and stats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--full", dest="mode", action="store_const", const="full", default="quick")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    measured = measure(args.mode, args.repeats)
+    result = {"benchmark": benchmark, "machine": machine_info(), **measured}
+    result["stats"] = stats(measured[ratio]["runs"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["stats"]))
+    return 0

@@ -22,7 +22,6 @@ their longest row) with `train.group_by_length` at its default (`pairs`); `detai
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, stats
+from _common import measured_ratio, single_benchmark_main, stats
 from corpus import sharegpt_like, write_jsonl
 
 ROWS = {"quick": 5000, "full": 20000}
@@ -125,40 +124,29 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
         "repeats": repeats,
         "memory": "driver peak RSS (VmHWM) of a fresh `sftmix-ray prepare` process",
     }
+    padding_settings = {
+        "corpus": "the prepared 1x corpus, split at random into two halves",
+        "plan": "8 workers x 8 rows x 2 micro-batches, one epoch",
+        "group_by_length": "pairs (the default)",
+    }
+    rate = stats([d["4x"]["rows_per_s"] for d in details])
     return {
-        "padding_efficiency": {
-            "runs": [p["pairs"] for p in pads],
-            "settings": {
-                "corpus": "the prepared 1x corpus, split at random into two halves",
-                "plan": "8 workers x 8 rows x 2 micro-batches, one epoch",
-                "group_by_length": "pairs (the default)",
-            },
-            "details": {"modes": pads},
-        },
-        "prepare_driver_rss_4x_over_1x": {
-            "runs": runs,
-            "settings": settings,
-            "details": {
-                "rows_per_s_4x": stats([d["4x"]["rows_per_s"] for d in details]),
-                "repeats": details,
-            },
-        },
+        **measured_ratio(
+            "padding_efficiency", [p["pairs"] for p in pads], padding_settings, {"modes": pads}
+        ),
+        **measured_ratio(
+            "prepare_driver_rss_4x_over_1x",
+            runs,
+            settings,
+            {"rows_per_s_4x": rate, "repeats": details},
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", dest="mode", action="store_const", const="full", default="quick")
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
-    measured = measure(args.mode, args.repeats)
-    result = {"benchmark": "prepare_scale", "machine": machine_info(), **measured}
-    result["stats"] = stats(measured["prepare_driver_rss_4x_over_1x"]["runs"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["stats"]))
-    return 0
+    return single_benchmark_main(
+        "prepare_scale", "prepare_driver_rss_4x_over_1x", measure, __doc__.splitlines()[0], argv
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ paid once per stage, so the ratio grows with rows x checkpoints.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -26,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, stats
+from _common import measured_ratio, single_benchmark_main
 from bench_scoring import HEADLINE, setup
 
 SIZES = {"quick": (20000, 3), "full": (50000, 3)}  # rows, checkpoints
@@ -86,29 +84,16 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
     settings = {"rows": rows, "checkpoints": n_checkpoints, "ray_actors": actors,
                 "in_process_threads": cores, "repeats": repeats,
                 "model": "Llama-style, hidden 256, 4 layers, 32000-row head, fp32"}  # fmt: skip
-    return {
-        "ray_data_over_bare_loop_end_to_end": {
-            "runs": runs,
-            "settings": settings,
-            "details": {"repeats": details},
-        }
-    }
+    return measured_ratio(
+        "ray_data_over_bare_loop_end_to_end", runs, settings, {"repeats": details}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", dest="mode", action="store_const", const="full", default="quick")
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    measured = measure(args.mode, args.repeats)
-    result = {"benchmark": "scoring_e2e", "machine": machine_info(), **measured}
-    result["stats"] = stats(measured["ray_data_over_bare_loop_end_to_end"]["runs"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["stats"]))
-    return 0
+    return single_benchmark_main(
+        "scoring_e2e", "ray_data_over_bare_loop_end_to_end", measure, __doc__.splitlines()[0], argv
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ the whole checkpoint): meta over full.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, seeded_llama, stats
+from _common import measured_ratio, seeded_llama, single_benchmark_main
 
 WORLD = 2
 SIZES = {  # (vocab, hidden, layers, ffn, heads, kv_heads): ~1.06 GB and ~2.1 GB in fp32
@@ -121,28 +120,13 @@ def measure(mode: str, repeats: int | None) -> dict[str, dict[str, Any]]:
         "repeats": repeats,
         "memory": "peak RSS (VmHWM) minus RSS before the build, worst rank other than rank 0",
     }
-    return {
-        "sharded_load_peak_rss_over_full": {
-            "runs": runs,
-            "settings": settings,
-            "details": {"repeats": details},
-        }
-    }
+    return measured_ratio("sharded_load_peak_rss_over_full", runs, settings, {"repeats": details})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", dest="mode", action="store_const", const="full", default="quick")
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
-    measured = measure(args.mode, args.repeats)
-    result = {"benchmark": "sharded_load", "machine": machine_info(), **measured}
-    result["stats"] = stats(measured["sharded_load_peak_rss_over_full"]["runs"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["stats"]))
-    return 0
+    return single_benchmark_main(
+        "sharded_load", "sharded_load_peak_rss_over_full", measure, __doc__.splitlines()[0], argv
+    )
 
 
 if __name__ == "__main__":
