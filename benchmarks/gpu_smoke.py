@@ -193,7 +193,6 @@ def _llama(shape: dict[str, int], device: torch.device) -> nn.Module:
 
 def fsdp_worker(small: bool, out_file: str) -> None:
     """One rank of the FSDP2 part (launched by torchrun)."""
-    import dataclasses
 
     import torch.distributed as dist
 
@@ -225,9 +224,9 @@ def fsdp_worker(small: bool, out_file: str) -> None:
                 seen[key] = str(kwargs[key].dtype)
 
     loss.register_forward_pre_hook(record, with_kwargs=True)
-    train = dataclasses.asdict(TrainConfig(bf16=True, learning_rate=2e-6, weight_decay=0.1))
-    train["_bf16_on_cpu"] = device.type == "cpu"  # the same bf16 policy on the CPU
-    strategy = FSDPStrategy(wrapper, train, total_steps=10)
+    train = TrainConfig(bf16=True, learning_rate=2e-6, weight_decay=0.1)
+    # The same bf16 policy on the CPU.
+    strategy = FSDPStrategy(wrapper, train, total_steps=10, bf16_on_cpu=device.type == "cpu")
     params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, shape["vocab"], (rows, length), generator=g)

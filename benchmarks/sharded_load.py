@@ -54,6 +54,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _worker(rank: int, init_file: str, model_dir: str, how: str, out: str) -> None:
+    from sftmix_ray.config import TrainConfig
     from sftmix_ray.losses import NTPLoss
     from sftmix_ray.modeling import load_model
     from sftmix_ray.train.forward import CausalLMWithLoss
@@ -65,8 +66,7 @@ def _worker(rank: int, init_file: str, model_dir: str, how: str, out: str) -> No
     try:
         dist.barrier()
         before = _rss_bytes()
-        train = {"learning_rate": 1e-5, "weight_decay": 0.0, "warmup_ratio": 0.0,
-                 "lr_scheduler_type": "constant", "bf16": False}  # fmt: skip
+        train = TrainConfig(learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant")
         if how == "full":
             model = load_model(model_dir)
             strategy = FSDPStrategy(CausalLMWithLoss(model, NTPLoss()), train, 1)

@@ -16,7 +16,6 @@ which cancels a linear drift of the machine's speed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -81,12 +80,10 @@ def theoretical_ratio(body: dict[str, int], vocab: int, seq_len: int) -> float:
 
 
 def build(vocab: int, seq_len: int) -> tuple[Any, dict[str, Any]]:
-    """The training strategy around a seeded Llama-style model, and its config as a dict."""
+    """The training strategy around a seeded Llama-style model, and the model's config."""
     model = seeded_llama(vocab, seq_len=seq_len, **BODY)
     wrapper = CausalLMWithLoss(model, SFTMixLoss(ALPHA, MU, chunk_size=CHUNK))
-    train = dataclasses.asdict(
-        TrainConfig(learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant")
-    )
+    train = TrainConfig(learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler_type="constant")
     return build_strategy("ddp", wrapper, train, total_steps=1_000_000), model.config.to_dict()
 
 

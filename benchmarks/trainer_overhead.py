@@ -16,7 +16,6 @@ alternate, the order flipping every repeat.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
@@ -60,7 +59,7 @@ def train_steps(config: dict[str, Any]) -> list[float]:
     model = _common.seeded_llama(kv_heads=config["heads"], **sizes)
     loss_fn = SFTMixLoss(config["alpha"], config["mu"], chunk_size=config["chunk_size"])
     wrapper = CausalLMWithLoss(model, loss_fn)
-    train = dataclasses.asdict(TrainConfig(learning_rate=1e-5, lr_scheduler_type="constant"))
+    train = TrainConfig(learning_rate=1e-5, lr_scheduler_type="constant")
     strategy = build_strategy("ddp", wrapper, train, total_steps=1_000_000)
     g = torch.Generator().manual_seed(1 + rank)
     shape = (2 * config["pairs"], config["seq_len"])

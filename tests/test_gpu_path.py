@@ -3,7 +3,6 @@ and gradient sync, DeepSpeed's bf16 settings, collectives, batched generation, g
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -127,9 +126,9 @@ def _fsdp(tmp_path: Path, **train_overrides):
         )
 
     loss.register_forward_pre_hook(record, with_kwargs=True)
-    train = {**dataclasses.asdict(TrainConfig(bf16=True)), "_bf16_on_cpu": True}
-    train.update(train_overrides)
-    return FSDPStrategy(CausalLMWithLoss(model, loss), train, total_steps=4), loss, seen
+    train = TrainConfig(bf16=True, **train_overrides)
+    strategy = FSDPStrategy(CausalLMWithLoss(model, loss), train, total_steps=4, bf16_on_cpu=True)
+    return strategy, loss, seen
 
 
 def test_fsdp_bf16_keeps_lambda_and_normalizers_fp32(tmp_path, single_rank):
@@ -163,7 +162,7 @@ def test_fsdp_gradient_sync_every_micro_batch_unless_deferred(tmp_path, single_r
 def test_deepspeed_bf16_accumulates_fp32_and_overlaps_on_gpu(monkeypatch):
     from sftmix_ray.train.strategies import deepspeed_config
 
-    train = dataclasses.asdict(TrainConfig(bf16=True, deepspeed_stage=3))
+    train = TrainConfig(bf16=True, deepspeed_stage=3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config = deepspeed_config(train)
     assert config["bf16"] == {"enabled": True}

@@ -5,7 +5,6 @@ Everything comes from the config dict handed to `train_loop_per_worker`; no modu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -113,8 +112,7 @@ class TrainWorker:
         # the meta device and rank 0 alone reads the checkpoint, broadcast into the shards.
         # ZeRO-3 likewise: the model is built and loaded partition by partition.
         sharded_init = train.strategy == "fsdp" and self.world > 1
-        train_dict = dataclasses.asdict(train)  # the strategies read the Train section as a dict
-        zero3 = zero3_partitioned_loading(train_dict)
+        zero3 = zero3_partitioned_loading(train)
         model = training_model(spec, meta=sharded_init)
         self.config_json = model.config.to_json_string()
         self.loss = build_loss(spec.loss.name, **spec.loss.kwargs)
@@ -126,7 +124,7 @@ class TrainWorker:
         elif zero3 is None:  # (ZeRO-3 places its partitions itself)
             wrapper = wrapper.to(self.device)
         self.strategy = build_strategy(
-            train.strategy, wrapper, train_dict, self.total_steps,
+            train.strategy, wrapper, train, self.total_steps,
             weights=weights, device=self.device,
         )  # fmt: skip
         del zero3  # deepspeed.initialize has run: from_pretrained may build whole models again

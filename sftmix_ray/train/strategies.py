@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sftmix_ray.config import TrainConfig
 from sftmix_ray.train.forward import CausalLMWithLoss
 from sftmix_ray.train.meta_init import RankZeroWeights, materialize_from_rank0
 
@@ -56,18 +57,18 @@ def _rank() -> int:
 class TorchStrategy:
     """DDP (or a single process) and FSDP2 share the torch optimizer path."""
 
-    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
+    def __init__(self, wrapper: CausalLMWithLoss, train: TrainConfig, total_steps: int):
         self.wrapper = wrapper
         self.train = train
         self.module = self._wrap(wrapper)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
-            lr=train["learning_rate"],
-            weight_decay=train["weight_decay"],
+            lr=train.learning_rate,
+            weight_decay=train.weight_decay,
         )
-        warmup = math.ceil(train["warmup_ratio"] * total_steps)
+        warmup = math.ceil(train.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, warmup, train["lr_scheduler_type"])
+            self.optimizer, lr_lambda(total_steps, warmup, train.lr_scheduler_type)
         )
 
     def _wrap(self, wrapper: nn.Module) -> nn.Module:
@@ -88,7 +89,7 @@ class TorchStrategy:
 
     def step(self) -> float:
         """Clip, step optimizer and scheduler, zero grads; returns the pre-clip grad norm."""
-        max_norm = self.train["max_grad_norm"] or float("inf")
+        max_norm = self.train.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
@@ -138,21 +139,22 @@ class FSDPStrategy(TorchStrategy):
     def __init__(
         self,
         wrapper: CausalLMWithLoss,
-        train: dict[str, Any],
+        train: TrainConfig,
         total_steps: int,
         *,
         weights: RankZeroWeights | None = None,
         device: torch.device | None = None,
+        bf16_on_cpu: bool = False,
     ):
         self._weights, self._device = weights, device or torch.device("cpu")
+        # bf16 policies apply with CUDA; `bf16_on_cpu` applies them on the CPU too (tests).
+        self._bf16 = train.bf16 and (torch.cuda.is_available() or bf16_on_cpu)
         super().__init__(wrapper, train, total_steps)
 
     def _wrap(self, wrapper: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        layer_policy, root_policy = fsdp_mixed_precision(
-            self.train["bf16"] and (torch.cuda.is_available() or self.train.get("_bf16_on_cpu"))
-        )
+        layer_policy, root_policy = fsdp_mixed_precision(self._bf16)
         for layer in _decoder_layers(wrapper):
             fully_shard(layer, mp_policy=layer_policy)
         fully_shard(wrapper, mp_policy=root_policy)
@@ -169,7 +171,7 @@ class FSDPStrategy(TorchStrategy):
         Deferring the gradient sync to the last micro-batch keeps *unsharded* fp32 gradients
         between micro-batches: the whole model's size on every GPU (32 GB for 8B).
         """
-        if self.train.get("fsdp_defer_grad_sync"):
+        if self.train.fsdp_defer_grad_sync:
             self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
@@ -210,7 +212,7 @@ class FSDPStrategy(TorchStrategy):
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO-2/3 from our config, or a user's DeepSpeed JSON."""
 
-    def __init__(self, wrapper: CausalLMWithLoss, train: dict[str, Any], total_steps: int):
+    def __init__(self, wrapper: CausalLMWithLoss, train: TrainConfig, total_steps: int):
         import deepspeed
 
         skip_cpu_shm_comm_build()
@@ -221,11 +223,11 @@ class DeepSpeedStrategy:
         if self.stage == 3:
             wrapper.register_head_for_zero3()
         optimizer = torch.optim.AdamW(
-            wrapper.parameters(), lr=train["learning_rate"], weight_decay=train["weight_decay"]
+            wrapper.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
         )
-        warmup = math.ceil(train["warmup_ratio"] * total_steps)
+        warmup = math.ceil(train.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total_steps, warmup, train["lr_scheduler_type"])
+            optimizer, lr_lambda(total_steps, warmup, train.lr_scheduler_type)
         )
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper,
@@ -288,13 +290,13 @@ def skip_cpu_shm_comm_build() -> bool:
     return True
 
 
-def zero3_partitioned_loading(train: dict[str, Any]) -> Any | None:
+def zero3_partitioned_loading(train: TrainConfig) -> Any | None:
     """Under ZeRO-3, what makes `from_pretrained` build the model partitioned: while the
     returned object is alive, transformers constructs the model under `deepspeed.zero.Init`
     (each rank allocates only its partition) and loads the checkpoint into the partitions.
     Keep a reference until `deepspeed.initialize` (transformers holds it weakly). None for
     other strategies and stages."""
-    if train["strategy"] != "deepspeed":
+    if train.strategy != "deepspeed":
         return None
     config = deepspeed_config(train)
     if int(config.get("zero_optimization", {}).get("stage", 0)) != 3:
@@ -305,25 +307,25 @@ def zero3_partitioned_loading(train: dict[str, Any]) -> Any | None:
     return HfDeepSpeedConfig(config)
 
 
-def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
+def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
     """Our ZeRO config, or the user's JSON with batch keys filled in from our config."""
-    if train.get("deepspeed_config"):
-        config = json.loads(Path(train["deepspeed_config"]).read_text(encoding="utf-8"))
+    if train.deepspeed_config:
+        config = json.loads(Path(train.deepspeed_config).read_text(encoding="utf-8"))
     else:
-        stage = int(train["deepspeed_stage"])
+        stage = int(train.deepspeed_stage)
         on_gpu = torch.cuda.is_available()
         # Overlapping the gradient reduction with backward needs CUDA streams.
         zero: dict[str, Any] = {"stage": stage, "overlap_comm": on_gpu}
         if stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         config = {"zero_optimization": zero}
-        if train["bf16"] and on_gpu:
+        if train.bf16 and on_gpu:
             # bf16 compute, but gradients accumulate in fp32 (master weights stay fp32).
             config["data_types"] = {"grad_accum_dtype": "fp32"}
-    config["train_micro_batch_size_per_gpu"] = train["per_device_train_batch_size"]
-    config["gradient_accumulation_steps"] = train["gradient_accumulation_steps"]
-    config["gradient_clipping"] = train["max_grad_norm"]
-    config.setdefault("bf16", {"enabled": bool(train["bf16"] and torch.cuda.is_available())})
+    config["train_micro_batch_size_per_gpu"] = train.per_device_train_batch_size
+    config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    config["gradient_clipping"] = train.max_grad_norm
+    config.setdefault("bf16", {"enabled": bool(train.bf16 and torch.cuda.is_available())})
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
@@ -361,7 +363,7 @@ STRATEGIES = {"ddp": TorchStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeed
 def build_strategy(
     name: str,
     wrapper: CausalLMWithLoss,
-    train: dict[str, Any],
+    train: TrainConfig,
     total_steps: int,
     *,
     weights: RankZeroWeights | None = None,
