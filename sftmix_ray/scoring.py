@@ -206,18 +206,27 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     if pending:
         start = time.time()
         todo = [(step, checkpoint) for step, (checkpoint, _) in pending.items()]
-        for step, table, counts in _score_all(cfg, data_dir, todo, len(ids)):
-            checkpoint, meta = pending[step]
-            check_ids(table.column("example_id").to_numpy(), ids, checkpoint.name)
-            tokens += int(np.sum(table.column("n_tokens").to_numpy()))
-            passes.append({"checkpoint": checkpoint.name, **counts})
-            log.info("%s: %d rows scored", checkpoint.name, len(ids))
-            table = table.drop_columns(["n_tokens", "scorer"])
-            target = run.checkpoint_scores(step)
-            atomic_write_parquet(target, table.replace_schema_metadata({_META: json.dumps(meta)}))
-            rescored.append(checkpoint.name)
-            if os.environ.get(PAUSE_ENV):  # the interruption tests' window between checkpoints
-                time.sleep(float(os.environ[PAUSE_ENV]))
+        results = _score_all(cfg, data_dir, todo, len(ids))
+        try:
+            for step, table, counts in results:
+                checkpoint, meta = pending[step]
+                check_ids(table.column("example_id").to_numpy(), ids, checkpoint.name)
+                tokens += int(np.sum(table.column("n_tokens").to_numpy()))
+                passes.append({"checkpoint": checkpoint.name, **counts})
+                log.info("%s: %d rows scored", checkpoint.name, len(ids))
+                table = table.drop_columns(["n_tokens", "scorer"])
+                target = run.checkpoint_scores(step)
+                table = table.replace_schema_metadata({_META: json.dumps(meta)})
+                atomic_write_parquet(target, table)
+                rescored.append(checkpoint.name)
+                if os.environ.get(PAUSE_ENV):  # the interruption test's window
+                    time.sleep(float(os.environ[PAUSE_ENV]))
+        finally:
+            # Close the Ray Data iterator here, while Ray is up: an interrupt (Ctrl+C, SIGTERM)
+            # landing between two checkpoints would otherwise leave it to the garbage
+            # collector after Ray's shutdown, and its clean-up then kills the process (exit 1,
+            # "the core worker has already been shutdown") instead of the interrupt's status.
+            results.close()
         seconds = time.time() - start
     scores = assemble_scores(
         [run.checkpoint_scores(s) for s, _ in checkpoints], ids, cfg.score.confidence
