@@ -160,13 +160,22 @@ class ScoreItems(Scorer):
     driver; a restarted actor (Ray Data retries the item) loads the item's checkpoint again.
     """
 
+    _group: tuple[tuple[str, int], pa.Table] | None = None  # the last row group read
+
+    def _row_group(self, file: str, group: int) -> pa.Table:
+        """A row group of OUT/data, read once for the consecutive slices taken from it."""
+        if self._group is None or self._group[0] != (file, group):
+            table = pq.ParquetFile(file).read_row_group(
+                group, columns=["example_id", "input_ids", "labels"]
+            )
+            self._group = ((file, group), table)
+        return self._group[1]
+
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         parts = []
         for i in range(len(batch["checkpoint"])):
             self.load(str(batch["checkpoint"][i]))
-            table = pq.ParquetFile(str(batch["file"][i])).read_row_group(
-                int(batch["row_group"][i]), columns=["example_id", "input_ids", "labels"]
-            )
+            table = self._row_group(str(batch["file"][i]), int(batch["row_group"][i]))
             lo, hi = int(batch["lo"][i]), int(batch["hi"][i])
             scored = self.score(table.slice(lo, hi - lo))
             for name in ("step", "batch"):

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftmix_ray.data.chunks import Chunk, iter_chunk
+from sftmix_ray.data.validation import EXAMPLES_PER_KIND
 from sftmix_ray.errors import DataError, RowRejected
 
-EXAMPLES_PER_KIND = 5
 FLUSH_ROWS = 1024
 PREPARED = "prepared"  # a job format: rows of OUT/data (example_id, messages_json), re-tokenized
 

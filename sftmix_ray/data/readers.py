@@ -147,7 +147,7 @@ def iter_file(path: str) -> Iterator[Any]:
     """Stream one data file's rows; an error for an empty file or one without rows."""
     kind = file_kind(path)
     if kind == "parquet":
-        rows = _iter_parquet(path)
+        rows = iter_parquet_rows(path)
     elif kind == "json":
         with open_binary(path) as f:
             kind = json_file_kind(f, path)
@@ -198,10 +198,6 @@ def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterato
     except (pa.ArrowException, OSError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
-
-
-def _iter_parquet(path: str) -> Iterator[Any]:
-    return iter_parquet_rows(path)
 
 
 def looks_like_hub_id(name: str) -> bool:

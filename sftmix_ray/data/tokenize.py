@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from bisect import bisect_left
 from typing import Any
-
-import pyarrow as pa
 
 from sftmix_ray.errors import RowRejected
 from sftmix_ray.loss_kernels import IGNORE_INDEX
@@ -111,42 +108,3 @@ def _turns_cut(
             "prompt_too_long",
         )
     return limit
-
-
-class TokenizeBatch:
-    """Ray Data callable class: tokenizes a batch of conversations, marking rejected rows.
-
-    Input columns: `example_id`, `messages_json`. Output adds `input_ids`, `labels`,
-    `truncated`, `reject_reason` and `reject_kind` ("" for kept rows), so the driver counts
-    every outcome.
-    """
-
-    def __init__(self, tokenizer_path: str, max_length: int, truncation: str, trust: bool = False):
-        from sftmix_ray.modeling import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust)
-        self.max_length = max_length
-        self.truncation = truncation
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        input_ids, labels, truncated, reasons, kinds = [], [], [], [], []
-        for raw in batch.column("messages_json").to_pylist():
-            try:
-                ids, labs, trunc = tokenize_conversation(
-                    self.tokenizer, json.loads(raw), self.max_length, self.truncation
-                )
-                reason = kind = ""
-            except RowRejected as exc:
-                ids, labs, trunc, reason, kind = [], [], False, exc.reason, exc.kind
-            input_ids.append(ids)
-            labels.append(labs)
-            truncated.append(trunc)
-            reasons.append(reason)
-            kinds.append(kind)
-        return (
-            batch.append_column("input_ids", pa.array(input_ids, type=pa.list_(pa.int32())))
-            .append_column("labels", pa.array(labels, type=pa.list_(pa.int32())))
-            .append_column("truncated", pa.array(truncated, type=pa.bool_()))
-            .append_column("reject_reason", pa.array(reasons, type=pa.string()))
-            .append_column("reject_kind", pa.array(kinds, type=pa.string()))
-        )
