@@ -32,6 +32,7 @@ from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import atomic_write_parquet
 from sftmix_ray.layout import RunDir
 from sftmix_ray.losses import confidence_and_variability
+from sftmix_ray.ray_utils import dataset_batches
 from sftmix_ray.scorer import ScoreItems, rows_per_batch, score_items
 
 log = logging.getLogger(__name__)
@@ -148,30 +149,31 @@ def _score_all(
     began: dict[int, float] = {}
     first_batch_s, done = 0.0, 0
     rows: dict[int, int] = {step: 0 for step, _ in checkpoints}
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        assert isinstance(block, pa.Table)
-        first_batch_s = first_batch_s or round(time.time() - start, 2)  # startup + model load
-        done += block.num_rows
-        if time.time() - last > 10:
-            last = time.time()
-            log.info("scored %d/%d rows (%.0f rows/s)", done, n_rows * len(checkpoints),
-                     done / (last - start))  # fmt: skip
-        steps = block.column("step").to_numpy()
-        for step in np.unique(steps).tolist():
-            if step not in parts:
-                raise SftmixError(f"checkpoint-{step}: rows came back after it was complete")
-            part = block.filter(pa.array(steps == step)).drop_columns(["step"])
-            began.setdefault(step, time.time())
-            parts[step].append(part)
-            rows[step] += part.num_rows
-            if rows[step] >= n_rows:  # check_ids then finds any row scored twice or missed
-                table = pa.concat_tables(parts.pop(step)).sort_by("example_id")
-                actors = sorted(set(table.column("scorer").to_pylist()))
-                counts = {"batches": len(set(table.column("batch").to_pylist())),
-                          "actors": len(actors), "actor_ids": actors,
-                          "seconds": round(time.time() - began[step], 2),
-                          "first_batch_s": first_batch_s}  # fmt: skip
-                yield step, table.drop_columns(["batch"]), counts
+    with dataset_batches(ds, batch_size=None, batch_format="pyarrow") as blocks:
+        for block in blocks:
+            assert isinstance(block, pa.Table)
+            first_batch_s = first_batch_s or round(time.time() - start, 2)  # startup + model load
+            done += block.num_rows
+            if time.time() - last > 10:
+                last = time.time()
+                log.info("scored %d/%d rows (%.0f rows/s)", done, n_rows * len(checkpoints),
+                         done / (last - start))  # fmt: skip
+            steps = block.column("step").to_numpy()
+            for step in np.unique(steps).tolist():
+                if step not in parts:
+                    raise SftmixError(f"checkpoint-{step}: rows came back after it was complete")
+                part = block.filter(pa.array(steps == step)).drop_columns(["step"])
+                began.setdefault(step, time.time())
+                parts[step].append(part)
+                rows[step] += part.num_rows
+                if rows[step] >= n_rows:  # check_ids then finds any row scored twice or missed
+                    table = pa.concat_tables(parts.pop(step)).sort_by("example_id")
+                    actors = sorted(set(table.column("scorer").to_pylist()))
+                    counts = {"batches": len(set(table.column("batch").to_pylist())),
+                              "actors": len(actors), "actor_ids": actors,
+                              "seconds": round(time.time() - began[step], 2),
+                              "first_batch_s": first_batch_s}  # fmt: skip
+                    yield step, table.drop_columns(["batch"]), counts
     if parts:
         raise SftmixError(f"scoring ended with checkpoints {sorted(parts)} incomplete")
 
@@ -222,10 +224,8 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
                 if os.environ.get(PAUSE_ENV):  # the interruption test's window
                     time.sleep(float(os.environ[PAUSE_ENV]))
         finally:
-            # Close the Ray Data iterator here, while Ray is up: an interrupt (Ctrl+C, SIGTERM)
-            # landing between two checkpoints would otherwise leave it to the garbage
-            # collector after Ray's shutdown, and its clean-up then kills the process (exit 1,
-            # "the core worker has already been shutdown") instead of the interrupt's status.
+            # Close the Ray Data iterator here, while Ray is up, when an interrupt (Ctrl+C,
+            # SIGTERM) lands between two checkpoints (see `dataset_batches`).
             results.close()
         seconds = time.time() - start
     scores = assemble_scores(

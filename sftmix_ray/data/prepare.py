@@ -23,6 +23,7 @@ from sftmix_ray.data.chunks import Chunk
 from sftmix_ray.errors import DataError
 from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
 from sftmix_ray.layout import RunDir
+from sftmix_ray.ray_utils import dataset_batches
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ def run_chunk_jobs(
         compute=ray.data.ActorPoolStrategy(size=size),
         num_cpus=1,
     )
-    results = sorted(ds.take_all(), key=lambda r: int(r["chunk_no"]))
+    with dataset_batches(ds, batch_size=None, batch_format="pyarrow") as blocks:
+        results = sorted((r for b in blocks for r in b.to_pylist()), key=lambda r: r["chunk_no"])
     merged = [{side: SideStats() for side in SIDES} for _ in plans]
     for result in results:
         stats = json.loads(result["stats"])
