@@ -188,6 +188,41 @@ class MixupConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters through peft (`r` = 0: full fine-tuning), for the reference run and SFTMix
+    training alike. The Mixup term needs nothing else: hidden states and head are the model's."""
+
+    r: int = 0  # adapter rank; 0 = off (every weight trains)
+    alpha: float = 16.0  # scaling numerator: updates are scaled by alpha / r
+    # dropout on the adapter's input; 0 keeps runs identical whatever the worker count
+    dropout: float = 0.0
+    # modules that get adapters: all-linear (every linear layer but the LM head) or names
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # also write the merged HF model to OUT/model (the adapter always goes to OUT/adapter);
+    # false: only the adapter, and eval loads base + adapter
+    merge: bool = True
+    # QLoRA: a 4-bit base through bitsandbytes (CUDA GPUs, strategy ddp); untested here
+    load_in_4bit: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "train.lora.r", self.r, "an integer >= 0 (0 = off)")
+        _check(self.alpha > 0, "train.lora.alpha", self.alpha, "a number > 0")
+        _check(0 <= self.dropout < 1, "train.lora.dropout", self.dropout, "in [0, 1)")
+        _check(
+            bool(self.target_modules),
+            "train.lora.target_modules",
+            self.target_modules,
+            "a non-empty list of module names, or all-linear",
+        )
+        _check(
+            not self.load_in_4bit or self.r > 0,
+            "train.lora.load_in_4bit",
+            self.load_in_4bit,
+            "false unless train.lora.r > 0 (QLoRA trains adapters)",
+        )
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Ray Train settings shared by the reference run and SFTMix training."""
 
@@ -237,6 +272,7 @@ class TrainConfig:
     # Process-group timeout: must outlast rank 0 writing an HF export to shared storage.
     collective_timeout_s: int = 3600
     storage_path: str | None = None  # shared storage for checkpoints; default OUT/ray_storage
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (train.lora.*)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
@@ -273,6 +309,13 @@ class TrainConfig:
             "train.collective_timeout_s",
             self.collective_timeout_s,
             ">= 60",
+        )
+        _check(
+            not self.lora.load_in_4bit or (self.use_gpu and self.strategy == "ddp"),
+            "train.lora.load_in_4bit",
+            self.lora.load_in_4bit,
+            "false unless train.use_gpu=true and train.strategy=ddp (bitsandbytes' 4-bit "
+            "kernels need CUDA; sharding a 4-bit base is not supported here)",
         )
 
 

@@ -36,21 +36,23 @@ def _meanings(section: type) -> dict[str, str]:
 
 
 def describe(cfg: Config) -> list[dict[str, Any]]:
-    """One entry per config key: `key`, `value` (in `cfg`), `default` and `meaning`."""
-    defaults = Config()
-    rows = []
-    for section in dataclasses.fields(Config):
-        current, default = getattr(cfg, section.name), getattr(defaults, section.name)
-        meanings = _meanings(type(default))
-        for f in dataclasses.fields(default):
+    """One entry per config key: `key`, `value` (in `cfg`), `default` and `meaning`; nested
+    sections (`train.lora`) by their dotted keys."""
+    return _rows(cfg, Config(), "")
+
+
+def _rows(current: Any, default: Any, prefix: str) -> list[dict[str, Any]]:
+    meanings = _meanings(type(default))
+    rows: list[dict[str, Any]] = []
+    for f in dataclasses.fields(default):
+        value, default_value = getattr(current, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(default_value):
+            rows.extend(_rows(value, default_value, f"{prefix}{f.name}."))
+        elif prefix:
             rows.append(
-                {
-                    "key": f"{section.name}.{f.name}",
-                    "value": getattr(current, f.name),
-                    "default": getattr(default, f.name),
-                    "meaning": meanings.get(f.name, ""),
-                }
-            )
+                {"key": f"{prefix}{f.name}", "value": value, "default": default_value,
+                 "meaning": meanings.get(f.name, "")}
+            )  # fmt: skip
     return rows
 
 

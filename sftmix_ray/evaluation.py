@@ -13,6 +13,7 @@ from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import atomic_write_json
 from sftmix_ray.layout import RunDir
+from sftmix_ray.modeling import resolve_model_path
 
 
 @torch.inference_mode()
@@ -103,22 +104,38 @@ def exact_match(
     }
 
 
+def load_for_eval(
+    model_dir: str, base: str | None, dtype: torch.dtype, attn_implementation: str | None
+) -> Any:
+    """A trained model for inference: an HF model directory, or a LoRA adapter directory put
+    on `base` (and merged in memory)."""
+    from sftmix_ray.modeling import load_model
+    from sftmix_ray.train.lora import is_adapter_dir, load_with_adapter
+
+    if is_adapter_dir(Path(model_dir)):
+        return load_with_adapter(
+            Path(model_dir), base, dtype=dtype, attn_implementation=attn_implementation
+        )
+    return load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+
+
 def evaluate_model(
     model_dir: str,
     heldout_dir: str,
     eval_cfg: dict,
     bf16: bool = False,
     attn_implementation: str | None = "sdpa",
+    base: str | None = None,
 ) -> dict:
-    """All held-out metrics of one HF model directory, on the GPU Ray assigned when there is
-    one (in bf16 when `bf16`), else on the CPU in fp32."""
+    """All held-out metrics of one HF model directory (or LoRA adapter over `base`), on the GPU
+    Ray assigned when there is one (in bf16 when `bf16`), else on the CPU in fp32."""
     import pyarrow.parquet as pq
 
-    from sftmix_ray.modeling import load_model, load_tokenizer
+    from sftmix_ray.modeling import load_tokenizer
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if (bf16 and on_gpu) else torch.float32
-    model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    model = load_for_eval(model_dir, base, dtype, attn_implementation)
     model = model.to("cuda" if on_gpu else "cpu").eval()
     tokenizer = load_tokenizer(model_dir)
     table = pq.read_table(heldout_dir).slice(0, eval_cfg["max_examples"])
@@ -138,6 +155,20 @@ def evaluate_model(
     return result
 
 
+def trained_models(run: RunDir) -> dict[str, tuple[str, Path]]:
+    """The trained models of a run: key -> ("model", HF directory) or ("adapter", LoRA adapter
+    directory, when `train.lora.merge` was false)."""
+    from sftmix_ray.train.lora import is_adapter_dir
+
+    found = {}
+    for key, name in (("sftmix", RunDir.MODEL), ("ntp", RunDir.NTP_MODEL)):
+        if (run.model(name) / "config.json").exists():
+            found[key] = ("model", run.model(name))
+        elif is_adapter_dir(run.adapter(name)):
+            found[key] = ("adapter", run.adapter(name))
+    return found
+
+
 def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     """Evaluate OUT/model (and OUT/model_ntp when present) on OUT/heldout -> OUT/eval.json."""
     import dataclasses
@@ -151,19 +182,22 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
             f"{heldout} does not exist: evaluation needs a held-out split "
             "(data.eval_path, data.eval_fraction or the demo corpus)"
         )
-    models = {"sftmix": run.model(), "ntp": run.model(RunDir.NTP_MODEL)}
-    models = {k: v for k, v in models.items() if (v / "config.json").exists()}
+    models = trained_models(run)
     if "sftmix" not in models:
-        raise SftmixError(f"{run.model()} does not exist; run `sftmix-ray train` first")
+        raise SftmixError(
+            f"neither {run.model()} nor {run.adapter()} exists; run `sftmix-ray train` first"
+        )
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     eval_cfg = dataclasses.asdict(cfg.eval)
+    base = resolve_model_path(cfg.model.name_or_path, run)  # under a LoRA adapter
     refs = {
         k: task.remote(
-            str(v), str(heldout), eval_cfg, cfg.train.bf16, cfg.model.attn_implementation
+            str(path), str(heldout), eval_cfg, cfg.train.bf16, cfg.model.attn_implementation,
+            base,
         )
-        for k, v in models.items()
-    }
-    results = {k: ray.get(ref) for k, ref in refs.items()}
+        for k, (_, path) in models.items()
+    }  # fmt: skip
+    results = {k: {"model": models[k][0], **ray.get(ref)} for k, ref in refs.items()}
     atomic_write_json(run.eval_file, results)
     return {
         "models": {k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}

@@ -10,6 +10,9 @@
       scores/scores.parquet           confidence per example (a one-file dataset)
       split/{confident,unconfident}.parquet
       model/  model_ntp/              the trained HF models (model_ntp: NTP baseline)
+      adapter/  adapter_ntp/          their LoRA adapters (train.lora.r > 0)
+      answers/                        answers for AlpacaEval and MT-Bench (eval.questions)
+      wandb/                          Weights & Biases runs (train.report_to: wandb)
       logs/                           histories, worker-group starts, TensorBoard
       mlruns/  ray_storage/           MLflow store; Ray Train checkpoints (train.storage_path)
       tune/                           Ray Tune: ray/ (the experiment), trials/<id>/ (each
@@ -51,6 +54,9 @@ class RunDir:
     SPLIT = "split"
     MODEL = "model"
     NTP_MODEL = "model_ntp"
+    ADAPTER = "adapter"
+    ANSWERS = "answers"
+    WANDB = "wandb"
     LOGS = "logs"
     MLRUNS = "mlruns"
     RAY_STORAGE = "ray_storage"
@@ -143,6 +149,18 @@ class RunDir:
     def model(self, name: str = MODEL) -> Path:
         """An exported HF model: "model" (SFTMix) or "model_ntp" (the NTP baseline)."""
         return self.root / name
+
+    def adapter(self, model_name: str = MODEL) -> Path:
+        """The LoRA adapter of an exported model: "adapter" (SFTMix) or "adapter_ntp"."""
+        return self.root / model_name.replace(self.MODEL, self.ADAPTER, 1)
+
+    @property
+    def answers(self) -> Path:
+        return self.root / self.ANSWERS
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / self.WANDB
 
     @property
     def reference_data(self) -> Path:

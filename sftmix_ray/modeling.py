@@ -138,11 +138,13 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = "sdpa",
+    **extra: Any,
 ) -> Any:
-    """AutoModelForCausalLM from an id or directory (safetensors preferred)."""
+    """AutoModelForCausalLM from an id or directory (safetensors preferred); `extra` goes to
+    `from_pretrained` as it is (a quantization config, a device map)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = model_kwargs(trust_remote_code, dtype, attn_implementation)
+    kwargs = {**model_kwargs(trust_remote_code, dtype, attn_implementation), **extra}
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as exc:

@@ -48,6 +48,9 @@ def _train_values(train: TrainConfig, *, skip: tuple[str, ...] = ()) -> Reads:
     )
     if train.strategy != "deepspeed" or train.deepspeed_config is None:
         values.pop("train.deepspeed_config")  # a user's DeepSpeed JSON, read under DeepSpeed
+    lora = values.pop("train.lora")
+    if train.lora.r > 0:  # off: none of its settings is read (and old runs keep their prints)
+        values.update({f"train.lora.{k}": v for k, v in lora.items()})
     return values
 
 

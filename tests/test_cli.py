@@ -50,8 +50,19 @@ def test_show_config_lists_every_key_with_value_default_and_meaning():
     result = run_cli("show-config", "--set", "mixup.alpha=0.3", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["key"]: row for row in json.loads(result.stdout)}
-    sections = [f for f in Config.__dataclass_fields__]
-    expected = {f"{s}.{k}" for s in sections for k in getattr(Config(), s).__dataclass_fields__}
+
+    def keys(section: object, prefix: str) -> set[str]:  # nested sections by dotted keys
+        found = set()
+        for name in section.__dataclass_fields__:
+            value = getattr(section, name)
+            nested = hasattr(value, "__dataclass_fields__")
+            found |= keys(value, f"{prefix}{name}.") if nested else {prefix + name}
+        return found
+
+    expected = set().union(
+        *(keys(getattr(Config(), s), f"{s}.") for s in Config.__dataclass_fields__)
+    )
+    assert "train.lora.r" in expected and "train.lora" not in expected
     assert set(rows) == expected and all(row["meaning"] for row in rows.values())
     alpha = rows["mixup.alpha"]
     assert (alpha["value"], alpha["default"]) == (0.3, 0.5) and "Beta" in alpha["meaning"]

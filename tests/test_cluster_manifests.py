@@ -204,7 +204,15 @@ def test_dockerfile_runs_as_uid_1000_without_secrets() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^USER 1000(:1000)?$", text, re.MULTILINE)
     assert re.search(r"^ENV DS_BUILD_OPS=0", text, re.MULTILINE)
-    assert '".[optuna]"' in text and "--no-cache-dir" in text
+    assert "--no-cache-dir" in text
+    # The image has every optional feature (LoRA, W&B, lm-eval, Optuna), by extras that exist.
+    import tomllib
+
+    extras = re.search(r'"\.\[([\w,-]+)\]"', text)
+    assert extras, "the image installs the project with its extras"
+    pyproject = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())
+    declared = pyproject["project"]["optional-dependencies"]
+    assert {"optuna", "lora", "wandb", "eval"} <= set(extras.group(1).split(",")) <= set(declared)
     copied = re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE)
     assert not any(src.strip() in {".", "cluster", "./cluster"} for src in copied), copied
     assert not re.search(r"^(ENV|ARG)\s+\S*(TOKEN|SECRET|PASSWORD)", text, re.MULTILINE)

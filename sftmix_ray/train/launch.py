@@ -109,6 +109,7 @@ def build_spec(
         if ref.checkpoints_at == "epochs":  # C epochs, a checkpoint at the end of each
             epochs, max_steps = float(ref.num_checkpoints), -1
         export_count, export_dir, final_export = ref.num_checkpoints, run.reference, None
+        adapter_export = None  # reference checkpoints are merged HF models, as the scorer reads
     else:
         model_path = resolve_model_path(cfg.model.name_or_path, run)
         mixup = cfg.mixup
@@ -122,7 +123,9 @@ def build_spec(
         streams = ("data",) if uniform else ("confident", "unconfident")
         epochs, max_steps = train.num_train_epochs, train.max_steps
         export_count, export_dir = 0, run.model(export_name)
-        final_export = str(export_dir)
+        lora = train.lora.r > 0
+        final_export = str(export_dir) if not lora or train.lora.merge else None
+        adapter_export = str(run.adapter(export_name)) if lora else None
     return RunSpec(
         mode=mode,  # type: ignore[arg-type]
         train=train,
@@ -138,6 +141,7 @@ def build_spec(
         export_at=cfg.reference.checkpoints_at if mode == "reference" else "even",
         export_dir=str(export_dir),
         final_export=final_export,
+        adapter_export=adapter_export,
         heldout=run.heldout.exists(),
         torch_threads=_torch_threads(cfg),
         history_path=str(run.history(mode, export_name)),
@@ -305,4 +309,6 @@ def run_training(
         summary["resume_checkpoints_removed"] = removed
     else:
         summary["model_dir"] = spec.final_export
+        if spec.adapter_export:
+            summary["adapter_dir"] = spec.adapter_export
     return summary

@@ -37,12 +37,21 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
     nothing and every layer's activations stay in memory.
     """
     from sftmix_ray.modeling import load_model
+    from sftmix_ray.train.lora import apply_lora, quantized_base_kwargs
     from sftmix_ray.train.meta_init import meta_model
 
-    load = meta_model if meta else load_model  # meta: the modules, no weights (FSDP2 init)
-    model = load(spec.model_path, **_load_options(spec))
+    lora = spec.train.lora
+    if meta:  # the modules, no weights (FSDP2 init)
+        model = meta_model(spec.model_path, **_load_options(spec))
+    else:
+        quantized = quantized_base_kwargs(lora)  # QLoRA: the 4-bit base on this worker's GPU
+        if quantized:
+            quantized["device_map"] = {"": torch.cuda.current_device()}
+        model = load_model(spec.model_path, **_load_options(spec), **quantized)
     if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.r > 0:
+        model = apply_lora(model, lora, spec.train.seed)
     model.train()
     return model
 
@@ -133,12 +142,9 @@ class TrainWorker:
         self.history: list[dict[str, float]] = []
 
     def _rank_zero_source(self, spec: RunSpec) -> torch.nn.Module | None:
-        """The checkpoint as a CPU model on rank 0 (what it broadcasts); None elsewhere."""
-        from sftmix_ray.modeling import load_model
-
-        if self.rank != 0:
-            return None
-        return load_model(spec.model_path, **_load_options(spec))
+        """The model as rank 0 trains it (LoRA adapters included), on the CPU: what it
+        broadcasts into the other ranks' shards. None on every other rank."""
+        return training_model(spec) if self.rank == 0 else None
 
     def _gather_nodes(self) -> list[str]:
         """The Ray node id of every rank (recorded to show where workers ran)."""
@@ -293,10 +299,14 @@ class TrainWorker:
         self.step = int(state["step"])
         self.history = state["history"]
 
-    def export_hf(self, target: str) -> None:
-        """Gather the full weights (collective) and save a HF directory from rank 0."""
+    def export_hf(self, target: str | None, adapter: str | None = None) -> None:
+        """Gather the weights (collective) and save, from rank 0, the HF model to `target` and,
+        in a LoRA run, the adapter to `adapter` (either may be None)."""
+        if self.train_cfg.lora.r > 0:
+            self._export_lora(target, adapter)
+            return
         state = self.strategy.full_state_dict()
-        if self.rank != 0:
+        if self.rank != 0 or target is None:
             return
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -315,6 +325,31 @@ class TrainWorker:
         if missing:
             raise RuntimeError(f"export is missing weights: {missing[:5]}")
         save_hf(model, self.tokenizer, Path(target))
+
+    def _export_lora(self, target: str | None, adapter: str | None) -> None:
+        """A LoRA run's export: only the adapter's weights are gathered (the base did not
+        change); rank 0 reloads the base from its checkpoint, puts the adapter on it, saves the
+        adapter and the merged model (merged in fp32, written in `train.export_dtype`)."""
+        trained = self.strategy.full_state_dict(trainable_only=True)
+        if self.rank != 0:
+            return
+        from sftmix_ray.modeling import load_model, save_hf
+        from sftmix_ray.train.lora import apply_lora, save_adapter
+
+        assert trained is not None  # rank 0 holds the gathered weights
+        lora = self.train_cfg.lora
+        model: Any = apply_lora(
+            load_model(self.spec.model_path, **_load_options(self.spec)), lora, self.train_cfg.seed
+        )
+        missing, unexpected = model.load_state_dict(trained, strict=False)
+        absent = [n for n, p in model.named_parameters() if p.requires_grad and n in missing]
+        if absent or unexpected:
+            raise RuntimeError(f"adapter export: missing {absent[:5]}, unexpected {unexpected[:5]}")
+        if adapter is not None:
+            save_adapter(model, self.tokenizer, self.spec.model_path, Path(adapter))
+        if target is not None:
+            merged = model.merge_and_unload().to(export_dtype(self.train_cfg))
+            save_hf(merged, self.tokenizer, Path(target))
 
 
 def export_dtype(train: Any) -> torch.dtype:
@@ -429,8 +464,8 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         if trainer.rank == 0:
             log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
     sinks.close()
-    if spec.final_export:
-        trainer.export_hf(spec.final_export)
+    if spec.final_export or spec.adapter_export:
+        trainer.export_hf(spec.final_export, spec.adapter_export)
     if trainer.rank == 0:
         from sftmix_ray.io_utils import atomic_write_json
 

@@ -35,6 +35,8 @@ class RunSpec:
     export_at: Literal["even", "epochs"]  # spread evenly, or at the ends of export_count epochs
     export_dir: str  # where they go: <export_dir>/checkpoint-<step>
     final_export: str | None  # the trained HF model's directory (SFTMix training)
+    # A LoRA run's adapter directory (`PeftModel.from_pretrained` over `model_path`)
+    adapter_export: str | None
     heldout: bool  # there is a held-out split (held-out eval_loss)
     torch_threads: int  # cap on intra-op threads per worker; 0: its share of its node's CPUs
     history_path: str  # per-step metrics, restarts and nodes, written by rank 0 at the end

@@ -46,6 +46,15 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
 
 
+def _frozen(wrapper: nn.Module) -> set[str]:
+    """The wrapper's state-dict names of parameters that do not train (LoRA's base weights)."""
+    return {name for name, p in wrapper.named_parameters() if not p.requires_grad}
+
+
+def _trainable_only(state: dict[str, torch.Tensor], frozen: set[str]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -60,6 +69,9 @@ class TorchStrategy:
     def __init__(self, wrapper: CausalLMWithLoss, train: TrainConfig, total_steps: int):
         self.wrapper = wrapper
         self.train = train
+        # Frozen weights (a LoRA run's base) are read from the model at every start: resume
+        # checkpoints and adapter exports hold the trained parameters only.
+        self.frozen = _frozen(wrapper)
         self.module = self._wrap(wrapper)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
@@ -101,9 +113,13 @@ class TorchStrategy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole HF model's weights on rank 0 (None elsewhere); a collective call."""
-        return _strip_prefix(self.wrapper.state_dict()) if _rank() == 0 else None
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """The whole HF model's weights (or its trained ones only) on rank 0, None elsewhere;
+        a collective call."""
+        if _rank() != 0:
+            return None
+        state = self.wrapper.state_dict()
+        return _strip_prefix(_trainable_only(state, self.frozen) if trainable_only else state)
 
     def save(self, directory: Path) -> None:
         """Training state for resume; rank 0 writes it (DDP replicas are identical)."""
@@ -111,7 +127,8 @@ class TorchStrategy:
             return
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous() for k, v in self.wrapper.state_dict().items()}
+        trained = _trainable_only(self.wrapper.state_dict(), self.frozen)
+        state = {k: v.detach().contiguous() for k, v in trained.items()}
         save_file(state, str(directory / "model.safetensors"))
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -122,7 +139,10 @@ class TorchStrategy:
         """Restore model, optimizer and scheduler from `save`."""
         from safetensors.torch import load_file
 
-        self.wrapper.load_state_dict(load_file(str(directory / "model.safetensors")))
+        missing, unexpected = self.wrapper.load_state_dict(
+            load_file(str(directory / "model.safetensors")), strict=False
+        )
+        _check_restored(missing, unexpected, self.frozen, directory)
         # map_location: the saving rank's device is not necessarily this rank's.
         state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -175,19 +195,28 @@ class FSDPStrategy(TorchStrategy):
             self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+        )
         state = get_model_state_dict(self.module, options=options)
         return _strip_prefix(state) if _rank() == 0 else None
+
+    def _dcp_options(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        frozen = bool(self.frozen)  # then only the trained parameters are saved and restored
+        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
     def save(self, directory: Path) -> None:
         """Sharded DCP checkpoint: each rank writes its own shard (merged by Ray's storage)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        options = self._dcp_options()
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
         if _rank() == 0:
             torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
@@ -196,7 +225,8 @@ class FSDPStrategy(TorchStrategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        options = self._dcp_options()
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
@@ -204,6 +234,7 @@ class FSDPStrategy(TorchStrategy):
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
+            options=options,
         )
         sched = torch.load(directory / "scheduler.pt", weights_only=True, map_location="cpu")
         self.scheduler.load_state_dict(sched["scheduler"])
@@ -218,12 +249,15 @@ class DeepSpeedStrategy:
         skip_cpu_shm_comm_build()
         self.wrapper = wrapper
         self.train = train
+        self.frozen = _frozen(wrapper)
         ds_config = deepspeed_config(train)
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.stage == 3:
             wrapper.register_head_for_zero3()
         optimizer = torch.optim.AdamW(
-            wrapper.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+            [p for p in wrapper.parameters() if p.requires_grad],
+            lr=train.learning_rate,
+            weight_decay=train.weight_decay,
         )
         warmup = math.ceil(train.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -252,18 +286,36 @@ class DeepSpeedStrategy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
         if self.stage == 3:
-            state = self.module._zero3_consolidated_16bit_state_dict()
+            state = self.module._zero3_consolidated_16bit_state_dict(
+                exclude_frozen_parameters=trainable_only
+            )
         else:
             state = self.wrapper.state_dict() if _rank() == 0 else None
+            if state is not None and trainable_only:
+                state = _trainable_only(state, self.frozen)
         return _strip_prefix(state) if _rank() == 0 and state is not None else None
 
     def save(self, directory: Path) -> None:
-        self.module.save_checkpoint(str(directory), tag="ds")
+        frozen = bool(self.frozen)
+        self.module.save_checkpoint(str(directory), tag="ds", exclude_frozen_parameters=frozen)
 
     def load(self, directory: Path) -> None:
-        self.module.load_checkpoint(str(directory), tag="ds")
+        # Without the frozen weights in the checkpoint, the module's own (loaded) ones stay.
+        self.module.load_checkpoint(str(directory), tag="ds", load_module_strict=not self.frozen)
+
+
+def _check_restored(
+    missing: list[str], unexpected: list[str], frozen: set[str], directory: Path
+) -> None:
+    """A resume checkpoint restored every trained parameter and nothing unknown."""
+    lost = [k for k in missing if k not in frozen]
+    if lost or unexpected:
+        raise RuntimeError(
+            f"checkpoint {directory} does not match the model: missing {lost[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
 
 
 def skip_cpu_shm_comm_build() -> bool:

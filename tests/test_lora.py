@@ -1,0 +1,217 @@
+"""LoRA through peft: SFTMix with adapters trains only the adapters, on 1 worker and on 2 under
+FSDP2 and ZeRO-3 (with gradient checkpointing) alike; the adapter and the merged model export
+and reload to the same held-out loss; a LoRA run resumes from adapter-only checkpoints; with
+`train.lora.merge=false` eval loads base + adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftmix_ray.summary import read_summary
+from sftmix_ray.train.loop import FAULT_ENV
+from tests.conftest import tiny_config
+from tests.test_train import losses, run_train, write_split
+
+LORA = ["train.lora.r=8", "train.lora.alpha=16"]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def lora_base(prepared_out: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora_base")
+    for name in ("data", "heldout", "base_model"):
+        shutil.copytree(prepared_out / name, out / name)
+    write_split(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_one(lora_base: Path, tmp_path_factory) -> tuple[Path, list]:
+    """One worker, LoRA on every linear layer, merged export: the reference trajectory."""
+    return run_train(lora_base, tmp_path_factory.mktemp("lora_one"), *LORA)
+
+
+def _heldout_nll(model, out: Path) -> float:
+    """Token-weighted held-out response NLL, as training's eval_loss computes it."""
+    import pyarrow.parquet as pq
+
+    from sftmix_ray.evaluation import response_nll
+
+    table = pq.read_table(out / "heldout")
+    rows = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    return response_nll(model.eval(), *rows)["response_nll"]
+
+
+def test_lora_trains_only_the_adapters_and_exports_both_forms(lora_one):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, history = lora_one
+    assert losses(history)[-1] < losses(history)[0], "training lowers the loss"
+    summary = read_summary(out)["stages"]["train"]
+    assert summary["adapter_dir"] == str((out / "adapter").resolve())
+    # The adapter: LoRA weights only, over the base it names.
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), list(adapter)
+    assert {k.split(".")[-3] for k in adapter} == set(TARGETS)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base_model").resolve())
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if ".lora_B." in k)
+    # The merged model differs from the base in the adapted linear layers only.
+    base = load_file(str(out / "base_model" / "model.safetensors"))
+    merged = load_file(str(out / "model" / "model.safetensors"))
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    adapted = {k for k in base if k.split(".")[-2] in TARGETS}
+    assert changed == adapted, sorted(changed ^ adapted)[:5]
+    # Base + adapter (peft's own loader) and the merged model give the held-out loss that
+    # training reported at its last step.
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(out / "base_model"), out / "adapter"
+    )
+    merged_model = AutoModelForCausalLM.from_pretrained(out / "model")
+    expected = history[-1]["eval_loss"]
+    assert _heldout_nll(with_adapter, out) == pytest.approx(expected, rel=1e-5)
+    assert _heldout_nll(merged_model, out) == pytest.approx(expected, rel=1e-5)
+    base_nll = _heldout_nll(AutoModelForCausalLM.from_pretrained(out / "base_model"), out)
+    assert abs(base_nll - expected) > 1e-3, "the adapter changed the held-out loss"
+    # Resume checkpoints hold the adapter (trained) parameters only, not the frozen base.
+    (run_dir,) = (out / "ray_storage").iterdir()
+    saved = sorted(p for p in run_dir.iterdir() if p.is_dir())
+    assert saved
+    state = load_file(str(saved[-1] / "model.safetensors"))
+    assert all(".lora_A.default." in k or ".lora_B.default." in k for k in state), list(state)
+    assert len(state) == len(adapter)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, monkeypatch):
+    """FSDP2 (with a worker killed after step 2: resumed from an adapter-only DCP checkpoint)
+    and ZeRO-3 on 2 workers, with gradient checkpointing, follow the 1-worker trajectory."""
+    _, one = lora_one
+    extra = ["train.strategy=fsdp"] if strategy == "fsdp" else [
+        "train.strategy=deepspeed", "train.deepspeed_stage=3"
+    ]  # fmt: skip
+    if strategy == "fsdp":
+        monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'fault-marker'}")
+        extra += ["train.max_failures=1", "train.lora.merge=false"]
+    out, two = run_train(
+        lora_base, tmp_path, *LORA, *extra, "train.num_workers=2",
+        "train.per_device_train_batch_size=4", "train.gradient_checkpointing=true",
+    )  # fmt: skip
+    assert [h["step"] for h in two] == [1, 2, 3]
+    np.testing.assert_allclose(losses(two), losses(one), rtol=2e-4)
+    np.testing.assert_allclose(losses(two, "mix"), losses(one, "mix"), rtol=2e-4)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-4)
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(lora_one[0] / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=0, atol=1e-4)
+    stage = read_summary(out)["stages"]["train"]
+    if strategy == "fsdp":
+        assert (tmp_path / "fault-marker").exists() and stage["restarts"] == 1
+        assert not (out / "model").exists(), "merge=false writes the adapter only"
+        assert stage["model_dir"] is None
+        _assert_eval_loads_base_plus_adapter(out, two[-1]["eval_loss"])
+    else:
+        assert (out / "model" / "config.json").exists()
+
+
+def _assert_eval_loads_base_plus_adapter(out: Path, eval_loss: float) -> None:
+    from sftmix_ray.pipeline import run_stage
+
+    result = run_stage("eval", tiny_config(*LORA, "train.lora.merge=false"), out)
+    metrics = result["models"]["sftmix"]
+    assert metrics["response_nll"] == pytest.approx(eval_loss, rel=1e-5)
+    assert json.loads((out / "eval.json").read_text())["sftmix"]["model"] == "adapter"
+
+
+def test_lora_resume_state_is_the_adapter_and_its_optimizer(tmp_path):
+    """Single process: a LoRA strategy saves only trained parameters, and a fresh one restores
+    them and the optimizer exactly (the base weights come from the model itself)."""
+    from sftmix_ray.config import LoraConfig, ModelConfig, TrainConfig
+    from sftmix_ray.losses import NTPLoss
+    from sftmix_ray.modeling import build_tiny_model
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.lora import apply_lora
+    from sftmix_ray.train.strategies import build_strategy
+
+    train = TrainConfig(lora=LoraConfig(r=4), learning_rate=0.01)
+
+    def strategy():
+        model = apply_lora(build_tiny_model(ModelConfig(), 300, 0, 1), train.lora, seed=0)
+        return build_strategy("ddp", CausalLMWithLoss(model, NTPLoss()), train, 10)
+
+    first = strategy()
+    ids = torch.randint(2, 300, (2, 12))
+    for _ in range(2):
+        loss, _ = first.module(ids, None, ids.clone(), normalizers=torch.tensor([24.0]))
+        first.backward(loss)
+        first.step()
+    first.save(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    second = strategy()
+    second.load(tmp_path)
+    restored = second.wrapper.state_dict()
+    for name, value in first.wrapper.state_dict().items():
+        assert torch.equal(value, restored[name]), name
+    opt_a, opt_b = first.optimizer.state_dict(), second.optimizer.state_dict()
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for k in opt_a["state"]:
+        assert torch.equal(opt_a["state"][k]["exp_avg"], opt_b["state"][k]["exp_avg"])
+
+
+def test_lora_settings_are_checked():
+    from sftmix_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.lora\.load_in_4bit"):
+        tiny_config(*LORA, "train.lora.load_in_4bit=true")  # no GPU
+    with pytest.raises(ConfigError, match=r"train\.lora\.dropout"):
+        tiny_config(*LORA, "train.lora.dropout=1.5")
+    with pytest.raises(ConfigError, match=r"did you mean 'train\.lora\.alpha'"):
+        tiny_config("train.lora.alhpa=8")
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    import sys
+
+    from sftmix_ray.errors import SftmixError
+    from sftmix_ray.extras import require
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(SftmixError, match=r"train\.lora\.r > 0.*pip install 'sftmix-ray\[lora\]'"):
+        require("peft", "train.lora.r > 0 (LoRA)")
+
+
+def test_lora_run_layout_and_what_reruns(tmp_path):
+    """Reference checkpoints stay merged HF models (no adapter); `merge=false` exports the
+    adapter alone; LoRA settings change the training fingerprint only when LoRA is on."""
+    from sftmix_ray.stages import training_reads
+    from sftmix_ray.train.launch import build_spec
+
+    (tmp_path / "base_model").mkdir()
+    (tmp_path / "base_model" / "config.json").write_text("{}")
+    ref = build_spec(tiny_config(*LORA), tmp_path, "reference")
+    assert ref.adapter_export is None and ref.final_export is None
+    assert ref.train.lora.r == 8 and ref.export_count == 2
+    adapter_only = build_spec(tiny_config(*LORA, "train.lora.merge=false"), tmp_path, "train")
+    assert adapter_only.final_export is None
+    assert adapter_only.adapter_export == str(tmp_path.resolve() / "adapter")
+    ntp = build_spec(tiny_config(*LORA), tmp_path, "train", export_name="model_ntp")
+    assert ntp.adapter_export == str(tmp_path.resolve() / "adapter_ntp")
+    assert ntp.final_export == str(tmp_path.resolve() / "model_ntp")
+    off, on = training_reads(tiny_config(), "train"), training_reads(tiny_config(*LORA), "train")
+    assert not [k for k in off if "lora" in k]
+    assert on["train.lora.r"] == 8 and on["train.lora.target_modules"] == ["all-linear"]
+    off_alpha = training_reads(tiny_config("train.lora.alpha=4"), "train")
+    assert off_alpha == off, "LoRA settings are not read while LoRA is off"
