@@ -253,12 +253,17 @@ class TrainConfig:
     export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less memory)
     logging_steps: int = 10  # metrics to the sinks every N steps
-    # Metric sinks on rank 0: OUT/logs/tensorboard, and MLflow ("none" = neither).
-    report_to: list[Literal["tensorboard", "mlflow"]] = field(
+    # Metric sinks on rank 0: OUT/logs/tensorboard, MLflow, Weights & Biases ("none" = none).
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(
         default_factory=lambda: ["tensorboard"]
     )
     mlflow_tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else OUT/mlruns
     mlflow_experiment: str | None = None  # else $MLFLOW_EXPERIMENT_NAME, else "sftmix-ray"
+    wandb_project: str | None = None  # else $WANDB_PROJECT, else "sftmix-ray"
+    wandb_entity: str | None = None  # else $WANDB_ENTITY, else the API key's default entity
+    wandb_tags: list[str] = field(default_factory=list)  # tags on every W&B run
+    # online, offline (OUT/wandb, `wandb sync` later) or disabled; else $WANDB_MODE, else online
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
     progress_bar: bool = True  # a tqdm bar on the driver for rank 0's steps
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)

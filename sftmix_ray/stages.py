@@ -23,6 +23,7 @@ Reads = dict[str, Any]  # dotted config key -> the value the stage uses
 TRAIN_NEUTRAL = frozenset(
     {
         "logging_steps", "report_to", "mlflow_tracking_uri", "mlflow_experiment",
+        "wandb_project", "wandb_entity", "wandb_tags", "wandb_mode",
         "progress_bar", "eval_steps", "save_steps", "save_total_limit", "storage_path",
         "collective_timeout_s", "max_failures", "placement_strategy", "loss_chunk_size",
         "fsdp_defer_grad_sync", "gradient_checkpointing", "strategy", "num_workers",

@@ -150,6 +150,21 @@ def test_hf_token_comes_from_a_secret_never_a_literal() -> None:
     assert "HF_TOKEN" not in (_load(RUNTIME_ENV).get("env_vars") or {})
 
 
+def test_wandb_key_comes_from_an_optional_secret() -> None:
+    """W&B's API key reaches every Ray pod from a Secret that may be absent (runs without
+    W&B start as before), never as a literal, and never through the runtime env."""
+    for manifest, role, pod in _ray_pods():
+        for container in _containers(pod):
+            key = {e["name"]: e for e in container.get("env", [])}.get("WANDB_API_KEY")
+            assert key is not None and "value" not in key, (manifest, role)
+            ref = key["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "sftmix-wandb", "key": "WANDB_API_KEY", "optional": True}
+    secret = _load(CLUSTER / "kuberay" / "wandb-secret.example.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "sftmix-wandb"
+    assert secret["stringData"] == {"WANDB_API_KEY": "REPLACE_WITH_YOUR_WANDB_API_KEY"}
+    assert "WANDB_API_KEY" not in (_load(RUNTIME_ENV).get("env_vars") or {})
+
+
 def test_head_has_no_gpu_and_workers_request_and_limit_them() -> None:
     for manifest, spec in _cluster_specs():
         head = spec["headGroupSpec"]

@@ -72,7 +72,7 @@ def test_yaml_then_overrides_win(tmp_path):
         ("reference.num_checkpoints=0", "'reference.num_checkpoints'"),
         ("data.format=csv", "'data.format'"),
         ("data.max_length=2", "'data.max_length'"),
-        ("train.report_to=tensorboard,wandb", "'train.report_to' = 'wandb'"),
+        ("train.report_to=tensorboard,comet", "'train.report_to' = 'comet'"),
         ("train.report_to=3", "expected a list"),
         ("train.collective_timeout_s=10", "'train.collective_timeout_s'"),
         ("mixup.align=token", "'mixup.align'"),

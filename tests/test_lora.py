@@ -20,6 +20,12 @@ from tests.conftest import tiny_config
 from tests.test_train import losses, run_train, write_split
 
 LORA = ["train.lora.r=8", "train.lora.alpha=16"]
+# Weights & Biases offline, under OUT/wandb; a credential in a URL the run config holds.
+WANDB = [
+    "train.report_to=tensorboard,wandb", "train.wandb_mode=offline",
+    "train.wandb_project=sftmix-tests", "train.wandb_tags=lora,ci",
+    "train.mlflow_tracking_uri=https://ci:hunter2@mlflow.invalid",
+]  # fmt: skip
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -34,8 +40,9 @@ def lora_base(prepared_out: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_one(lora_base: Path, tmp_path_factory) -> tuple[Path, list]:
-    """One worker, LoRA on every linear layer, merged export: the reference trajectory."""
-    return run_train(lora_base, tmp_path_factory.mktemp("lora_one"), *LORA)
+    """One worker, LoRA on every linear layer, merged export: the reference trajectory.
+    Logged to W&B (offline)."""
+    return run_train(lora_base, tmp_path_factory.mktemp("lora_one"), *LORA, *WANDB)
 
 
 def _heldout_nll(model, out: Path) -> float:
@@ -92,6 +99,24 @@ def test_lora_trains_only_the_adapters_and_exports_both_forms(lora_one):
     assert len(state) == len(adapter)
 
 
+def test_wandb_run_holds_every_step_and_the_redacted_config(lora_one):
+    from tests.wandb_offline import offline_runs
+
+    out, history = lora_one
+    (run,) = offline_runs(out / "wandb")
+    summary = read_summary(out)["stages"]["train"]
+    assert run["id"] == summary["wandb_run_id"] and run["id"].startswith(summary["run_name"])
+    assert (run["project"], run["name"]) == ("sftmix-tests", "train-model")
+    assert run["tags"] == ["lora", "ci"]
+    logged = [h for h in run["history"] if "train/loss" in h]
+    assert [h["_step"] for h in logged] == [h["step"] for h in history] == [1, 2, 3]
+    np.testing.assert_allclose([h["train/loss"] for h in logged], losses(history), rtol=1e-6)
+    assert run["config"]["train.lora.r"] == "8" and run["config"]["mixup.mu"] == "0.2"
+    assert run["config"]["train.mlflow_tracking_uri"] == "https://***@mlflow.invalid"
+    for path in (out / "wandb").rglob("*"):
+        assert not path.is_file() or b"hunter2" not in path.read_bytes(), path
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, monkeypatch):
     """FSDP2 (with a worker killed after step 2: resumed from an adapter-only DCP checkpoint)
@@ -102,7 +127,7 @@ def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, mon
     ]  # fmt: skip
     if strategy == "fsdp":
         monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'fault-marker'}")
-        extra += ["train.max_failures=1", "train.lora.merge=false"]
+        extra += ["train.max_failures=1", "train.lora.merge=false", *WANDB]
     out, two = run_train(
         lora_base, tmp_path, *LORA, *extra, "train.num_workers=2",
         "train.per_device_train_batch_size=4", "train.gradient_checkpointing=true",
@@ -119,11 +144,22 @@ def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, mon
     stage = read_summary(out)["stages"]["train"]
     if strategy == "fsdp":
         assert (tmp_path / "fault-marker").exists() and stage["restarts"] == 1
+        _assert_restart_logged_to_the_same_wandb_run(out, stage["wandb_run_id"])
         assert not (out / "model").exists(), "merge=false writes the adapter only"
         assert stage["model_dir"] is None
         _assert_eval_loads_base_plus_adapter(out, two[-1]["eval_loss"])
     else:
         assert (out / "model" / "config.json").exists()
+
+
+def _assert_restart_logged_to_the_same_wandb_run(out: Path, run_id: str) -> None:
+    """One W&B run id for both worker-group starts. The killed worker's W&B helper died with
+    it before writing anything; the restarted one replays the restored steps, then logs on."""
+    from tests.wandb_offline import offline_runs
+
+    runs = offline_runs(out / "wandb")
+    assert len(runs) == 2 and {r["id"] for r in runs} == {run_id}
+    assert [h["_step"] for h in runs[-1]["history"] if "train/loss" in h] == [1, 2, 3]
 
 
 def _assert_eval_loads_base_plus_adapter(out: Path, eval_loss: float) -> None:

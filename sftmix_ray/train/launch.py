@@ -180,6 +180,35 @@ def mlflow_settings(
     }
 
 
+def wandb_settings(
+    cfg: Config, out_dir: Path | RunDir, run_key: str, run_name: str
+) -> dict[str, Any]:
+    """Where and under which names rank 0 logs to Weights & Biases (config, then W&B's env).
+
+    The run id is derived from the Ray Train run's name and OUT, so a restarted worker group
+    or a rerun of the same command logs into the same W&B run, and two run directories with
+    the same config do not share one. The API key is never here: wandb reads WANDB_API_KEY
+    from the workers' environment (a Kubernetes Secret on KubeRay).
+    """
+    from sftmix_ray.config import redacted
+    from sftmix_ray.train.reporting import flat_params
+
+    run = RunDir.of(out_dir)
+    train = cfg.train
+    where = str(run.root.resolve())
+    digest = hashlib.sha256(f"{where}\0{run_key}".encode()).hexdigest()[:12]
+    return {
+        "project": train.wandb_project or os.environ.get("WANDB_PROJECT") or "sftmix-ray",
+        "entity": train.wandb_entity or os.environ.get("WANDB_ENTITY"),
+        "mode": train.wandb_mode or os.environ.get("WANDB_MODE") or "online",
+        "tags": list(train.wandb_tags),
+        "dir": str(run.wandb.resolve()),
+        "id": f"{run_key}-{digest}",
+        "name": run_name,
+        "params": flat_params(redacted(cfg.to_dict())),
+    }
+
+
 def _fit(trainer: Any, mode: str) -> Any:
     """`trainer.fit()`, with Ctrl+C surfacing as KeyboardInterrupt like in every other stage.
 
@@ -257,7 +286,10 @@ def run_training(
     mlflow = None
     if "mlflow" in cfg.train.report_to:
         mlflow = mlflow_settings(cfg, run, name, f"{mode}-{export_name}")
-    spec = dataclasses.replace(spec, run_name=name, mlflow=mlflow)
+    wandb = None
+    if "wandb" in cfg.train.report_to:
+        wandb = wandb_settings(cfg, run, name, f"{mode}-{export_name}")
+    spec = dataclasses.replace(spec, run_name=name, mlflow=mlflow, wandb=wandb)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -301,6 +333,8 @@ def run_training(
         "run_name": name,
         "storage_path": str(storage),
     }
+    if wandb:
+        summary["wandb_run_id"] = wandb["id"]
     if retokenized:
         summary["retokenized"] = retokenized
     if mode == "reference":

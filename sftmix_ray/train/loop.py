@@ -436,6 +436,8 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     log_every = spec.train.logging_steps
     eval_every = spec.train.eval_steps
     sinks = MetricSinks(spec, trainer.rank, trainer.step, trainer.total_steps)
+    if checkpoint is not None:
+        sinks.replay(trainer.history)
     last_time = time.perf_counter()
     while trainer.step < trainer.total_steps:
         metrics = trainer.train_step()

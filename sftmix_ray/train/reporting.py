@@ -1,4 +1,5 @@
-"""Metric sinks on rank 0: TensorBoard, MLflow (when configured) and a progress bar.
+"""Metric sinks on rank 0: TensorBoard, MLflow and Weights & Biases (when configured) and a
+progress bar.
 
 The loop calls `log(step, metrics)` every step and `close()` at the end; which sinks exist is
 read from `train.report_to` in the run spec. Sinks only run on rank 0: other ranks pay nothing.
@@ -7,6 +8,7 @@ read from `train.report_to` in the run spec. Sinks only run on rank 0: other ran
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,12 +34,21 @@ class MetricSinks:
             self.sinks.append(_TensorBoard(SummaryWriter(log_dir=spec.tensorboard_dir)))
         if "mlflow" in report_to:
             self.sinks.append(_MLflow(spec))
+        if "wandb" in report_to:
+            self.sinks.append(_WandB(spec))
         if spec.train.progress_bar:
             self.sinks.append(_Progress(self.prefix, start_step, total_steps))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.log(self.prefix, step, metrics)
+
+    def replay(self, history: list[dict[str, float]]) -> None:
+        """After a restart from a checkpoint: the steps before it, to the sinks that may have
+        lost them (W&B buffers in a helper process that dies with a killed worker)."""
+        for sink in self.sinks:
+            if hasattr(sink, "replay"):
+                sink.replay(self.prefix, history)
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -105,6 +116,48 @@ class _MLflow:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED")
+
+
+class _WandB:
+    """One W&B run per training run; a restarted worker group resumes the same run id."""
+
+    def __init__(self, spec: RunSpec):
+        from sftmix_ray.extras import require
+
+        wandb = require("wandb", "train.report_to: wandb")
+        cfg = spec.wandb
+        if cfg is None:
+            raise RuntimeError("train.report_to includes 'wandb' but the run has no settings")
+        Path(cfg["dir"]).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg["project"],
+            entity=cfg["entity"],
+            id=cfg["id"],
+            name=cfg["name"],
+            tags=cfg["tags"] or None,
+            dir=cfg["dir"],
+            mode=cfg["mode"],
+            resume="allow",
+            config=cfg["params"],  # redacted on the driver
+            # No console capture (worker output may hold anything) and no code snapshot.
+            settings=wandb.Settings(console="off", save_code=False, silent=True),
+        )
+
+    def log(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+        # A step below the run's last (re-run after a restart from an earlier checkpoint) is
+        # dropped by W&B: the first value of each step stays.
+        self.run.log({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, step=step)
+
+    def replay(self, prefix: str, history: list[dict[str, float]]) -> None:
+        """The restored steps this run does not have yet: all of them in a new offline file,
+        those after the server's last step for a resumed online run (`run.step`)."""
+        for metrics in history:
+            step = int(metrics["step"])
+            if step >= self.run.step:
+                self.log(prefix, step, metrics)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class _Progress:

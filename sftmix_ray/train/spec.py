@@ -46,6 +46,7 @@ class RunSpec:
     # weights in the same layout (`launch.run_name`), so it resumes from its checkpoints.
     run_name: str = ""
     mlflow: dict[str, Any] | None = None  # tracking URI, experiment, names, params
+    wandb: dict[str, Any] | None = None  # project, entity, run id and name, tags, mode, dir
     # Per stream: (Parquet directory, split file whose example_ids it keeps, or None); read by
     # every worker through a node-local memory-mapped cache (`train.token_rows`).
     sources: tuple[tuple[str, str | None], ...] = ()
