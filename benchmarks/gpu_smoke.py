@@ -359,7 +359,7 @@ def part_fsdp2(device: torch.device, small: bool) -> dict[str, Any]:
 
 
 def part_generate(device: torch.device, small: bool) -> dict[str, Any]:
-    from sftmix_ray.evaluation import greedy_answers
+    from sftmix_ray.evaluation import generate
     from sftmix_ray.modeling import train_tiny_tokenizer
 
     texts = [f"question {i}: what is {i} plus {i * 3}? answer {i * 4}." for i in range(400)]
@@ -373,18 +373,18 @@ def part_generate(device: torch.device, small: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": 16}
     _reset_peak(device)
     start = time.perf_counter()
-    batched = greedy_answers(model, tokenizer, prompts, 16, batch_size=16)
+    batched = generate(model, tokenizer, prompts, 16, batch_size=16)
     _sync(device)
     result["batched_seconds"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    single = [greedy_answers(model, tokenizer, [p], 16, batch_size=1)[0] for p in prompts]
+    single = [generate(model, tokenizer, [p], 16, batch_size=1)[0] for p in prompts]
     _sync(device)
     result["one_by_one_seconds"] = round(time.perf_counter() - start, 3)
     result["peak_gib"] = _peak_gib(device)
     result["agree_fp32"] = sum(a == b for a, b in zip(batched, single)) / len(prompts)
     if device.type == "cuda":
         model.to(torch.bfloat16)
-        bf16 = greedy_answers(model, tokenizer, prompts, 16, batch_size=16)
+        bf16 = generate(model, tokenizer, prompts, 16, batch_size=16)
         result["agree_bf16_vs_fp32"] = sum(a == b for a, b in zip(bf16, batched)) / len(prompts)
     result["ok"] = result["agree_fp32"] == 1.0
     return result

@@ -332,10 +332,55 @@ class EvalConfig:
     exact_match: bool = True  # greedy generation vs the demo corpus's answers
     max_new_tokens: int = 32  # greedy generation length for exact match
     max_examples: int = 200  # held-out rows evaluated
+    # lm-eval-harness tasks run on each trained model (results in OUT/eval.json and the report)
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    # a directory of your own lm-eval task YAMLs (relative paths in them resolve against it)
+    lm_eval_include_path: str | None = None
+    lm_eval_chat_template: bool = False  # format lm-eval prompts with the model's chat template
+    lm_eval_limit: int | None = None  # at most this many documents per task (None = all)
+    lm_eval_num_fewshot: int | None = None  # few-shot examples (None = each task's default)
+    lm_eval_batch_size: int = 8  # lm-eval's batch size
+    # questions to answer for judging: AlpacaEval's instruction list (JSON) or MT-Bench's
+    # question.jsonl (question_id, category, turns); answers go to OUT/answers
+    questions: str | None = None
+    # answer layouts: alpaca_eval (OUT/answers/alpaca_eval.json), mt_bench (FastChat's
+    # OUT/answers/mt_bench/<model_id>.jsonl); empty = the layout of the questions file
+    answer_formats: list[Literal["alpaca_eval", "mt_bench"]] = field(default_factory=list)
+    answer_model_id: str = "sftmix-ray"  # generator / model_id of the SFTMix model (NTP: -ntp)
+    answer_temperature: float = 0.0  # 0 = greedy; > 0 samples (seeded by train.seed)
+    answer_max_new_tokens: int = 1024  # per answer (per turn for MT-Bench)
+    # MT-Bench's own temperature per question category (writing 0.7, roleplay 0.7, stem 0.1,
+    # humanities 0.1, others 0) instead of answer_temperature
+    answer_mt_bench_temperatures: bool = False
+    answer_batch_size: int = 16  # questions generated together (left padding)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
         _check(self.max_examples >= 1, "eval.max_examples", self.max_examples, ">= 1")
+        _check(
+            self.lm_eval_batch_size >= 1, "eval.lm_eval_batch_size", self.lm_eval_batch_size, ">= 1"
+        )
+        _check(
+            self.lm_eval_limit is None or self.lm_eval_limit >= 1,
+            "eval.lm_eval_limit", self.lm_eval_limit, ">= 1 or null",
+        )  # fmt: skip
+        _check(
+            self.answer_temperature >= 0,
+            "eval.answer_temperature", self.answer_temperature, ">= 0 (0 = greedy)",
+        )  # fmt: skip
+        _check(
+            self.answer_max_new_tokens >= 1,
+            "eval.answer_max_new_tokens", self.answer_max_new_tokens, ">= 1",
+        )  # fmt: skip
+        _check(
+            self.answer_batch_size >= 1, "eval.answer_batch_size", self.answer_batch_size, ">= 1"
+        )
+        _check(
+            bool(self.questions) or not self.answer_formats,
+            "eval.answer_formats", self.answer_formats, "empty unless eval.questions is set",
+        )  # fmt: skip
+        _check(bool(self.answer_model_id), "eval.answer_model_id", self.answer_model_id,
+               "a non-empty name")  # fmt: skip
 
 
 @dataclass(kw_only=True)

@@ -45,11 +45,19 @@ def response_nll(model: Any, input_ids: list, labels: list, batch_size: int = 16
 
 
 @torch.inference_mode()
-def greedy_answers(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy completions of `prompts`, batched with left padding (prompts of similar length
-    share a batch); the answers come back in the prompts' order."""
+    """Completions of `prompts`, greedy (`temperature` 0) or sampled (seeded per batch),
+    batched with left padding (prompts of similar length share a batch); the answers come
+    back in the prompts' order."""
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -63,13 +71,17 @@ def greedy_answers(
             n = len(encoded[i])
             ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
             mask[row, width - n :] = 1
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            torch.manual_seed(seed + start)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
         out = model.generate(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
+            **sampling,
         )
         for row, i in enumerate(part):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
@@ -89,7 +101,7 @@ def exact_match(
         )
         for row in rows
     ]
-    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = 0
     samples = []
     for row, answer in zip(rows, answers):
@@ -126,9 +138,12 @@ def evaluate_model(
     bf16: bool = False,
     attn_implementation: str | None = "sdpa",
     base: str | None = None,
+    questions: list[Any] | None = None,
+    seed: int = 0,
 ) -> dict:
     """All held-out metrics of one HF model directory (or LoRA adapter over `base`), on the GPU
-    Ray assigned when there is one (in bf16 when `bf16`), else on the CPU in fp32."""
+    Ray assigned when there is one (in bf16 when `bf16`), else on the CPU in fp32; then the
+    lm-eval tasks and the answers to `questions` (`answers.Question`) the config asks for."""
     import pyarrow.parquet as pq
 
     from sftmix_ray.modeling import load_tokenizer
@@ -152,6 +167,22 @@ def evaluate_model(
         ]
         if rows:
             result.update(exact_match(model, tokenizer, rows, eval_cfg["max_new_tokens"]))
+    if eval_cfg["lm_eval_tasks"]:
+        from sftmix_ray.lm_eval_run import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(model, tokenizer, eval_cfg, seed)
+    if questions:
+        from sftmix_ray.answers import answer_questions
+        from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+
+        result["answers"] = answer_questions(
+            model, tokenizer, questions,
+            temperature=eval_cfg["answer_temperature"],
+            per_category=eval_cfg["answer_mt_bench_temperatures"],
+            max_new_tokens=eval_cfg["answer_max_new_tokens"],
+            batch_size=eval_cfg["answer_batch_size"], seed=seed,
+        )  # fmt: skip
+        result["chat_template"] = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
     return result
 
 
@@ -190,15 +221,77 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     eval_cfg = dataclasses.asdict(cfg.eval)
     base = resolve_model_path(cfg.model.name_or_path, run)  # under a LoRA adapter
+    layout, questions = None, None
+    if cfg.eval.questions:
+        from sftmix_ray.answers import read_questions
+
+        layout, questions = read_questions(cfg.eval.questions)  # bad files fail before Ray work
     refs = {
         k: task.remote(
             str(path), str(heldout), eval_cfg, cfg.train.bf16, cfg.model.attn_implementation,
-            base,
+            base, questions, cfg.train.seed,
         )
         for k, (_, path) in models.items()
     }  # fmt: skip
     results = {k: {"model": models[k][0], **ray.get(ref)} for k, ref in refs.items()}
+    answers = None
+    if questions is not None and layout is not None:
+        answers = write_answers(cfg, run, layout, questions, results)
     atomic_write_json(run.eval_file, results)
-    return {
-        "models": {k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}
+    summary: dict[str, Any] = {
+        "models": {
+            k: {m: v for m, v in r.items() if m not in ("samples", "lm_eval")}
+            for k, r in results.items()
+        }
     }
+    lm_eval = {k: r["lm_eval"] for k, r in results.items() if "lm_eval" in r}
+    if lm_eval:
+        summary["lm_eval"] = lm_eval
+    if answers:
+        summary["answers"] = answers
+    return summary
+
+
+def write_answers(
+    cfg: Config, run: RunDir, layout: str, questions: list[Any], results: dict[str, dict]
+) -> dict[str, list[str]]:
+    """Write each model's answers (popped from `results`) in the layouts asked for, and how
+    they were generated; returns the files written per model."""
+    from sftmix_ray.answers import alpaca_eval_outputs, mt_bench_answers
+    from sftmix_ray.io_utils import atomic_write_text
+
+    formats: list[str] = list(cfg.eval.answer_formats) or [layout]
+    written: dict[str, list[str]] = {}
+    model_ids = {}
+    template = None
+    for key, result in results.items():
+        answers = result.pop("answers")
+        template = result.pop("chat_template")
+        model_id = cfg.eval.answer_model_id + ("" if key == "sftmix" else f"-{key}")
+        model_ids[key] = model_id
+        files = written.setdefault(key, [])
+        if "alpaca_eval" in formats:
+            path = run.alpaca_eval_answers(key)
+            atomic_write_json(path, alpaca_eval_outputs(questions, answers, model_id))
+            files.append(str(path))
+        if "mt_bench" in formats:
+            path = run.mt_bench_answers(model_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = mt_bench_answers(questions, answers, model_id)
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            atomic_write_text(path, text)
+            files.append(str(path))
+    settings = {
+        "questions": str(Path(cfg.eval.questions or "").resolve()),
+        "questions_layout": layout,
+        "answer_formats": formats,
+        "model_ids": model_ids,
+        "chat_template": template,
+        "temperature": cfg.eval.answer_temperature,
+        "mt_bench_category_temperatures": cfg.eval.answer_mt_bench_temperatures,
+        "max_new_tokens": cfg.eval.answer_max_new_tokens,
+        "seed": cfg.train.seed,
+        "do_sample": cfg.eval.answer_temperature > 0 or cfg.eval.answer_mt_bench_temperatures,
+    }
+    atomic_write_json(run.answer_settings, settings)
+    return written

@@ -158,6 +158,20 @@ class RunDir:
     def answers(self) -> Path:
         return self.root / self.ANSWERS
 
+    def alpaca_eval_answers(self, model_key: str) -> Path:
+        """AlpacaEval model outputs of "sftmix" (alpaca_eval.json) or "ntp" (..._ntp.json)."""
+        suffix = "" if model_key == "sftmix" else f"_{model_key}"
+        return self.answers / f"alpaca_eval{suffix}.json"
+
+    def mt_bench_answers(self, model_id: str) -> Path:
+        """FastChat's layout: one JSON Lines file per model id."""
+        return self.answers / "mt_bench" / f"{model_id}.jsonl"
+
+    @property
+    def answer_settings(self) -> Path:
+        """How the answers were generated: chat template, sampling, models."""
+        return self.answers / "settings.json"
+
     @property
     def wandb(self) -> Path:
         return self.root / self.WANDB

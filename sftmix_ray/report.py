@@ -51,6 +51,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _lm_eval_table(results: dict[str, dict]) -> list[str]:
+    """lm-eval-harness metrics, one row per task and metric, one column per model."""
+    models = [m for m, r in results.items() if r.get("lm_eval")]
+    if not models:
+        return []
+    lines = ["", "## lm-eval-harness", "", f"| task | metric | {' | '.join(models)} |",
+             "|---|---|" + "---|" * len(models)]  # fmt: skip
+    rows = sorted({(t, k) for m in models for t, ms in results[m]["lm_eval"].items() for k in ms})
+    for task, metric in rows:
+        values = [results[m]["lm_eval"].get(task, {}).get(metric, float("nan")) for m in models]
+        lines.append(f"| {task} | {metric} | {' | '.join(_fmt(v) for v in values)} |")
+    return lines
+
+
 def write_report(out_dir: Path | RunDir) -> Path:
     """Write OUT/report.md (and OUT/loss_curves.png) from summary.json, eval.json and the logs."""
     from sftmix_ray.stages import STAGE_NAMES
@@ -124,6 +138,7 @@ def write_report(out_dir: Path | RunDir) -> Path:
                 f"| {model} | {_fmt(r['response_nll'])} | {_fmt(r['perplexity'])} | "
                 f"{_fmt(r.get('exact_match', float('nan')))} |"
             )
+        lines += _lm_eval_table(results)
     if plot_losses(_histories(run), run.loss_plot):
         lines += ["", "## Loss curves", "", f"![loss curves]({RunDir.LOSS_PLOT})"]
     path = run.report

@@ -125,6 +125,13 @@ def _train_reads(cfg: Config) -> Reads:
 
 def _eval_reads(cfg: Config) -> Reads:
     values = {f"eval.{k}": v for k, v in dataclasses.asdict(cfg.eval).items()}
+    # lm-eval and answer settings count only when used (and earlier runs keep their prints)
+    for key in list(values):
+        unused_lm_eval = key.startswith("eval.lm_eval_") and not cfg.eval.lm_eval_tasks
+        answering = key.startswith(("eval.answer_", "eval.questions"))
+        unused_answers = answering and not cfg.eval.questions
+        if unused_lm_eval or unused_answers:
+            values.pop(key)
     values.update({"train.use_gpu": cfg.train.use_gpu, "train.bf16": cfg.train.bf16})
     return values
 

@@ -180,7 +180,7 @@ def test_all_reduce_sum_moves_host_values_to_the_device(tmp_path, single_rank):
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tmp_path):
-    from sftmix_ray.evaluation import greedy_answers
+    from sftmix_ray.evaluation import generate
     from sftmix_ray.modeling import train_tiny_tokenizer
 
     texts = [f"q {i}: {i} plus {i * 3} is {i * 4}." for i in range(200)]
@@ -192,8 +192,8 @@ def test_batched_left_padded_generation_equals_one_by_one(tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     prompts = [texts[i][: 5 + (i * 7) % 20] for i in range(12)]
-    batched = greedy_answers(model, tokenizer, prompts, 8, batch_size=5)
-    single = [greedy_answers(model, tokenizer, [p], 8, batch_size=1)[0] for p in prompts]
+    batched = generate(model, tokenizer, prompts, 8, batch_size=5)
+    single = [generate(model, tokenizer, [p], 8, batch_size=1)[0] for p in prompts]
     assert batched == single
     assert len(set(batched)) > 1, "the prompts get different answers"
 

@@ -251,3 +251,79 @@ def test_lora_run_layout_and_what_reruns(tmp_path):
     assert on["train.lora.r"] == 8 and on["train.lora.target_modules"] == ["all-linear"]
     off_alpha = training_reads(tiny_config("train.lora.alpha=4"), "train")
     assert off_alpha == off, "LoRA settings are not read while LoRA is off"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _own_accuracy(model_dir: Path, task_file: Path) -> float:
+    """The demo lm-eval task's accuracy computed here: the choice whose continuation
+    (" " + choice after "Question: ...\\nAnswer:") has the highest summed log-likelihood."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    docs = [json.loads(line) for line in task_file.read_text().splitlines()]
+    hits = 0
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        scores = []
+        for choice in doc["choices"]:
+            whole = tok(context + " " + choice).input_ids
+            n_context = len(tok(context).input_ids)
+            with torch.no_grad():
+                logits = model(torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logits[i - 1, whole[i]]) for i in range(n_context, len(whole))))
+        hits += int(np.argmax(scores) == doc["answer"])
+    return hits / len(docs)
+
+
+def test_eval_runs_lm_eval_and_writes_benchmark_answers(lora_one, tmp_path):
+    """`sftmix-ray eval` (its own Ray cluster, HF_HUB_OFFLINE=1, run from another directory)
+    runs the repo's lm-eval task and answers MT-Bench-style questions in both layouts."""
+    import subprocess
+
+    from sftmix_ray.report import write_report
+    from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command
+
+    out = tmp_path / "out"
+    shutil.copytree(lora_one[0], out, ignore=shutil.ignore_patterns("ray_storage", "wandb"))
+    task_dir = REPO / "configs" / "lm_eval"
+    questions = REPO / "configs" / "questions" / "mt_bench_demo.jsonl"
+    sets = [
+        *TINY_OVERRIDES, *LORA, "eval.max_examples=4",
+        "eval.lm_eval_tasks=sftmix_demo_arith", f"eval.lm_eval_include_path={task_dir}",
+        f"eval.questions={questions}", "eval.answer_formats=alpaca_eval,mt_bench",
+        "eval.answer_max_new_tokens=6", "eval.answer_mt_bench_temperatures=true",
+    ]  # fmt: skip
+    env = cli_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [*sftmix_command(), "eval", "--output-dir", str(out), *(f"--set={s}" for s in sets)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    result = result_json(proc)["eval"]
+    accuracy = result["lm_eval"]["sftmix"]["sftmix_demo_arith"]["acc,none"]
+    assert accuracy == pytest.approx(
+        _own_accuracy(out / "model", task_dir / "sftmix_demo_arith.jsonl")
+    )
+    stored = json.loads((out / "eval.json").read_text())["sftmix"]
+    assert stored["lm_eval"]["sftmix_demo_arith"]["sample_len"] == 24
+    # Answers: FastChat's MT-Bench layout and AlpacaEval's, every turn answered.
+    rows = [json.loads(line) for line in (out / "answers" / "mt_bench" / "sftmix-ray.jsonl")
+            .read_text().splitlines()]  # fmt: skip
+    assert [r["question_id"] for r in rows] == [81, 111, 121, 131]
+    assert [len(r["choices"][0]["turns"]) for r in rows] == [2, 2, 1, 2]
+    assert {r["model_id"] for r in rows} == {"sftmix-ray"} and all(r["answer_id"] for r in rows)
+    alpaca = json.loads((out / "answers" / "alpaca_eval.json").read_text())
+    assert [a["output"] for a in alpaca] == [r["choices"][0]["turns"][0] for r in rows]
+    assert alpaca[0]["instruction"] == "Write a two-line poem about GPUs."
+    assert {a["generator"] for a in alpaca} == {"sftmix-ray"}
+    settings = json.loads((out / "answers" / "settings.json").read_text())
+    assert settings["mt_bench_category_temperatures"] is True and settings["max_new_tokens"] == 6
+    assert "<|im_start|>" in settings["chat_template"]
+    assert result["answers"]["sftmix"] == [
+        str(out.resolve() / "answers" / "alpaca_eval.json"),
+        str(out.resolve() / "answers" / "mt_bench" / "sftmix-ray.jsonl"),
+    ]
+    report = write_report(out).read_text()
+    assert "## lm-eval-harness" in report and "| sftmix_demo_arith | acc,none |" in report
