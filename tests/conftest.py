@@ -45,7 +45,8 @@ TINY_OVERRIDES = [
 # node ids, which pytest 9 no longer lets a plugin change.)
 HEAVY_FIRST = [
     "test_job_submit.py", "test_tune_schedulers.py", "test_tune.py",
-    "test_train.py", "test_lora.py", "test_cross_tokenizer.py", "test_tune_sweeps.py", "test_loss_distributed.py",
+    "test_train.py", "test_lora.py", "test_cross_tokenizer.py", "test_tune_sweeps.py",
+    "test_loss_distributed.py",
     "test_multinode.py", "test_scoring.py", "test_cli_stdout.py",
     "test_gpu_path.py", "test_hostile_input.py", "test_repairs.py",
 ]  # fmt: skip
