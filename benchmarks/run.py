@@ -52,26 +52,33 @@ Measured = dict[str, dict[str, Any]]  # ratio name -> {"runs", "settings", "deta
 
 
 def measure_losses(mode: str, repeats: int | None) -> Measured:
-    """Peak tensor memory of naive NTP, chunked NTP and the Mixup loss on one batch each."""
+    """Peak tensor memory of naive NTP, chunked NTP and the Mixup loss on one batch each, at the
+    product's chunking (`train.loss_chunk_mb`'s default byte budget): 4 rows x 1024 tokens at
+    vocabulary 32000, and in `--full` also the 8B recipes' 4 x 2048 at 128256."""
     from bench_losses import mixup_step, ntp_steps, peak_tensor_bytes
 
-    rows, length, hidden, chunk = 2, 513, 256, 256  # rows * (length - 1) = 1024 positions
-    vocabs = (32000,) if mode == "quick" else (32000, 128256)
+    from sftmix_ray.loss_kernels import DEFAULT_CHUNK_MB, chunk_positions
+
+    rows, length, hidden = 4, 1025, 256  # rows * (length - 1) = 4096 positions
+    shapes = [(rows, length, 32000)] + ([] if mode == "quick" else [(4, 2049, 128256)])
     repeats = repeats or (2 if mode == "quick" else 3)
+    chunks = {vocab: chunk_positions(0, DEFAULT_CHUNK_MB, vocab) for _, _, vocab in shapes}
     settings = {
         "positions": rows * (length - 1),
         "hidden_size": hidden,
-        "chunk_size": chunk,
+        "chunk_mb": DEFAULT_CHUNK_MB,
+        "chunk_positions": chunks,
         "vocab": 32000,
         "repeats": repeats,
         "dtype": "float32",
         "memory": "peak live tensor bytes in forward+backward (dispatch-mode tracker)",
     }
     peak: dict[str, list[int]] = {}
-    for vocab in vocabs:
-        for name, step in ntp_steps(rows, length, hidden, vocab, chunk).items():
+    for n_rows, n_length, vocab in shapes:
+        for name, step in ntp_steps(n_rows, n_length, hidden, vocab, chunks[vocab]).items():
             peak[f"{name}_ntp@{vocab}"] = [peak_tensor_bytes(step) for _ in range(repeats)]
-    mix = mixup_step(rows, length, hidden, 32000, chunk)
+    # `rows` pairs mix as many positions as NTP over `rows` rows scores.
+    mix = mixup_step(rows, length, hidden, 32000, chunks[32000])
     peak["mixup_loss@32000"] = [peak_tensor_bytes(mix) for _ in range(repeats)]
 
     def ratio(top: str, bottom: str) -> list[float]:
@@ -79,7 +86,7 @@ def measure_losses(mode: str, repeats: int | None) -> Measured:
 
     details = {"peak_bytes": peak}
     if mode != "quick":
-        details["fused_ntp_peak_mem_over_naive@128256"] = stats(
+        details["fused_ntp_peak_mem_over_naive@128256_4x2048"] = stats(
             ratio("fused_ntp@128256", "naive_ntp@128256")
         )
     return {

@@ -134,7 +134,8 @@ class ScoreConfig:
     num_actors: int = 2  # scorer actors (one per GPU on GPU clusters)
     num_gpus_per_actor: float = 0.0  # GPUs per scorer actor (0 = CPU)
     batch_tokens: int = 8192  # token budget per forward (after sorting by length)
-    chunk_size: int = 1024  # positions per log-sum-exp chunk
+    chunk_size: int = 0  # positions per log-sum-exp chunk; 0 = as many as chunk_mb holds
+    chunk_mb: float = 128.0  # fp32 logits per chunk (MB) when chunk_size is 0
     # neg_mean_perplexity: the paper's -(1/C) sum_c exp(nll_c); mean_inverse_perplexity: the
     # Dataset Cartography form mean_c exp(-nll_c). Both rank "more confident" higher.
     confidence: Literal["neg_mean_perplexity", "mean_inverse_perplexity"] = "neg_mean_perplexity"
@@ -142,7 +143,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _check(self.num_actors >= 1, "score.num_actors", self.num_actors, "an integer >= 1")
         _check(self.batch_tokens >= 64, "score.batch_tokens", self.batch_tokens, ">= 64")
-        _check(self.chunk_size >= 1, "score.chunk_size", self.chunk_size, ">= 1")
+        _check(self.chunk_size >= 0, "score.chunk_size", self.chunk_size, ">= 0 (0 = chunk_mb)")
+        _check(self.chunk_mb > 0, "score.chunk_mb", self.chunk_mb, "> 0")
         _check(
             self.num_gpus_per_actor >= 0,
             "score.num_gpus_per_actor",
@@ -273,7 +275,11 @@ class TrainConfig:
     fsdp_defer_grad_sync: bool = False
     deepspeed_stage: Literal[2, 3] = 2  # ZeRO stage under strategy deepspeed
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON replaces ours
-    loss_chunk_size: int = 1024  # positions per log-sum-exp chunk of the loss
+    # positions per log-sum-exp chunk of the loss; 0 = as many as loss_chunk_mb holds
+    loss_chunk_size: int = 0
+    # fp32 logits per loss chunk (MB) when loss_chunk_size is 0: positions = MB / (4 x vocab),
+    # 261 at a 128256 vocabulary; the chunk's logits and their gradient exist once at a time
+    loss_chunk_mb: float = 128.0
     # Process-group timeout: must outlast rank 0 writing an HF export to shared storage.
     collective_timeout_s: int = 3600
     storage_path: str | None = None  # shared storage for checkpoints; default OUT/ray_storage
@@ -308,7 +314,11 @@ class TrainConfig:
         _check(self.eval_steps >= 0, "train.eval_steps", self.eval_steps, ">= 0 (0 = at the end)")
         _check(self.save_steps >= 0, "train.save_steps", self.save_steps, ">= 0")
         _check(self.save_total_limit >= 1, "train.save_total_limit", self.save_total_limit, ">= 1")
-        _check(self.loss_chunk_size >= 1, "train.loss_chunk_size", self.loss_chunk_size, ">= 1")
+        _check(
+            self.loss_chunk_size >= 0,
+            "train.loss_chunk_size", self.loss_chunk_size, ">= 0 (0 = from loss_chunk_mb)",
+        )  # fmt: skip
+        _check(self.loss_chunk_mb > 0, "train.loss_chunk_mb", self.loss_chunk_mb, "> 0")
         _check(
             self.collective_timeout_s >= 60,
             "train.collective_timeout_s",

@@ -9,6 +9,29 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# fp32 logits per loss chunk when no fixed chunk size is given: 261 positions at Llama-3's
+# 128256-row vocabulary, 1024 at Mistral's 32768 (each chunk's logits, and in backward their
+# gradient, exist once at a time).
+DEFAULT_CHUNK_MB = 128.0
+
+
+def head_vocab(lm_head: nn.Module) -> int:
+    """The number of logits an LM head produces (its full size also when sharded)."""
+    head = getattr(lm_head, "lm_head", lm_head)  # a head with a logit transform wraps it
+    out_features = getattr(head, "out_features", None)
+    if isinstance(out_features, int):
+        return out_features
+    weight: Any = head.weight
+    shape = getattr(weight, "ds_shape", None) or weight.shape  # ZeRO-3 keeps the full shape
+    return int(shape[0])
+
+
+def chunk_positions(chunk_size: int, chunk_mb: float, vocab: int) -> int:
+    """Positions per chunk: `chunk_size` when > 0, else as many as `chunk_mb` of fp32 logits
+    of `vocab` entries hold (at least 1)."""
+    if chunk_size > 0:
+        return chunk_size
+    return max(1, int(chunk_mb * 1024 * 1024 // (4 * vocab)))
 
 
 class _SoftCrossEntropy(torch.autograd.Function):

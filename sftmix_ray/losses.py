@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sftmix_ray.loss_kernels import IGNORE_INDEX, chunked_soft_ce
+from sftmix_ray.loss_kernels import (
+    DEFAULT_CHUNK_MB,
+    IGNORE_INDEX,
+    chunk_positions,
+    chunked_soft_ce,
+    head_vocab,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -66,6 +72,23 @@ def response_token_nll(
     per_position = chunked_soft_ce(hidden[:, :-1][mask], lm_head, targets, weights, chunk_size)
     nll_sum = per_position.new_zeros(labels.shape[0]).index_add(0, rows, per_position)
     return nll_sum, n_tokens
+
+
+class ChunkedLoss(nn.Module):
+    """A loss whose log-sum-exps run `positions(head)` positions at a time: `chunk_size` when
+    > 0, else as many as `chunk_mb` of fp32 logits hold at the head's vocabulary size."""
+
+    def __init__(self, chunk_size: int = 0, chunk_mb: float = DEFAULT_CHUNK_MB) -> None:
+        super().__init__()
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0: from chunk_mb), got {chunk_size}")
+        if not chunk_mb > 0:
+            raise ValueError(f"chunk_mb must be > 0, got {chunk_mb}")
+        self.chunk_size, self.chunk_mb = chunk_size, chunk_mb
+
+    def positions(self, lm_head: nn.Module) -> int:
+        """Positions per log-sum-exp chunk for this head."""
+        return chunk_positions(self.chunk_size, self.chunk_mb, head_vocab(lm_head))
 
 
 def _lambda_per_row(lam: float | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -242,7 +265,7 @@ def _as_normalizers(normalizers: Normalizers, size: int, device: torch.device) -
     return out
 
 
-class NTPLoss(nn.Module):
+class NTPLoss(ChunkedLoss):
     """Token-mean next-token cross-entropy over response tokens.
 
     Normalization contract (so that the loss and its gradients do not change with the number of
@@ -255,12 +278,6 @@ class NTPLoss(nn.Module):
     the step is the sum over micro-batches of the returned values, averaged over ranks.
     Without `normalizers` the local counts are used (one worker, no accumulation).
     """
-
-    def __init__(self, chunk_size: int = 1024) -> None:
-        super().__init__()
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size
 
     def sample_lambda(
         self, batch_pairs: int, *, seed: int, step: int, rank: int, micro: int = 0
@@ -282,7 +299,7 @@ class NTPLoss(nn.Module):
         normalizers: Normalizers | None = None,
     ) -> tuple[Tensor, Metrics]:
         """Return `(loss, metrics)`; see the class docstring for `normalizers`."""
-        nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, self.chunk_size)
+        nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, self.positions(lm_head))
         if normalizers is None:
             normalizers = n_tokens.sum().float().reshape(1)
         norm = _as_normalizers(normalizers, 1, hidden.device)
@@ -291,7 +308,7 @@ class NTPLoss(nn.Module):
         return loss, {"loss": value, "ntp": value, "n_tokens": n_tokens.sum().float()}
 
 
-class SFTMixLoss(nn.Module):
+class SFTMixLoss(ChunkedLoss):
     """SFTMix: `ntp_weight * L_ntp` over all `2b` rows plus `mu * L_mix` over (confident,
     unconfident) pairs (`ntp_weight=0` is the paper's "Mixup only" ablation).
 
@@ -307,11 +324,12 @@ class SFTMixLoss(nn.Module):
         alpha: float = 0.5,
         mu: float = 0.2,
         lambda_per: str = "pair",
-        chunk_size: int = 1024,
+        chunk_size: int = 0,
         align: str = "response",
         ntp_weight: float = 1.0,
+        chunk_mb: float = DEFAULT_CHUNK_MB,
     ) -> None:
-        super().__init__()
+        super().__init__(chunk_size, chunk_mb)
         _check_align(align)
         if not ntp_weight >= 0:
             raise ValueError(f"ntp_weight must be >= 0, got {ntp_weight}")
@@ -322,9 +340,7 @@ class SFTMixLoss(nn.Module):
             raise ValueError(f"mixup mu must be >= 0, got {mu}")
         if lambda_per not in ("pair", "batch"):
             raise ValueError(f"lambda_per must be 'pair' or 'batch', got {lambda_per!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.alpha, self.mu, self.lambda_per, self.chunk_size = alpha, mu, lambda_per, chunk_size
+        self.alpha, self.mu, self.lambda_per = alpha, mu, lambda_per
 
     def sample_lambda(
         self, batch_pairs: int, *, seed: int, step: int, rank: int, micro: int = 0
@@ -375,7 +391,8 @@ class SFTMixLoss(nn.Module):
         if normalizers is None:
             normalizers = self.normalizer_counts(labels, lam)
         norm = _as_normalizers(normalizers, 2, hidden.device)
-        nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, self.chunk_size)
+        chunk = self.positions(lm_head)
+        nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, chunk)
         ntp = _safe_div(nll_sum.sum(), norm[0])
         if self.mu == 0:
             loss, mix = self.ntp_weight * ntp, torch.zeros((), device=hidden.device)
@@ -390,7 +407,7 @@ class SFTMixLoss(nn.Module):
                 lm_head,
                 lam,
                 align=self.align,
-                chunk_size=self.chunk_size,
+                chunk_size=chunk,
                 normalizer=norm[1],
             )
             loss = self.ntp_weight * ntp + self.mu * mix

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftmix_ray.losses import IGNORE_INDEX, response_token_nll
+from sftmix_ray.losses import IGNORE_INDEX, NTPLoss, response_token_nll
 
 
 def token_budget_batches(
@@ -59,7 +59,8 @@ class Scorer:
         model_path: str,
         *,
         batch_tokens: int,
-        chunk_size: int,
+        chunk_size: int = 0,
+        chunk_mb: float = 128.0,
         num_threads: int = 0,
         trust_remote_code: bool = False,
         attn_implementation: str | None = "sdpa",
@@ -73,7 +74,8 @@ class Scorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
         self.trust_remote_code, self.attn_implementation = trust_remote_code, attn_implementation
-        self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
+        self.batch_tokens = batch_tokens
+        self.loss = NTPLoss(chunk_size, chunk_mb)  # its chunking: fixed, or by bytes
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id()
         self.name = in_actor or "local"  # counts the actors that did the work
         self.model_path = ""
@@ -85,7 +87,6 @@ class Scorer:
 
         import torch
 
-        from sftmix_ray.losses import NTPLoss
         from sftmix_ray.modeling import load_model
         from sftmix_ray.train.forward import CausalLMWithLoss
 
@@ -101,8 +102,9 @@ class Scorer:
             attn_implementation=self.attn_implementation,
         )  # fmt: skip
         # The training wrapper knows each model's decoder body and logit scaling/soft-capping.
-        wrapper = CausalLMWithLoss(model.to(self.device).eval(), NTPLoss(self.chunk_size))
+        wrapper = CausalLMWithLoss(model.to(self.device).eval(), self.loss)
         self.decoder, self.head = wrapper.decoder(), wrapper.output_head()
+        self.chunk_size = self.loss.positions(self.head)
         self.model_path = model_path
 
     def __call__(self, batch: pa.Table) -> pa.Table:

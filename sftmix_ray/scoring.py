@@ -129,6 +129,7 @@ def _score_all(
     items = score_items(data_dir.resolve(), checkpoints, batch_rows)
     scorer_kwargs = dict(
         batch_tokens=cfg.score.batch_tokens, chunk_size=cfg.score.chunk_size,
+        chunk_mb=cfg.score.chunk_mb,
         num_threads=threads, trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation, bf16_on_gpu=cfg.train.bf16,
     )  # fmt: skip

@@ -26,6 +26,7 @@ TRAIN_NEUTRAL = frozenset(
         "wandb_project", "wandb_entity", "wandb_tags", "wandb_mode",
         "progress_bar", "eval_steps", "save_steps", "save_total_limit", "storage_path",
         "collective_timeout_s", "max_failures", "placement_strategy", "loss_chunk_size",
+        "loss_chunk_mb",
         "fsdp_defer_grad_sync", "gradient_checkpointing", "strategy", "num_workers",
         "per_device_train_batch_size", "gradient_accumulation_steps", "deepspeed_stage",
     }

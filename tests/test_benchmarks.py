@@ -92,3 +92,67 @@ def test_quality_study_paired_statistics_are_exact():
     higher = paired([0.02, 0.01], lower_is_better=False)
     assert higher["wins"] == 2 and higher["sign_flip_p"] == pytest.approx(0.5)
     assert summarize([4.0]) == {"mean": 4.0, "std": 0.0, "values": [4.0]}
+
+
+def _llama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=500, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+
+
+def _saved_activation_bytes(layers: int, rows: int, length: int) -> int:
+    """Bytes of the tensors autograd keeps for backward in the decoder's forward (parameters
+    excluded, each storage once): a real Llama in fp32 on the CPU with SDPA."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config(layers)).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, 500, (rows, length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.model(input_ids=ids)
+    return sum(kept.values())
+
+
+def test_memory_model_counts_what_the_model_holds(tmp_path):
+    """`benchmarks/memory_model.py`: its parameter and LoRA counts equal the real model's, its
+    activations per layer equal what autograd keeps (within 5%), and its CLI tables the recipes."""
+    import memory_model
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    arch = memory_model.Arch.from_config(_llama_config(2).to_dict())
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_llama_config(2))
+    assert arch.params() == sum(p.numel() for p in model.parameters())
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert arch.lora_params(4) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    rows, length = 2, 128
+    per_layer = _saved_activation_bytes(2, rows, length) - _saved_activation_bytes(1, rows, length)
+    estimate = arch.activation_elements_per_token() * rows * length * 4  # fp32 here
+    assert per_layer == pytest.approx(estimate, rel=0.05)
+
+    out = tmp_path / "memory.json"
+    recipe = str(ROOT / "configs" / "llama31_8b_alpaca.yaml")
+    assert memory_model.main(["--config", recipe, "--gpus", "8", "--json", str(out)]) == 0
+    full, lora_row = json.loads(out.read_text())
+    assert full["params"] == 8_030_261_248  # Llama-3.1-8B's published count
+    assert full["recipe"]["strategy"] == "fsdp" and lora_row["recipe"]["lora_r"] == 16
+    gib = 1024**3
+    assert 20 * gib < full["bytes"]["total"] < 40 * gib < 80 * gib
+    assert lora_row["bytes"]["total"] < full["bytes"]["total"] / 1.5
+    assert lora_row["bytes"]["adam_moments_fp32"] < full["bytes"]["adam_moments_fp32"] / 100

@@ -723,3 +723,43 @@ def test_eval_and_scoring_use_the_models_own_logits_gemma_soft_capping(tmp_path)
     result = response_nll(model, ids, labs, batch_size=3)  # two batches, right-padded
     assert result["response_tokens"] == int(counts.sum())
     assert abs(result["response_nll"] - weighted) <= 1e-5 * weighted
+
+
+def test_loss_chunks_are_sized_by_a_byte_budget_of_fp32_logits(monkeypatch):
+    """By default a chunk holds `chunk_mb` of fp32 logits whatever the vocabulary (261 rows at
+    Llama-3's 128256, 1048 at 32000); a fixed `chunk_size` still wins; sharded heads count
+    their full vocabulary."""
+    import sftmix_ray.losses as losses_module
+    from sftmix_ray.loss_kernels import chunk_positions, head_vocab
+    from sftmix_ray.train.forward import _TransformedHead
+
+    assert chunk_positions(0, 128.0, 128256) == 261
+    assert chunk_positions(0, 128.0, 32000) == 1048
+    assert chunk_positions(0, 1e-6, 32000) == 1 and chunk_positions(7, 128.0, 32000) == 7
+    head = torch.nn.Linear(8, 500, bias=False)
+    assert head_vocab(head) == 500 and head_vocab(_TransformedHead(head, 2.0, None)) == 500
+
+    class ZeroThreeHead(torch.nn.Module):  # a partitioned weight: empty, full shape aside
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(0))
+            self.weight.ds_shape = torch.Size([700, 8])
+
+    assert head_vocab(ZeroThreeHead()) == 700
+    seen: list[int] = []
+    kernel = losses_module.chunked_soft_ce
+
+    def spy(hidden, lm_head, targets, weights, chunk_size=1024):
+        seen.append(chunk_size)
+        return kernel(hidden, lm_head, targets, weights, chunk_size)
+
+    monkeypatch.setattr(losses_module, "chunked_soft_ce", spy)
+    hidden, labels = torch.randn(2, 40, 8), torch.randint(0, 500, (2, 40))
+    budget = 500 * 4 * 16 / 2**20  # 16 rows of 500 fp32 logits
+    by_bytes, _ = NTPLoss(chunk_mb=budget)(hidden, labels, head)
+    fixed, _ = NTPLoss(chunk_size=5)(hidden, labels, head)
+    assert seen == [16, 5]
+    torch.testing.assert_close(by_bytes, fixed)
+    assert NTPLoss().chunk_size == 0 and NTPLoss().chunk_mb == 128.0
+    with pytest.raises(ValueError, match="chunk_mb"):
+        NTPLoss(chunk_mb=0)

@@ -119,7 +119,8 @@ def test_run_spec_is_typed_and_applies_what_each_run_uses(tmp_path):
     (tmp_path / "base_model" / "config.json").write_text("{}")  # the tiny preset's place
     cfg = tiny_config("reference.learning_rate=0.5", "train.report_to=mlflow", "mixup.mu=0.3")
     ref = build_spec(cfg, tmp_path, "reference")
-    assert ref.train.learning_rate == 0.5 and ref.loss == LossSpec("ntp", {"chunk_size": 1024})
+    assert ref.train.learning_rate == 0.5
+    assert ref.loss == LossSpec("ntp", {"chunk_size": 0, "chunk_mb": 128.0})
     assert ref.streams == ("data",) and ref.export_count == 2 and ref.final_export is None
     assert ref.max_steps == 3 and ref.train.report_to == ["mlflow"]
     assert ref.export_at == "even"

@@ -97,7 +97,8 @@ def build_spec(
 
     run = RunDir(RunDir.of(out_dir).root.resolve())
     train = cfg.train
-    ntp = LossSpec("ntp", {"chunk_size": train.loss_chunk_size})
+    chunking = {"chunk_size": train.loss_chunk_size, "chunk_mb": train.loss_chunk_mb}
+    ntp = LossSpec("ntp", chunking)
     if mode == "reference":
         model_path = reference_model_path(cfg, run)
         if cfg.reference.learning_rate:
@@ -117,7 +118,7 @@ def build_spec(
         if mixup.mu > 0:
             keys = ("alpha", "mu", "lambda_per", "align", "ntp_weight")
             kwargs = {k: getattr(mixup, k) for k in keys}
-            loss = LossSpec("sftmix", {**kwargs, "chunk_size": train.loss_chunk_size})
+            loss = LossSpec("sftmix", {**kwargs, **chunking})
         # NTP and random pairing sample the whole corpus; SFTMix pairs confident/unconfident.
         uniform = mixup.mu == 0 or mixup.pairing == "random"
         streams = ("data",) if uniform else ("confident", "unconfident")

@@ -125,7 +125,7 @@ class TrainWorker:
         model = training_model(spec, meta=sharded_init)
         self.config_json = model.config.to_json_string()
         self.loss = build_loss(spec.loss.name, **spec.loss.kwargs)
-        self.eval_loss = NTPLoss(chunk_size=train.loss_chunk_size)
+        self.eval_loss = NTPLoss(chunk_size=train.loss_chunk_size, chunk_mb=train.loss_chunk_mb)
         wrapper = CausalLMWithLoss(model, self.loss)
         weights = None
         if sharded_init:
