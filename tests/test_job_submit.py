@@ -63,7 +63,7 @@ def _env() -> dict[str, str]:
     env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
     # A window between two scored checkpoints for the SIGTERM in `score` (one actor pool
     # scores the tiny model's next checkpoint in well under a second).
-    env["SFTMIX_SCORE_PAUSE_AFTER_CHECKPOINT_S"] = "5"
+    env["SFTMIX_SCORE_PAUSE_AFTER_CHECKPOINT_S"] = "3"
     return env
 
 

@@ -19,7 +19,8 @@ from sftmix_ray.train.loop import FAULT_ENV
 from tests.conftest import tiny_config
 from tests.test_train import losses, run_train, write_split
 
-LORA = ["train.lora.r=8", "train.lora.alpha=16"]
+# Two steps (the fault-injected run dies after step 1 and resumes from its checkpoint).
+LORA = ["train.lora.r=8", "train.lora.alpha=16", "train.max_steps=2"]
 # Weights & Biases offline, under OUT/wandb; a credential in a URL the run config holds.
 WANDB = [
     "train.report_to=tensorboard,wandb", "train.wandb_mode=offline",
@@ -109,7 +110,7 @@ def test_wandb_run_holds_every_step_and_the_redacted_config(lora_one):
     assert (run["project"], run["name"]) == ("sftmix-tests", "train-model")
     assert run["tags"] == ["lora", "ci"]
     logged = [h for h in run["history"] if "train/loss" in h]
-    assert [h["_step"] for h in logged] == [h["step"] for h in history] == [1, 2, 3]
+    assert [h["_step"] for h in logged] == [h["step"] for h in history] == [1, 2]
     np.testing.assert_allclose([h["train/loss"] for h in logged], losses(history), rtol=1e-6)
     assert run["config"]["train.lora.r"] == "8" and run["config"]["mixup.mu"] == "0.2"
     assert run["config"]["train.mlflow_tracking_uri"] == "https://***@mlflow.invalid"
@@ -119,20 +120,20 @@ def test_wandb_run_holds_every_step_and_the_redacted_config(lora_one):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, monkeypatch):
-    """FSDP2 (with a worker killed after step 2: resumed from an adapter-only DCP checkpoint)
+    """FSDP2 (with a worker killed after step 1: resumed from an adapter-only DCP checkpoint)
     and ZeRO-3 on 2 workers, with gradient checkpointing, follow the 1-worker trajectory."""
     _, one = lora_one
     extra = ["train.strategy=fsdp"] if strategy == "fsdp" else [
         "train.strategy=deepspeed", "train.deepspeed_stage=3"
     ]  # fmt: skip
     if strategy == "fsdp":
-        monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'fault-marker'}")
+        monkeypatch.setenv(FAULT_ENV, f"1:{tmp_path / 'fault-marker'}")
         extra += ["train.max_failures=1", "train.lora.merge=false", *WANDB]
     out, two = run_train(
         lora_base, tmp_path, *LORA, *extra, "train.num_workers=2",
         "train.per_device_train_batch_size=4", "train.gradient_checkpointing=true",
     )  # fmt: skip
-    assert [h["step"] for h in two] == [1, 2, 3]
+    assert [h["step"] for h in two] == [1, 2]
     np.testing.assert_allclose(losses(two), losses(one), rtol=2e-4)
     np.testing.assert_allclose(losses(two, "mix"), losses(one, "mix"), rtol=2e-4)
     assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-4)
@@ -159,7 +160,7 @@ def _assert_restart_logged_to_the_same_wandb_run(out: Path, run_id: str) -> None
 
     runs = offline_runs(out / "wandb")
     assert len(runs) == 2 and {r["id"] for r in runs} == {run_id}
-    assert [h["_step"] for h in runs[-1]["history"] if "train/loss" in h] == [1, 2, 3]
+    assert [h["_step"] for h in runs[-1]["history"] if "train/loss" in h] == [1, 2]
 
 
 def _assert_eval_loads_base_plus_adapter(out: Path, eval_loss: float) -> None:
