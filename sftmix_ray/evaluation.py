@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def response_nll(model: Any, input_ids: list, labels: list, batch_size: int = 16
         hidden = adapter.decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
-        nll_sum, n_tokens = response_token_nll(hidden, batch["labels"], head)
+        nll_sum, n_tokens = response_token_nll(hidden, batch["labels_host"], head)
         total += float(nll_sum.sum())
         count += int(n_tokens.sum())
     mean = total / max(count, 1)
@@ -186,6 +187,11 @@ def evaluate_model(
     return result
 
 
+# Hugging Face's offline switches: set on the driver, they also hold in the eval task (which
+# may run on a node whose environment does not set them).
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
 def trained_models(run: RunDir) -> dict[str, tuple[str, Path]]:
     """The trained models of a run: key -> ("model", HF directory) or ("adapter", LoRA adapter
     directory, when `train.lora.merge` was false)."""
@@ -219,6 +225,9 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
             f"neither {run.model()} nor {run.adapter()} exists; run `sftmix-ray train` first"
         )
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
+    offline = {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
+    if offline:  # the driver's offline mode holds where the models load and lm-eval runs
+        task = task.options(runtime_env={"env_vars": offline})
     eval_cfg = dataclasses.asdict(cfg.eval)
     base = resolve_model_path(cfg.model.name_or_path, run)  # under a LoRA adapter
     layout, questions = None, None

@@ -77,8 +77,9 @@ def chunked_soft_ce(
 
     `hidden` is `[N, d]`, `targets` `[N, K]` token ids, `weights` `[N, K]`; position `n` costs
     `sum_k weights[n, k] * (logsumexp(z_n) - z_n[targets[n, k]])` with `z_n = lm_head(hidden[n])`.
-    Positions whose weights are all zero are skipped (their loss is 0) and their targets may
-    be anything, `-100` included.
+    A zero-weight target is never read for its value and may be anything, `-100` included.
+    Nothing here waits for the device: the chunking follows `N`, a shape (callers pass only
+    the positions they score, selected with indices built on the host).
     """
     if hidden.dim() != 2 or targets.dim() != 2 or targets.shape != weights.shape:
         raise ValueError(
@@ -92,25 +93,18 @@ def chunked_soft_ce(
     n_positions = hidden.shape[0]
     weights = weights.to(device=hidden.device, dtype=torch.float32)
     targets = targets.to(hidden.device)
-
-    active = (weights != 0).any(dim=1)
-    # One host sync here buys skipping every padded position in the expensive part.
-    index = active.nonzero().squeeze(1)
-    n_active = int(index.numel())
-    if n_active == 0:
+    if n_positions == 0:
         # Keep a (zero) gradient path through the LM head and the hidden states, so every
         # parameter still gets a gradient and DDP/FSDP reductions stay in step across ranks.
         zero = lm_head(hidden[:0]).float().sum() * 0.0
-        return hidden.new_zeros(n_positions, dtype=torch.float32) + zero
-    if n_active < n_positions:
-        hidden, targets, weights = hidden[index], targets[index], weights[index]
+        return hidden.new_zeros(0, dtype=torch.float32) + zero
     # A zero-weight target is never read for its value; clamp it so -100 cannot index.
     targets = torch.where(weights != 0, targets, torch.zeros_like(targets))
 
     # Recompute each chunk's logits in backward rather than keep them: memory O(chunk x V).
     recompute = torch.is_grad_enabled()
     pieces = []
-    for start in range(0, n_active, chunk_size):
+    for start in range(0, n_positions, chunk_size):
         args = (
             hidden[start : start + chunk_size],
             targets[start : start + chunk_size],
@@ -122,8 +116,4 @@ def chunked_soft_ce(
         else:
             piece = _chunk_soft_ce(*args)
         pieces.append(piece)
-    per_active = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    if n_active == n_positions:
-        return per_active
-    out = per_active.new_zeros(n_positions)
-    return out.index_copy(0, index, per_active)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

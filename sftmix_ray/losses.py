@@ -60,18 +60,35 @@ def _safe_div(total: Tensor, denominator: Tensor) -> Tensor:
 def response_token_nll(
     hidden: Tensor, labels: Tensor, lm_head: nn.Module, chunk_size: int = 1024
 ) -> tuple[Tensor, Tensor]:
-    """Per-row summed response-token NLL (fp32 `[B]`) and response-token count (long `[B]`)."""
+    """Per-row summed response-token NLL (fp32 `[B]`, on `hidden`'s device) and response-token
+    count (long `[B]`, on `labels`' device).
+
+    Which positions are scored is read from `labels` where they live: labels on the host (as
+    the training loop, the scorer and eval pass them) cost no device sync; only index tensors
+    travel to the device.
+    """
     _check_batch(hidden, labels)
     # Hugging Face convention: the hidden state at t predicts the label at t + 1.
-    shifted_labels = labels[:, 1:].to(hidden.device)
-    mask = shifted_labels != IGNORE_INDEX
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
     n_tokens = mask.sum(dim=1)
-    rows = mask.nonzero()[:, 0]
-    targets = shifted_labels[mask].unsqueeze(1)
-    weights = torch.ones(targets.shape, dtype=torch.float32, device=hidden.device)
-    per_position = chunked_soft_ce(hidden[:, :-1][mask], lm_head, targets, weights, chunk_size)
+    rows, cols = mask.nonzero(as_tuple=True)
+    device = hidden.device
+    targets = _to(shifted[rows, cols].unsqueeze(1), device)
+    rows, cols = _to(rows, device), _to(cols, device)
+    weights = torch.ones(targets.shape, dtype=torch.float32, device=device)
+    per_position = chunked_soft_ce(hidden[rows, cols], lm_head, targets, weights, chunk_size)
     nll_sum = per_position.new_zeros(labels.shape[0]).index_add(0, rows, per_position)
     return nll_sum, n_tokens
+
+
+def _to(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`; from the host without waiting for the copy (pinned when CUDA)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class ChunkedLoss(nn.Module):
@@ -183,12 +200,15 @@ def _position_mix(
         )
     y_conf, y_unconf, w_conf, w_unconf = _mixup_targets(labels_conf, labels_unconf, lam_rows)
     # Mix only positions with some target mass: the rest cost nothing, not even the mixing.
-    keep = (w_conf != 0) | (w_unconf != 0)
-    lam_keep = lam_rows.unsqueeze(1).expand_as(keep)[keep].unsqueeze(1)
-    mixed = lam_keep * hidden_conf[:, :-1][keep].float()
-    mixed = mixed + (1.0 - lam_keep) * hidden_unconf[:, :-1][keep].float()
-    targets = torch.stack([y_conf[keep], y_unconf[keep]], dim=1)
-    weights = torch.stack([w_conf[keep], w_unconf[keep]], dim=1)
+    # Indices come from the labels and lambdas where they live (the host: no device sync).
+    rows, cols = ((w_conf != 0) | (w_unconf != 0)).nonzero(as_tuple=True)
+    device = hidden_conf.device
+    targets = _to(torch.stack([y_conf[rows, cols], y_unconf[rows, cols]], dim=1), device)
+    weights = _to(torch.stack([w_conf[rows, cols], w_unconf[rows, cols]], dim=1), device)
+    rows, cols = _to(rows, device), _to(cols, device)
+    lam_keep = _to(lam_rows, device)[rows].unsqueeze(1)
+    mixed = lam_keep * hidden_conf[rows, cols].float()
+    mixed = mixed + (1.0 - lam_keep) * hidden_unconf[rows, cols].float()
     return mixed, targets, weights
 
 
@@ -205,17 +225,18 @@ def _response_mix(
             f"hidden_conf and hidden_unconf must be [b, L_c, d] and [b, L_u, d]; got "
             f"{tuple(hidden_conf.shape)} and {tuple(hidden_unconf.shape)}"
         )
+    # Indices come from the labels where they live (the host: no device sync).
     idx_c, idx_u = response_pairs(labels_conf, labels_unconf)
-    rows_c, pos_c = idx_c[:, 0].to(hidden_conf.device), idx_c[:, 1].to(hidden_conf.device)
-    rows_u, pos_u = idx_u[:, 0].to(hidden_conf.device), idx_u[:, 1].to(hidden_conf.device)
+    rows_c, pos_c, rows_u, pos_u = idx_c[:, 0], idx_c[:, 1], idx_u[:, 0], idx_u[:, 1]
+    device = hidden_conf.device
+    targets = torch.stack([labels_conf[rows_c, pos_c + 1], labels_unconf[rows_u, pos_u + 1]], dim=1)
     lam_pos = lam_rows[rows_c].unsqueeze(1)
-    mixed = lam_pos * hidden_conf[rows_c, pos_c].float()
-    mixed = mixed + (1.0 - lam_pos) * hidden_unconf[rows_u, pos_u].float()
-    targets = torch.stack(
-        [labels_conf.to(hidden_conf.device)[rows_c, pos_c + 1],
-         labels_unconf.to(hidden_conf.device)[rows_u, pos_u + 1]], dim=1,
-    )  # fmt: skip
-    weights = torch.cat([lam_pos, 1.0 - lam_pos], dim=1)
+    weights = _to(torch.cat([lam_pos, 1.0 - lam_pos], dim=1), device)
+    targets = _to(targets, device)
+    rows_c, pos_c, rows_u, pos_u = (_to(t, device) for t in (rows_c, pos_c, rows_u, pos_u))
+    lam_dev = weights[:, :1]
+    mixed = lam_dev * hidden_conf[rows_c, pos_c].float()
+    mixed = mixed + (1.0 - lam_dev) * hidden_unconf[rows_u, pos_u].float()
     return mixed, targets, weights
 
 
@@ -243,11 +264,12 @@ def sftmix_mixup_loss(
     _check_batch(hidden_conf, labels_conf, "hidden_conf")
     _check_batch(hidden_unconf, labels_unconf, "hidden_unconf")
     device = hidden_conf.device
-    lam_rows = _lambda_per_row(lam, hidden_conf.shape[0], device)
+    if labels_unconf.device != labels_conf.device:
+        labels_unconf = labels_unconf.to(labels_conf.device)
+    # Weights and indices are built beside the labels (the host in training) and then moved.
+    lam_rows = _lambda_per_row(lam, hidden_conf.shape[0], labels_conf.device)
     mix = _response_mix if align == "response" else _position_mix
-    mixed, targets, weights = mix(
-        hidden_conf, hidden_unconf, labels_conf.to(device), labels_unconf.to(device), lam_rows
-    )
+    mixed, targets, weights = mix(hidden_conf, hidden_unconf, labels_conf, labels_unconf, lam_rows)
     # Mixed in fp32, so bf16 hidden states are rounded once, after mixing.
     total = chunked_soft_ce(mixed.to(hidden_conf.dtype), lm_head, targets, weights, chunk_size)
     if normalizer is None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sftmix_ray.summary import read_summary
 from sftmix_ray.train.loop import FAULT_ENV
 from tests.conftest import tiny_config
-from tests.test_train import losses, run_train, write_split
+from tests.test_train import losses, make_train_base, run_train
 
 # Two steps (the fault-injected run dies after step 1 and resumes from its checkpoint).
 LORA = ["train.lora.r=8", "train.lora.alpha=16", "train.max_steps=2"]
@@ -32,11 +32,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def lora_base(prepared_out: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lora_base")
-    for name in ("data", "heldout", "base_model"):
-        shutil.copytree(prepared_out / name, out / name)
-    write_split(out)
-    return out
+    return make_train_base(prepared_out, tmp_path_factory.mktemp("lora_base"))
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +114,13 @@ def test_wandb_run_holds_every_step_and_the_redacted_config(lora_one):
         assert not path.is_file() or b"hunter2" not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, monkeypatch):
-    """FSDP2 (with a worker killed after step 1: resumed from an adapter-only DCP checkpoint)
-    and ZeRO-3 on 2 workers, with gradient checkpointing, follow the 1-worker trajectory."""
+def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, monkeypatch):
+    """FSDP2 on 2 workers, with gradient checkpointing and a worker killed after step 1
+    (resumed from an adapter-only DCP checkpoint), follows the 1-worker trajectory. (ZeRO-3
+    with LoRA: `tests/test_loss_distributed.py`, loss, gradients, export and resume on gloo.)"""
     _, one = lora_one
-    extra = ["train.strategy=fsdp"] if strategy == "fsdp" else [
-        "train.strategy=deepspeed", "train.deepspeed_stage=3"
-    ]  # fmt: skip
-    if strategy == "fsdp":
-        monkeypatch.setenv(FAULT_ENV, f"1:{tmp_path / 'fault-marker'}")
-        extra += ["train.max_failures=1", "train.lora.merge=false", *WANDB]
+    monkeypatch.setenv(FAULT_ENV, f"1:{tmp_path / 'fault-marker'}")
+    extra = ["train.strategy=fsdp", "train.max_failures=1", "train.lora.merge=false", *WANDB]
     out, two = run_train(
         lora_base, tmp_path, *LORA, *extra, "train.num_workers=2",
         "train.per_device_train_batch_size=4", "train.gradient_checkpointing=true",
@@ -143,14 +135,11 @@ def test_lora_two_workers_match_one(lora_one, lora_base, tmp_path, strategy, mon
     for key in a:
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=0, atol=1e-4)
     stage = read_summary(out)["stages"]["train"]
-    if strategy == "fsdp":
-        assert (tmp_path / "fault-marker").exists() and stage["restarts"] == 1
-        _assert_restart_logged_to_the_same_wandb_run(out, stage["wandb_run_id"])
-        assert not (out / "model").exists(), "merge=false writes the adapter only"
-        assert stage["model_dir"] is None
-        _assert_eval_loads_base_plus_adapter(out, two[-1]["eval_loss"])
-    else:
-        assert (out / "model" / "config.json").exists()
+    assert (tmp_path / "fault-marker").exists() and stage["restarts"] == 1
+    _assert_restart_logged_to_the_same_wandb_run(out, stage["wandb_run_id"])
+    assert not (out / "model").exists(), "merge=false writes the adapter only"
+    assert stage["model_dir"] is None
+    _assert_eval_loads_base_plus_adapter(out, two[-1]["eval_loss"])
 
 
 def _assert_restart_logged_to_the_same_wandb_run(out: Path, run_id: str) -> None:
@@ -279,9 +268,10 @@ def _own_accuracy(model_dir: Path, task_file: Path) -> float:
     return hits / len(docs)
 
 
-def test_eval_runs_lm_eval_and_writes_benchmark_answers(lora_one, tmp_path):
-    """`sftmix-ray eval` (its own Ray cluster, HF_HUB_OFFLINE=1, run from another directory)
-    runs the repo's lm-eval task and answers MT-Bench-style questions in both layouts."""
+def test_eval_runs_lm_eval_and_writes_benchmark_answers(lora_one, ray_local, tmp_path):
+    """`sftmix-ray eval` (joined to the session's cluster, HF_HUB_OFFLINE=1 on the driver,
+    which the eval task inherits; run from another directory) runs the repo's lm-eval task
+    and answers MT-Bench-style questions in both layouts."""
     import subprocess
 
     from sftmix_ray.report import write_report
@@ -298,8 +288,10 @@ def test_eval_runs_lm_eval_and_writes_benchmark_answers(lora_one, tmp_path):
         "eval.answer_max_new_tokens=6", "eval.answer_mt_bench_temperatures=true",
     ]  # fmt: skip
     env = cli_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    address = ray_local.get_runtime_context().gcs_address
+    command = [*sftmix_command(), "eval", "--output-dir", str(out), "--address", address]
     proc = subprocess.run(
-        [*sftmix_command(), "eval", "--output-dir", str(out), *(f"--set={s}" for s in sets)],
+        [*command, *(f"--set={s}" for s in sets)],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )  # fmt: skip
     result = result_json(proc)["eval"]

@@ -319,7 +319,7 @@ def test_mixup_rejects_bad_inputs() -> None:
 # ----------------------------------------------------------------------------- kernel
 
 
-def test_kernel_never_sees_more_than_a_chunk_and_skips_padding() -> None:
+def test_kernel_never_sees_more_than_a_chunk_and_zero_weights_cost_nothing() -> None:
     torch.manual_seed(0)
     head = RecordingLinear(D, V, bias=False)
     n, chunk = 300, 16
@@ -330,13 +330,13 @@ def test_kernel_never_sees_more_than_a_chunk_and_skips_padding() -> None:
     targets[::3] = -100
     targets[1::5, 1] = targets[1::5, 0]  # both targets the same token: their terms add up
     per_position = chunked_soft_ce(hidden, head, targets, weights, chunk_size=chunk)
-    n_active = n - len(range(0, n, 3))
-    assert max(head.rows) <= chunk
-    assert sum(head.rows) == n_active  # padding rows never reach the LM head
+    assert max(head.rows) <= chunk and sum(head.rows) == n
     per_position.sum().backward()
     # Backward recomputes each chunk's logits instead of keeping N x V of them.
-    assert max(head.rows) <= chunk and sum(head.rows) == 2 * n_active
+    assert max(head.rows) <= chunk and sum(head.rows) == 2 * n
+    # Zero-weight positions (the -100 targets among them) add nothing, not even a gradient.
     assert float(per_position.detach()[::3].abs().max()) == 0.0
+    assert float(hidden.grad[::3].abs().max()) == 0.0
 
     # Per-position value: sum_k w_k * (lse - z[t_k]) with one lse for both targets.
     logits = F.linear(hidden, head.weight)
@@ -763,3 +763,45 @@ def test_loss_chunks_are_sized_by_a_byte_budget_of_fp32_logits(monkeypatch):
     assert NTPLoss().chunk_size == 0 and NTPLoss().chunk_mb == 128.0
     with pytest.raises(ValueError, match="chunk_mb"):
         NTPLoss(chunk_mb=0)
+
+
+@pytest.mark.parametrize("align", ["response", "position"])
+def test_losses_never_wait_for_the_device_when_labels_are_on_the_host(align: str) -> None:
+    """`meta` tensors have no data: any op that would read a device tensor on the host (a
+    `nonzero`, boolean-mask indexing, `.item()`, a shape that depends on values) raises on
+    them. With the labels on the host, as the training loop passes them, NTP and SFTMix run
+    forward and backward on meta hidden states and a meta head: no host-device sync per
+    micro-batch (they synced at least six times before)."""
+    b, length = 2, 12
+    labels = torch.randint(0, V, (2 * b, length))
+    for row, prompt in enumerate([3, 5, 2, 7]):
+        labels[row, :prompt] = -100
+    labels[1, 9:] = -100  # a shorter response (right padding)
+    head = nn.Linear(D, V, bias=False, device="meta")
+    hidden = torch.randn(2 * b, length, D, device="meta", requires_grad=True)
+    sftmix = SFTMixLoss(mu=0.2, chunk_size=5, align=align)
+    lam = sftmix.sample_lambda(b, seed=0, step=0, rank=0)
+    normalizers = sftmix.normalizer_counts(labels, lam)  # host counts, all-reduced in training
+    loss, metrics = sftmix(hidden, labels, head, lam=lam, normalizers=normalizers)
+    loss.backward()
+    assert loss.device.type == "meta" and hidden.grad is not None
+    assert hidden.grad.shape == hidden.shape and head.weight.grad is not None
+    assert metrics["n_tokens"].device.type == "cpu"  # counted on the host copy
+    ntp, _ = NTPLoss(chunk_size=5)(hidden, labels, head)
+    ntp.backward()
+
+
+def test_only_scored_positions_reach_the_head() -> None:
+    """Padding and prompt positions never reach the LM head: the NTP term sees the supervised
+    positions, the Mixup term the mixed pairs (sum_i min(N_c,i, N_u,i))."""
+    b, length = 2, 12
+    labels = torch.randint(0, V, (2 * b, length))
+    for row, prompt in enumerate([3, 5, 2, 7]):
+        labels[row, :prompt] = -100
+    head = RecordingLinear(D, V, bias=False)
+    hidden = torch.randn(2 * b, length, D)
+    loss = SFTMixLoss(mu=0.2, chunk_size=100)
+    loss(hidden, labels, head, lam=loss.sample_lambda(b, seed=0, step=0, rank=0))
+    supervised = (labels[:, 1:] != -100).sum(dim=1)
+    mixed = torch.minimum(supervised[:b], supervised[b:]).sum()
+    assert head.rows == [int(supervised.sum()), int(mixed)]

@@ -51,13 +51,17 @@ def write_split(out: Path) -> None:
         pq.write_table(table, out / "split" / f"{name}.parquet")
 
 
-@pytest.fixture(scope="module")
-def base_out(prepared_out: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train_base")
+def make_train_base(prepared_out: Path, out: Path) -> Path:
+    """A run directory to train in: the prepared data and base model, and a fixed split."""
     for name in ("data", "heldout", "base_model"):
         shutil.copytree(prepared_out / name, out / name)
     write_split(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def base_out(prepared_out: Path, tmp_path_factory) -> Path:
+    return make_train_base(prepared_out, tmp_path_factory.mktemp("train_base"))
 
 
 def run_train(
@@ -281,3 +285,29 @@ def test_worker_threads_are_a_share_of_the_workers_own_node():
     assert worker_threads(2, cpus=96, local_workers=8) == 2  # capped by ray.num_cpus' share
     assert worker_threads(0, cpus=4, local_workers=8) == 1  # never 0
     assert worker_threads(16, cpus=8, local_workers=1) == 8  # never more than the node has
+
+
+def test_metric_sink_writes_run_off_the_step_in_order_and_fail_loudly():
+    """MLflow's writes run on one background thread (the step does not wait for the tracking
+    server); `close` waits for all of them, in order, and a failed write fails the run."""
+    import threading
+    import time
+
+    from sftmix_ray.train.reporting import _Background
+
+    done: list[int] = []
+    gate = threading.Event()
+    writer = _Background("test")
+    writer.submit(lambda: (gate.wait(5), done.append(1)))
+    writer.submit(lambda: done.append(2))
+    start = time.monotonic()
+    writer.submit(lambda: done.append(3))
+    assert time.monotonic() - start < 1.0 and done == []  # submit never waits for a write
+    gate.set()
+    writer.close()
+    assert done == [1, 2, 3]
+
+    failing = _Background("failing")
+    failing.submit(lambda: 1 / 0)
+    with pytest.raises(RuntimeError, match="a metric sink failed: division by zero"):
+        failing.close()

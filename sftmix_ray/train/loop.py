@@ -18,6 +18,7 @@ import torch.distributed as dist
 from sftmix_ray.batching import collate
 from sftmix_ray.train.checkpointing import report_checkpoint
 from sftmix_ray.train.collectives import all_reduce_sum
+from sftmix_ray.train.forward import HostLabels
 from sftmix_ray.train.meta_init import rank_zero_weights
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
@@ -200,7 +201,7 @@ class TrainWorker:
                 loss, metrics = self.strategy.module(
                     batch["input_ids"],
                     batch["attention_mask"],
-                    batch["labels"],
+                    HostLabels(batch["labels_host"]),
                     lam=lam,
                     normalizers=normalizers,
                 )
@@ -275,7 +276,7 @@ class TrainWorker:
                 loss, _ = self.strategy.module(
                     batch["input_ids"],
                     batch["attention_mask"],
-                    batch["labels"],
+                    HostLabels(batch["labels_host"]),
                     normalizers=one,
                     loss=self.eval_loss,
                 )

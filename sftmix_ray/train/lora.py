@@ -75,16 +75,11 @@ def frozen_names(module: nn.Module) -> set[str]:
 def save_adapter(peft_model: Any, tokenizer: Any, base: str, target: Path) -> Path:
     """The adapter (and the tokenizer) as a directory `PeftModel.from_pretrained` loads over
     `base` (a model id or directory), written atomically."""
-    from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
+    from sftmix_ray.modeling import save_hf
 
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = base
-    tmp = fresh_tmp_dir(Path(target))
-    peft_model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, Path(target))
-    return Path(target)
+    return save_hf(peft_model, tokenizer, Path(target))  # peft saves only the adapter
 
 
 def is_adapter_dir(path: Path) -> bool:

@@ -107,15 +107,53 @@ class _MLflow:
             for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
 
+        # Off the step's critical path: a tracking server's round trip per step would stall
+        # rank 0, and every other rank with it at the next collective.
+        self.writer = _Background("mlflow")
+
     def log(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = _now_ms()
         batch = [Metric(f"{prefix}/{k}", float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.writer.submit(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def close(self) -> None:
+        self.writer.close()  # every step logged (or the first error raised) before finishing
         self.client.set_terminated(self.run_id, status="FINISHED")
+
+
+class _Background:
+    """One thread that runs submitted calls in order; `close` waits for them and raises the
+    first error any of them raised (a metric sink that fails fails the run, late)."""
+
+    def __init__(self, name: str) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (call := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    call()
+                except Exception as exc:  # kept for close(): the training step goes on
+                    self._error = exc
+
+    def submit(self, call: Any) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"a metric sink failed: {self._error}") from self._error
+        self._queue.put(call)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"a metric sink failed: {self._error}") from self._error
 
 
 class _WandB:
