@@ -44,7 +44,8 @@ bench: install
 
 quality: install
 	DS_ACCELERATOR=cpu $(PY) benchmarks/quality_study.py --json benchmarks/results/quality_study.json \
-		--png benchmarks/results/quality_study.png --seeds 0,1,2,3,4
+		--png benchmarks/results/quality_study.png --seeds 0,1,2,3,4,5,6,7 \
+		--set data.demo_eval_size=600 --set eval.max_examples=600
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

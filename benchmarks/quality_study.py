@@ -11,7 +11,9 @@ their own directory that links the shared data/, heldout/, base_model/, scores/ 
 
 - `ntp`: `mixup.mu=0` (uniform batches over the whole corpus);
 - `sftmix`: the default recipe (b confident + b unconfident rows, Mixup of the pairs);
-- `sftmix_random_pairs`: `mixup.pairing=random` (the same Mixup on uniformly drawn pairs).
+- `sftmix_position`: `mixup.align=position` (the earlier Mixup at equal absolute positions);
+- `sftmix_random_pairs`: `mixup.pairing=random` (the same Mixup on uniformly drawn pairs);
+- `mixup_only`: `mixup.ntp_weight=0` (the paper's "Mixup only" ablation).
 
 Every variant trains the same steps on the same batch size from the same base model. With the
 same seed, `ntp` and `sftmix_random_pairs` see exactly the same batches. Deltas against `ntp`
@@ -54,11 +56,22 @@ from sftmix_ray.summary import read_summary  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 STUDY = ["train.report_to=none", "train.progress_bar=false"]  # on top of the quickstart config
-VARIANTS = {"ntp": ["mixup.mu=0"], "sftmix": [], "sftmix_random_pairs": ["mixup.pairing=random"]}
+VARIANTS = {
+    "ntp": ["mixup.mu=0"],
+    "sftmix": [],
+    "sftmix_position": ["mixup.align=position"],  # the earlier, position-aligned Mixup
+    "sftmix_random_pairs": ["mixup.pairing=random"],
+    "mixup_only": ["mixup.ntp_weight=0"],  # the paper's "Mixup only" ablation
+}
 SHARED = ("data", "heldout", "base_model", "scores", "split")
 METRICS = ("response_nll", "perplexity", "exact_match")
-COLORS = ["#999999", "#1f77b4", "#ff7f0e"]
-COMPARISONS = (("sftmix", "sftmix_minus_ntp"), ("sftmix_random_pairs", "random_minus_ntp"))
+COLORS = ["#999999", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
+COMPARISONS = (
+    ("sftmix", "sftmix_minus_ntp"),
+    ("sftmix_position", "position_minus_ntp"),
+    ("sftmix_random_pairs", "random_minus_ntp"),
+    ("mixup_only", "mixup_only_minus_ntp"),
+)
 
 
 def run_stages(stages: list[str], cfg: Config, out: Path) -> dict[str, float]:
@@ -133,7 +146,7 @@ def plot(variants: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 4), dpi=100)
+    fig = Figure(figsize=(12, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     names = list(variants)
     for ax, metric, label in zip(
@@ -148,7 +161,7 @@ def plot(variants: dict[str, Any], path: Path) -> None:
             offsets = [(j - (len(s["values"]) - 1) / 2) * 0.08 for j in range(len(s["values"]))]
             ax.plot([i + o for o in offsets], s["values"], "k.", markersize=8)
         ax.set_title(label, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=20)
         if metric == "response_nll":  # differences are small next to the absolute value
             low = min(min(s["values"]) for s in stats)
             high = max(max(s["values"]) for s in stats)
@@ -204,10 +217,7 @@ def study(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "runs": runs,
         "variants": by_variant,
         "deltas": deltas,
-        "ratios": {
-            "sftmix_over_ntp_perplexity": ppl["sftmix"] / ppl["ntp"],
-            "random_pairs_over_ntp_perplexity": ppl["sftmix_random_pairs"] / ppl["ntp"],
-        },
+        "ratios": {f"{v}_over_ntp_perplexity": ppl[v] / ppl["ntp"] for v in VARIANTS if v != "ntp"},
         "wall_s": {"total": round(time.perf_counter() - start, 1), "base_stages": base_seconds},
     }
 
