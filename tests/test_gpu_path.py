@@ -223,3 +223,19 @@ def test_gpu_smoke_runs_every_part_on_cpu_at_toy_size(tmp_path):
         "lam": "torch.float32",
         "normalizers": "torch.float32",
     }
+
+
+def test_host_labels_survive_fsdp2s_move_of_inputs_to_the_device():
+    """FSDP2's root moves every tensor argument to its device before forward (on CUDA) with
+    `torch.distributed.utils._to_kwargs`; labels and Mixup weights wrapped in `OnHost` come
+    through on the host (the losses then build their indices without a device sync)."""
+    from torch.distributed.utils import _to_kwargs
+
+    from sftmix_ray.train.forward import OnHost
+
+    labels, lam, ids = torch.zeros(2, 5, dtype=torch.long), torch.rand(1), torch.ones(2, 5)
+    args, kwargs = _to_kwargs(
+        (ids, OnHost(labels)), {"lam": OnHost(lam)}, torch.device("meta"), False
+    )
+    assert args[0][0].device.type == "meta"  # a plain tensor argument is moved
+    assert args[0][1].tensor is labels and kwargs[0]["lam"].tensor is lam

@@ -45,13 +45,14 @@ def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, (float(softcap) if softcap else None)
 
 
-class HostLabels:
-    """Labels that stay on the host through a strategy's forward.
+class OnHost:
+    """A tensor that stays on the host through a strategy's forward: the labels and the Mixup
+    weights, from which the losses build their indices and weights without a device sync
+    (`losses.response_token_nll`).
 
-    The losses read which positions to score from the labels: on the host that costs no device
-    sync (`losses.response_token_nll`). FSDP2's root moves every tensor argument to the GPU
-    before forward; a plain object is passed through as it is (DDP without `device_ids` and
-    DeepSpeed move nothing either).
+    FSDP2's root moves every tensor argument to the GPU before forward, and reading it back
+    would wait for the device; a plain object is passed through as it is (DDP without
+    `device_ids` and DeepSpeed move nothing either).
     """
 
     __slots__ = ("tensor",)
@@ -143,19 +144,22 @@ class CausalLMWithLoss(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None,
-        labels: Tensor | HostLabels,
-        lam: Tensor | None = None,
+        labels: Tensor | OnHost,
+        lam: Tensor | OnHost | None = None,
         normalizers: Tensor | None = None,
         loss: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return `(loss, metrics)` for one batch.
 
-        `labels` on the host (`HostLabels` in training) keep the losses free of device syncs.
+        `labels` and `lam` on the host (`OnHost` in training) keep the losses free of device
+        syncs.
         `loss` overrides the training loss for this call (e.g. NTP for held-out evaluation),
         still inside this module's forward so sharded weights are gathered.
         """
-        if isinstance(labels, HostLabels):
+        if isinstance(labels, OnHost):
             labels = labels.tensor
+        if isinstance(lam, OnHost):
+            lam = lam.tensor
         head = self.output_head()  # checks how the head is sharded before any collective
         outputs = self.decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from sftmix_ray.batching import collate
 from sftmix_ray.train.checkpointing import report_checkpoint
 from sftmix_ray.train.collectives import all_reduce_sum
-from sftmix_ray.train.forward import HostLabels
+from sftmix_ray.train.forward import OnHost
 from sftmix_ray.train.meta_init import rank_zero_weights
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
@@ -201,8 +201,8 @@ class TrainWorker:
                 loss, metrics = self.strategy.module(
                     batch["input_ids"],
                     batch["attention_mask"],
-                    HostLabels(batch["labels_host"]),
-                    lam=lam,
+                    OnHost(batch["labels_host"]),
+                    lam=None if lam is None else OnHost(lam),
                     normalizers=normalizers,
                 )
             self.strategy.backward(loss)
@@ -276,7 +276,7 @@ class TrainWorker:
                 loss, _ = self.strategy.module(
                     batch["input_ids"],
                     batch["attention_mask"],
-                    HostLabels(batch["labels_host"]),
+                    OnHost(batch["labels_host"]),
                     normalizers=one,
                     loss=self.eval_loss,
                 )
