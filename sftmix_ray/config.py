@@ -270,6 +270,9 @@ class TrainConfig:
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2  # Ray Train checkpoints kept
+    # FSDP2 on POSIX storage: write save_steps checkpoints from host memory in the background
+    # while training goes on (holds one copy of each rank's weight and optimizer shards in RAM)
+    async_checkpoint: bool = False
     # FSDP2: reduce-scatter gradients after every micro-batch (default). True defers it to the
     # last micro-batch, which keeps unsharded fp32 gradients of the whole model meanwhile.
     fsdp_defer_grad_sync: bool = False
@@ -314,6 +317,18 @@ class TrainConfig:
         _check(self.eval_steps >= 0, "train.eval_steps", self.eval_steps, ">= 0 (0 = at the end)")
         _check(self.save_steps >= 0, "train.save_steps", self.save_steps, ">= 0")
         _check(self.save_total_limit >= 1, "train.save_total_limit", self.save_total_limit, ">= 1")
+        _check(
+            not self.async_checkpoint or self.strategy == "fsdp",
+            "train.async_checkpoint", self.async_checkpoint,
+            "false unless train.strategy=fsdp (DDP and DeepSpeed save synchronously)",
+        )  # fmt: skip
+        _check(
+            not self.async_checkpoint
+            or "://" not in (storage := self.storage_path or "") or storage.startswith("file://"),
+            "train.async_checkpoint", self.async_checkpoint,
+            f"false with an object-store train.storage_path ({self.storage_path}): background "
+            "saves write straight into POSIX storage; object stores get synchronous uploads",
+        )  # fmt: skip
         _check(
             self.loss_chunk_size >= 0,
             "train.loss_chunk_size", self.loss_chunk_size, ">= 0 (0 = from loss_chunk_mb)",

@@ -49,8 +49,9 @@ def cross(prepared_out: Path, ray_local, tmp_path_factory):
     small = tiny_config(f"model.tiny_vocab_size={REF_VOCAB}", "model.tiny_num_layers=1")
     reference_model = materialize_tiny(small.model, texts, root / "small-reference")
     # The paper's placement: a checkpoint at the end of each of C = 2 reference epochs.
+    # 40 rows per step: 5 steps per epoch (at the tiny config's 8, the run took 50 steps).
     sets = [f"reference.model={reference_model}", "score.num_actors=1",
-            "reference.checkpoints_at=epochs"]  # fmt: skip
+            "reference.checkpoints_at=epochs", "train.per_device_train_batch_size=40"]  # fmt: skip
     address = ["--output-dir", str(out), "--address", ray_local.get_runtime_context().gcs_address]
     results = {"reference": result_json(_cli("reference", *address, sets=sets))["reference"]}
     results["score"] = run_stage("score", tiny_config(*sets), out)  # as `sftmix-ray score` does
@@ -82,10 +83,10 @@ def test_reference_stage_retokenizes_every_row(cross):
     assert tokenizer.decode(ref_row.column("input_ids")[0].as_py()) == base_tok.decode(
         row.column("input_ids")[0].as_py()
     )
-    # checkpoints_at=epochs: 200 rows / 8 per step = 25 steps per epoch, C = 2 epochs.
-    assert results["reference"]["steps"] == 50
+    # checkpoints_at=epochs: 200 rows / 40 per step = 5 steps per epoch, C = 2 epochs.
+    assert results["reference"]["steps"] == 10
     names = [Path(c).name for c in results["reference"]["checkpoints"]]
-    assert names == ["checkpoint-25", "checkpoint-50"]
+    assert names == ["checkpoint-5", "checkpoint-10"]
     # The reference checkpoints carry the reference tokenizer and vocabulary.
     for checkpoint in results["reference"]["checkpoints"]:
         assert len(AutoTokenizer.from_pretrained(checkpoint)) == len(tokenizer)

@@ -539,3 +539,104 @@ def test_zero3_builds_the_model_partitioned_and_loads_the_checkpoint(tmp_path: P
         data["ids"], data["mask"], data["labels"], lam=data["lam"]
     )
     assert_rel(ranks[0]["loss"], float(ref.detach()))
+
+
+def _fsdp_async_strategy(seed: int):
+    from sftmix_ray.config import TrainConfig
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.strategies import FSDPStrategy
+
+    model = _tiny_llama()
+    torch.manual_seed(seed)  # another start, so a restore has something to overwrite
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * seed * torch.randn_like(param))
+    wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
+    train = TrainConfig(
+        strategy="fsdp", async_checkpoint=True, learning_rate=1e-2, warmup_ratio=0.0,
+        lr_scheduler_type="linear",
+    )  # fmt: skip
+    return FSDPStrategy(wrapper, train, 10, device=torch.device("cpu"))
+
+
+def _full_state(strategy) -> dict[str, Tensor] | None:
+    """Weights, Adam moments and the scheduler's step, gathered on rank 0 (a collective)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = dict(get_model_state_dict(strategy.module, options=options))
+    optim = get_optimizer_state_dict(strategy.module, strategy.optimizer, options=options)
+    for name, values in optim.get("state", {}).items():
+        for key, value in values.items():
+            state[f"optim/{name}/{key}"] = torch.as_tensor(value)
+    state["scheduler/last_epoch"] = torch.tensor(strategy.scheduler.last_epoch)
+    # A copy: Adam's step counts come back as the live tensors, which training goes on bumping.
+    return {k: v.detach().clone() for k, v in state.items()} if dist.get_rank() == 0 else None
+
+
+def _async_save_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        out = Path(out_dir)
+        strategy = _fsdp_async_strategy(seed=0)
+
+        def step() -> None:
+            strategy.backward(_global_loss_tensor(strategy, rank))
+            strategy.step()
+
+        step()
+        at_save = _full_state(strategy)
+        (out / "async").mkdir(exist_ok=True)
+        future = strategy.save_async(out / "async")
+        for _ in range(2):  # training goes on while the save is written
+            step()
+        after = _full_state(strategy)
+        future.result()
+        results = {"at_save": at_save, "after": after}
+        fresh = _fsdp_async_strategy(seed=1)
+        results["fresh"] = _full_state(fresh)
+        fresh.load(out / "async")
+        results["restored"] = _full_state(fresh)
+        if rank == 0:
+            torch.save(results, out / "async.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_loss_tensor(strategy, rank: int) -> Tensor:
+    """This rank's pair of `_llama_batch` through the strategy's module (normalized as the
+    loop does); the tensor to back-propagate."""
+    data = _llama_batch()
+    rows = [rank, 2 + rank]
+    loss = strategy.module.loss
+    counts = loss.normalizer_counts(data["labels"][rows], data["lam"][[rank]])
+    dist.all_reduce(counts)
+    value, _ = strategy.module(
+        data["ids"][rows], data["mask"][rows], data["labels"][rows],
+        lam=data["lam"][[rank]], normalizers=counts / WORLD,
+    )  # fmt: skip
+    return value
+
+
+@pytest.mark.slow
+def test_fsdp2_async_save_holds_the_state_of_its_step(tmp_path: Path) -> None:
+    """`train.async_checkpoint`: FSDP2 saves in the background on a gloo group of its own
+    while training goes on; the checkpoint holds the weights, Adam moments and schedule of the
+    step it was started at, not those of the steps trained while it was written."""
+    mp.spawn(_async_save_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD)
+    results = torch.load(tmp_path / "async.pt")
+    at_save, after = results["at_save"], results["after"]
+    fresh, restored = results["fresh"], results["restored"]
+    assert at_save.keys() == restored.keys() and any(k.startswith("optim/") for k in at_save)
+    for name, value in at_save.items():
+        assert torch.equal(restored[name], value), name
+    weights = [k for k in at_save if not k.startswith(("optim/", "scheduler/"))]
+    moved = [k for k in weights if not torch.equal(after[k], at_save[k])]
+    assert len(moved) == len(weights), "training went on after the save started"
+    assert not any(torch.equal(fresh[k], at_save[k]) for k in weights), "restore overwrote"
+    assert int(restored["scheduler/last_epoch"]) == 1 and int(after["scheduler/last_epoch"]) == 3

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sftmix_ray.batching import collate
-from sftmix_ray.train.checkpointing import report_checkpoint
+from sftmix_ray.train.checkpointing import CheckpointReporter, remove_orphans
 from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.forward import OnHost
 from sftmix_ray.train.meta_init import rank_zero_weights
@@ -294,6 +295,17 @@ class TrainWorker:
             state = {"step": self.step, "history": self.history}
             (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 
+    def save_checkpoint_async(self, directory: Path) -> Future:
+        """Start `save_checkpoint` in the background (FSDP2); the future of this rank's part."""
+        from sftmix_ray.train.strategies import FSDPStrategy
+
+        assert isinstance(self.strategy, FSDPStrategy), "train.async_checkpoint needs fsdp"
+        future = self.strategy.save_async(directory)
+        if self.rank == 0:
+            state = {"step": self.step, "history": self.history}
+            (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        return future
+
     def restore(self, directory: Path) -> None:
         self.strategy.load(directory)
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
@@ -426,6 +438,9 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     if trainer.rank == 0:
         trainer.restarts = record_start(Path(spec.starts_path), spec.run_name) - 1
     checkpoint = ray.train.get_checkpoint()
+    orphans = 0
+    if trainer.rank == 0:
+        orphans = remove_orphans(checkpoint.path if checkpoint is not None else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.restore(Path(d))
@@ -437,6 +452,10 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     log_every = spec.train.logging_steps
     eval_every = spec.train.eval_steps
     sinks = MetricSinks(spec, trainer.rank, trainer.step, trainer.total_steps)
+    reporter = CheckpointReporter(
+        trainer.world, trainer.rank, trainer.device, trainer.save_checkpoint,
+        trainer.save_checkpoint_async if spec.train.async_checkpoint else None,
+    )  # fmt: skip
     if checkpoint is not None:
         sinks.replay(trainer.history)
     last_time = time.perf_counter()
@@ -460,12 +479,10 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         # Every eval is reported (a Tune scheduler stops trials on it), whatever logging_steps.
         if not (save or step % log_every == 0 or "eval_loss" in metrics):
             continue
-        if save:
-            report_checkpoint(metrics, step, trainer.save_checkpoint, trainer.world)
-        else:
-            ray.train.report(metrics)
+        reporter.report(metrics, step, save=bool(save), final=is_last)
         if trainer.rank == 0:
             log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
+    reporter.close()
     sinks.close()
     if spec.final_export or spec.adapter_export:
         trainer.export_hf(spec.final_export, spec.adapter_export)
@@ -479,6 +496,8 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
                 "history": trainer.history,
                 "nodes": trainer.nodes,
                 "torch_threads": threads,
+                "async_checkpoints_registered": reporter.async_registered,
+                "orphan_checkpoints_removed": orphans,
             },
         )
 
