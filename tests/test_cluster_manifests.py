@@ -215,6 +215,28 @@ def test_ray_version_matches_the_image() -> None:
         assert spec["rayVersion"] == pinned.group(1), manifest
 
 
+def test_dockerfile_installs_the_tested_versions() -> None:
+    """The image's Python is the suite's, and every pip install is held to constraints.txt,
+    torch (PyPI's CUDA build of the pinned version) included; Ray agrees with the pin."""
+    import sys
+
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG BASE_IMAGE=python:(\d+\.\d+)-", text, re.MULTILINE)
+    assert base and base.group(1) == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert re.search(r"^COPY .*\bconstraints\.txt\b.* \./$", text, re.MULTILINE)
+    installs = [line for line in text.splitlines() if re.search(r"\bpip install -", line)]
+    assert len(installs) == 2 and all("-c constraints.txt" in line for line in installs)
+    assert "torch==$(sed -n 's/^torch==//p' constraints.txt)" in text
+    pins = dict(
+        line.split("==", 1)
+        for line in (CLUSTER.parent / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.MULTILINE)
+    assert ray_version and pins["ray"] == ray_version.group(1)
+    assert pins["torch"].split("+")[0] == pins["torch"], "the pin names no local (CPU) build"
+
+
 def test_dockerfile_runs_as_uid_1000_without_secrets() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^USER 1000(:1000)?$", text, re.MULTILINE)

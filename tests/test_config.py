@@ -89,7 +89,7 @@ def test_bad_values_name_key_value_and_allowed(override, fragment):
 
 
 def test_async_checkpoint_needs_fsdp_and_posix_storage():
-    with pytest.raises(ConfigError, match="false unless train.strategy=fsdp"):
+    with pytest.raises(ConfigError, match=r"false unless train\.strategy=fsdp"):
         load_config(None, ["train.async_checkpoint=true", "train.strategy=deepspeed"])
     s3 = ["train.async_checkpoint=true", "train.strategy=fsdp", "train.storage_path=s3://b/r"]
     with pytest.raises(ConfigError, match=r"object-store train.storage_path \(s3://b/r\)"):
