@@ -26,8 +26,8 @@ test-fast: install
 	DS_ACCELERATOR=cpu $(BIN)/pytest -q -n 2 -m "not slow" --durations=10
 
 # The GPU code paths at reduced size (FSDP2 bf16 under torchrun, fused losses at a 128k
-# vocabulary, batched generation); prints one JSON line per part. Without a GPU it says so
-# and exits 0. Not part of `make test`.
+# vocabulary, batched generation, and the Ray pipeline with FSDP2 and ZeRO-3 on every GPU);
+# prints one JSON line per part. Without a GPU it says so and exits 0. Not part of `make test`.
 gpu-smoke: install
 	$(PY) benchmarks/gpu_smoke.py --json benchmarks/results/gpu_smoke.jsonl
 

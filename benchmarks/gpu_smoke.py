@@ -12,7 +12,13 @@ same lines in `--json FILE`. Parts:
 - `generate` the eval stage's batched greedy generation with left padding on the GPU, against
              one-row-at-a-time generation.
 
-These three need only torch with CUDA and transformers (no Ray, no DeepSpeed). Without a GPU
+- `pipeline` the Ray path (`sftmix-ray pipeline` on the demo corpus with a Llama-3-shaped
+             model: Ray Train FSDP2 bf16 over NCCL on every visible GPU with checkpointing, the
+             scorer on GPU actors, eval on a GPU), then `sftmix-ray train` under ZeRO-3 bf16,
+             and the bf16 export reloaded; steps, tokens/s and peak GPU memory per run.
+
+The first three need only torch with CUDA and transformers (no Ray, no DeepSpeed): run them
+where only those are installed with `--parts losses,fsdp2,generate`. Without a GPU
 the script says so and exits 0 without running anything (`--allow-cpu --small` runs the same
 code on the CPU at toy sizes, which is how the test suite checks it).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -390,7 +397,99 @@ def part_generate(device: torch.device, small: bool) -> dict[str, Any]:
     return result
 
 
-PARTS = {"losses": part_losses, "fsdp2": part_fsdp2, "generate": part_generate}
+# ----------------------------------------------------------------------------------- pipeline
+
+
+def _smoke_model(target: Path, small: bool) -> Path:
+    """A Llama-3-shaped model directory: 2 decoder layers of 8B's shape and the real 128256-row
+    vocabulary (bf16 on disk), with a BPE tokenizer trained on the demo corpus (its ids are a
+    prefix of the vocabulary). `small`: the toy shape at the tokenizer's own vocabulary."""
+    from sftmix_ray.data.demo import generate_demo
+    from sftmix_ray.modeling import train_tiny_tokenizer
+
+    rows, _ = generate_demo(2000, 0)
+    tokenizer = train_tiny_tokenizer((m["content"] for r in rows for m in r["messages"]), 1024)
+    shape = dict(SMALL, vocab=len(tokenizer)) if small else dict(FULL)
+    model = _llama(shape, torch.device("cpu"))
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.to(torch.float32 if small else torch.bfloat16).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def _cli(args: list[str], sets: list[str], address: str | None) -> dict[str, Any]:
+    """One `sftmix-ray` subcommand; its stdout is the result JSON (stderr kept on failure)."""
+    command = [sys.executable, "-m", "sftmix_ray.cli", *args]
+    command += [*(["--address", address] if address else []), *(f"--set={x}" for x in sets)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} exited {proc.returncode}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def _train_figures(out: Path) -> dict[str, Any]:
+    """Steps, median tokens/s and peak GPU memory of the last training run in `out`."""
+    history = json.loads((out / "logs" / "train-model-history.json").read_text())["history"]
+    speeds = sorted(h["tokens_per_s"] for h in history[1:] or history)
+    peaks = [h["gpu_peak_gib"] for h in history if "gpu_peak_gib" in h]
+    return {
+        "steps": len(history),
+        "final_loss": history[-1]["loss"],
+        "tokens_per_s": round(speeds[len(speeds) // 2], 1),
+        "gpu_peak_gib": max(peaks) if peaks else None,
+    }
+
+
+def part_pipeline(device: torch.device, small: bool, address: str | None = None) -> dict[str, Any]:
+    """The Ray path: `sftmix-ray pipeline` on the demo corpus with a Llama-3-shaped model,
+    Ray Train FSDP2 over every visible GPU (NCCL, bf16, gradient checkpointing), the scorer on
+    GPU actors and eval on a GPU; then `sftmix-ray train` again under DeepSpeed ZeRO-3 bf16, and
+    the bf16 export reloaded. On the CPU (`--allow-cpu`, the tests) the same pipeline runs with
+    FSDP2 on one gloo worker and ZeRO-3 is left to the suite's own tests."""
+    from transformers import AutoModelForCausalLM
+
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    workers = max(1, gpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _smoke_model(Path(tmp) / "model", small)
+        out = Path(tmp) / "out"
+        rows, steps = (64, 2) if small else (128, 4)
+        sets = [
+            f"model.name_or_path={model}", f"data.demo_train_size={rows}",
+            "data.demo_eval_size=8", "data.max_length=256", "data.num_workers=1",
+            f"reference.max_steps={steps}", f"reference.num_checkpoints={1 if small else 2}",
+            f"train.max_steps={steps}", "train.logging_steps=1",
+            "train.per_device_train_batch_size=4", "train.gradient_checkpointing=true",
+            "train.strategy=fsdp", f"train.num_workers={workers}", "eval.max_examples=8",
+            "eval.max_new_tokens=4", f"score.num_actors={workers}", "train.progress_bar=false",
+        ]  # fmt: skip
+        if gpus:
+            sets += ["train.use_gpu=true", "train.bf16=true", "score.num_gpus_per_actor=1"]
+        else:
+            sets += ["ray.num_cpus=2"]
+        args = ["pipeline", "--config", str(REPO / "configs" / "quickstart.yaml")]
+        done = _cli([*args, "--output-dir", str(out)], sets, address)["pipeline"]
+        result: dict[str, Any] = {"gpus": gpus, "stages": sorted(done)}
+        result["fsdp2"] = _train_figures(out)
+        result["eval_response_nll"] = done["eval"]["models"]["sftmix"]["response_nll"]
+        if gpus:
+            zero3 = [*sets, "train.strategy=deepspeed", "train.deepspeed_stage=3"]
+            _cli(["train", "--output-dir", str(out)], zero3, address)
+            result["zero3"] = _train_figures(out)
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+        result["export_dtype"] = str(next(reloaded.parameters()).dtype)
+        losses = [result[k]["final_loss"] for k in ("fsdp2", "zero3") if k in result]
+        result["ok"] = all(map(math.isfinite, [*losses, result["eval_response_nll"]])) and (
+            result["export_dtype"] == ("torch.bfloat16" if gpus else "torch.float32")
+        )
+        return result
+
+
+PARTS = {
+    "losses": part_losses, "fsdp2": part_fsdp2, "generate": part_generate,
+    "pipeline": part_pipeline,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the JSON lines here")
     parser.add_argument("--small", action="store_true", help="toy sizes")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU (tests)")
+    parser.add_argument("--address", help="pipeline part: join this Ray cluster (else a local one)")
     parser.add_argument("--fsdp-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fsdp_worker:
@@ -413,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.parts.split(","):
         start = time.perf_counter()
         try:
-            result = PARTS[name](device, args.small)
+            extra = {"address": args.address} if name == "pipeline" else {}
+            result = PARTS[name](device, args.small, **extra)
         except Exception as exc:  # one part's failure must not hide the others' results
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         result = {"part": name, "seconds": round(time.perf_counter() - start, 2), **result}

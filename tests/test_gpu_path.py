@@ -4,6 +4,7 @@ and gradient sync, DeepSpeed's bf16 settings, collectives, batched generation, g
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -209,7 +210,8 @@ def test_gpu_smoke_runs_every_part_on_cpu_at_toy_size(tmp_path):
     assert idle.returncode == 0 and idle.stdout == "" and "no CUDA GPU" in idle.stderr
     out = tmp_path / "smoke.jsonl"
     proc = subprocess.run(
-        [sys.executable, str(script), "--allow-cpu", "--small", "--json", str(out)],
+        [sys.executable, str(script), "--allow-cpu", "--small", "--json", str(out),
+         "--parts", "losses,fsdp2,generate"],  # pipeline: the test below
         capture_output=True, text=True, env=env, timeout=400,
     )  # fmt: skip
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -223,6 +225,28 @@ def test_gpu_smoke_runs_every_part_on_cpu_at_toy_size(tmp_path):
         "lam": "torch.float32",
         "normalizers": "torch.float32",
     }
+
+
+def test_gpu_smoke_pipeline_part_runs_the_ray_path_on_cpu(ray_local, tmp_path):
+    """`gpu_smoke.py --parts pipeline` (joined to the session's cluster): the whole
+    `sftmix-ray pipeline` with a base model given as a local HF directory (a Llama-shaped model
+    and a tokenizer of its own, not the tiny preset), FSDP2 training, the export reloaded. On a
+    GPU the same part runs NCCL, bf16, GPU scorer actors and eval, and ZeRO-3 (not run here)."""
+    script = REPO / "benchmarks" / "gpu_smoke.py"
+    address = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, str(script), "--allow-cpu", "--small", "--parts", "pipeline",
+         "--address", address, "--json", str(tmp_path / "smoke.jsonl")],
+        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (line,) = [json.loads(x) for x in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    assert line["part"] == "pipeline" and line["ok"] and line["gpus"] == 0
+    assert line["stages"] == ["eval", "prepare", "reference", "report", "score", "split", "train"]
+    assert line["fsdp2"]["steps"] == 2 and line["fsdp2"]["gpu_peak_gib"] is None
+    assert math.isfinite(line["eval_response_nll"]) and line["export_dtype"] == "torch.float32"
+    assert "zero3" not in line  # GPU only
 
 
 def test_host_labels_survive_fsdp2s_move_of_inputs_to_the_device():

@@ -133,6 +133,16 @@ def test_run_spec_is_typed_and_applies_what_each_run_uses(tmp_path):
     assert train.final_export == str((tmp_path / "model").resolve())
     with pytest.raises(dataclasses.FrozenInstanceError):
         train.run_name = "other"  # type: ignore[misc]
+    # The random-pairs ablation reads the uniform stream NTP reads (the same batches, drawn by
+    # the same seeded plan), with the SFTMix loss: Mixup pairs row i of each half of a batch.
+    ntp = build_spec(tiny_config("mixup.mu=0"), tmp_path, "train")
+    rand = build_spec(tiny_config("mixup.pairing=random"), tmp_path, "train")
+    assert rand.streams == ntp.streams == ("data",)
+    assert rand.loss.name == "sftmix" and ntp.loss.name == "ntp"
+    assert rand.train == ntp.train and (rand.max_steps, rand.num_train_epochs) == (
+        ntp.max_steps,
+        ntp.num_train_epochs,
+    )
 
 
 def _completed(out, cfg) -> None:

@@ -467,6 +467,9 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(now - last_time, 1e-9)
         last_time = now
         metrics["step"] = float(step)
+        if trainer.device.type == "cuda":  # the allocator's own count: no device sync
+            peak = torch.cuda.max_memory_allocated(trainer.device)
+            metrics["gpu_peak_gib"] = round(peak / 2**30, 3)
         is_last = step == trainer.total_steps
         if (eval_every and step % eval_every == 0) or is_last:
             metrics["eval_loss"] = trainer.evaluate()
