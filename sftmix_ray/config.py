@@ -22,6 +22,13 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is invalid: {allowed}")
 
 
+def _at_least(section: str, obj: Any, **lows: float) -> None:
+    """Every named field of `obj` is >= its bound; a ConfigError names the first that is not."""
+    for name, low in lows.items():
+        value = getattr(obj, name)
+        _check(value >= low, f"{section}.{name}", value, f">= {low:g}")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the corpus comes from and how it is tokenized."""
@@ -46,7 +53,7 @@ class DataConfig:
     num_workers: int = 2  # Ray Data tokenization actors
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        _at_least("data", self, max_length=8, demo_eval_size=0, num_workers=1)
         _check(
             0.0 <= self.eval_fraction < 1.0,
             "data.eval_fraction",
@@ -54,8 +61,6 @@ class DataConfig:
             "a number in [0, 1)",
         )
         _check(self.demo_train_size > 0, "data.demo_train_size", self.demo_train_size, "> 0")
-        _check(self.demo_eval_size >= 0, "data.demo_eval_size", self.demo_eval_size, ">= 0")
-        _check(self.num_workers >= 1, "data.num_workers", self.num_workers, ">= 1")
         _check(
             self.tokenize_batch_size > 0,
             "data.tokenize_batch_size",
@@ -141,16 +146,9 @@ class ScoreConfig:
     confidence: Literal["neg_mean_perplexity", "mean_inverse_perplexity"] = "neg_mean_perplexity"
 
     def __post_init__(self) -> None:
-        _check(self.num_actors >= 1, "score.num_actors", self.num_actors, "an integer >= 1")
-        _check(self.batch_tokens >= 64, "score.batch_tokens", self.batch_tokens, ">= 64")
+        _at_least("score", self, num_actors=1, batch_tokens=64, num_gpus_per_actor=0)
         _check(self.chunk_size >= 0, "score.chunk_size", self.chunk_size, ">= 0 (0 = chunk_mb)")
         _check(self.chunk_mb > 0, "score.chunk_mb", self.chunk_mb, "> 0")
-        _check(
-            self.num_gpus_per_actor >= 0,
-            "score.num_gpus_per_actor",
-            self.num_gpus_per_actor,
-            ">= 0",
-        )
 
 
 @dataclass(kw_only=True)
@@ -289,34 +287,24 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (train.lora.*)
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
-        _check(
-            self.per_device_train_batch_size >= 1,
-            "train.per_device_train_batch_size",
-            self.per_device_train_batch_size,
-            ">= 1",
-        )
-        _check(
-            self.length_group_steps >= 1,
-            "train.length_group_steps",
-            self.length_group_steps,
-            "an integer >= 1",
-        )
-        _check(
-            self.gradient_accumulation_steps >= 1,
-            "train.gradient_accumulation_steps",
-            self.gradient_accumulation_steps,
-            ">= 1",
+        _at_least(
+            "train",
+            self,
+            num_workers=1,
+            per_device_train_batch_size=1,
+            length_group_steps=1,
+            gradient_accumulation_steps=1,
+            max_failures=-1,
+            max_grad_norm=0,
+            logging_steps=1,
+            save_steps=0,
+            save_total_limit=1,
+            collective_timeout_s=60,
         )
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "in [0, 1)")
-        _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1")
         _check(self.num_train_epochs > 0, "train.num_train_epochs", self.num_train_epochs, "> 0")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
-        _check(self.logging_steps >= 1, "train.logging_steps", self.logging_steps, ">= 1")
         _check(self.eval_steps >= 0, "train.eval_steps", self.eval_steps, ">= 0 (0 = at the end)")
-        _check(self.save_steps >= 0, "train.save_steps", self.save_steps, ">= 0")
-        _check(self.save_total_limit >= 1, "train.save_total_limit", self.save_total_limit, ">= 1")
         _check(
             not self.async_checkpoint or self.strategy == "fsdp",
             "train.async_checkpoint", self.async_checkpoint,
@@ -334,12 +322,6 @@ class TrainConfig:
             "train.loss_chunk_size", self.loss_chunk_size, ">= 0 (0 = from loss_chunk_mb)",
         )  # fmt: skip
         _check(self.loss_chunk_mb > 0, "train.loss_chunk_mb", self.loss_chunk_mb, "> 0")
-        _check(
-            self.collective_timeout_s >= 60,
-            "train.collective_timeout_s",
-            self.collective_timeout_s,
-            ">= 60",
-        )
         _check(
             not self.lora.load_in_4bit or (self.use_gpu and self.strategy == "ddp"),
             "train.lora.load_in_4bit",
@@ -380,10 +362,13 @@ class EvalConfig:
     answer_batch_size: int = 16  # questions generated together (left padding)
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
-        _check(self.max_examples >= 1, "eval.max_examples", self.max_examples, ">= 1")
-        _check(
-            self.lm_eval_batch_size >= 1, "eval.lm_eval_batch_size", self.lm_eval_batch_size, ">= 1"
+        _at_least(
+            "eval",
+            self,
+            max_new_tokens=1,
+            max_examples=1,
+            lm_eval_batch_size=1,
+            answer_batch_size=1,
         )
         _check(
             self.lm_eval_limit is None or self.lm_eval_limit >= 1,
@@ -397,9 +382,6 @@ class EvalConfig:
             self.answer_max_new_tokens >= 1,
             "eval.answer_max_new_tokens", self.answer_max_new_tokens, ">= 1",
         )  # fmt: skip
-        _check(
-            self.answer_batch_size >= 1, "eval.answer_batch_size", self.answer_batch_size, ">= 1"
-        )
         _check(
             bool(self.questions) or not self.answer_formats,
             "eval.answer_formats", self.answer_formats, "empty unless eval.questions is set",
@@ -427,17 +409,16 @@ class TuneConfig:
     seed: int = 0  # random search sampling seed (a rerun samples the same trials)
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 1, "tune.num_samples", self.num_samples, "an integer >= 1")
-        _check(
-            self.max_concurrent_trials >= 1,
-            "tune.max_concurrent_trials",
-            self.max_concurrent_trials,
-            ">= 1",
+        _at_least(
+            "tune",
+            self,
+            num_samples=1,
+            max_concurrent_trials=1,
+            max_failures=-1,
+            driver_cpus=0,
+            grace_period=0,
         )
         _check(bool(self.metric), "tune.metric", self.metric, "a reported metric name")
-        _check(self.max_failures >= -1, "tune.max_failures", self.max_failures, ">= -1")
-        _check(self.driver_cpus >= 0, "tune.driver_cpus", self.driver_cpus, ">= 0")
-        _check(self.grace_period >= 0, "tune.grace_period", self.grace_period, ">= 0")
 
 
 @dataclass(kw_only=True)

@@ -33,6 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class _Under:
+    """A fixed path under a run's root: `RunDir(out).data` is `out / "data"`."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, run: RunDir, owner: type | None = None) -> Path:
+        return run.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run under `root` (OUT)."""
@@ -63,6 +73,34 @@ class RunDir:
     TUNE = "tune"
     WORK = "work"
 
+    config = _Under(CONFIG)
+    summary = _Under(SUMMARY)
+    report = _Under(REPORT)
+    loss_plot = _Under(LOSS_PLOT)
+    cartography = _Under(CARTOGRAPHY)  # the confidence/variability map split draws
+    eval_file = _Under(EVAL)
+    base_model = _Under(BASE_MODEL)
+    data = _Under(DATA)
+    heldout = _Under(HELDOUT)
+    reference = _Under(REFERENCE)
+    scores_dir = _Under(SCORES)
+    scores = _Under(SCORES, "scores.parquet")
+    checkpoint_scores_dir = _Under(WORK, "scores")
+    split_dir = _Under(SPLIT)
+    answers = _Under(ANSWERS)
+    # how the answers were generated: chat template, sampling, models
+    answer_settings = _Under(ANSWERS, "settings.json")
+    wandb = _Under(WANDB)
+    # the corpus retokenized for a reference model with another tokenizer
+    reference_data = _Under(WORK, "reference_data")
+    # what prepare writes to read the corpus in chunks, and its unfinished outputs
+    prepare_work = _Under(WORK, "prepare")
+    logs = _Under(LOGS)
+    mlruns = _Under(MLRUNS)
+    ray_storage = _Under(RAY_STORAGE)
+    tune = _Under(TUNE)
+    trials = _Under(TUNE, "trials")
+
     @classmethod
     def of(cls, out: RunDir | Path | str) -> RunDir:
         """`out` as a RunDir (stages also take a bare path)."""
@@ -74,73 +112,16 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.root)
 
-    @property
-    def config(self) -> Path:
-        return self.root / self.CONFIG
-
-    @property
-    def summary(self) -> Path:
-        return self.root / self.SUMMARY
-
-    @property
-    def report(self) -> Path:
-        return self.root / self.REPORT
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.root / self.LOSS_PLOT
-
-    @property
-    def cartography(self) -> Path:
-        """The confidence/variability map drawn by split."""
-        return self.root / self.CARTOGRAPHY
-
-    @property
-    def eval_file(self) -> Path:
-        return self.root / self.EVAL
-
-    @property
-    def base_model(self) -> Path:
-        return self.root / self.BASE_MODEL
-
-    @property
-    def data(self) -> Path:
-        return self.root / self.DATA
-
-    @property
-    def heldout(self) -> Path:
-        return self.root / self.HELDOUT
-
     def rejections(self, part: str) -> Path:
         """JSON Lines of every row of `part` ("train" or "heldout") that prepare rejected."""
         return self.root / self.REJECTIONS / f"{part}.jsonl"
 
-    @property
-    def reference(self) -> Path:
-        return self.root / self.REFERENCE
-
     def reference_checkpoint(self, step: int) -> Path:
         return self.reference / f"checkpoint-{step}"
-
-    @property
-    def scores_dir(self) -> Path:
-        return self.root / self.SCORES
-
-    @property
-    def scores(self) -> Path:
-        return self.scores_dir / "scores.parquet"
-
-    @property
-    def checkpoint_scores_dir(self) -> Path:
-        return self.root / self.WORK / "scores"
 
     def checkpoint_scores(self, step: int | str) -> Path:
         """NLL per example under reference checkpoint `step` (an intermediate of score)."""
         return self.checkpoint_scores_dir / f"checkpoint-{step}.parquet"
-
-    @property
-    def split_dir(self) -> Path:
-        return self.root / self.SPLIT
 
     def split_file(self, side: str) -> Path:
         """The example ids of the "confident" or "unconfident" half."""
@@ -154,10 +135,6 @@ class RunDir:
         """The LoRA adapter of an exported model: "adapter" (SFTMix) or "adapter_ntp"."""
         return self.root / model_name.replace(self.MODEL, self.ADAPTER, 1)
 
-    @property
-    def answers(self) -> Path:
-        return self.root / self.ANSWERS
-
     def alpaca_eval_answers(self, model_key: str) -> Path:
         """AlpacaEval model outputs of "sftmix" (alpaca_eval.json) or "ntp" (..._ntp.json)."""
         suffix = "" if model_key == "sftmix" else f"_{model_key}"
@@ -167,29 +144,6 @@ class RunDir:
         """FastChat's layout: one JSON Lines file per model id."""
         return self.answers / "mt_bench" / f"{model_id}.jsonl"
 
-    @property
-    def answer_settings(self) -> Path:
-        """How the answers were generated: chat template, sampling, models."""
-        return self.answers / "settings.json"
-
-    @property
-    def wandb(self) -> Path:
-        return self.root / self.WANDB
-
-    @property
-    def reference_data(self) -> Path:
-        """The corpus retokenized for a reference model with another tokenizer."""
-        return self.root / self.WORK / "reference_data"
-
-    @property
-    def prepare_work(self) -> Path:
-        """Files `prepare` writes to read the corpus in chunks, and its unfinished outputs."""
-        return self.root / self.WORK / "prepare"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / self.LOGS
-
     def history(self, mode: str, export_name: str) -> Path:
         return self.logs / f"{mode}-{export_name}-history.json"
 
@@ -198,22 +152,6 @@ class RunDir:
 
     def tensorboard(self, mode: str, export_name: str) -> Path:
         return self.logs / "tensorboard" / f"{mode}-{export_name}"
-
-    @property
-    def mlruns(self) -> Path:
-        return self.root / self.MLRUNS
-
-    @property
-    def ray_storage(self) -> Path:
-        return self.root / self.RAY_STORAGE
-
-    @property
-    def tune(self) -> Path:
-        return self.root / self.TUNE
-
-    @property
-    def trials(self) -> Path:
-        return self.tune / "trials"
 
     def trial(self, trial_id: str) -> RunDir:
         """The run directory of one Tune trial (its inputs linked from this run)."""

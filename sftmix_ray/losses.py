@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,16 @@ Normalizers = Tensor | Sequence[float]
 # A loss's metrics: detached 0-dim tensors on the loss's device (the host reads them once per
 # optimizer step, after the all-reduce; a `float()` here would sync the device every call).
 Metrics = dict[str, Tensor]
+
+
+class LossInputs(NamedTuple):
+    """What a loss's `forward` receives, as its `compute` reads it."""
+
+    hidden: Tensor
+    labels: Tensor
+    lm_head: nn.Module
+    lam: Tensor | None
+    normalizers: Normalizers | None
 
 
 def _check_batch(hidden: Tensor, labels: Tensor, what: str = "hidden") -> None:
@@ -106,6 +116,24 @@ class ChunkedLoss(nn.Module):
     def positions(self, lm_head: nn.Module) -> int:
         """Positions per log-sum-exp chunk for this head."""
         return chunk_positions(self.chunk_size, self.chunk_mb, head_vocab(lm_head))
+
+    def forward(
+        self,
+        hidden: Tensor,
+        labels: Tensor,
+        lm_head: nn.Module,
+        *,
+        lam: Tensor | None = None,
+        normalizers: Normalizers | None = None,
+    ) -> tuple[Tensor, Metrics]:
+        """`(loss, metrics)` of a batch: `hidden` the last hidden states of its rows, `labels`
+        with IGNORE_INDEX outside the responses, `lm_head` the model's head, `lam` the Mixup
+        weights (`sample_lambda`; None for NTP), `normalizers` as in `NTPLoss`'s normalization
+        contract (None: this batch's own counts). The one signature every loss keeps."""
+        return self.compute(LossInputs(hidden, labels, lm_head, lam, normalizers))
+
+    def compute(self, batch: LossInputs) -> tuple[Tensor, Metrics]:
+        raise NotImplementedError
 
 
 def _lambda_per_row(lam: float | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -311,16 +339,9 @@ class NTPLoss(ChunkedLoss):
         """Local counts `[n_response_tokens]` (fp32) that the loss divides by."""
         return (labels[:, 1:] != IGNORE_INDEX).sum().float().reshape(1)
 
-    def forward(
-        self,
-        hidden: Tensor,
-        labels: Tensor,
-        lm_head: nn.Module,
-        *,
-        lam: Tensor | None = None,
-        normalizers: Normalizers | None = None,
-    ) -> tuple[Tensor, Metrics]:
-        """Return `(loss, metrics)`; see the class docstring for `normalizers`."""
+    def compute(self, batch: LossInputs) -> tuple[Tensor, Metrics]:
+        """`(loss, metrics)` with metrics `loss`, `ntp`, `n_tokens`."""
+        hidden, labels, lm_head, _, normalizers = batch
         nll_sum, n_tokens = response_token_nll(hidden, labels, lm_head, self.positions(lm_head))
         if normalizers is None:
             normalizers = n_tokens.sum().float().reshape(1)
@@ -399,16 +420,9 @@ class SFTMixLoss(ChunkedLoss):
             mass = mass.to(labels.device)
         return torch.stack([n_tokens, mass])
 
-    def forward(
-        self,
-        hidden: Tensor,
-        labels: Tensor,
-        lm_head: nn.Module,
-        *,
-        lam: Tensor | None = None,
-        normalizers: Normalizers | None = None,
-    ) -> tuple[Tensor, Metrics]:
-        """Return `(loss, metrics)` with metrics `loss`, `ntp`, `mix`, `lambda_mean`."""
+    def compute(self, batch: LossInputs) -> tuple[Tensor, Metrics]:
+        """`(loss, metrics)` with metrics `loss`, `ntp`, `mix`, `lambda_mean`."""
+        hidden, labels, lm_head, lam, normalizers = batch
         b = self._pairs(labels)
         if normalizers is None:
             normalizers = self.normalizer_counts(labels, lam)

@@ -71,6 +71,14 @@ def json_type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _typed(value: Any, kind: type, what: str) -> Any:
+    """`value` if it is a `kind` (str or list); else the row is rejected as `wrong_type`."""
+    if not isinstance(value, kind):
+        noun = "a string" if kind is str else "a list"
+        raise RowRejected(f"{what} must be {noun} (got {json_type_name(value)})", "wrong_type")
+    return value
+
+
 def row_format(row: Any) -> str | None:
     """The format a single row's keys point to, or None when they match none."""
     if not isinstance(row, dict):
@@ -147,11 +155,7 @@ def _normalize_conversation(
     field = _LIST_FIELD[fmt]
     if field not in row:
         raise RowRejected(f"missing field {field!r}{_looks_like(row, fmt)}", "missing_field")
-    turns = row[field]
-    if not isinstance(turns, list):
-        raise RowRejected(
-            f"field {field!r} must be a list (got {json_type_name(turns)})", "wrong_type"
-        )
+    turns = _typed(row[field], list, f"field {field!r}")
     if not turns:
         raise RowRejected(f"field {field!r} is empty", "empty_conversation")
 
@@ -219,11 +223,7 @@ def _parse_turn(turn: Any, number: int, fmt: str, repair: bool) -> tuple[str, st
     role_key, content_key = next((pair for pair in keys if pair[0] in turn), keys[0])
     if role_key not in turn:
         raise RowRejected(f"turn {number} has no {role_key!r} field", "malformed_turn")
-    raw_role = turn[role_key]
-    if not isinstance(raw_role, str):
-        raise RowRejected(
-            f"turn {number} role must be a string (got {json_type_name(raw_role)})", "wrong_type"
-        )
+    raw_role = _typed(turn[role_key], str, f"turn {number} role")
     name = raw_role.strip().lower()
     role, mapped = ROLE_ALIASES.get(name), False
     if role is None and repair and name in REPAIR_ROLE_ALIASES:
@@ -232,13 +232,7 @@ def _parse_turn(turn: Any, number: int, fmt: str, repair: bool) -> tuple[str, st
         raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}", "unknown_role")
     if content_key not in turn:
         raise RowRejected(f"turn {number} has no {content_key!r} field", "malformed_turn")
-    content = turn[content_key]
-    if not isinstance(content, str):
-        raise RowRejected(
-            f"turn {number} content must be a string (got {json_type_name(content)})",
-            "wrong_type",
-        )
-    return role, content, mapped
+    return role, _typed(turn[content_key], str, f"turn {number} content"), mapped
 
 
 def _check_order(numbered: list[tuple[int, str, str]]) -> None:
@@ -275,11 +269,7 @@ def _required_text(row: dict[str, Any], key: str, fmt: str) -> str:
     """A required, non-empty string field."""
     if key not in row:
         raise RowRejected(f"missing field {key!r}{_looks_like(row, fmt)}", "missing_field")
-    value = row[key]
-    if not isinstance(value, str):
-        raise RowRejected(
-            f"field {key!r} must be a string (got {json_type_name(value)})", "wrong_type"
-        )
+    value = _typed(row[key], str, f"field {key!r}")
     if not value.strip():
         raise RowRejected(f"field {key!r} is empty", "empty_field")
     return value
@@ -288,13 +278,7 @@ def _required_text(row: dict[str, Any], key: str, fmt: str) -> str:
 def _optional_text(row: dict[str, Any], key: str) -> str:
     """An optional string field; absent or null reads as ""."""
     value = row.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise RowRejected(
-            f"field {key!r} must be a string (got {json_type_name(value)})", "wrong_type"
-        )
-    return value
+    return "" if value is None else _typed(value, str, f"field {key!r}")
 
 
 def _looks_like(row: dict[str, Any], fmt: str) -> str:
