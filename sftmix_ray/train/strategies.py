@@ -8,6 +8,7 @@ accumulation, sharded training checkpoints, and `full_state_dict` for the Huggin
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import json
 import math
@@ -174,9 +175,12 @@ class FSDPStrategy(TorchStrategy):
         # Background saves run their collectives (plans, metadata) on a thread of their own:
         # on a gloo group of their own, never on the training group (NCCL has no CPU backend,
         # and two threads must not share one group). Created by every rank at the same point.
+        # Its timeout is the training group's: the save's last gather waits for the slowest
+        # rank's write to shared storage (gloo's default, 30 min, is shorter than 96 GB to NFS).
         self._save_group = None
         if train.async_checkpoint and dist.is_initialized():
-            self._save_group = dist.new_group(backend="gloo")
+            timeout = datetime.timedelta(seconds=train.collective_timeout_s)
+            self._save_group = dist.new_group(backend="gloo", timeout=timeout)
 
     def _wrap(self, wrapper: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
@@ -239,7 +243,10 @@ class FSDPStrategy(TorchStrategy):
         options = self._dcp_options()
         model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
-        future = dcp.async_save(state, checkpoint_id=str(directory), process_group=self._save_group)
+        # No copy-ahead: with it, DCP's writer thread stages through a CUDA stream of its
+        # thread's current device, which is GPU 0 on every rank (a CUDA context each there).
+        writer = dcp.FileSystemWriter(str(directory), per_thread_copy_ahead=0)
+        future = dcp.async_save(state, storage_writer=writer, process_group=self._save_group)
         if _rank() == 0:
             torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
         return future  # type: ignore[return-value]  # a Future with the default stager
