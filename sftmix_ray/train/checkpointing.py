@@ -207,7 +207,12 @@ def remove_orphans(resumed: str | None) -> int:
 
 def delete_checkpoints(storage_uri: str, run_name: str) -> int:
     """Remove a finished run's training-state checkpoints from storage (the reference run's,
-    once its HF checkpoints are exported); returns how many were removed."""
+    once its HF checkpoints are exported); returns how many were removed.
+
+    The whole run directory goes, Ray Train's snapshot of its checkpoints included: a snapshot
+    that lists deleted checkpoints makes the next run of that name fail at start
+    (`CheckpointManagerInitializationError`), so `sftmix-ray reference` run again, or
+    `pipeline --force reference`, could not start. Without it a rerun trains afresh."""
     import pyarrow.fs as pafs
 
     filesystem, root = pafs.FileSystem.from_uri(storage_uri)
@@ -218,6 +223,7 @@ def delete_checkpoints(storage_uri: str, run_name: str) -> int:
         name = entry.path.rsplit("/", 1)[-1]
         resume_state = name.startswith((CHECKPOINT_PREFIX, "checkpoint_"))  # ours, Ray's own
         if entry.type == pafs.FileType.Directory and resume_state:
-            filesystem.delete_dir(entry.path)
             removed += 1
+    if filesystem.get_file_info(run_dir).type == pafs.FileType.Directory:
+        filesystem.delete_dir(run_dir)
     return removed
