@@ -132,6 +132,10 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
         assert (trial / "model" / "config.json").exists() and (trial / "ray_storage").is_dir()
     assert len({Path(d).resolve() for d in table["trial_dir"]}) == TRIALS
     assert not (out / "split").exists()  # the sweep never touched OUT's own split
+    # Finished trials keep their exports, not their resume checkpoints (one save each, at the
+    # end): nothing resumes a finished trial.
+    assert result["resume_checkpoints_removed"] == TRIALS
+    assert not list((out / "tune" / "trials").glob("*/ray_storage/*"))
 
     best = table.loc[table["eval_loss"].idxmin()]
     assert result["best"]["trial_id"] == best["trial_id"]

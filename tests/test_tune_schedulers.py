@@ -27,6 +27,7 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tm
     space.write_text("train.learning_rate: {grid: [0.01, 0.5]}\n")
     cfg = tiny_config(
         *SWEEP, "train.max_steps=3", "train.warmup_ratio=0", f"tune.space={space}",
+        "train.save_steps=1",
         "tune.search=grid", "tune.num_samples=1", "tune.scheduler=asha", "tune.grace_period=1",
     )  # fmt: skip
     result = run_tune(cfg, out)
@@ -39,3 +40,8 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tm
     sane_step1 = _history(Path(sane["trial_dir"]))[0]["eval_loss"]
     assert wrecked["eval_loss"] > sane_step1, "ASHA stopped the trial that was worse at step 1"
     assert result["best"]["params"]["train.learning_rate"] == 0.01
+    # Both trials are over, the stopped one too: their resume checkpoints are gone (the sane
+    # trial's 2 or 3, as far as Ray Train had pruned them to save_total_limit, and the stopped
+    # one's step-1 save).
+    assert result["resume_checkpoints_removed"] >= 3
+    assert not list((out / "tune" / "trials").glob("*/ray_storage/*/checkpoint-*"))

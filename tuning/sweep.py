@@ -39,6 +39,7 @@ from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
     ReleaseFinishedTrials,
     release_placement_groups,
+    remove_finished_checkpoints,
     trial_dirname,
     trial_driver,
 )
@@ -266,6 +267,12 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         # Trials stopped by an interruption leave their worker groups too.
         for trial_out in sorted(RunDir(out).trials.glob("*")):
             release_placement_groups(trial_out)
+    # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go.
+    removed = sum(
+        remove_finished_checkpoints(cfg.train.storage_path, RunDir(Path(r["trial_dir"])))
+        for r in rows
+        if r["status"] == "TERMINATED" and r.get("trial_dir")
+    )
     frame = results_frame(rows, keys)
     frame.to_csv(tune_dir / f"{RESULTS}.csv", index=False)
     frame.to_parquet(tune_dir / f"{RESULTS}.parquet", index=False)
@@ -279,6 +286,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         "trials": total,
         **{k: v for k, v in counts.items() if v or k in ("terminated", "error")},
         "resumed": resumed,
+        "resume_checkpoints_removed": removed,
         "metric": cfg.tune.metric,
         "mode": cfg.tune.mode,
         "results": str(tune_dir / f"{RESULTS}.csv"),

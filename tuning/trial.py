@@ -153,6 +153,30 @@ class ReleaseFinishedTrials(tune.Callback):
             release_placement_groups(Path(self.trials_dir) / trial_id)
 
 
+def trial_storage(storage_path: str | None, trial: RunDir) -> str:
+    """A trial's own Ray Train storage (two trials with equal params must not share a run):
+    under `train.storage_path`/tune/<trial id>, or the trial's own OUT/.../ray_storage."""
+    if storage_path:
+        return f"{storage_path.rstrip('/')}/tune/{trial.root.name}"
+    return str(trial.ray_storage)
+
+
+def remove_finished_checkpoints(storage_path: str | None, trial: RunDir) -> int:
+    """Remove a finished trial's Ray Train runs (resume checkpoints and snapshots); returns
+    how many checkpoints went. Nothing resumes a finished trial, and at 8B each keeps up to
+    `train.save_total_limit` x ~96 GB."""
+    import pyarrow.fs as pafs
+
+    from sftmix_ray.train.checkpointing import delete_checkpoints
+    from sftmix_ray.train.launch import storage_uri
+
+    root = storage_uri(trial_storage(storage_path, trial))
+    filesystem, path = pafs.FileSystem.from_uri(root)
+    runs = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = [r.path.rsplit("/", 1)[-1] for r in runs if r.type == pafs.FileType.Directory]
+    return sum(delete_checkpoints(root, name) for name in names)
+
+
 def trial_driver(
     params: dict[str, Any], *, base: dict[str, Any], out_dir: str, recompute_split: bool
 ) -> None:
@@ -177,12 +201,7 @@ def trial_driver(
         run_split(cfg, trial)
     else:
         _link(out.split_dir, trial.split_dir)
-    # Own Ray Train storage per trial: two trials with equal params must not share a run.
-    storage = (
-        f"{cfg.train.storage_path.rstrip('/')}/tune/{trial_id}"
-        if cfg.train.storage_path
-        else str(trial.ray_storage)
-    )
+    storage = trial_storage(cfg.train.storage_path, trial)
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
     summary = run_training(
         run_cfg, trial, "train", callbacks=_train_callbacks(cfg.tune.metric, trial_out)
