@@ -43,12 +43,11 @@ TINY_OVERRIDES = [
 # whole files in collection order, so a long file left for last would keep one worker busy
 # while the other idles. (`--dist loadgroup` does not group under pytest 9: xdist 3.8 tags the
 # node ids, which pytest 9 no longer lets a plugin change.)
-HEAVY_FIRST = [
-    "test_job_submit.py", "test_tune_schedulers.py", "test_tune.py",
-    "test_train.py", "test_lora.py", "test_cross_tokenizer.py", "test_tune_sweeps.py",
-    "test_loss_distributed.py",
-    "test_multinode.py", "test_scoring.py", "test_cli_stdout.py",
-    "test_gpu_path.py", "test_hostile_input.py", "test_repairs.py",
+HEAVY_FIRST = [  # by their time in a suite run, longest first (longest-processing-time order)
+    "test_train.py", "test_job_submit.py", "test_gpu_path.py", "test_lora.py",
+    "test_multinode.py", "test_cross_tokenizer.py", "test_tune_sweeps.py", "test_tune.py",
+    "test_tune_schedulers.py", "test_cli_stdout.py", "test_scoring.py",
+    "test_loss_distributed.py", "test_hostile_input.py", "test_repairs.py",
 ]  # fmt: skip
 
 
