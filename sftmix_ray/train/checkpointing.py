@@ -83,11 +83,10 @@ class CheckpointReporter:
         self._save, self._save_async = save, save_async
         self._pending: _InFlight | None = None
         self.async_registered: list[int] = []  # steps of the background saves registered
-        import ray.train
-
-        self._ray = ray.train
 
     def report(self, metrics: dict[str, Any], step: int, *, save: bool, final: bool) -> None:
+        import ray.train
+
         finished = self._finished(wait=save or final)
         if save and (final or self._save_async is None):
             if finished is not None:  # superseded by this save
@@ -99,13 +98,13 @@ class CheckpointReporter:
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     self._save(Path(tmp))
-                    checkpoint = self._ray.Checkpoint.from_directory(tmp)
-                    self._ray.report(metrics, checkpoint=checkpoint)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(metrics, checkpoint=checkpoint)
             return
         if save:
             self._pending = self._start(step)
         if finished is None:
-            self._ray.report(metrics)
+            ray.train.report(metrics)
             return
         self._report_direct(metrics, finished.target)
         self.async_registered.append(finished.step)
@@ -113,8 +112,9 @@ class CheckpointReporter:
     def _target(self, step: int) -> _Direct | None:
         """A fresh checkpoint directory in storage, or None where storage is an object store."""
         import pyarrow.fs as pafs
+        import ray.train
 
-        storage = self._ray.get_context().get_storage()
+        storage = ray.train.get_context().get_storage()
         if not isinstance(storage.storage_filesystem, pafs.LocalFileSystem):
             return None
         name = f"{CHECKPOINT_PREFIX}{step:08d}-{_shared_token(self.world)}"
@@ -124,12 +124,13 @@ class CheckpointReporter:
 
     def _report_direct(self, metrics: dict[str, Any], target: _Direct) -> None:
         import pyarrow.fs as pafs
+        import ray.train
 
-        self._ray.report(
+        ray.train.report(
             metrics,
-            checkpoint=self._ray.Checkpoint(str(target.path), filesystem=pafs.LocalFileSystem()),
+            checkpoint=ray.train.Checkpoint(str(target.path), filesystem=pafs.LocalFileSystem()),
             checkpoint_dir_name=target.name,
-            checkpoint_upload_mode=self._ray.CheckpointUploadMode.NO_UPLOAD,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
 
     def close(self) -> None:

@@ -291,6 +291,10 @@ class TrainWorker:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: Path) -> None:
         self.strategy.save(directory)
+        self._write_state(directory)
+
+    def _write_state(self, directory: Path) -> None:
+        """Step and history beside the strategy's files (rank 0)."""
         if self.rank == 0:
             state = {"step": self.step, "history": self.history}
             (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
@@ -301,9 +305,7 @@ class TrainWorker:
 
         assert isinstance(self.strategy, FSDPStrategy), "train.async_checkpoint needs fsdp"
         future = self.strategy.save_async(directory)
-        if self.rank == 0:
-            state = {"step": self.step, "history": self.history}
-            (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        self._write_state(directory)
         return future
 
     def restore(self, directory: Path) -> None:
