@@ -268,8 +268,9 @@ class TrainConfig:
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2  # Ray Train checkpoints kept
-    # FSDP2 on POSIX storage: write save_steps checkpoints from host memory in the background
-    # while training goes on (holds one copy of each rank's weight and optimizer shards in RAM)
+    # POSIX storage: write save_steps checkpoints from host memory in the background while
+    # training goes on (holds one copy of each rank's part: its weight and optimizer shards
+    # under FSDP2/ZeRO, the whole state on rank 0 under DDP)
     async_checkpoint: bool = False
     # FSDP2: reduce-scatter gradients after every micro-batch (default). True defers it to the
     # last micro-batch, which keeps unsharded fp32 gradients of the whole model meanwhile.
@@ -305,11 +306,6 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "in [0, 1)")
         _check(self.num_train_epochs > 0, "train.num_train_epochs", self.num_train_epochs, "> 0")
         _check(self.eval_steps >= 0, "train.eval_steps", self.eval_steps, ">= 0 (0 = at the end)")
-        _check(
-            not self.async_checkpoint or self.strategy == "fsdp",
-            "train.async_checkpoint", self.async_checkpoint,
-            "false unless train.strategy=fsdp (DDP and DeepSpeed save synchronously)",
-        )  # fmt: skip
         _check(
             not self.async_checkpoint
             or "://" not in (storage := self.storage_path or "") or storage.startswith("file://"),

@@ -88,16 +88,15 @@ def test_bad_values_name_key_value_and_allowed(override, fragment):
     assert fragment in str(info.value)
 
 
-def test_async_checkpoint_needs_fsdp_and_posix_storage():
-    with pytest.raises(ConfigError, match=r"false unless train\.strategy=fsdp"):
-        load_config(None, ["train.async_checkpoint=true", "train.strategy=deepspeed"])
+def test_async_checkpoint_needs_posix_storage():
     s3 = ["train.async_checkpoint=true", "train.strategy=fsdp", "train.storage_path=s3://b/r"]
     with pytest.raises(ConfigError, match=r"object-store train.storage_path \(s3://b/r\)"):
         load_config(None, s3)
-    for storage in ("/mnt/shared/runs", "file:///mnt/shared/runs"):
-        sets = ["train.async_checkpoint=true", "train.strategy=fsdp"]
-        cfg = load_config(None, [*sets, f"train.storage_path={storage}"])
-        assert cfg.train.async_checkpoint
+    for strategy in ("ddp", "fsdp", "deepspeed"):  # every strategy saves in the background
+        for storage in ("/mnt/shared/runs", "file:///mnt/shared/runs"):
+            sets = ["train.async_checkpoint=true", f"train.strategy={strategy}"]
+            cfg = load_config(None, [*sets, f"train.storage_path={storage}"])
+            assert cfg.train.async_checkpoint and cfg.train.strategy == strategy
 
 
 @pytest.mark.parametrize(

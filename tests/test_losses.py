@@ -731,13 +731,13 @@ def test_loss_chunks_are_sized_by_a_byte_budget_of_fp32_logits(monkeypatch):
     their full vocabulary."""
     import sftmix_ray.losses as losses_module
     from sftmix_ray.loss_kernels import chunk_positions, head_vocab
-    from sftmix_ray.train.forward import _TransformedHead
+    from sftmix_ray.train.forward import _HeadCall
 
     assert chunk_positions(0, 128.0, 128256) == 261
     assert chunk_positions(0, 128.0, 32000) == 1048
     assert chunk_positions(0, 1e-6, 32000) == 1 and chunk_positions(7, 128.0, 32000) == 7
     head = torch.nn.Linear(8, 500, bias=False)
-    assert head_vocab(head) == 500 and head_vocab(_TransformedHead(head, 2.0, None)) == 500
+    assert head_vocab(head) == 500 and head_vocab(_HeadCall(head, 2.0, None)) == 500
 
     class ZeroThreeHead(torch.nn.Module):  # a partitioned weight: empty, full shape aside
         def __init__(self) -> None:

@@ -9,10 +9,10 @@ that Ray Train uploads. Each save gets a fresh directory name (step and a token 
 so a save cut short by a crash never mixes with a later one of the same step; Ray Train keeps
 `train.save_total_limit` of them and deletes the rest.
 
-With `train.async_checkpoint` (FSDP2, POSIX storage) the save is copied to host memory and
-written by a background thread while training goes on; Ray Train learns of it only once every
-rank has finished writing (`CheckpointReporter`), so a crash mid-write resumes from the
-checkpoint before it, never from a partial one.
+With `train.async_checkpoint` (POSIX storage; every strategy) the save is copied to host
+memory and written by a background thread while training goes on; Ray Train learns of it only
+once every rank has finished writing (`CheckpointReporter`), so a crash mid-write resumes from
+the checkpoint before it, never from a partial one.
 """
 
 from __future__ import annotations
@@ -166,8 +166,12 @@ class CheckpointReporter:
         return pending
 
     def _remove(self, finished: _InFlight) -> None:
-        # Every rank's part is written (DCP's coordinator finishes after gathering them all),
-        # and Ray Train never heard of this directory.
+        """Remove a superseded save that Ray Train never heard of (every rank calls this)."""
+        from sftmix_ray.train.collectives import all_reduce_sum
+
+        # `_finished` waited for this rank's part only (DDP and DeepSpeed ranks write their
+        # files alone): meet first, so that no rank is still writing into the directory.
+        all_reduce_sum([0.0], self.device)
         if self.rank == 0:
             shutil.rmtree(finished.target.path, ignore_errors=True)
 

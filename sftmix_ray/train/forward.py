@@ -7,21 +7,24 @@ from torch import Tensor, nn
 from sftmix_ray.losses import NTPLoss, SFTMixLoss
 
 
-class _TransformedHead(nn.Module):
-    """The LM head followed by the logit scaling/soft-capping some models apply after it."""
+class _HeadCall(nn.Module):
+    """The LM head followed by the logit scaling/soft-capping some models apply after it;
+    with `hooks=False`, the head's `forward` without its module hooks (ZeRO-3, see below)."""
 
     lm_head: nn.Module
 
-    def __init__(self, lm_head: nn.Module, scale: float, softcap: float | None) -> None:
+    def __init__(
+        self, lm_head: nn.Module, scale: float, softcap: float | None, hooks: bool = True
+    ) -> None:
         super().__init__()
         # Not registered as a submodule: the head already belongs to the wrapped model, and a
         # second path to it would duplicate its weight in the state dict.
         object.__setattr__(self, "lm_head", lm_head)
-        self.scale, self.softcap = scale, softcap
+        self.scale, self.softcap, self.hooks = scale, softcap, hooks
 
     def forward(self, hidden: Tensor) -> Tensor:
         """Logits exactly as the model's own forward computes them."""
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden) if self.hooks else self.lm_head.forward(hidden)
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap is not None:
@@ -102,8 +105,9 @@ class CausalLMWithLoss(nn.Module):
             raise TypeError(f"{type(self.model).__name__} has no output embeddings (LM head)")
         return head
 
-    def _check_head_gathering(self, head: nn.Module) -> None:
-        """Raise if a strategy would gather the head once per chunk (a hang across ranks)."""
+    def _check_head_gathering(self, head: nn.Module) -> bool:
+        """Raise if a strategy would gather the head once per chunk (a hang across ranks);
+        return whether DeepSpeed ZeRO-3 partitions it (then it is gathered with the wrapper)."""
         from torch.distributed.fsdp import FSDPModule
 
         if isinstance(head, FSDPModule):
@@ -113,6 +117,7 @@ class CausalLMWithLoss(nn.Module):
                 "with the root: fully_shard(CausalLMWithLoss) and not fully_shard(lm_head)"
             )
         external = getattr(self, "_external_params", {})
+        partitioned = False
         for param in head.parameters():
             if hasattr(param, "ds_id") and id(param) not in external:
                 raise RuntimeError(
@@ -120,6 +125,8 @@ class CausalLMWithLoss(nn.Module):
                     "wrapper; call CausalLMWithLoss.register_head_for_zero3() before "
                     "deepspeed.initialize, or ranks with different token counts will hang"
                 )
+            partitioned = partitioned or hasattr(param, "ds_id")
+        return partitioned
 
     def decoder(self) -> nn.Module:
         """The decoder body: embeddings, layers and final norm, without the LM head."""
@@ -134,10 +141,16 @@ class CausalLMWithLoss(nn.Module):
     def output_head(self) -> nn.Module:
         """The LM head module (`get_output_embeddings()`), plus any logit scaling/capping."""
         head = self._raw_head()
-        self._check_head_gathering(head)
+        # Under ZeRO-3 the head is called without its module hooks: DeepSpeed records every
+        # submodule call of the first step and, at the second, checks that all ranks made the
+        # same calls; the loss calls the head once per chunk, a number that follows each rank's
+        # data, so ranks with different token counts failed there ("Detected a disagreement
+        # on list length"). The wrapper's own hooks gather the head's weight (registered as
+        # its external parameter), so the head's hooks have nothing to add.
+        zero3 = self._check_head_gathering(head)
         scale, softcap = _logit_transform(self.model)
-        if scale != 1.0 or softcap is not None:
-            return _TransformedHead(head, scale, softcap)
+        if scale != 1.0 or softcap is not None or zero3:
+            return _HeadCall(head, scale, softcap, hooks=not zero3)
         return head
 
     def forward(

@@ -300,10 +300,7 @@ class TrainWorker:
             (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 
     def save_checkpoint_async(self, directory: Path) -> Future:
-        """Start `save_checkpoint` in the background (FSDP2); the future of this rank's part."""
-        from sftmix_ray.train.strategies import FSDPStrategy
-
-        assert isinstance(self.strategy, FSDPStrategy), "train.async_checkpoint needs fsdp"
+        """Start `save_checkpoint` in the background; the future of this rank's part."""
         future = self.strategy.save_async(directory)
         self._write_state(directory)
         return future

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sftmix_ray.config import TrainConfig
+from sftmix_ray.train.background_save import BackgroundWriter, host_copy, host_staged_engine
 from sftmix_ray.train.forward import CausalLMWithLoss
 from sftmix_ray.train.meta_init import RankZeroWeights, materialize_from_rank0
 
@@ -74,6 +75,7 @@ class TorchStrategy:
         # Frozen weights (a LoRA run's base) are read from the model at every start: resume
         # checkpoints and adapter exports hold the trained parameters only.
         self.frozen = _frozen(wrapper)
+        self._writer: BackgroundWriter | None = None  # DDP's background saves (first use)
         self.module = self._wrap(wrapper)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
@@ -125,17 +127,24 @@ class TorchStrategy:
 
     def save(self, directory: Path) -> None:
         """Training state for resume; rank 0 writes it (DDP replicas are identical)."""
-        if _rank() != 0:
-            return
-        from safetensors.torch import save_file
+        if _rank() == 0:
+            _write_torch_state(*self._resume_state(), directory)
 
+    def save_async(self, directory: Path) -> Future:
+        """`save` in the background: rank 0 copies the state to host memory now (training may
+        go on changing it) and a thread writes it; returns the future of this rank's part."""
+        if self._writer is None:
+            self._writer = BackgroundWriter()
+        if _rank() == 0:
+            self._writer.write(_write_torch_state, *host_copy(self._resume_state()), directory)
+        return self._writer.finish()
+
+    def _resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The trained weights, and the optimizer and scheduler state (live, not copies)."""
         trained = _trainable_only(self.wrapper.state_dict(), self.frozen)
-        state = {k: v.detach().contiguous() for k, v in trained.items()}
-        save_file(state, str(directory / "model.safetensors"))
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            directory / "optimizer.pt",
-        )
+        weights = {k: v.detach().contiguous() for k, v in trained.items()}
+        rest = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return weights, rest
 
     def load(self, directory: Path) -> None:
         """Restore model, optimizer and scheduler from `save`."""
@@ -221,16 +230,24 @@ class FSDPStrategy(TorchStrategy):
         frozen = bool(self.frozen)  # then only the trained parameters are saved and restored
         return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
-    def save(self, directory: Path) -> None:
-        """Sharded DCP checkpoint: each rank writes its own shard (merged by Ray's storage)."""
-        import torch.distributed.checkpoint as dcp
+    def _dcp_state(self) -> dict[str, Any]:
+        """This rank's shards of the weights and optimizer state, as DCP saves and loads them."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         options = self._dcp_options()
         model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+        return {"model": model_state, "optimizer": optim_state}
+
+    def _save_scheduler(self, directory: Path) -> None:
         if _rank() == 0:
             torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
+
+    def save(self, directory: Path) -> None:
+        """Sharded DCP checkpoint: each rank writes its own shard (merged by Ray's storage)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(), checkpoint_id=str(directory))
+        self._save_scheduler(directory)
 
     def save_async(self, directory: Path) -> Future:
         """`save` in the background: the state is copied to host memory now (training may
@@ -238,33 +255,28 @@ class FSDPStrategy(TorchStrategy):
         The host copy is this rank's shards of the weights and optimizer state (~12 GB per
         rank for 8B with Adam on 8 GPUs), held until the write ends."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        options = self._dcp_options()
-        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
-        state = {"model": model_state, "optimizer": optim_state}
+        state = self._dcp_state()
         # No copy-ahead: with it, DCP's writer thread stages through a CUDA stream of its
         # thread's current device, which is GPU 0 on every rank (a CUDA context each there).
         writer = dcp.FileSystemWriter(str(directory), per_thread_copy_ahead=0)
         future = dcp.async_save(state, storage_writer=writer, process_group=self._save_group)
-        if _rank() == 0:
-            torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
-        return future  # type: ignore[return-value]  # a Future with the default stager
+        self._save_scheduler(directory)
+        # `async_save` is typed to return a Future or, with a custom stager, an AsyncSaveResponse.
+        return future  # type: ignore[return-value]
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        options = self._dcp_options()
-        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
-        state = {"model": model_state, "optimizer": optim_state}
+        state = self._dcp_state()
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
             self.module,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
-            options=options,
+            options=self._dcp_options(),
         )
         sched = torch.load(directory / "scheduler.pt", weights_only=True, map_location="cpu")
         self.scheduler.load_state_dict(sched["scheduler"])
@@ -300,6 +312,12 @@ class DeepSpeedStrategy:
             config=ds_config,
             dist_init_required=False,
         )
+        # Background saves: DeepSpeed's own writes go through an engine that stages a host
+        # copy and leaves the files to a writer thread (`background_save`).
+        self._writer: BackgroundWriter | None = None
+        if train.async_checkpoint:
+            self._writer = BackgroundWriter()
+            self.module.checkpoint_engine = host_staged_engine(self.module._config, self._writer)
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()  # DeepSpeed counts micro-batches itself
@@ -328,12 +346,35 @@ class DeepSpeedStrategy:
         return _strip_prefix(state) if _rank() == 0 and state is not None else None
 
     def save(self, directory: Path) -> None:
+        self._save_checkpoint(directory)
+        if self._writer is not None:  # written in the background: wait for this rank's files
+            self._writer.finish().result()
+
+    def save_async(self, directory: Path) -> Future:
+        """`save` in the background (with `train.async_checkpoint`): every file DeepSpeed saves
+        is copied to host memory now and written by a thread; the future of this rank's part."""
+        if self._writer is None:
+            raise RuntimeError("DeepSpeed saves in the background only with train.async_checkpoint")
+        self._save_checkpoint(directory)
+        return self._writer.finish()
+
+    def _save_checkpoint(self, directory: Path) -> None:
         frozen = bool(self.frozen)
         self.module.save_checkpoint(str(directory), tag="ds", exclude_frozen_parameters=frozen)
 
     def load(self, directory: Path) -> None:
         # Without the frozen weights in the checkpoint, the module's own (loaded) ones stay.
         self.module.load_checkpoint(str(directory), tag="ds", load_module_strict=not self.frozen)
+
+
+def _write_torch_state(
+    weights: dict[str, torch.Tensor], rest: dict[str, Any], directory: Path
+) -> None:
+    """DDP's resume files: the trained weights, then the optimizer and scheduler state."""
+    from safetensors.torch import save_file
+
+    save_file(weights, str(directory / "model.safetensors"))
+    torch.save(rest, directory / "optimizer.pt")
 
 
 def _check_restored(
