@@ -96,6 +96,7 @@ def single(base_out: Path, tmp_path_factory) -> tuple[Path, list]:
 ASYNC = ["train.async_checkpoint=true", "train.max_failures=1"]
 FSDP = "train.strategy=fsdp"
 ZERO3 = ["train.strategy=deepspeed", "train.deepspeed_stage=3"]
+ONE_HELDOUT = "one-heldout-row"  # not a config value: this run's held-out set is 1 row
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ ZERO3 = ["train.strategy=deepspeed", "train.deepspeed_stage=3"]
     [
         ["train.strategy=ddp", "train.gradient_accumulation_steps=2", *ASYNC],
         [FSDP, *ASYNC],
-        ["train.strategy=deepspeed", "train.deepspeed_stage=2", *ASYNC],
+        ["train.strategy=deepspeed", "train.deepspeed_stage=2", *ASYNC, ONE_HELDOUT],
         # Small loss chunks: the ranks' rows make different numbers of chunks (ZeRO-3 failed
         # at step 2 on that: its recorded module calls differed across ranks).
         [*ZERO3, "train.export_dtype=bfloat16", "train.loss_chunk_size=4"],
@@ -119,13 +120,21 @@ def test_two_workers_match_one(single, base_out, tmp_path, strategy, monkeypatch
     1-worker run's."""
     _, one = single
     faulty = FSDP in strategy
+    base = base_out
+    if ONE_HELDOUT in strategy:  # fewer held-out rows than workers: rank 1 has none
+        base = tmp_path / "base"
+        shutil.copytree(base_out, base)
+        heldout = pq.read_table(base / "heldout").slice(0, 1)
+        shutil.rmtree(base / "heldout")
+        (base / "heldout").mkdir()
+        pq.write_table(heldout, base / "heldout" / "part-00000.parquet")
     if faulty:
         monkeypatch.setenv(FAULT_ENV, f"3:{tmp_path / 'fault-marker'}")
     accum = 2 if "train.gradient_accumulation_steps=2" in strategy else 1
     out, two = run_train(
-        base_out,
+        base,
         tmp_path,
-        *strategy,
+        *(s for s in strategy if s != ONE_HELDOUT),
         "train.num_workers=2",
         f"train.per_device_train_batch_size={4 // accum}",
     )
@@ -148,6 +157,16 @@ def test_two_workers_match_one(single, base_out, tmp_path, strategy, monkeypatch
         model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
         with torch.no_grad():
             assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    if ONE_HELDOUT in strategy:  # the last eval is the exported model's NLL on that row
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+        row = pq.read_table(base / "heldout").to_pylist()[0]
+        labels = torch.tensor([row["labels"]])
+        with torch.no_grad():
+            logits = model(torch.tensor([row["input_ids"]])).logits
+        expected = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
+        assert two[-1]["eval_loss"] == pytest.approx(float(expected), rel=1e-4)
     if faulty:
         assert [h["restarts"] for h in two] == [0.0, 1.0, 1.0]  # resumed from step 1
         assert record["orphan_checkpoints_removed"] == 1  # the killed attempt's step-2 save

@@ -265,7 +265,9 @@ class TrainWorker:
         n_batches = -(-len(range(0, len(heldout), self.world)) // rows)
         one = torch.ones(1, device=self.device)
         for b in range(n_batches):
-            part = idx[b * rows : (b + 1) * rows] or idx[:1]
+            # A rank out of rows runs a row again, uncounted (held-out sets smaller than the
+            # worker count leave some ranks none at all).
+            part = idx[b * rows : (b + 1) * rows] or idx[:1] or [0]
             pairs = [heldout.row(i) for i in part]
             batch = collate(
                 [p[0] for p in pairs],
