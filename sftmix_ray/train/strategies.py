@@ -58,6 +58,13 @@ def _trainable_only(state: dict[str, torch.Tensor], frozen: set[str]) -> dict[st
     return {k: v for k, v in state.items() if k not in frozen}
 
 
+def _tied_aliases(wrapper: nn.Module) -> set[str]:
+    """State-dict names that repeat a parameter under a second name (tied input and output
+    embeddings: Llama-3.2-1B/3B, Qwen2.5 up to 3B, Gemma); `named_parameters` lists each once."""
+    every = {name for name, _ in wrapper.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in wrapper.named_parameters()}
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -75,6 +82,9 @@ class TorchStrategy:
         # Frozen weights (a LoRA run's base) are read from the model at every start: resume
         # checkpoints and adapter exports hold the trained parameters only.
         self.frozen = _frozen(wrapper)
+        # Saved once: safetensors refuses two names for one tensor ("Some tensors share
+        # memory"), and loading the parameter restores it under both names.
+        self.aliases = _tied_aliases(wrapper)
         self._writer: BackgroundWriter | None = None  # DDP's background saves (first use)
         self.module = self._wrap(wrapper)
         self.optimizer = torch.optim.AdamW(
@@ -141,7 +151,7 @@ class TorchStrategy:
 
     def _resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The trained weights, and the optimizer and scheduler state (live, not copies)."""
-        trained = _trainable_only(self.wrapper.state_dict(), self.frozen)
+        trained = _trainable_only(self.wrapper.state_dict(), self.frozen | self.aliases)
         weights = {k: v.detach().contiguous() for k, v in trained.items()}
         rest = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         return weights, rest
@@ -153,7 +163,7 @@ class TorchStrategy:
         missing, unexpected = self.wrapper.load_state_dict(
             load_file(str(directory / "model.safetensors")), strict=False
         )
-        _check_restored(missing, unexpected, self.frozen, directory)
+        _check_restored(missing, unexpected, self.frozen | self.aliases, directory)
         # map_location: the saving rank's device is not necessarily this rank's.
         state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -378,10 +388,11 @@ def _write_torch_state(
 
 
 def _check_restored(
-    missing: list[str], unexpected: list[str], frozen: set[str], directory: Path
+    missing: list[str], unexpected: list[str], not_saved: set[str], directory: Path
 ) -> None:
-    """A resume checkpoint restored every trained parameter and nothing unknown."""
-    lost = [k for k in missing if k not in frozen]
+    """A resume checkpoint restored every trained parameter and nothing unknown (`not_saved`:
+    frozen weights and tied aliases, which the model already holds)."""
+    lost = [k for k in missing if k not in not_saved]
     if lost or unexpected:
         raise RuntimeError(
             f"checkpoint {directory} does not match the model: missing {lost[:5]}, "
