@@ -108,9 +108,9 @@ def answer_questions(
     """Each question's answers, one per turn; turn k is generated with turns < k and their
     answers in the chat, for all questions of one temperature at once."""
     from sftmix_ray.evaluation import generate
-    from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+    from sftmix_ray.modeling import chat_template_of
 
-    template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+    template = chat_template_of(tokenizer)
     answers: list[list[str]] = [[] for _ in questions]
     depth = max(len(q.turns) for q in questions)
     for turn in range(depth):

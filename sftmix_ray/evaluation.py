@@ -93,9 +93,9 @@ def exact_match(
     model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int, batch_size: int = 16
 ) -> dict:
     """Share of rows whose greedy answer to the last user turn equals the reference answer."""
-    from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+    from sftmix_ray.modeling import chat_template_of
 
-    template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+    template = chat_template_of(tokenizer)
     prompts = [
         tokenizer.apply_chat_template(
             row["messages"][:-1], chat_template=template, tokenize=False, add_generation_prompt=True
@@ -174,7 +174,7 @@ def evaluate_model(
         result["lm_eval"] = run_lm_eval(model, tokenizer, eval_cfg, seed)
     if questions:
         from sftmix_ray.answers import answer_questions
-        from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+        from sftmix_ray.modeling import chat_template_of
 
         result["answers"] = answer_questions(
             model, tokenizer, questions,
@@ -183,7 +183,7 @@ def evaluate_model(
             max_new_tokens=eval_cfg["answer_max_new_tokens"],
             batch_size=eval_cfg["answer_batch_size"], seed=seed,
         )  # fmt: skip
-        result["chat_template"] = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+        result["chat_template"] = chat_template_of(tokenizer)
     return result
 
 

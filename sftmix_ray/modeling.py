@@ -22,7 +22,29 @@ BUILTIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The same, for a tokenizer without `<|im_end|>` in its vocabulary (a base model's): the
+# marker is then plain text, so each answer also ends with the model's EOS token, which the
+# model learns to emit and generation stops at (TRL's `setup_chat_format` adds the ChatML
+# tokens instead, which resizes the embeddings).
+BUILTIN_CHAT_TEMPLATE_WITH_EOS = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def chat_template_of(tokenizer: Any) -> str:
+    """The tokenizer's own chat template, else the built-in ChatML one (with the EOS token
+    after each answer when `<|im_end|>` is not a token of the vocabulary)."""
+    if tokenizer.chat_template:
+        return str(tokenizer.chat_template)
+    marker = tokenizer.convert_tokens_to_ids("<|im_end|>")  # None or unk when unknown
+    if tokenizer.eos_token is None or marker not in (None, tokenizer.unk_token_id):
+        return BUILTIN_CHAT_TEMPLATE
+    return BUILTIN_CHAT_TEMPLATE_WITH_EOS
 
 
 def resolve_model_path(name_or_path: str, out_dir: Path | RunDir) -> str:
@@ -158,6 +180,8 @@ def save_hf(model: Any, tokenizer: Any, target: Path) -> Path:
     tmp = fresh_tmp_dir(Path(target))
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
+        if not tokenizer.chat_template:  # the template it was trained with goes along
+            tokenizer.chat_template = chat_template_of(tokenizer)
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, Path(target))
     return Path(target)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sftmix_ray.data.formats import FORMATS, detect_format, normalize_row
+from sftmix_ray.data.formats import FORMATS, detect_format, normalize_row, normalize_with_repairs
 from sftmix_ray.data.validation import (
     Rejection,
     ValidationReport,
@@ -182,7 +182,11 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     ({"instruction": "q"}, "alpaca", "missing field 'output'"),
     ({"instruction": 1, "output": "a"}, "alpaca", "field 'instruction' must be a string (got int)"),
     ({"instruction": "q", "output": None}, "alpaca", "field 'output' must be a string (got null)"),
-    ({"instruction": " \t", "output": "a"}, "alpaca", "field 'instruction' is empty"),
+    (
+        {"instruction": " \t", "output": "a"},
+        "alpaca",
+        "fields 'instruction' and 'input' are both empty",
+    ),
     ({"instruction": "q", "output": "\n"}, "alpaca", "field 'output' is empty"),
     (
         {"instruction": "q", "output": "a", "input": 3},
@@ -260,7 +264,7 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     (
         msgs(("user", ["part"]), ("assistant", "a")),
         "messages",
-        "turn 1 content must be a string (got list)",
+        "turn 1 content part 1 is not text ('string'); only text is supported",
     ),
     (
         msgs(("user", None), ("assistant", "a")),
@@ -348,3 +352,63 @@ def test_format_report_without_rejections() -> None:
 def test_validate_rows_names_the_source_when_detection_fails() -> None:
     with pytest.raises(DataError, match=r"^corpus\.jsonl: cannot detect the corpus format"):
         validate_rows([{"text": "a"}], "auto", source="corpus.jsonl")
+
+
+# Shapes real corpora have that peers (TRL, LLaMA-Factory) read; all were rejected or lost.
+KEPT_SHAPES = {
+    "openai_text_parts": (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                   {"type": "text", "text": "there"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]},
+        "messages", [("user", "Hi\nthere"), ("assistant", "Hello")],
+    ),
+    "developer_role": (
+        msgs(("developer", "Be brief."), ("user", "q"), ("assistant", "a")),
+        "messages", [("system", "Be brief."), ("user", "q"), ("assistant", "a")],
+    ),
+    "top_level_system_in_messages": (
+        {"system": "You are a pirate.", **msgs(("user", "q"), ("assistant", "a"))},
+        "messages", [("system", "You are a pirate."), ("user", "q"), ("assistant", "a")],
+    ),
+    # Parquet and HF datasets give every turn the union of the keys their rows use.
+    "merged_turn_keys": (
+        {"conversations": [{"from": None, "value": None, "role": "user", "content": "q"},
+                           {"from": "gpt", "value": "a", "role": None, "content": None}]},
+        "sharegpt", [("user", "q"), ("assistant", "a")],
+    ),
+    "alpaca_history": (
+        {"instruction": "And 3+3?", "input": "", "output": "6", "history": [["2+2?", "4"]]},
+        "alpaca", [("user", "2+2?"), ("assistant", "4"), ("user", "And 3+3?"), ("assistant", "6")],
+    ),
+    "alpaca_input_only": (
+        {"instruction": "", "input": "Translate: chat", "output": "cat"},
+        "alpaca", [("user", "Translate: chat"), ("assistant", "cat")],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(KEPT_SHAPES))
+def test_real_corpus_shapes_are_read(case):
+    row, fmt, expected = KEPT_SHAPES[case]
+    for mode in ("standard", "none"):  # formats, not repairs: read in strict mode too
+        messages, repairs = normalize_with_repairs(row, fmt, mode)
+        assert [(m["role"], m["content"]) for m in messages] == expected
+        assert repairs == []
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "kind", "reason"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                       {"role": "assistant", "content": "a"}]},
+         "messages", "non_text_content", "turn 1 content part 1 is not text ('image_url')"),
+        ({"instruction": "q", "output": "a", "history": [["only one"]]},
+         "alpaca", "malformed_turn", "history item 1 is not an [instruction, response] pair"),
+        ({"system": "s", **msgs(("system", "t"), ("user", "q"), ("assistant", "a"))},
+         "messages", "system_conflict", "row has both a 'system' field and a system turn"),
+    ],
+)  # fmt: skip
+def test_unsupported_shapes_are_rejected_by_name(row, fmt, kind, reason):
+    with pytest.raises(RowRejected) as info:
+        normalize_with_repairs(row, fmt)
+    assert info.value.kind == kind and info.value.reason.startswith(reason)

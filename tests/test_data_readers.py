@@ -107,6 +107,20 @@ def test_directory_mixing_parquet_and_jsonl(tmp_path: Path) -> None:
     assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b"]
 
 
+def test_directory_reads_json_shards_and_names_the_files_it_cannot_read(tmp_path: Path) -> None:
+    """A .json shard beside .jsonl ones is read (it was skipped without a word, its rows
+    lost); a compressed shard is an error naming it, not a silent skip."""
+    import gzip
+
+    write(tmp_path / "a.jsonl", jsonl([{"instruction": "a", "output": "x"}]))
+    rows = [{"instruction": "b", "output": "y"}, {"instruction": "c", "output": "z"}]
+    write(tmp_path / "b.json", json.dumps(rows))
+    write(tmp_path / "README.md", "not data")
+    assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b", "c"]
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(jsonl(rows).encode()))
+    data_error(tmp_path, "holds files that cannot be read (d.jsonl.gz)", "decompress")
+
+
 # --- file-level errors ----------------------------------------------------------------------
 
 
@@ -120,7 +134,7 @@ def test_missing_relative_path_is_not_a_hub_id() -> None:
 
 def test_directory_without_data_files(tmp_path: Path) -> None:
     write(tmp_path / "notes.txt", "x")
-    data_error(tmp_path, "directory without .parquet, .jsonl or .ndjson files")
+    data_error(tmp_path, "directory without .parquet, .jsonl, .ndjson or .json files")
 
 
 def test_not_utf8_reports_byte_offset_and_line(tmp_path: Path) -> None:

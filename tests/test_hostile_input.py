@@ -74,7 +74,9 @@ def test_missing_path_and_empty_directory_are_clear_errors(tmp_path, capsys):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "README.txt").write_text("not data")
     assert main(["validate-data", "--data", str(tmp_path / "shards")]) == 1
-    assert "is a directory without .parquet, .jsonl or .ndjson files" in capsys.readouterr().err
+    assert (
+        "is a directory without .parquet, .jsonl, .ndjson or .json files" in capsys.readouterr().err
+    )
     dangling = tmp_path / "link.jsonl"
     dangling.symlink_to(tmp_path / "gone.jsonl")
     assert main(["validate-data", "--data", str(dangling)]) == 1
@@ -93,7 +95,7 @@ ROW_CASES: dict[str, tuple[str, bytes, list[int], dict[int, str]]] = {
                                       {"instruction": "  ", "output": "x"}),
                     [0], {1: "must be a string (got int)", 2: "must be a string (got list)",
                           3: "not an object", 4: "not an object (got string)",
-                          5: "field 'instruction' is empty"}),
+                          5: "fields 'instruction' and 'input' are both empty"}),
     "unknown_roles": ("c.jsonl", _jsonl(CHAT, {"messages": [{"role": "robot", "content": "a"},
                                                {"role": "assistant", "content": "b"}]}),
                       [0], {1: "unknown role 'robot' in turn 1"}),
@@ -155,7 +157,32 @@ def test_parquet_with_wrong_column_types_and_nulls(tmp_path, capsys):
     assert main(["validate-data", "--data", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["total"], report["valid"], report["rejected"]) == (4, 0, 4)
-    assert all("must be a string" in r["reason"] for r in report["rejections"])
+    reasons = [r["reason"] for r in report["rejections"]]
+    assert reasons == [
+        "field 'output' must be a string (got int)",
+        "fields 'instruction' and 'input' are both empty",  # a null instruction is empty
+        "field 'output' must be a string (got null)",
+        "field 'output' must be a string (got int)",
+    ]
+
+
+def test_parquet_turns_with_the_union_of_keys_are_read(tmp_path, capsys):
+    """Parquet (and HF datasets) store a list of turns as one struct type: a row whose turns
+    use from/value gets role/content too, as nulls, and the other way round. Both rows are
+    valid (the second was rejected: "turn 1 role must be a string (got null)")."""
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        {"conversations": [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "yo"}]},
+    ]  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    assert set(table.schema.field("conversations").type.value_type.names) == {
+        "from", "value", "role", "content"
+    }  # fmt: skip
+    _parquet(tmp_path / "c.parquet", table)
+    assert main(["validate-data", "--data", str(tmp_path / "c.parquet"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["valid"], report["rejected"]) == (2, 2, 0)
 
 
 def test_directory_of_shards_counts_across_files(tmp_path, capsys):

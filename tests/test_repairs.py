@@ -52,6 +52,16 @@ REPAIRED = {
         ["role_mapped"],
         [("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "b")],
     ),
+    "cut_emoji": (  # a dump cut an emoji in half: a lone surrogate, which no tokenizer takes
+        [turn("human", "cut \ud83d here"), turn("gpt", "ok \udc00")],
+        ["invalid_unicode_replaced"],
+        [("user", "cut \ufffd here"), ("assistant", "ok \ufffd")],
+    ),
+    "null_content": (  # an assistant turn that only called a tool: content null
+        [turn("human", "q"), {"from": "gpt", "value": None}, turn("human", "q2"), turn("gpt", "a")],
+        ["null_content_dropped", "same_role_merged"],
+        [("user", "q\n\nq2"), ("assistant", "a")],
+    ),
     "everything_at_once": (
         [turn("gpt", "x"), turn("human", ""), turn("human", "q"), turn("chatgpt", "a"),
          turn("bard", "a2"), turn("human", "dangling")],
@@ -206,7 +216,11 @@ def test_prepare_repairs_truncates_and_reports_by_kind(ray_local, tmp_path, caps
     n = len(REPAIRED)
     assert train["input"] == len(rows) == train["written"] + train["rejected"]
     assert train["written"] == n + 1 and train["truncated"] >= 1
-    assert train["repairs"]["same_role_merged"] == 3 and train["repairs"]["role_mapped"] == 2
+    expected: dict[str, int] = {}
+    for _, repairs, _ in REPAIRED.values():
+        for kind in repairs:
+            expected[kind] = expected.get(kind, 0) + 1
+    assert train["repairs"] == expected  # every kind, the cut emoji's included
     assert set(train["rejections_by_kind"]) == {"prompt_too_long", "no_assistant_turn"}
     assert train["rejections_by_kind"]["prompt_too_long"]["examples"] == [n + 1]
     lines = Path(train["rejections_file"]).read_text().splitlines()

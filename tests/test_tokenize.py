@@ -65,3 +65,129 @@ def test_foreign_template_is_used_when_present(tokenizer):
     convo = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "there"}]
     ids, labels, _ = tokenize_conversation(tok, convo, 64, "drop")
     assert _supervised_text(tok, ids, labels) == "there<|endoftext|>"
+
+
+# Real templates that are not prefix-stable, in their published form (reduced to the parts
+# that matter here): rendering the conversation up to a turn is not a prefix of the whole.
+PHI3 = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)  # the EOS only at the very end
+QWEN3 = (
+    "{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' and loop.index0 > ns.last_user %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)  # an empty thinking block only on answers after the last user turn
+MISTRAL_V03 = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}"
+    "{%- endif %}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- endif %}{%- endfor %}"
+)  # the system prompt only in the last user turn
+GEMMA = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+    "else m['role'] %}{{ '<start_of_turn>' + role + '\\n' + m['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+TWO_TURNS = [
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "hello there"},  # repeats the question
+    {"role": "user", "content": "and then"},
+    {"role": "assistant", "content": "general"},
+]
+
+
+def _templated(template: str) -> object:
+    tok = train_tiny_tokenizer(["hello there", "general", "and then", "Be brief."] * 10, 300)
+    extra = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[INST]", "[/INST]"]
+    tok.add_special_tokens({"additional_special_tokens": extra, "eos_token": "<|endoftext|>"})
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize(
+    ("template", "convo", "expected"),
+    [
+        (PHI3, TWO_TURNS, "hello there<|end|>\ngeneral<|end|>\n<|endoftext|>"),
+        (QWEN3, TWO_TURNS, "hello there<|im_end|>\ngeneral<|im_end|>\n"),
+        (MISTRAL_V03, [{"role": "system", "content": "Be brief."}, *TWO_TURNS],
+         "hello there<|endoftext|>general<|endoftext|>"),
+    ],
+    ids=["phi3", "qwen3", "mistral-v0.3"],
+)  # fmt: skip
+def test_templates_that_are_not_prefix_stable_label_every_answer(template, convo, expected):
+    """Such rows were all rejected (`template_not_prefix_stable`): multi-turn UltraChat under
+    Phi-3 or Qwen3, any row with a system prompt under Mistral v0.3. Each answer is found in
+    the whole text and labelled with its end-of-turn tokens; the prompts, the repeated question
+    included, and the next turn's marker are not."""
+    tok = _templated(template)
+    ids, labels, _ = tokenize_conversation(tok, convo, 512, "drop")
+    assert _supervised_text(tok, ids, labels) == expected
+    prompt = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
+    assert "hello" in prompt and "and then" in prompt
+    for marker in ("<|user|>", "[INST]"):
+        marker_id = tok.convert_tokens_to_ids(marker)
+        assert not any(i == marker_id and label != IGNORE_INDEX for i, label in zip(ids, labels))
+
+
+def test_a_template_error_rejects_the_row_with_its_reason():
+    """Gemma's template raises on a system turn: that row is rejected and counted (it stopped
+    the whole prepare); the others are kept."""
+    tok = _templated(GEMMA)
+    with pytest.raises(RowRejected, match="System role not supported") as info:
+        tokenize_conversation(
+            tok, [{"role": "system", "content": "Be brief."}, *TWO_TURNS], 512, "drop"
+        )
+    assert info.value.kind == "template_error"
+    ids, labels, _ = tokenize_conversation(tok, TWO_TURNS, 512, "drop")
+    assert _supervised_text(tok, ids, labels) == "hello there<end_of_turn>\ngeneral<end_of_turn>\n"
+
+
+def test_a_tokenizer_without_template_or_chatml_tokens_learns_to_stop_at_eos(tmp_path):
+    """A base model's tokenizer (no chat template, no `<|im_end|>` token) gets the built-in
+    ChatML template with its EOS after each answer: `<|im_end|>` is plain text there, and a
+    model trained without the EOS never stopped generating. The export carries the template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(
+        ["hello there general", "<|im_start|> user"] * 10,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>")
+    assert tok.chat_template is None and tok.convert_tokens_to_ids("<|im_end|>") is None
+    ids, labels, _ = tokenize_conversation(tok, TWO_TURNS, 512, "drop")
+    supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert supervised.count(tok.eos_token_id) == 2  # each answer ends with the EOS
+    assert tok.decode(supervised).endswith("general<|im_end|></s>\n")
+    from sftmix_ray.modeling import save_hf
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    save_hf(LlamaForCausalLM(config), tok, tmp_path / "export")
+    reloaded = PreTrainedTokenizerFast.from_pretrained(tmp_path / "export")
+    assert reloaded.chat_template is not None and "eos_token" in reloaded.chat_template
+    # The tiny preset's tokenizer knows `<|im_end|>` (its EOS): its template stays as it was.
+    tiny = train_tiny_tokenizer(["hello there"] * 10, 300)
+    tiny.chat_template = None
+    ids, labels, _ = tokenize_conversation(tiny, TWO_TURNS, 512, "drop")
+    assert _supervised_text(tiny, ids, labels) == "hello there<|im_end|>\ngeneral<|im_end|>\n"

@@ -14,8 +14,14 @@ like `gpt` and `chatgpt`. A repaired conversation must then satisfy every rule b
 row is rejected. `repair="none"` applies the rules strictly.
 
 Rules (the same for every format):
-- content is a string; user and assistant content must not be empty or only whitespace;
-- an empty system prompt means "no system prompt" and is dropped (it changes nothing);
+- content is a string, or a list of text parts (`[{"type": "text", "text": ...}]`, OpenAI's
+  shape; joined with newlines; an image or other non-text part rejects the row); user and
+  assistant content must not be empty or only whitespace; text must be valid Unicode (a lone
+  surrogate, an emoji cut in half by a dump, is replaced by U+FFFD as a repair);
+- an empty system prompt means "no system prompt" and is dropped (it changes nothing); a
+  top-level `system` field is the system prompt (sharegpt and messages rows);
+- alpaca: `instruction` and `input` (either may be empty, not both) make the user turn, and an
+  optional `history` of `[instruction, response]` pairs (LLaMA-Factory's) the turns before it;
 - roles are known (aliases from real dumps are mapped, case-insensitively); tool/function
   roles are not supported and are rejected by name;
 - a system message may only come first; at least one assistant turn; the conversation
@@ -25,6 +31,7 @@ Rules (the same for every format):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
@@ -35,6 +42,7 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES: dict[str, str] = {
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system prompt
     "user": "user",
     "human": "user",
     "prompter": "user",
@@ -53,6 +61,8 @@ REPAIRS = (
     "leading_assistant_dropped",  # assistant turns before the first user turn dropped
     "same_role_merged",  # consecutive turns of one role merged with a blank line
     "trailing_user_dropped",  # a last user turn without a reply dropped
+    "invalid_unicode_replaced",  # lone surrogates (cut emoji) replaced by U+FFFD
+    "null_content_dropped",  # a turn whose content is null dropped (like an empty one)
 )
 # Key pairs a turn may use, the format's own first: (role key, content key).
 _TURN_KEYS = {
@@ -62,6 +72,7 @@ _TURN_KEYS = {
 _LIST_FIELD = {"sharegpt": "conversations", "messages": "messages"}
 
 Message = dict[str, str]
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_type_name(value: Any) -> str:
@@ -130,27 +141,100 @@ def normalize_with_repairs(
                 "no_format",
             )
         fmt = detected
+    repairs: set[str] = set()
+    text = _TextReader(repair == "standard", repairs)
     if fmt == "alpaca":
-        return _normalize_alpaca(row), []
-    return _normalize_conversation(row, fmt, repair == "standard")
+        messages = _normalize_alpaca(row, text)
+    else:
+        messages = _normalize_conversation(row, fmt, text)
+    return messages, sorted(repairs)
 
 
-def _normalize_alpaca(row: dict[str, Any]) -> list[Message]:
-    """instruction (+ "\\n\\n" + input) -> user, output -> assistant, optional system first."""
-    instruction = _required_text(row, "instruction", "alpaca")
-    output = _required_text(row, "output", "alpaca")
-    extra_input = _optional_text(row, "input")
-    system = _optional_text(row, "system")
-    prompt = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
+class _TextReader:
+    """Reads text values under one repair mode, noting the repairs it applies."""
+
+    def __init__(self, repair: bool, repairs: set[str]) -> None:
+        self.repair, self.repairs = repair, repairs
+
+    def __call__(self, value: Any, what: str, parts: bool = False) -> str:
+        """A string (or, with `parts`, a list of text parts, joined); lone surrogates replaced
+        (a repair) or rejected."""
+        if parts and isinstance(value, list):
+            value = _join_text_parts(value, what)
+        text: str = _typed(value, str, what)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            if not self.repair:
+                raise RowRejected(
+                    f"{what} is not valid Unicode (a lone surrogate)", "invalid_unicode"
+                ) from None
+            self.repairs.add("invalid_unicode_replaced")
+            # A surrogate in a str is always a lone one (json pairs them into one code point).
+            text = _SURROGATE.sub("\ufffd", text)
+        return text
+
+    def optional(self, row: dict[str, Any], key: str) -> str:
+        """An optional text field; absent or null reads as ""."""
+        value = row.get(key)
+        return "" if value is None else self(value, f"field {key!r}")
+
+
+def _join_text_parts(parts: list[Any], what: str) -> str:
+    """OpenAI-style content parts: the text parts joined with newlines; other parts reject."""
+    texts = []
+    for number, part in enumerate(parts, start=1):
+        if isinstance(part, dict) and part.get("type", "text") == "text":
+            texts.append(_typed(part.get("text"), str, f"{what} part {number} text"))
+        else:
+            kind = part.get("type") if isinstance(part, dict) else json_type_name(part)
+            raise RowRejected(
+                f"{what} part {number} is not text ({_show(str(kind))}); only text is supported",
+                "non_text_content",
+            )
+    return "\n".join(texts)
+
+
+def _normalize_alpaca(row: dict[str, Any], text: _TextReader) -> list[Message]:
+    """history pairs, then instruction (+ "\\n\\n" + input) -> user, output -> assistant;
+    optional system first."""
+    if "instruction" not in row:
+        raise RowRejected(
+            f"missing field 'instruction'{_looks_like(row, 'alpaca')}", "missing_field"
+        )
+    instruction = text.optional(row, "instruction")
+    extra_input = text.optional(row, "input")
+    prompt = "\n\n".join(part for part in (instruction, extra_input) if part.strip())
+    if not prompt:
+        raise RowRejected("fields 'instruction' and 'input' are both empty", "empty_field")
+    output = _required_text(row, "output", "alpaca", text)
+    system = text.optional(row, "system")
     messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages.extend(_alpaca_history(row.get("history"), text))
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": output})
     return messages
 
 
-def _normalize_conversation(
-    row: dict[str, Any], fmt: str, repair: bool
-) -> tuple[list[Message], list[str]]:
+def _alpaca_history(history: Any, text: _TextReader) -> list[Message]:
+    """LLaMA-Factory's `history`: earlier `[instruction, response]` pairs, oldest first."""
+    if history is None:
+        return []
+    turns: list[Message] = []
+    for number, pair in enumerate(_typed(history, list, "field 'history'"), start=1):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise RowRejected(
+                f"history item {number} is not an [instruction, response] pair", "malformed_turn"
+            )
+        for role, value in zip(("user", "assistant"), pair):
+            content = text(value, f"history item {number} {role} text")
+            if not content.strip():
+                raise RowRejected(f"history item {number} has an empty {role} text", "empty_turn")
+            turns.append({"role": role, "content": content})
+    return turns
+
+
+def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) -> list[Message]:
     """Normalize a sharegpt `conversations` or a `messages` list of turns."""
     field = _LIST_FIELD[fmt]
     if field not in row:
@@ -160,14 +244,17 @@ def _normalize_conversation(
         raise RowRejected(f"field {field!r} is empty", "empty_conversation")
 
     numbered: list[tuple[int, str, str]] = []  # (turn number, role, content)
-    repairs: set[str] = set()
-    system = _optional_text(row, "system") if fmt == "sharegpt" else ""
+    repair, repairs = text.repair, text.repairs
+    system = text.optional(row, "system")
     if system.strip():
         numbered.append((0, "system", system))
     for number, turn in enumerate(turns, start=1):
-        role, content, mapped = _parse_turn(turn, number, fmt, repair)
+        role, content, mapped = _parse_turn(turn, number, fmt, text)
         if mapped:
             repairs.add("role_mapped")
+        if content is None:  # a repair (strict reading rejects it as wrong_type)
+            repairs.add("null_content_dropped")
+            continue
         if not content.strip():
             if role == "system":
                 continue
@@ -184,8 +271,7 @@ def _normalize_conversation(
     if repair:
         numbered = _repair_order(numbered, repairs)
     _check_order(numbered)
-    messages = [{"role": role, "content": content} for _, role, content in numbered]
-    return messages, sorted(repairs)
+    return [{"role": role, "content": content} for _, role, content in numbered]
 
 
 def _repair_order(
@@ -213,26 +299,37 @@ def _repair_order(
     return head + merged
 
 
-def _parse_turn(turn: Any, number: int, fmt: str, repair: bool) -> tuple[str, str, bool]:
-    """Read one turn's (canonical role, content, mapped by a repair); reject malformed turns."""
+def _parse_turn(
+    turn: Any, number: int, fmt: str, text: _TextReader
+) -> tuple[str, str | None, bool]:
+    """Read one turn's (canonical role, content, mapped by a repair); reject malformed turns.
+    Content is None for a null content that the repairs drop."""
     if not isinstance(turn, dict):
         raise RowRejected(
             f"turn {number} is not an object (got {json_type_name(turn)})", "malformed_turn"
         )
     keys = _TURN_KEYS[fmt]
-    role_key, content_key = next((pair for pair in keys if pair[0] in turn), keys[0])
+    # By value, not by key: Parquet and HF datasets give every turn the union of the keys
+    # their rows use, with nulls where a row's turn had none.
+    role_key, content_key = next(
+        (pair for pair in keys if turn.get(pair[0]) is not None),
+        next((pair for pair in keys if pair[0] in turn), keys[0]),
+    )
     if role_key not in turn:
         raise RowRejected(f"turn {number} has no {role_key!r} field", "malformed_turn")
     raw_role = _typed(turn[role_key], str, f"turn {number} role")
     name = raw_role.strip().lower()
     role, mapped = ROLE_ALIASES.get(name), False
-    if role is None and repair and name in REPAIR_ROLE_ALIASES:
+    if role is None and text.repair and name in REPAIR_ROLE_ALIASES:
         role, mapped = REPAIR_ROLE_ALIASES[name], True
     if role is None:
         raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}", "unknown_role")
     if content_key not in turn:
         raise RowRejected(f"turn {number} has no {content_key!r} field", "malformed_turn")
-    return role, _typed(turn[content_key], str, f"turn {number} content"), mapped
+    content = turn[content_key]
+    if content is None and text.repair:
+        return role, None, mapped
+    return role, text(content, f"turn {number} content", parts=True), mapped
 
 
 def _check_order(numbered: list[tuple[int, str, str]]) -> None:
@@ -265,20 +362,14 @@ def _check_order(numbered: list[tuple[int, str, str]]) -> None:
         )
 
 
-def _required_text(row: dict[str, Any], key: str, fmt: str) -> str:
-    """A required, non-empty string field."""
+def _required_text(row: dict[str, Any], key: str, fmt: str, text: _TextReader) -> str:
+    """A required, non-empty text field."""
     if key not in row:
         raise RowRejected(f"missing field {key!r}{_looks_like(row, fmt)}", "missing_field")
-    value = _typed(row[key], str, f"field {key!r}")
+    value = text(row[key], f"field {key!r}")
     if not value.strip():
         raise RowRejected(f"field {key!r} is empty", "empty_field")
     return value
-
-
-def _optional_text(row: dict[str, Any], key: str) -> str:
-    """An optional string field; absent or null reads as ""."""
-    value = row.get(key)
-    return "" if value is None else _typed(value, str, f"field {key!r}")
 
 
 def _looks_like(row: dict[str, Any], fmt: str) -> str:

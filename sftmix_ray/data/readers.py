@@ -37,7 +37,10 @@ from sftmix_ray.errors import DataError
 JSON_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-DIRECTORY_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES
+DIRECTORY_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
+# Data files a directory of shards may hold that are not read: named in an error, since
+# skipping them would lose their rows without a word (other files, README.md, are ignored).
+UNREAD_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".csv", ".tsv", ".arrow")
 SUPPORTED_SUFFIXES = JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 PARQUET_BATCH = 1024
 
@@ -73,12 +76,8 @@ def corpus_files(path: str | os.PathLike[str]) -> list[str] | None:
         return _uri_files(name)
     local = Path(name)
     if local.is_dir():
-        files = sorted(
-            p for p in local.iterdir() if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES
-        )
-        if not files:
-            raise DataError(f"{local}: is a directory without .parquet, .jsonl or .ndjson files")
-        return [str(p) for p in files]
+        names = sorted(str(p) for p in local.iterdir() if p.is_file())
+        return _shards(str(local), names)
     if local.is_file():
         return [str(local)]
     if looks_like_hub_id(name):
@@ -103,15 +102,28 @@ def _uri_files(uri: str) -> list[str]:
         raise DataError(f"{uri}: no such file or directory")
     scheme = uri.split("://", 1)[0]
     if info.type == pafs.FileType.Directory:
-        names = sorted(
-            e.path
-            for e in entries
-            if e.type == pafs.FileType.File and e.path.lower().endswith(DIRECTORY_SUFFIXES)
-        )
-        if not names:
-            raise DataError(f"{uri}: is a directory without .parquet, .jsonl or .ndjson files")
-        return [f"{scheme}://{n}" for n in names]
+        names = sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
+        return _shards(uri, names)
     return [uri]
+
+
+def _shards(directory: str, names: list[str]) -> list[str]:
+    """The data files among a directory's files (sorted); an error for data it cannot read."""
+    unread = [n for n in names if n.lower().endswith(UNREAD_SUFFIXES)]
+    if unread:
+        shown = ", ".join(n.rsplit("/", 1)[-1] for n in unread[:3])
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        raise DataError(
+            f"{directory}: holds files that cannot be read ({shown}{more}): a corpus directory "
+            "holds .parquet, .jsonl, .ndjson or .json files; decompress or convert these, or "
+            "move them out"
+        )
+    files = [n for n in names if n.lower().endswith(DIRECTORY_SUFFIXES)]
+    if not files:
+        raise DataError(
+            f"{directory}: is a directory without .parquet, .jsonl, .ndjson or .json files"
+        )
+    return files
 
 
 def open_binary(path: str) -> IO[bytes]:

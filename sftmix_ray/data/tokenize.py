@@ -7,7 +7,7 @@ from typing import Any
 
 from sftmix_ray.errors import RowRejected
 from sftmix_ray.loss_kernels import IGNORE_INDEX
-from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE
+from sftmix_ray.modeling import chat_template_of
 
 
 def _render(tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool) -> str:
@@ -24,10 +24,13 @@ def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[t
 
     Each span runs from where the generation prompt ends to where the rendered turn ends, so
     it covers the assistant content and its end-of-turn token (the model must learn to stop).
-    Templates that are not prefix-stable (rendering a conversation changes an earlier turn's
-    text) are rejected, since their labels could not be aligned.
+    That needs a prefix-stable template (rendering the conversation up to a turn gives a prefix
+    of the whole). Several real ones are not: Phi-3 ends the text with the EOS token, Qwen3
+    keeps an empty thinking block only after the last user turn, Mistral v0.3 puts the system
+    prompt into the last user turn. Their spans are found in the whole text instead
+    (`_searched_spans`); a row whose turns cannot be found there either is rejected.
     """
-    template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
+    template = chat_template_of(tokenizer)
     full = _render(tokenizer, messages, template, generation_prompt=False)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -36,12 +39,72 @@ def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[t
         prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
         if not (full.startswith(upto) and upto.startswith(prompt)):
-            raise RowRejected(
-                f"chat template is not prefix-stable at turn {i}; cannot align assistant labels",
-                "template_not_prefix_stable",
-            )
+            return full, _searched_spans(tokenizer, messages, template, full)
         spans.append((len(prompt), len(upto)))
     return full, spans
+
+
+def _searched_spans(
+    tokenizer: Any, messages: list[dict], template: str, full: str
+) -> list[tuple[int, int]]:
+    """Assistant spans of a template that is not prefix-stable: each turn's content is found
+    in `full` in order (user turns too, so that an answer repeating the question is not found
+    in the question), then extended by the longest run of whole tokens of what the template
+    writes after that content when the turn is the last one (its end-of-turn marker) that
+    `full` also has there. Whole tokens: `<|end|>` of `<|end|><|endoftext|>` matches before
+    `<|user|>`, and the `<|` of `<|user|>` must not be taken for a start of `<|endoftext|>`."""
+    spans: list[tuple[int, int]] = []
+    position = 0
+    for i, message in enumerate(messages):
+        if message["role"] == "system":
+            continue  # some templates move it (Mistral v0.3: into the last user turn)
+        content = message["content"]
+        found = _find_content(full, content, position)
+        if found is None:
+            if message["role"] == "user":
+                continue  # a template may rewrite user turns; answers are what must be found
+            raise RowRejected(
+                f"chat template is not prefix-stable and turn {i} (assistant) is not found in "
+                "the rendered text; cannot align assistant labels",
+                "template_not_prefix_stable",
+            )
+        start, end = found
+        if message["role"] == "assistant":
+            upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
+            own = _find_content(upto, content, 0, last=True)
+            tail = upto[own[1] :] if own is not None else ""
+            end += _common_token_prefix(tokenizer, tail, full[end:])
+            spans.append((start, end))
+        position = end
+    return spans
+
+
+def _find_content(
+    text: str, content: str, position: int, last: bool = False
+) -> tuple[int, int] | None:
+    """Where `content` (or its stripped form, as templates that trim write it) is in `text`
+    from `position` on: the first (or the `last`) occurrence, as (start, end)."""
+    for needle in (content, content.strip()):
+        if not needle:
+            continue
+        at = text.rfind(needle, position) if last else text.find(needle, position)
+        if at >= 0:
+            return at, at + len(needle)
+    return None
+
+
+def _common_token_prefix(tokenizer: Any, tail: str, rest: str) -> int:
+    """Characters of the longest run of `tail`'s whole tokens that `rest` starts with."""
+    if not tail:
+        return 0
+    offsets = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
+    best = 0
+    for _, token_end in offsets["offset_mapping"]:
+        if rest.startswith(tail[:token_end]):
+            best = max(best, token_end)
+        else:
+            break
+    return best
 
 
 TRUNCATIONS = ("turns", "truncate", "drop")
@@ -60,8 +123,17 @@ def tokenize_conversation(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    text, spans = render_with_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        text, spans = render_with_spans(tokenizer, messages)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except RowRejected:
+        raise
+    except Exception as exc:  # the template's own checks (Gemma: no system role), tokenizer
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise RowRejected(
+            f"chat template or tokenizer failed: {type(exc).__name__}: {message}",
+            "template_error",
+        ) from None
     ids: list[int] = enc["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     span_idx = 0

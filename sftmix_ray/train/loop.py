@@ -332,7 +332,11 @@ class TrainWorker:
         dtype = export_dtype(self.train_cfg)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        # To host memory first, then cast: DDP and ZeRO-2 hand over the live weights on rank 0's
+        # GPU, where a cast copy of the whole model would sit beside the optimizer state.
+        state = {
+            k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in state.items()
+        }
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.is_meta]
