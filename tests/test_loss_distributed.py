@@ -749,3 +749,57 @@ def test_ddp_and_deepspeed_background_saves_hold_the_state_of_their_step(tmp_pat
             assert torch.equal(background["next"][key], result["sync_next"][key]), (name, key)
             # ... and the resumed run continues the trajectory the saving run took.
             torch.testing.assert_close(background["next"][key], after[0][key], rtol=0, atol=0)
+
+
+def _deepspeed_accumulation_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Gradient norms of one optimizer step over 4 rows: in one micro-batch, then in two."""
+    import json
+
+    os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    from sftmix_ray.config import TrainConfig
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.strategies import build_strategy
+
+    data = _llama_batch()
+    total = (data["labels"][:, 1:] != -100).sum().float().reshape(1)
+    norms = {}
+    try:
+        for name, config in {
+            "zero1-bf16": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+                           "data_types": {"grad_accum_dtype": "fp32"}},
+            "zero2": {"zero_optimization": {"stage": 2}},
+        }.items():  # fmt: skip
+            path = Path(out_dir) / f"{name}.json"
+            path.write_text(json.dumps(config))
+            for accumulation in (1, 2):
+                train = TrainConfig(
+                    strategy="deepspeed", deepspeed_config=str(path), max_grad_norm=0.0,
+                    gradient_accumulation_steps=accumulation,
+                    per_device_train_batch_size=4 // accumulation,
+                )  # fmt: skip
+                wrapper = CausalLMWithLoss(_tiny_llama(), NTPLoss(chunk_size=3))
+                strategy = build_strategy("deepspeed", wrapper, train, 10)
+                for rows in [[0, 1, 2, 3]] if accumulation == 1 else [[0, 1], [2, 3]]:
+                    loss, _ = strategy.module(
+                        data["ids"][rows], data["mask"][rows], data["labels"][rows],
+                        normalizers=total,
+                    )  # fmt: skip
+                    strategy.backward(loss)
+                norms[f"{name}/{accumulation}"] = strategy.step()
+        torch.save(norms, Path(out_dir) / "norms.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as in `_staged_save_worker`: skip DeepSpeed's teardown
+
+
+@pytest.mark.slow
+def test_deepspeed_accumulation_does_not_divide_the_gradient_again(tmp_path: Path) -> None:
+    """The loss is normalized over the whole accumulation window, so 2 micro-batches give the
+    gradient of 1. Under BF16_Optimizer (ZeRO-1 with bf16, from a user's DeepSpeed JSON) the
+    engine divided it by the accumulation steps a second time (norm 0.90 instead of 1.80)."""
+    mp.spawn(_deepspeed_accumulation_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=1)
+    norms = torch.load(tmp_path / "norms.pt")
+    assert norms["zero2/2"] == pytest.approx(norms["zero2/1"], rel=1e-5)
+    assert norms["zero1-bf16/2"] == pytest.approx(norms["zero1-bf16/1"], rel=2e-2)  # bf16

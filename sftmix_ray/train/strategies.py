@@ -334,7 +334,12 @@ class DeepSpeedStrategy:
 
     def backward(self, loss: torch.Tensor) -> None:
         # Our loss is already normalized over the whole accumulation window: no extra 1/GAS.
-        self.module.backward(loss, scale_wrt_gas=False)
+        # `scale_wrt_gas=False` is not enough alone: the engine's forward hooked the loss to
+        # divide its gradient by GAS unless a hook on the tensor backward starts from fires
+        # first, and that tensor is the loss itself where the optimizer does not rescale it
+        # (BF16_Optimizer: ZeRO-0/1 with bf16 from a user's JSON), so the division happened.
+        # A fresh tensor (a no-op view in autograd) always comes first.
+        self.module.backward(loss.view_as(loss), scale_wrt_gas=False)
         self.module.step()  # an optimizer step only at DeepSpeed's accumulation boundary
 
     def step(self) -> float:
