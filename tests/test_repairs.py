@@ -225,6 +225,10 @@ def test_prepare_repairs_truncates_and_reports_by_kind(ray_local, tmp_path, caps
     assert train["rejections_by_kind"]["prompt_too_long"]["examples"] == [n + 1]
     lines = Path(train["rejections_file"]).read_text().splitlines()
     assert [json.loads(line)["example_id"] for line in lines] == [n + 1, n + 2]
+    # ... and where each is in the file the user gave (rows n + 1 and n + 2: lines n + 2, n + 3)
+    assert [(json.loads(x)["file"], json.loads(x)["line"]) for x in lines] == [
+        (str(path), n + 2), (str(path), n + 3)
+    ]  # fmt: skip
     assert not Path(train["rejections_file"]).is_relative_to(out / "data")
     data = pq.read_table(out / "data").sort_by("example_id")
     assert data.column("example_id").to_pylist() == list(range(n + 1))

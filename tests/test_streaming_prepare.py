@@ -18,7 +18,7 @@ import pytest
 
 from sftmix_ray.cli import main
 from sftmix_ray.data import chunks as chunks_module
-from sftmix_ray.data.chunks import iter_chunk, plan_chunks
+from sftmix_ray.data.chunks import iter_chunk, iter_chunk_located, plan_chunks
 from sftmix_ray.data.readers import read_records
 from tests.conftest import TINY_OVERRIDES
 
@@ -76,6 +76,21 @@ def test_chunks_cover_every_row_once_with_its_whole_file_index(tmp_path, small_c
         assert got == expected, path
         firsts = [c.first_row for c in chunks]
         assert firsts == [sum(c.rows for c in chunks[:k]) for k in range(len(chunks))]
+        # Each row says where it is in the file the user gave: that place holds that row.
+        for chunk in chunks:
+            for _, row, where in iter_chunk_located(chunk):
+                assert _row_at(where) == row, where
+
+
+def _row_at(where: dict) -> object:
+    """The row at a location `iter_chunk_located` reports, read straight from the file."""
+    path = Path(where["file"])
+    if "line" in where:
+        lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
+        return json.loads(lines[where["line"] - 1])
+    if "element" in where:
+        return json.loads(path.read_text())[where["element"] - 1]
+    return pq.read_table(path).slice(where["row"] - 1, 1).to_pylist()[0]
 
 
 def _prepare(out: Path, *sets: str, capsys) -> tuple[int, str]:

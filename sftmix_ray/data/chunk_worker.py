@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftmix_ray.data.chunks import Chunk, iter_chunk
+from sftmix_ray.data.chunks import Chunk, iter_chunk_located
 from sftmix_ray.data.validation import EXAMPLES_PER_KIND
 from sftmix_ray.errors import DataError, RowRejected
 
@@ -160,7 +160,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     rejections: dict[str, list[str]] = {side: [] for side in SIDES}
     error = None
     try:
-        for index, raw in iter_chunk(chunk):
+        for index, raw, where in iter_chunk_located(chunk):
             if job.fmt == PREPARED:
                 index, side = int(raw["example_id"]), "train"
             else:
@@ -175,13 +175,13 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                     messages, applied = normalize_with_repairs(raw, job.fmt, job.repair)
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=True)
-                rejections[side].append(_rejection_line(index, exc))
+                rejections[side].append(_rejection_line(index, where, exc))
                 continue
             try:
                 ids, labels, truncated = tokenize(messages)
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=False)
-                rejections[side].append(_rejection_line(index, exc))
+                rejections[side].append(_rejection_line(index, where, exc))
                 continue
             for kind in applied:
                 side_stats.repairs[kind] = side_stats.repairs.get(kind, 0) + 1
@@ -213,8 +213,9 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     return {"error": error, **{side: asdict(s) for side, s in stats.items()}}
 
 
-def _rejection_line(index: int, exc: RowRejected) -> str:
-    record = {"example_id": index, "index": index, "reason": exc.reason, "kind": exc.kind}
+def _rejection_line(index: int, where: dict[str, Any], exc: RowRejected) -> str:
+    """One rejection record: the row's corpus index, its file and line (or element, row)."""
+    record = {"example_id": index, "index": index, **where, "reason": exc.reason, "kind": exc.kind}
     return json.dumps(record) + "\n"
 
 

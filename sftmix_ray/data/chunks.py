@@ -44,7 +44,9 @@ class Chunk:
     stop: int  # end byte or end row group, exclusive
     first_row: int  # index in the corpus of the chunk's first row
     rows: int
-    first_line: int = 1  # jsonl: the file's line number at `start`
+    first_line: int = 1  # jsonl: the file's line number at `start`; parquet: its 1-based row
+    source: str = ""  # the file as the user named it, where `path` is a rewritten copy
+    unit: str = "line"  # how `source` numbers rows: line (JSON Lines), element, row
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -56,18 +58,28 @@ class Chunk:
 
 def iter_chunk(chunk: Chunk) -> Iterator[tuple[int, Any]]:
     """(corpus row index, raw row) for every row of the chunk, in file order."""
+    for index, row, _ in iter_chunk_located(chunk):
+        yield index, row
+
+
+def iter_chunk_located(chunk: Chunk) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    """`iter_chunk` with where each row is in the corpus as the user gave it:
+    `{"file": ..., "line": n}` (JSON Lines), `"element": n` (a JSON array), `"row": n`
+    (Parquet, a Hub dataset's split); numbers from 1."""
+    source = chunk.source or chunk.path
     if chunk.kind == "parquet":
         rows = iter_parquet_rows(chunk.path, list(range(chunk.start, chunk.stop)))
+        numbered: Iterator[tuple[int, Any]] = enumerate(rows, start=chunk.first_line)
     else:
-        rows = _chunk_jsonl_rows(chunk)
-    for offset, row in enumerate(rows):
-        yield chunk.first_row + offset, row
+        numbered = _chunk_jsonl_rows(chunk)
+    for offset, (number, row) in enumerate(numbered):
+        yield chunk.first_row + offset, row, {"file": source, chunk.unit: number}
 
 
-def _chunk_jsonl_rows(chunk: Chunk) -> Iterator[Any]:
+def _chunk_jsonl_rows(chunk: Chunk) -> Iterator[tuple[int, Any]]:
     with open_binary(chunk.path) as f:
         for _, line, text in jsonl_lines(f, chunk.path, chunk.start, chunk.stop, chunk.first_line):
-            yield parse_jsonl_line(chunk.path, line, text)
+            yield line, parse_jsonl_line(chunk.path, line, text)
 
 
 def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tuple[list[Chunk], int]:
@@ -77,6 +89,7 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
     `work_dir` (streamed), so that both can be cut; all other files are read where they are.
     """
     files = corpus_files(path)
+    hub = files is None
     if files is None:
         files = [_hub_to_parquet(path, hf_split, work_dir)]
     target = _target_bytes(files, parts)
@@ -84,15 +97,17 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
     total = 0
     for number, file in enumerate(files):
         kind = file_kind(file)
+        named = {"source": f"{path} ({hf_split} split)"} if hub else {}
         if kind == "json":
             with open_binary(file) as f:
                 kind = json_file_kind(f, file)
-            if kind == "array":
+            if kind == "array":  # one element per line: line n is element n
+                named = {"source": file, "unit": "element"}
                 file = _array_to_jsonl(file, work_dir / f"{number:05d}.jsonl")
                 kind = "jsonl"
         planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
         for chunk in planned:
-            chunks.append(Chunk(**{**asdict(chunk), "first_row": total}))
+            chunks.append(Chunk(**{**asdict(chunk), "first_row": total, **named}))
             total += chunk.rows
     return chunks, total
 
@@ -134,14 +149,15 @@ def _plan_parquet(path: str, target: int) -> list[Chunk]:
     if meta.num_rows == 0:
         raise DataError(f"{path}: contains no rows")
     chunks: list[Chunk] = []
-    start, rows, size = 0, 0, 0
+    start, rows, size, before = 0, 0, 0, 0  # before: the file's rows ahead of this chunk
     for group in range(meta.num_row_groups):
         if rows and size >= target:
-            chunks.append(Chunk(path, "parquet", start, group, 0, rows))
-            start, rows, size = group, 0, 0
+            chunks.append(Chunk(path, "parquet", start, group, 0, rows, before + 1, unit="row"))
+            start, before, rows, size = group, before + rows, 0, 0
         rows += meta.row_group(group).num_rows
         size += meta.row_group(group).total_byte_size
-    chunks.append(Chunk(path, "parquet", start, meta.num_row_groups, 0, rows))
+    last = Chunk(path, "parquet", start, meta.num_row_groups, 0, rows, before + 1, unit="row")
+    chunks.append(last)
     return [c for c in chunks if c.rows]
 
 
