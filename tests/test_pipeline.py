@@ -90,13 +90,13 @@ def test_reference_fingerprint_uses_the_learning_rate_it_trains_with():
     assert _first_changed(tiny_config(*ntp), tiny_config(*ntp, "mixup.alpha=0.9")) is None
 
 
-def test_ray_train_run_name_ignores_logging_but_not_results_or_layout():
+def test_ray_train_run_name_ignores_logging_but_not_results_or_layout(tmp_path):
     from sftmix_ray.train.launch import run_name
 
     rows = {"confident": "c", "unconfident": "u"}
 
-    def name(*change: str, mode: str = "train", streams: dict = rows) -> str:
-        return run_name(tiny_config(*change), mode, "model", streams)
+    def name(*change: str, mode: str = "train", streams: dict = rows, out=tmp_path) -> str:
+        return run_name(tiny_config(*change), mode, "model", streams, out)
 
     base = name()
     assert name("train.logging_steps=3", "train.report_to=mlflow", "train.eval_steps=5") == base
@@ -107,6 +107,12 @@ def test_ray_train_run_name_ignores_logging_but_not_results_or_layout():
     assert name("train.num_workers=2", "train.per_device_train_batch_size=4") != base
     assert name(streams={**rows, "confident": "other rows"}) != base
     assert name(mode="reference") != base
+    # The ids are row numbers: another model or corpus of the same size, or the same config in
+    # another OUT sharing train.storage_path, must not resume this run's checkpoints.
+    assert name("model.name_or_path=org/another-model") != base
+    assert name("data.path=another.jsonl") != base and name("data.max_length=64") != base
+    assert name(out=tmp_path / "another-out") != base
+    assert name("mixup.mu=0", "model.name_or_path=org/m") != name("mixup.mu=0")  # NTP too
 
 
 def test_run_spec_is_typed_and_applies_what_each_run_uses(tmp_path):

@@ -208,7 +208,15 @@ def test_mu_zero_is_the_ntp_reference_loop(reference_out, base_out, tmp_path):
     shutil.copytree(reference_out, again)
     from sftmix_ray.pipeline import run_stage
 
-    assert run_stage("reference", tiny_config(), again)["steps"] == STEPS
+    # A checkpoint another reference run exported (another C or length) would be scored with
+    # this run's: the rerun removes it.
+    (again / "reference" / "checkpoint-99").mkdir()
+    (again / "reference" / "checkpoint-99" / "config.json").write_text("{}")
+    rerun_stage = run_stage("reference", tiny_config(), again)
+    assert rerun_stage["steps"] == STEPS and rerun_stage["stale_checkpoints_removed"] == 1
+    assert sorted(p.name for p in (again / "reference").glob("checkpoint-*")) == sorted(
+        p.name for p in (reference_out / "reference").glob("checkpoint-*")
+    )
     rerun = json.loads((again / "logs" / "reference-model-history.json").read_text())
     np.testing.assert_allclose(losses(rerun["history"]), losses(ref["history"]), rtol=1e-6)
 

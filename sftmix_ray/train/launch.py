@@ -46,22 +46,44 @@ def _subset(data: Any, split_file: Path, ratio: float) -> Any:
     return data.filter(pc.is_in(data.column("example_id"), value_set=ids.combine_chunks()))
 
 
-def run_name(cfg: Config, mode: str, export_name: str, rows: dict[str, str]) -> str:
+def run_name(cfg: Config, mode: str, export_name: str, rows: dict[str, str], out: Path) -> str:
     """The Ray Train run's name: the same for a rerun that would train the same weights in the
     same checkpoint layout (it resumes from the run's checkpoints), new for any change of what
     the weights depend on or of the rows of a stream (`rows`: stream -> digest of its ids).
-    Logging, sinks, eval and checkpoint cadence, storage and retries are left out."""
-    from sftmix_ray.stages import training_reads, training_topology
+    Logging, sinks, eval and checkpoint cadence, storage and retries are left out.
+
+    What the weights depend on includes the model and the corpus with its tokenization
+    (`prepare_reads`: the ids alone are row numbers, the same for two corpora of one size),
+    and the run directory `out`: the recipes share one `train.storage_path`, where two
+    experiments of one config in two OUTs must not resume (or clean up) each other's runs."""
+    from sftmix_ray.stages import prepare_reads, training_reads, training_topology
 
     key = {
         "mode": mode,
         "export": export_name,
         "reads": training_reads(cfg, mode),
+        "corpus_and_model": prepare_reads(cfg),
         "topology": training_topology(cfg),
         "rows": rows,
+        "out": str(out.resolve()),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return f"{mode}-{digest[:10]}"
+
+
+def _remove_stale_exports(reference: Path, steps: list[int]) -> int:
+    """Remove the HF checkpoints in `reference` that this run did not export: a reference
+    run with another C, length or corpus exported other steps, and `score` would average
+    them in with this run's. Returns how many went."""
+    import shutil
+
+    if not steps:  # a history from before this was recorded: nothing to tell stale by
+        return 0
+    keep = {f"checkpoint-{step}" for step in steps}
+    stale = [p for p in reference.glob("checkpoint-*") if p.is_dir() and p.name not in keep]
+    for path in stale:
+        shutil.rmtree(path)
+    return len(stale)
 
 
 def _torch_threads(cfg: Config) -> int:
@@ -283,7 +305,7 @@ def run_training(
         k: hashlib.sha256(t.column("example_id").to_numpy().tobytes()).hexdigest()
         for k, t in tables.items()
     }
-    name = run_name(cfg, mode, export_name, rows)
+    name = run_name(cfg, mode, export_name, rows, run.root)
     mlflow = None
     if "mlflow" in cfg.train.report_to:
         mlflow = mlflow_settings(cfg, run, name, f"{mode}-{export_name}")
@@ -339,6 +361,9 @@ def run_training(
     if retokenized:
         summary["retokenized"] = retokenized
     if mode == "reference":
+        summary["stale_checkpoints_removed"] = _remove_stale_exports(
+            run.reference, history.get("export_steps", [])
+        )
         by_step = sorted(run.reference.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name))
         summary["checkpoints"] = [str(p) for p in by_step]  # checkpoint-9 before checkpoint-10
         summary["resume_checkpoints_removed"] = removed

@@ -505,6 +505,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
                 "nodes": trainer.nodes,
                 "torch_threads": threads,
                 "async_checkpoints_registered": reporter.async_registered,
+                "export_steps": sorted(export_steps),
                 "orphan_checkpoints_removed": orphans,
             },
         )
