@@ -242,14 +242,15 @@ def test_dockerfile_runs_as_uid_1000_without_secrets() -> None:
     assert re.search(r"^USER 1000(:1000)?$", text, re.MULTILINE)
     assert re.search(r"^ENV DS_BUILD_OPS=0", text, re.MULTILINE)
     assert "--no-cache-dir" in text
-    # The image has every optional feature (LoRA, W&B, lm-eval, Optuna), by extras that exist.
+    # The image has every optional feature (LoRA, QLoRA, W&B, MLflow, lm-eval, Optuna).
     import tomllib
 
     extras = re.search(r'"\.\[([\w,-]+)\]"', text)
     assert extras, "the image installs the project with its extras"
     pyproject = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())
     declared = pyproject["project"]["optional-dependencies"]
-    assert {"optuna", "lora", "wandb", "eval"} <= set(extras.group(1).split(",")) <= set(declared)
+    assert set(extras.group(1).split(",")) == set(declared) - {"dev"}  # every extra
+    assert re.search(r"apt-get install .*\bwget\b", text)  # KubeRay's default probes run it
     copied = re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE)
     assert not any(src.strip() in {".", "cluster", "./cluster"} for src in copied), copied
     assert not re.search(r"^(ENV|ARG)\s+\S*(TOKEN|SECRET|PASSWORD)", text, re.MULTILINE)
@@ -272,7 +273,8 @@ def test_runtime_env_is_accepted_by_ray() -> None:
     assert all(isinstance(v, str) for v in parsed.env_vars().values())
 
     excluded = _get_excludes(REPO, env["excludes"])
-    for path in (".venv", ".git", "out", "sftmix_ray/__pycache__", "cluster/kuberay/secret.yaml"):
+    secrets = ("cluster/kuberay/secret.yaml", "cluster/kuberay/my-hf-secret.yaml", "prod.env")
+    for path in (".venv", ".git", "out", "sftmix_ray/__pycache__", ".env", *secrets):
         assert excluded(REPO / path), path
     for path in ("sftmix_ray", "configs/quickstart.yaml", "pyproject.toml"):
         assert not excluded(REPO / path), path
@@ -312,6 +314,13 @@ def test_launcher_config_passes_the_autoscaler_schema() -> None:
     assert workers and all(n["resources"]["GPU"] >= 1 for n in workers)
     assert all(n["max_workers"] >= n.get("min_workers", 0) for n in workers)
     assert any(SHARED_MOUNT in cmd for cmd in config["initialization_commands"])
+    # The nvidia runtime shows GPUs only to containers that ask (our base image does not set
+    # NVIDIA_VISIBLE_DEVICES); secrets come from an env file on the host, never this file.
+    assert "-e NVIDIA_VISIBLE_DEVICES=all" in config["docker"]["worker_run_options"]
+    env_file = "--env-file /etc/sftmix/secrets.env"
+    assert env_file in config["docker"]["run_options"]
+    assert any("/etc/sftmix/secrets.env" in cmd for cmd in config["initialization_commands"])
+    assert not HF_TOKEN_LITERAL.search(LAUNCHER.read_text())
 
 
 def test_launcher_schema_rejects_an_unknown_field() -> None:
