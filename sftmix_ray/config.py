@@ -449,6 +449,13 @@ class Config:
             self.train.per_device_train_batch_size,
             "an even number when mixup.mu > 0 (each micro-batch is b pairs: 2b rows)",
         )
+        _check(
+            self.tune.scheduler != "asha" or self.train.eval_steps > 0,
+            "tune.scheduler", self.tune.scheduler,
+            "fifo while train.eval_steps=0: ASHA compares trials at their evals, and with one "
+            "eval at the end it would stop a trial there, before it exports its model; set "
+            "train.eval_steps to the rung spacing",
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe), as written to OUT/config.yaml."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,16 @@ def plan_pipeline(cfg: Config, out_dir: Path | RunDir, force: str | None = None)
     return plan
 
 
+def drop_forced_cache(entry: dict[str, Any], force: str | None, run: RunDir) -> bool:
+    """Remove the reusable work of the stage `--force` names (score's per-checkpoint NLLs),
+    so that forcing it redoes it; returns whether something was removed."""
+    cache = get_stage(entry["stage"]).cache
+    if force != entry["stage"] or cache is None or not cache(run).exists():
+        return False
+    shutil.rmtree(cache(run))
+    return True
+
+
 def run_pipeline(
     cfg: Config, out_dir: Path | RunDir, force: str | None = None, dry_run: bool = False
 ) -> dict[str, Any]:
@@ -125,6 +136,7 @@ def run_pipeline(
             results[name] = {"status": "skipped"}
             continue
         log.info("stage %s: runs, %s", name, entry["reason"])
+        drop_forced_cache(entry, force, run)
         results[name] = run_stage(name, cfg, run)
     from sftmix_ray.report import write_report
 

@@ -102,17 +102,42 @@ def _complete(path: Path, ids: np.ndarray, meta: dict[str, str]) -> bool:
     return stored == meta
 
 
+def _check_finite(table: pa.Table, checkpoint: str) -> None:
+    """Raise, naming examples, if a pass gave a NaN or infinite NLL (nothing is written: a
+    stored NaN would be reused by every rerun)."""
+    nll = table.column("nll").to_numpy()
+    bad = table.column("example_id").to_numpy()[~np.isfinite(nll)]
+    if len(bad):
+        raise SftmixError(
+            f"{checkpoint}: {len(bad)} examples have no finite response NLL "
+            f"(e.g. example_id {bad[:5].tolist()}); nothing of this checkpoint was written"
+        )
+
+
 def _actor_resources(cfg: Config) -> tuple[float, int]:
-    """CPUs to reserve per scorer actor, and torch threads per actor."""
+    """CPUs to reserve per scorer actor, and torch threads per actor, on this cluster."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    threads = max(1, int(total // cfg.score.num_actors))
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return actor_resources(
+        total, max(nodes, default=total), cfg.score.num_actors, cfg.score.num_gpus_per_actor
+    )
+
+
+def actor_resources(
+    total: float, largest_node: float, actors: int, gpus_per_actor: float
+) -> tuple[float, int]:
+    """CPUs to reserve per scorer actor and its torch threads, from the cluster's CPUs and its
+    largest node's: an actor lives on one node, so it never asks for more than a node has
+    (sized from the whole cluster, a CPU actor on 4 nodes of 16 CPUs asked for 31.5 and
+    was never placed: `score` waited forever)."""
+    threads = max(1, int(min(total // actors, largest_node)))
     # Leave a CPU (half the cluster on tiny ones) to Ray Data's read and repartition tasks:
     # actors holding every CPU would starve them and the pipeline would never finish.
     spare = max(total - 1.0, total / 2.0)
-    wanted = 1.0 if cfg.score.num_gpus_per_actor > 0 else float(threads)  # GPU actors: a feeder
-    return max(0.05, min(wanted, spare / cfg.score.num_actors)), threads
+    wanted = 1.0 if gpus_per_actor > 0 else float(threads)  # GPU actors: a feeder
+    return max(0.05, min(wanted, spare / actors, largest_node)), threads
 
 
 def _score_all(
@@ -198,8 +223,11 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         stale.unlink(missing_ok=True)
     data_print = fingerprint(data_dir)
     reused, rescored, passes, pending = [], [], [], {}
+    on_gpu = cfg.score.num_gpus_per_actor > 0
+    scorer = f"{'gpu' if on_gpu else 'cpu'}:{'bf16' if on_gpu and cfg.train.bf16 else 'fp32'}"
     for step, checkpoint in checkpoints:
         meta = {"data": data_print, "checkpoint": fingerprint(checkpoint), "step": str(step)}
+        meta["scorer"] = scorer  # another device or precision gives other NLLs: rescore
         if _complete(run.checkpoint_scores(step), ids, meta):
             log.info("%s: already scored, kept", checkpoint.name)
             reused.append(checkpoint.name)
@@ -214,6 +242,7 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
             for step, table, counts in results:
                 checkpoint, meta = pending[step]
                 check_ids(table.column("example_id").to_numpy(), ids, checkpoint.name)
+                _check_finite(table, checkpoint.name)  # now, not after every other pass
                 tokens += int(np.sum(table.column("n_tokens").to_numpy()))
                 passes.append({"checkpoint": checkpoint.name, **counts})
                 log.info("%s: %d rows scored", checkpoint.name, len(ids))

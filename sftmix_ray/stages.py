@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sftmix_ray.config import Config, TrainConfig
@@ -188,6 +189,9 @@ class Stage:
     reads: Callable[[Config], Reads]  # the config values its results depend on
     needs_ray: bool
     help: str
+    # Work it reuses across runs when its inputs match (score: per-checkpoint NLLs); dropped
+    # when the stage is forced, so that `--force` really redoes it.
+    cache: Callable[[RunDir], Path] | None = None
 
 
 STAGES: tuple[Stage, ...] = (
@@ -202,6 +206,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "score", _score, _score_reads, True,
         "score every example's confidence with each reference checkpoint (Ray Data)",
+        cache=lambda run: run.checkpoint_scores_dir,
     ),
     Stage("split", _split, _split_reads, False,
           "split the corpus into confident and unconfident halves"),

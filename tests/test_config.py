@@ -183,3 +183,12 @@ def test_gpu_recipes_use_the_papers_training_setup(path):
     }
     key = "alpaca" if "alpaca" in path.name else "ultrachat"
     assert (cfg.data.path, cfg.data.hf_split) == data[key]
+
+
+def test_asha_needs_evals_to_compare_trials_at():
+    """With train.eval_steps=0 a trial's only eval is its last report, where ASHA would stop
+    it before its export (and compare trials at different steps)."""
+    with pytest.raises(ConfigError, match=r"tune\.scheduler.*train\.eval_steps to the rung"):
+        load_config(None, ["tune.scheduler=asha"])
+    cfg = load_config(None, ["tune.scheduler=asha", "train.eval_steps=50"])
+    assert cfg.tune.scheduler == "asha"

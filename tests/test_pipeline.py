@@ -216,3 +216,20 @@ def test_force_unknown_stage_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="--force 'trian' is not a stage"):
         run_pipeline(tiny_config(), tmp_path, force="trian")
+
+
+def test_force_score_drops_its_per_checkpoint_cache(tmp_path):
+    """`--force score` really rescores: score reuses per-checkpoint NLLs whose inputs match,
+    so forcing it must drop them; forcing another stage (or none) keeps them."""
+    from sftmix_ray.layout import RunDir
+    from sftmix_ray.pipeline import drop_forced_cache
+
+    run = RunDir(tmp_path)
+    run.checkpoint_scores_dir.mkdir(parents=True)
+    (run.checkpoint_scores_dir / "checkpoint-1.parquet").write_bytes(b"x")
+    assert not drop_forced_cache({"stage": "score"}, None, run)
+    assert not drop_forced_cache({"stage": "score"}, "reference", run)  # reran for a change
+    assert not drop_forced_cache({"stage": "split"}, "split", run)  # no cache of its own
+    assert run.checkpoint_scores_dir.exists()
+    assert drop_forced_cache({"stage": "score"}, "score", run)
+    assert not run.checkpoint_scores_dir.exists()

@@ -323,3 +323,36 @@ def test_one_actor_pool_scores_every_checkpoint(reference_out: Path, ray_local, 
         np.testing.assert_allclose(
             stored.column("nll").to_numpy()[:40], alone.column("nll").to_numpy(), rtol=1e-5
         )
+
+
+def test_per_checkpoint_nll_is_reused_only_for_the_same_scorer_and_never_when_not_finite(
+    tmp_path,
+):
+    """A per-checkpoint file records the scorer's device and precision (GPU bf16 and CPU fp32
+    give other NLLs: switching rescored nothing); a pass with a NaN NLL stops the stage before
+    anything is written (a stored NaN was reused, and failed, on every rerun)."""
+    import pyarrow as pa
+
+    from sftmix_ray.errors import SftmixError
+    from sftmix_ray.scoring import _META, _check_finite, _complete
+
+    ids = np.arange(4)
+    meta = {"data": "d", "checkpoint": "c", "step": "1", "scorer": "gpu:bf16"}
+    table = pa.table({"example_id": ids, "nll": [0.5, 1.0, 1.5, 2.0]})
+    path = tmp_path / "checkpoint-1.parquet"
+    pq.write_table(table.replace_schema_metadata({_META: json.dumps(meta)}), path)
+    assert _complete(path, ids, meta)
+    assert not _complete(path, ids, {**meta, "scorer": "cpu:fp32"})
+    _check_finite(table, "checkpoint-1")
+    broken = table.set_column(1, "nll", pa.array([0.5, float("nan"), 1.5, float("inf")]))
+    with pytest.raises(SftmixError, match=r"checkpoint-1: 2 examples .* \[1, 3\]"):
+        _check_finite(broken, "checkpoint-1")
+
+
+def test_scorer_actors_fit_on_one_node():
+    """Actors are sized from the cluster's CPUs but never beyond its largest node's."""
+    from sftmix_ray.scoring import actor_resources
+
+    assert actor_resources(64.0, 16.0, 2, 0) == (16.0, 16)  # 4 nodes x 16: was (31.5, 32)
+    assert actor_resources(2.0, 2.0, 1, 0) == (1.0, 2)  # one small node: leave a CPU spare
+    assert actor_resources(64.0, 16.0, 8, 1) == (1.0, 8)  # GPU actors: a feeder CPU each

@@ -241,6 +241,8 @@ def test_best_row_ignores_unfinished_and_nan_trials():
         {"trial_id": "c", "status": "TERMINATED", "eval_loss": float("nan")},
         {"trial_id": "d", "status": "TERMINATED", "eval_loss": 1.5},
         {"trial_id": "e", "status": "PENDING", "eval_loss": None},
+        # Stopped by ASHA at an early rung (TERMINATED too): no model, metric not comparable.
+        {"trial_id": "f", "status": "TERMINATED", "eval_loss": 0.5, "completed_training": False},
     ]
     assert best_row(rows, "eval_loss", "min")["trial_id"] == "d"
     assert best_row(rows, "eval_loss", "max")["trial_id"] == "a"
@@ -290,3 +292,22 @@ def test_cli_reports_a_bad_space_without_a_traceback(tmp_path):
     proc = _cli("tune", "--output-dir", str(tmp_path), "--set", f"tune.space={space}")
     assert proc.returncode == 1
     assert "split.ratio" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_recomputes_a_split_made_for_another_config(tmp_path):
+    """A sweep reuses OUT/split only if its recorded fingerprint is this config's: a split made
+    with another confidence measure (or corpus, or reference run) was reused when only the
+    ratio was compared, and every trial trained on it."""
+    from sftmix_ray.layout import RunDir
+    from sftmix_ray.pipeline import completion_record
+    from sftmix_ray.summary import update_stage
+    from tuning.sweep import _split_is_current
+
+    cfg = tiny_config()
+    RunDir(tmp_path).split_dir.mkdir(parents=True)
+    update_stage(tmp_path, "split", status="completed", **completion_record(cfg, "split"))
+    assert _split_is_current(tmp_path, cfg)
+    assert not _split_is_current(tmp_path, tiny_config("score.confidence=mean_inverse_perplexity"))
+    assert not _split_is_current(tmp_path, tiny_config("split.ratio=0.3"))
+    assert not _split_is_current(tmp_path, tiny_config("data.max_length=64"))
+    assert _split_is_current(tmp_path, tiny_config("mixup.alpha=0.9"))  # trains only

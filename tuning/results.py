@@ -68,11 +68,13 @@ def results_frame(rows: list[dict], keys: list[str]) -> Any:
 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    """The finished trial with the best last-reported metric (ties: lowest trial id)."""
+    """The trial that trained to the end with the best last-reported metric (ties: lowest
+    trial id). Not one ASHA stopped early: Tune marks it TERMINATED too, but its last metric
+    is from an earlier rung (not comparable) and it exported no model."""
     done = [
         r for r in rows
-        if r["status"] == "TERMINATED" and isinstance(r[metric], (int, float))
-        and math.isfinite(r[metric])
+        if r["status"] == "TERMINATED" and r.get("completed_training", True)
+        and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])
     ]  # fmt: skip
     if not done:
         return None

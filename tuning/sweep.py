@@ -161,10 +161,15 @@ def expected_trials(cfg: Config, domains: list[Domain]) -> int:
     return total
 
 
-def _split_is_current(out: Path, ratio: float) -> bool:
-    """Whether OUT/split exists and was made with `ratio` (per OUT/summary.json)."""
+def _split_is_current(out: Path, cfg: Config) -> bool:
+    """Whether OUT/split exists and was made for this config: by its recorded fingerprint,
+    which covers the ratio, the confidence measure and everything upstream (the ratio alone
+    let trials train on a split made with another measure or corpus)."""
+    from sftmix_ray.stages import stage_fingerprint
+
     stage = read_summary(out)["stages"].get("split", {})
-    return RunDir.of(out).split_dir.is_dir() and stage.get("ratio", ratio) == ratio
+    current = stage.get("config_fingerprint") == stage_fingerprint(cfg, "split")
+    return RunDir.of(out).split_dir.is_dir() and stage.get("status") == "completed" and current
 
 
 def _check_inputs(cfg: Config, out: Path, recompute_split: bool) -> None:
@@ -244,7 +249,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     tune_dir = ensure_writable_dir(RunDir(out).tune)
     domains = load_space(cfg.tune.space, cfg.to_dict())
     keys = [d.key for d in domains]
-    recompute_split = "split.ratio" in keys or not _split_is_current(out, cfg.split.ratio)
+    recompute_split = "split.ratio" in keys or not _split_is_current(out, cfg)
     _check_inputs(cfg, out, recompute_split)
     identity = sweep_identity(cfg, domains)
     _check_same_sweep(tune_dir, identity)
