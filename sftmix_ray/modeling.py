@@ -39,8 +39,14 @@ TINY_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def chat_template_of(tokenizer: Any) -> str:
     """The tokenizer's own chat template, else the built-in ChatML one (with the EOS token
     after each answer when `<|im_end|>` is not a token of the vocabulary)."""
-    if tokenizer.chat_template:
-        return str(tokenizer.chat_template)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates (Command-R, Hermes-2-Pro)
+        if "default" not in template:
+            names = ", ".join(sorted(template))
+            raise SftmixError(f"the tokenizer has chat templates {names} but no 'default'")
+        return str(template["default"])
+    if template:
+        return str(template)
     marker = tokenizer.convert_tokens_to_ids("<|im_end|>")  # None or unk when unknown
     if tokenizer.eos_token is None or marker not in (None, tokenizer.unk_token_id):
         return BUILTIN_CHAT_TEMPLATE

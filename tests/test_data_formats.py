@@ -366,6 +366,15 @@ KEPT_SHAPES = {
         msgs(("developer", "Be brief."), ("user", "q"), ("assistant", "a")),
         "messages", [("system", "Be brief."), ("user", "q"), ("assistant", "a")],
     ),
+    # messages rows read the field only without a system turn (the turn wins), as before.
+    "system_turn_wins_in_messages": (
+        {"system": "ignored", **msgs(("system", "Be brief."), ("user", "q"), ("assistant", "a"))},
+        "messages", [("system", "Be brief."), ("user", "q"), ("assistant", "a")],
+    ),
+    "non_string_system_field_in_messages": (
+        {"system": {"note": 1}, **msgs(("user", "q"), ("assistant", "a"))},
+        "messages", [("user", "q"), ("assistant", "a")],
+    ),
     "top_level_system_in_messages": (
         {"system": "You are a pirate.", **msgs(("user", "q"), ("assistant", "a"))},
         "messages", [("system", "You are a pirate."), ("user", "q"), ("assistant", "a")],
@@ -404,8 +413,10 @@ def test_real_corpus_shapes_are_read(case):
          "messages", "non_text_content", "turn 1 content part 1 is not text ('image_url')"),
         ({"instruction": "q", "output": "a", "history": [["only one"]]},
          "alpaca", "malformed_turn", "history item 1 is not an [instruction, response] pair"),
-        ({"system": "s", **msgs(("system", "t"), ("user", "q"), ("assistant", "a"))},
-         "messages", "system_conflict", "row has both a 'system' field and a system turn"),
+        ({"system": "s", "conversations": [{"from": "system", "value": "t"},
+                                           {"from": "human", "value": "q"},
+                                           {"from": "gpt", "value": "a"}]},
+         "sharegpt", "system_conflict", "row has both a 'system' field and a system turn"),
     ],
 )  # fmt: skip
 def test_unsupported_shapes_are_rejected_by_name(row, fmt, kind, reason):

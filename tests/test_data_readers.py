@@ -109,13 +109,16 @@ def test_directory_mixing_parquet_and_jsonl(tmp_path: Path) -> None:
 
 def test_directory_reads_json_shards_and_names_the_files_it_cannot_read(tmp_path: Path) -> None:
     """A .json shard beside .jsonl ones is read (it was skipped without a word, its rows
-    lost); a compressed shard is an error naming it, not a silent skip."""
+    lost), a .json holding one object (HF's dataset_info.json) is not rows and is skipped; a
+    compressed shard is an error naming it, not a silent skip."""
     import gzip
 
     write(tmp_path / "a.jsonl", jsonl([{"instruction": "a", "output": "x"}]))
     rows = [{"instruction": "b", "output": "y"}, {"instruction": "c", "output": "z"}]
     write(tmp_path / "b.json", json.dumps(rows))
     write(tmp_path / "README.md", "not data")
+    write(tmp_path / "dataset_info.json", json.dumps({"features": {}, "splits": {}}, indent=1))
+    (tmp_path / "backup.zip").write_bytes(b"PK")  # not a shard: ignored as before
     assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b", "c"]
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(jsonl(rows).encode()))
     data_error(tmp_path, "holds files that cannot be read (d.jsonl.gz)", "decompress")

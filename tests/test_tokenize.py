@@ -125,6 +125,35 @@ def _templated(template: str) -> object:
     ids=["phi3", "qwen3", "mistral-v0.3"],
 )  # fmt: skip
 def test_templates_that_are_not_prefix_stable_label_every_answer(template, convo, expected):
+    _check_answers_found(template, convo, expected)
+
+
+SHORT = [  # one-letter answers: each letter is also in the templates' markup
+    {"role": "user", "content": "pick one"},
+    {"role": "assistant", "content": "a"},
+    {"role": "user", "content": "and now"},
+    {"role": "assistant", "content": "d"},
+]
+
+
+@pytest.mark.parametrize(
+    ("template", "convo", "expected"),
+    [
+        (PHI3, SHORT, "a<|end|>\nd<|end|>\n<|endoftext|>"),
+        (QWEN3, SHORT, "a<|im_end|>\nd<|im_end|>\n"),
+        (MISTRAL_V03, [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "true?"}, {"role": "assistant", "content": "T"}],
+         "T<|endoftext|>"),
+    ],
+    ids=["phi3", "qwen3", "mistral-v0.3"],
+)  # fmt: skip
+def test_short_answers_are_not_found_in_the_template_markup(template, convo, expected):
+    """An answer "a" is also in `<|assistant|>` and "T" in `[/INST]`: the search starts after
+    the answer's header and skips the template's special tokens (it labelled the markup)."""
+    _check_answers_found(template, convo, expected)
+
+
+def _check_answers_found(template: str, convo: list[dict], expected: str) -> None:
     """Such rows were all rejected (`template_not_prefix_stable`): multi-turn UltraChat under
     Phi-3 or Qwen3, any row with a system prompt under Mistral v0.3. Each answer is found in
     the whole text and labelled with its end-of-turn tokens; the prompts, the repeated question
@@ -133,7 +162,7 @@ def test_templates_that_are_not_prefix_stable_label_every_answer(template, convo
     ids, labels, _ = tokenize_conversation(tok, convo, 512, "drop")
     assert _supervised_text(tok, ids, labels) == expected
     prompt = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
-    assert "hello" in prompt and "and then" in prompt
+    assert all(m["content"] in prompt for m in convo if m["role"] == "user")
     for marker in ("<|user|>", "[INST]"):
         marker_id = tok.convert_tokens_to_ids(marker)
         assert not any(i == marker_id and label != IGNORE_INDEX for i, label in zip(ids, labels))
@@ -191,3 +220,12 @@ def test_a_tokenizer_without_template_or_chatml_tokens_learns_to_stop_at_eos(tmp
     tiny.chat_template = None
     ids, labels, _ = tokenize_conversation(tiny, TWO_TURNS, 512, "drop")
     assert _supervised_text(tiny, ids, labels) == "hello there<|im_end|>\ngeneral<|im_end|>\n"
+
+
+def test_a_tokenizer_with_named_templates_uses_its_default():
+    """Command-R and Hermes-2-Pro keep several named templates in a dict: the `default` one
+    renders (the dict's printed form was rendered as a template, garbling every row)."""
+    tok = _templated(PHI3)
+    tok.chat_template = {"default": PHI3, "tool_use": "{{ 'tools' }}"}
+    ids, labels, _ = tokenize_conversation(tok, TWO_TURNS, 512, "drop")
+    assert _supervised_text(tok, ids, labels) == "hello there<|end|>\ngeneral<|end|>\n<|endoftext|>"

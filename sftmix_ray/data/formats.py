@@ -245,7 +245,12 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
 
     numbered: list[tuple[int, str, str]] = []  # (turn number, role, content)
     repair, repairs = text.repair, text.repairs
-    system = text.optional(row, "system")
+    # sharegpt rows carry their system prompt in this field; for messages rows it is a
+    # fallback, used (when a string) only if no turn is a system one, as before it was read.
+    if fmt == "sharegpt" or isinstance(row.get("system"), str):
+        system = text.optional(row, "system")
+    else:
+        system = ""
     if system.strip():
         numbered.append((0, "system", system))
     for number, turn in enumerate(turns, start=1):
@@ -262,7 +267,10 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
                 repairs.add("empty_turn_dropped")
                 continue
             raise RowRejected(f"turn {number} content is empty", "empty_turn")
-        if role == "system" and system.strip():
+        if role == "system" and system.strip() and fmt == "messages":
+            numbered = [t for t in numbered if t[0] != 0]  # the turn wins over the field
+            system = ""
+        elif role == "system" and system.strip():
             raise RowRejected(
                 f"row has both a 'system' field and a system turn (turn {number})",
                 "system_conflict",

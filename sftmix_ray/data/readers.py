@@ -20,6 +20,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -34,13 +35,20 @@ from sftmix_ray.data.json_stream import (
 )
 from sftmix_ray.errors import DataError
 
+log = logging.getLogger(__name__)
+
 JSON_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 DIRECTORY_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
-# Data files a directory of shards may hold that are not read: named in an error, since
-# skipping them would lose their rows without a word (other files, README.md, are ignored).
-UNREAD_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".csv", ".tsv", ".arrow")
+# Shards a directory may hold that cannot be read: compressed data files and HF's Arrow
+# files, named in an error, since skipping them would lose their rows without a word (other
+# files, README.md or a backup.zip, are ignored as before).
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+UNREAD_SUFFIXES = (
+    *(data + c for data in JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES for c in _COMPRESSED),
+    ".arrow",
+)
 SUPPORTED_SUFFIXES = JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 PARQUET_BATCH = 1024
 
@@ -118,12 +126,28 @@ def _shards(directory: str, names: list[str]) -> list[str]:
             "holds .parquet, .jsonl, .ndjson or .json files; decompress or convert these, or "
             "move them out"
         )
-    files = [n for n in names if n.lower().endswith(DIRECTORY_SUFFIXES)]
+    files = [n for n in names if n.lower().endswith(DIRECTORY_SUFFIXES) and _holds_rows(n)]
     if not files:
         raise DataError(
             f"{directory}: is a directory without .parquet, .jsonl, .ndjson or .json files"
         )
     return files
+
+
+def _holds_rows(path: str) -> bool:
+    """False for a `.json` file in a directory of shards that holds one object, not rows (the
+    dataset_info.json or stats.json beside the shards: skipped, and named in a warning)."""
+    if not path.lower().endswith(JSON_SUFFIXES):
+        return True
+    with open_binary(path) as f:
+        try:
+            json_file_kind(f, path)
+        except DataError as exc:
+            if "must be an array of rows" not in str(exc):
+                raise
+            log.warning("%s: skipped, not rows (%s)", path, str(exc).rsplit("(got ", 1)[-1])
+            return False
+    return True
 
 
 def open_binary(path: str) -> IO[bytes]:

@@ -49,17 +49,26 @@ def _searched_spans(
 ) -> list[tuple[int, int]]:
     """Assistant spans of a template that is not prefix-stable: each turn's content is found
     in `full` in order (user turns too, so that an answer repeating the question is not found
-    in the question), then extended by the longest run of whole tokens of what the template
-    writes after that content when the turn is the last one (its end-of-turn marker) that
-    `full` also has there. Whole tokens: `<|end|>` of `<|end|><|endoftext|>` matches before
-    `<|user|>`, and the `<|` of `<|user|>` must not be taken for a start of `<|endoftext|>`."""
+    in the question), each answer after the header the template writes before an answer (its
+    generation prompt, e.g. `<|assistant|>\\n`) and never inside the template's special tokens
+    (a one-letter answer "a" is in `<|assistant|>`), then extended by the longest run of whole
+    tokens of what the template writes after that content when the turn is the last one (its
+    end-of-turn marker) that `full` also has there. Whole tokens: `<|end|>` of
+    `<|end|><|endoftext|>` matches before `<|user|>`, and the `<|` of `<|user|>` must not be
+    taken for a start of `<|endoftext|>`."""
+    markup = _special_token_spans(tokenizer, full)
     spans: list[tuple[int, int]] = []
     position = 0
     for i, message in enumerate(messages):
         if message["role"] == "system":
             continue  # some templates move it (Mistral v0.3: into the last user turn)
         content = message["content"]
-        found = _find_content(full, content, position)
+        if message["role"] == "assistant":
+            header = _answer_header(tokenizer, messages[:i], template)
+            at = full.find(header, position) if header else -1
+            if at >= 0:
+                position = at + len(header)
+        found = _find_content(full, content, position, markup)
         if found is None:
             if message["role"] == "user":
                 continue  # a template may rewrite user turns; answers are what must be found
@@ -71,7 +80,7 @@ def _searched_spans(
         start, end = found
         if message["role"] == "assistant":
             upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
-            own = _find_content(upto, content, 0, last=True)
+            own = _find_content(upto, content, 0, _special_token_spans(tokenizer, upto), True)
             tail = upto[own[1] :] if own is not None else ""
             end += _common_token_prefix(tokenizer, tail, full[end:])
             spans.append((start, end))
@@ -79,17 +88,39 @@ def _searched_spans(
     return spans
 
 
+def _answer_header(tokenizer: Any, before: list[dict], template: str) -> str:
+    """What the template writes after `before` to start an answer: its generation prompt, as
+    the difference between rendering `before` with and without it ("" if it has none)."""
+    prompt = _render(tokenizer, before, template, generation_prompt=True)
+    plain = _render(tokenizer, before, template, generation_prompt=False)
+    same = next((k for k, (a, b) in enumerate(zip(prompt, plain)) if a != b), len(plain))
+    return prompt[same:]
+
+
+def _special_token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Character spans of the added and special tokens (the template's markup) in `text`."""
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        span for token, span in zip(enc["input_ids"], enc["offset_mapping"]) if token in special
+    ]
+
+
 def _find_content(
-    text: str, content: str, position: int, last: bool = False
+    text: str, content: str, position: int, markup: list[tuple[int, int]], last: bool = False
 ) -> tuple[int, int] | None:
     """Where `content` (or its stripped form, as templates that trim write it) is in `text`
-    from `position` on: the first (or the `last`) occurrence, as (start, end)."""
+    from `position` on, overlapping no `markup` span: the first (or the `last`) occurrence,
+    as (start, end)."""
     for needle in (content, content.strip()):
         if not needle:
             continue
         at = text.rfind(needle, position) if last else text.find(needle, position)
-        if at >= 0:
-            return at, at + len(needle)
+        while at >= 0:
+            end = at + len(needle)
+            if not any(a < end and at < b for a, b in markup):
+                return at, end
+            at = text.rfind(needle, position, end - 1) if last else text.find(needle, at + 1)
     return None
 
 
