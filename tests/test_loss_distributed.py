@@ -541,17 +541,24 @@ def test_zero3_builds_the_model_partitioned_and_loads_the_checkpoint(tmp_path: P
     assert_rel(ranks[0]["loss"], float(ref.detach()))
 
 
-def _fsdp_async_strategy(seed: int):
-    from sftmix_ray.config import TrainConfig
+def _perturbed_wrapper(seed: int) -> nn.Module:
+    """The tiny Llama in the loss wrapper, its weights moved by `seed` (0: unchanged), so that a
+    restore has something to overwrite."""
     from sftmix_ray.train.forward import CausalLMWithLoss
-    from sftmix_ray.train.strategies import FSDPStrategy
 
     model = _tiny_llama()
-    torch.manual_seed(seed)  # another start, so a restore has something to overwrite
+    torch.manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.01 * seed * torch.randn_like(param))
-    wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
+    return CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
+
+
+def _fsdp_async_strategy(seed: int):
+    from sftmix_ray.config import TrainConfig
+    from sftmix_ray.train.strategies import FSDPStrategy
+
+    wrapper = _perturbed_wrapper(seed)
     train = TrainConfig(
         strategy="fsdp", async_checkpoint=True, learning_rate=1e-2, warmup_ratio=0.0,
         lr_scheduler_type="linear",
@@ -648,7 +655,6 @@ STAGED |= {f"zero{n}": {"strategy": "deepspeed", "deepspeed_stage": n} for n in 
 
 def _staged_strategy(name: str, seed: int, background: bool):
     from sftmix_ray.config import TrainConfig
-    from sftmix_ray.train.forward import CausalLMWithLoss
     from sftmix_ray.train.strategies import build_strategy, zero3_partitioned_loading
 
     train = TrainConfig(
@@ -656,12 +662,7 @@ def _staged_strategy(name: str, seed: int, background: bool):
         lr_scheduler_type="linear", per_device_train_batch_size=2,
     )  # fmt: skip
     loading = zero3_partitioned_loading(train)  # ZeRO-3 builds partitioned, as the loop does
-    model = _tiny_llama()
-    torch.manual_seed(seed)  # another start, so a restore has something to overwrite
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.01 * seed * torch.randn_like(param))
-    wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.3, chunk_size=3))
+    wrapper = _perturbed_wrapper(seed)
     strategy = build_strategy(train.strategy, wrapper, train, 10)
     del loading
     return strategy
