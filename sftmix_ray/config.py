@@ -268,6 +268,9 @@ class TrainConfig:
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2  # Ray Train checkpoints kept
+    # After a successful export the run's resume checkpoints are removed (~96 GB each at 8B
+    # with Adam; nothing resumes a finished run); true keeps them, as TRL's output_dir does.
+    keep_resume_checkpoints: bool = False
     # POSIX storage: write save_steps checkpoints from host memory in the background while
     # training goes on (holds one copy of each rank's part: its weight and optimizer shards
     # under FSDP2/ZeRO, the whole state on rank 0 under DDP)

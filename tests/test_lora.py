@@ -39,7 +39,8 @@ def lora_base(prepared_out: Path, tmp_path_factory) -> Path:
 def lora_one(lora_base: Path, tmp_path_factory) -> tuple[Path, list]:
     """One worker, LoRA on every linear layer, merged export: the reference trajectory.
     Logged to W&B (offline)."""
-    return run_train(lora_base, tmp_path_factory.mktemp("lora_one"), *LORA, *WANDB)
+    keep = "train.keep_resume_checkpoints=true"  # its resume checkpoint is inspected below
+    return run_train(lora_base, tmp_path_factory.mktemp("lora_one"), *LORA, *WANDB, keep)
 
 
 def _heldout_nll(model, out: Path) -> float:

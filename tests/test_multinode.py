@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
     cfg = tiny_config(
         "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD",
         "train.per_device_train_batch_size=4", f"train.max_steps={steps}",
-        "train.save_steps=1", "train.max_failures=1",
+        "train.save_steps=1", "train.max_failures=1", "train.keep_resume_checkpoints=true",
         f"train.storage_path={storage}", f"ray.address={cluster.address}",
     )
     result = {}

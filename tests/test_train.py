@@ -93,7 +93,12 @@ def single(base_out: Path, tmp_path_factory) -> tuple[Path, list]:
     )
 
 
-ASYNC = ["train.async_checkpoint=true", "train.max_failures=1"]
+# Kept after the export (removed by default) so that the test can see which saves were made.
+ASYNC = [
+    "train.async_checkpoint=true",
+    "train.max_failures=1",
+    "train.keep_resume_checkpoints=true",
+]
 FSDP = "train.strategy=fsdp"
 ZERO3 = ["train.strategy=deepspeed", "train.deepspeed_stage=3"]
 ONE_HELDOUT = "one-heldout-row"  # not a config value: this run's held-out set is 1 row
@@ -184,6 +189,7 @@ def test_mu_zero_is_the_ntp_reference_loop(reference_out, base_out, tmp_path):
     session's shared reference run (`reference_out`: the tiny config, 3 steps) is the oracle.
     The reference stage run again over a finished one trains again, to the same losses."""
     ntp_cfg = ["mixup.mu=0", "train.max_steps=3", "train.save_steps=1"]
+    ntp_cfg.append("train.keep_resume_checkpoints=true")  # to count them below
     ntp_out, ntp = run_train(base_out, tmp_path, *ntp_cfg, name="ntp", common=False)
     assert len(ntp) == STEPS == tiny_config().reference.max_steps
     ref = json.loads((reference_out / "logs" / "reference-model-history.json").read_text())
@@ -244,6 +250,11 @@ def test_export_is_a_loadable_hf_model(single):
     record = json.loads((out / "logs" / "train-model-history.json").read_text())
     assert record["torch_threads"] == min(2, node_cpus())
     _assert_mlflow_run(out, history)
+    # Its model is exported: the resume checkpoints (~96 GB each at 8B) are gone with the
+    # Ray Train run directory (train.keep_resume_checkpoints=false, the default).
+    stage = read_summary(out)["stages"]["train"]
+    assert stage["resume_checkpoints_removed"] >= 1
+    assert not (out / "ray_storage" / stage["run_name"]).exists()
 
 
 def _assert_mlflow_run(out: Path, history: list) -> None:
@@ -300,7 +311,7 @@ def test_killed_worker_resumes_from_checkpoint_in_s3(single, base_out, tmp_path,
     sets = [
         *TINY_OVERRIDES, *COMMON, "train.per_device_train_batch_size=8", "train.save_steps=2",
         "train.max_failures=1", "train.report_to=tensorboard,mlflow",
-        f"train.storage_path=s3://{BUCKET}/runs",
+        f"train.storage_path=s3://{BUCKET}/runs", "train.keep_resume_checkpoints=true",
     ]  # fmt: skip
     proc = subprocess.run(
         [*sftmix_command(), "train", "--output-dir", str(out), *[f"--set={s}" for s in sets]],

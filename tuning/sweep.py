@@ -37,6 +37,7 @@ from tuning.results import (
 )
 from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
+    RESULT_FILE,
     ReleaseFinishedTrials,
     release_placement_groups,
     remove_finished_checkpoints,
@@ -161,6 +162,14 @@ def expected_trials(cfg: Config, domains: list[Domain]) -> int:
     return total
 
 
+def _removed_by_trial(trial_dir: Path) -> int:
+    """How many resume checkpoints a trial removed itself when its training finished."""
+    result = trial_dir / RESULT_FILE
+    if not result.exists():
+        return 0
+    return int(json.loads(result.read_text()).get("resume_checkpoints_removed", 0))
+
+
 def _split_is_current(out: Path, cfg: Config) -> bool:
     """Whether OUT/split exists and was made for this config: by its recorded fingerprint,
     which covers the ratio, the confidence measure and everything upstream (the ratio alone
@@ -272,11 +281,13 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         # Trials stopped by an interruption leave their worker groups too.
         for trial_out in sorted(RunDir(out).trials.glob("*")):
             release_placement_groups(trial_out)
-    # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go.
+    # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go. A
+    # trial that trained to the end removed its own after its export (`run_training`).
+    finished = [r for r in rows if r["status"] == "TERMINATED" and r.get("trial_dir")]
     removed = sum(
         remove_finished_checkpoints(cfg.train.storage_path, RunDir(Path(r["trial_dir"])))
-        for r in rows
-        if r["status"] == "TERMINATED" and r.get("trial_dir")
+        + _removed_by_trial(Path(r["trial_dir"]))
+        for r in finished
     )
     frame = results_frame(rows, keys)
     frame.to_csv(tune_dir / f"{RESULTS}.csv", index=False)

@@ -261,10 +261,13 @@ def run_training(
     mode: str,
     export_name: str = RunDir.MODEL,
     callbacks: list[Any] | None = None,
+    keep_resume: bool | None = None,
 ) -> dict:
     """Run the reference or SFTMix training with Ray Train; returns the stage summary.
 
     `callbacks` are Ray Train `UserCallback`s for the run (a Tune sweep passes its reporter).
+    `keep_resume` overrides `train.keep_resume_checkpoints` for a `train` run (a sweep keeps
+    a trial's and removes them itself); the reference run always removes its own.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -340,9 +343,10 @@ def run_training(
     )
     result = _fit(trainer, mode)
     removed = 0
-    if mode == "reference":
-        # Its C HF checkpoints are exported: the resume state (optimizer included, ~96 GB per
-        # save at 8B) is of no further use.
+    keep = cfg.train.keep_resume_checkpoints if keep_resume is None else keep_resume
+    if mode == "reference" or not keep:
+        # Its HF checkpoints or model are exported: the resume state (optimizer included,
+        # ~96 GB per save at 8B) is of no further use, and a 1 TiB volume held ~5 such runs.
         from sftmix_ray.train.checkpointing import delete_checkpoints
 
         removed = delete_checkpoints(str(storage), name)
@@ -355,6 +359,7 @@ def run_training(
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)},
         "run_name": name,
         "storage_path": str(storage),
+        "resume_checkpoints_removed": removed,
     }
     if wandb:
         summary["wandb_run_id"] = wandb["id"]
@@ -366,7 +371,6 @@ def run_training(
         )
         by_step = sorted(run.reference.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name))
         summary["checkpoints"] = [str(p) for p in by_step]  # checkpoint-9 before checkpoint-10
-        summary["resume_checkpoints_removed"] = removed
     else:
         summary["model_dir"] = spec.final_export
         if spec.adapter_export:
