@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
 from typing import Any
 
@@ -52,8 +53,8 @@ def _searched_spans(
     in the question), each answer after the header the template writes before an answer (its
     generation prompt, e.g. `<|assistant|>\\n`) and never inside the template's special tokens
     (a one-letter answer "a" is in `<|assistant|>`), then extended by the longest run of whole
-    tokens of what the template writes after that content when the turn is the last one (its
-    end-of-turn marker) that `full` also has there. Whole tokens: `<|end|>` of
+    tokens of what the template writes after an answer that ends a conversation (its
+    end-of-turn marker, `_answer_tail`) that `full` also has there. Whole tokens: `<|end|>` of
     `<|end|><|endoftext|>` matches before `<|user|>`, and the `<|` of `<|user|>` must not be
     taken for a start of `<|endoftext|>`."""
     markup = _special_token_spans(tokenizer, full)
@@ -64,7 +65,7 @@ def _searched_spans(
             continue  # some templates move it (Mistral v0.3: into the last user turn)
         content = message["content"]
         if message["role"] == "assistant":
-            header = _answer_header(tokenizer, messages[:i], template)
+            header = _answer_header(tokenizer, template)
             at = full.find(header, position) if header else -1
             if at >= 0:
                 position = at + len(header)
@@ -79,27 +80,54 @@ def _searched_spans(
             )
         start, end = found
         if message["role"] == "assistant":
-            upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
-            own = _find_content(upto, content, 0, _special_token_spans(tokenizer, upto), True)
-            tail = upto[own[1] :] if own is not None else ""
-            end += _common_token_prefix(tokenizer, tail, full[end:])
+            tail, cuts = _answer_tail(tokenizer, template)
+            end += max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
             spans.append((start, end))
         position = end
     return spans
 
 
-def _answer_header(tokenizer: Any, before: list[dict], template: str) -> str:
-    """What the template writes after `before` to start an answer: its generation prompt, as
-    the difference between rendering `before` with and without it ("" if it has none)."""
-    prompt = _render(tokenizer, before, template, generation_prompt=True)
-    plain = _render(tokenizer, before, template, generation_prompt=False)
+_PROBE = "sftmix-probe-answer"
+
+
+@functools.lru_cache(maxsize=8)
+def _answer_tail(tokenizer: Any, template: str) -> tuple[str, tuple[int, ...]]:
+    """What the template writes after an answer that ends a conversation (`<|end|>\\n` then
+    the EOS for Phi-3), from a probe conversation (the same for every row), and where its
+    tokens end: a run of whole tokens of it is what an answer's span takes."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}]
+    text = _render(tokenizer, probe, template, generation_prompt=False)
+    at = text.rfind(_PROBE)
+    tail = text[at + len(_PROBE) :] if at >= 0 else ""
+    if not tail:
+        return "", ()
+    offsets = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
+    # Prefixes of one string: the longest that `full` has after an answer is its run.
+    return tail, tuple(end for _, end in offsets["offset_mapping"])
+
+
+@functools.lru_cache(maxsize=8)
+def _answer_header(tokenizer: Any, template: str) -> str:
+    """What the template writes to start an answer: its generation prompt, as the difference
+    between rendering a probe question with and without it ("" if it has none); the same
+    for every row, like `_answer_tail`."""
+    question = [{"role": "user", "content": "q"}]
+    prompt = _render(tokenizer, question, template, generation_prompt=True)
+    plain = _render(tokenizer, question, template, generation_prompt=False)
     same = next((k for k, (a, b) in enumerate(zip(prompt, plain)) if a != b), len(plain))
     return prompt[same:]
 
 
+@functools.lru_cache(maxsize=8)
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of the tokenizer's added and special tokens (a chat template's markup)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return frozenset(tokenizer.all_special_ids) | frozenset(added)
+
+
 def _special_token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
     """Character spans of the added and special tokens (the template's markup) in `text`."""
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    special = _special_ids(tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return [
         span for token, span in zip(enc["input_ids"], enc["offset_mapping"]) if token in special
@@ -107,35 +135,20 @@ def _special_token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
 
 
 def _find_content(
-    text: str, content: str, position: int, markup: list[tuple[int, int]], last: bool = False
+    text: str, content: str, position: int, markup: list[tuple[int, int]]
 ) -> tuple[int, int] | None:
-    """Where `content` (or its stripped form, as templates that trim write it) is in `text`
-    from `position` on, overlapping no `markup` span: the first (or the `last`) occurrence,
-    as (start, end)."""
+    """Where `content` (or its stripped form, as templates that trim write it) first is in
+    `text` from `position` on, overlapping no `markup` span, as (start, end)."""
     for needle in (content, content.strip()):
         if not needle:
             continue
-        at = text.rfind(needle, position) if last else text.find(needle, position)
+        at = text.find(needle, position)
         while at >= 0:
             end = at + len(needle)
             if not any(a < end and at < b for a, b in markup):
                 return at, end
-            at = text.rfind(needle, position, end - 1) if last else text.find(needle, at + 1)
+            at = text.find(needle, at + 1)
     return None
-
-
-def _common_token_prefix(tokenizer: Any, tail: str, rest: str) -> int:
-    """Characters of the longest run of `tail`'s whole tokens that `rest` starts with."""
-    if not tail:
-        return 0
-    offsets = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
-    best = 0
-    for _, token_end in offsets["offset_mapping"]:
-        if rest.startswith(tail[:token_end]):
-            best = max(best, token_end)
-        else:
-            break
-    return best
 
 
 TRUNCATIONS = ("turns", "truncate", "drop")

@@ -71,16 +71,18 @@ def run_name(cfg: Config, mode: str, export_name: str, rows: dict[str, str], out
     return f"{mode}-{digest[:10]}"
 
 
-def _remove_stale_exports(reference: Path, steps: list[int]) -> int:
-    """Remove the HF checkpoints in `reference` that this run did not export: a reference
-    run with another C, length or corpus exported other steps, and `score` would average
-    them in with this run's. Returns how many went."""
+def _remove_stale_exports(run: RunDir, steps: list[int]) -> int:
+    """Remove the HF checkpoints `score` would read (`list_checkpoints`) that this reference
+    run did not export: a run with another C, length or corpus exported other steps, and
+    `score` would average them in with this run's. Returns how many went."""
     import shutil
+
+    from sftmix_ray.scoring import list_checkpoints
 
     if not steps:  # a history from before this was recorded: nothing to tell stale by
         return 0
-    keep = {f"checkpoint-{step}" for step in steps}
-    stale = [p for p in reference.glob("checkpoint-*") if p.is_dir() and p.name not in keep]
+    exported = set(steps)
+    stale = [path for step, path in list_checkpoints(run) if step not in exported]
     for path in stale:
         shutil.rmtree(path)
     return len(stale)
@@ -261,13 +263,12 @@ def run_training(
     mode: str,
     export_name: str = RunDir.MODEL,
     callbacks: list[Any] | None = None,
-    keep_resume: bool | None = None,
 ) -> dict:
     """Run the reference or SFTMix training with Ray Train; returns the stage summary.
 
     `callbacks` are Ray Train `UserCallback`s for the run (a Tune sweep passes its reporter).
-    `keep_resume` overrides `train.keep_resume_checkpoints` for a `train` run (a sweep keeps
-    a trial's and removes them itself); the reference run always removes its own.
+    Once it has exported, the run removes its resume checkpoints (the reference run always;
+    a `train` run unless `train.keep_resume_checkpoints`).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -343,8 +344,7 @@ def run_training(
     )
     result = _fit(trainer, mode)
     removed = 0
-    keep = cfg.train.keep_resume_checkpoints if keep_resume is None else keep_resume
-    if mode == "reference" or not keep:
+    if mode == "reference" or not cfg.train.keep_resume_checkpoints:
         # Its HF checkpoints or model are exported: the resume state (optimizer included,
         # ~96 GB per save at 8B) is of no further use, and a 1 TiB volume held ~5 such runs.
         from sftmix_ray.train.checkpointing import delete_checkpoints
@@ -366,11 +366,12 @@ def run_training(
     if retokenized:
         summary["retokenized"] = retokenized
     if mode == "reference":
+        from sftmix_ray.scoring import list_checkpoints
+
         summary["stale_checkpoints_removed"] = _remove_stale_exports(
-            run.reference, history.get("export_steps", [])
+            run, history.get("export_steps", [])
         )
-        by_step = sorted(run.reference.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name))
-        summary["checkpoints"] = [str(p) for p in by_step]  # checkpoint-9 before checkpoint-10
+        summary["checkpoints"] = [str(p) for _, p in list_checkpoints(run)]  # by step
     else:
         summary["model_dir"] = spec.final_export
         if spec.adapter_export:
