@@ -7,9 +7,10 @@ Counts, per GPU, in bytes: the sharded fp32 master weights, their fp32 gradients
 fp32 moments (FSDP2 and ZeRO-3 shard all three over the world; DDP keeps them whole; LoRA trains
 only the adapters), the bf16 copies of the layers being gathered (FSDP2 holds the root unit,
 embeddings and LM head, gathered through the whole forward and backward, and one decoder layer
-plus the next one prefetched), the activations kept for backward (every layer's, or with gradient
-checkpointing each layer's input plus one layer recomputed), the loss's logit chunk (its fp32
-logits and their gradient), and a fixed allowance for the CUDA context, NCCL buffers and the
+plus the next one prefetched), the activations kept for backward (every layer's, or with
+gradient checkpointing each layer's input plus one layer recomputed), the loss's logit chunk
+(its fp32 logits and their gradient), the loss's fp32 sum of one vocabulary block of the LM
+head's weight gradient, and a fixed allowance for the CUDA context, NCCL buffers and the
 allocator's slack. Activations assume a fused attention kernel (FlashAttention / SDPA: no
 `s x s` score matrix kept) and Llama-style blocks (RMSNorm, GQA attention, SwiGLU MLP).
 
@@ -28,6 +29,7 @@ from typing import Any
 
 GIB = 1024**3
 OVERHEAD_BYTES = 3 * GIB  # CUDA context, NCCL buffers, allocator fragmentation (a rule of thumb)
+VOCAB_BLOCK = 16384  # sftmix_ray.loss_kernels.VOCAB_BLOCK
 
 # Architectures of the recipes' models (their config.json values), usable without a download.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -153,6 +155,9 @@ def estimate(arch: Arch, recipe: Recipe) -> dict[str, float]:
     parts["final_hidden_fp32"] = 2 * 4 * tokens * arch.hidden  # and its gradient
     chunk = chunk_positions(recipe, arch.vocab)
     parts["loss_chunk_fp32"] = 2 * 4 * min(chunk, tokens) * arch.vocab  # logits + their grad
+    if not recipe.lora_r:
+        # The loss sums the head's weight gradient in fp32, one vocabulary block at a time.
+        parts["head_grad_fp32"] = 4 * min(arch.vocab, VOCAB_BLOCK) * arch.hidden
     parts["overhead"] = OVERHEAD_BYTES
     parts["total"] = sum(parts.values())
     return parts
@@ -202,7 +207,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown, GiB per GPU; `other`: the unsharded root gradient, the final hidden states and
     the fixed overhead."""
     keys = ["weights_fp32", "gradients_fp32", "adam_moments_fp32", "gathered_bf16",
-            "activations", "loss_chunk_fp32"]  # fmt: skip
+            "activations", "loss_chunk_fp32", "head_grad_fp32"]  # fmt: skip
     head = "| recipe | " + " | ".join(keys) + " | other | total | fits |"
     lines = [head, "|" + "---|" * (len(keys) + 4)]
     for row in rows:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -13,6 +16,9 @@ IGNORE_INDEX = -100
 # 128256-row vocabulary, 1024 at Mistral's 32768 (each chunk's logits, and in backward their
 # gradient, exist once at a time).
 DEFAULT_CHUNK_MB = 128.0
+# Vocabulary rows per block of a linear head's backward (see `_LinearSoftCE`): its fp32
+# weight-gradient buffer is `VOCAB_BLOCK x d`.
+VOCAB_BLOCK = 16384
 
 
 def head_vocab(lm_head: nn.Module) -> int:
@@ -34,29 +40,75 @@ def chunk_positions(chunk_size: int, chunk_mb: float, vocab: int) -> int:
     return max(1, int(chunk_mb * 1024 * 1024 // (4 * vocab)))
 
 
-class _SoftCrossEntropy(torch.autograd.Function):
-    """`sum_k w[:, k] * (lse(z) - z[t[:, k]])` per row, with a backward that allocates one `[c, V]`.
+@dataclass(frozen=True)
+class LinearHead:
+    """An LM head that is a plain linear map plus a logit transform: the loss reads its weight
+    and runs the matmuls itself (`_LinearSoftCE`) instead of calling the module per chunk."""
 
-    Autograd's own graph for this formula would hold about four `[chunk, V]` temporaries in
-    backward (softmax, its product with the gradient, the gather's scatter, their sum); this
-    builds the logit gradient `softmax(z) * sum_k w_k - sum_k w_k * onehot(t_k)` in place.
-    """
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks of its own besides `forward` (an accelerate
+    device hook, a DeepSpeed gather): then the loss must call the module, not read its weight."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_hf_hook", None) is not None
+    )
+
+
+def linear_head(lm_head: nn.Module) -> LinearHead | None:
+    """The head's weight, bias and transform when it is a plain `nn.Linear` (an object with a
+    `linear_head()` method answers for itself); None for anything else (a LoRA-wrapped or
+    quantized head, a subclass, a head with hooks), which the loss then calls as a module."""
+    own = getattr(lm_head, "linear_head", None)
+    if callable(own):
+        found: LinearHead | None = own()
+        return found
+    if type(lm_head) is nn.Linear and not has_hooks(lm_head):
+        return LinearHead(lm_head.weight, lm_head.bias)
+    return None
+
+
+def _soft_ce(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """`(loss, lse)`: `sum_k w[:, k] * (lse(z) - z[t[:, k]])` per row of fp32 logits."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (weights * (lse.unsqueeze(1) - logits.gather(1, targets))).sum(dim=1), lse
+
+
+def _soft_ce_grad(
+    logits: Tensor, lse: Tensor, targets: Tensor, weights: Tensor, grad: Tensor
+) -> Tensor:
+    """d loss / d logits, built in place in one `[c, V]` allocation:
+    `softmax(z) * sum_k w_k - sum_k w_k * onehot(t_k)`, times the upstream `grad`.
+
+    Autograd's own graph for the formula would hold about four `[c, V]` temporaries (softmax,
+    its product with the gradient, the gather's scatter, their sum)."""
+    grad_logits = (logits - lse.unsqueeze(1)).exp_()  # softmax
+    grad_logits.mul_((grad * weights.sum(dim=1)).unsqueeze(1))
+    # scatter_add_ also sums the two terms when both targets are the same token.
+    grad_logits.scatter_add_(1, targets, -(grad.unsqueeze(1) * weights))
+    return grad_logits
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """`_soft_ce` on given logits, with the in-place backward of `_soft_ce_grad`."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-        lse = torch.logsumexp(logits, dim=-1)
-        loss = (weights * (lse.unsqueeze(1) - logits.gather(1, targets))).sum(dim=1)
+        loss, lse = _soft_ce(logits, targets, weights)
         ctx.save_for_backward(logits, lse, targets, weights)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         logits, lse, targets, weights = ctx.saved_tensors
-        grad_logits = (logits - lse.unsqueeze(1)).exp_()  # softmax, one [c, V] allocation
-        grad_logits.mul_((grad * weights.sum(dim=1)).unsqueeze(1))
-        # scatter_add_ also sums the two terms when both targets are the same token.
-        grad_logits.scatter_add_(1, targets, -(grad.unsqueeze(1) * weights))
-        return grad_logits, None, None
+        return _soft_ce_grad(logits, lse, targets, weights, grad), None, None
 
 
 def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn.Module) -> Tensor:
@@ -64,6 +116,170 @@ def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn
     # Upcast before the log-sum-exp: bf16 logits lose the small differences that matter here.
     logits = lm_head(hidden).float()
     return _SoftCrossEntropy.apply(logits, targets, weights)
+
+
+def _transformed(raw: Tensor, head: LinearHead) -> tuple[Tensor, Tensor | None]:
+    """fp32 logits from the head's raw output, and `tanh` of the soft-cap when there is one."""
+    logits = raw.float()
+    if head.scale != 1.0:
+        logits = logits * head.scale
+    if head.softcap is None:
+        return logits, None
+    capped = (logits / head.softcap).tanh_()
+    return capped * head.softcap, capped
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """How `_LinearSoftCE` cuts `[N, V]` logits: position tiles of `rows`, vocabulary blocks
+    of `block`; forward and backward compute exactly the same tiles, so backward's logits are
+    bit for bit those forward's log-sum-exp saw. One tile holds what one `chunk`-position
+    slice of the whole vocabulary would (the caller's memory budget)."""
+
+    n: int
+    vocab: int
+    rows: int
+    block: int
+
+    @classmethod
+    def of(cls, n: int, vocab: int, chunk: int) -> _Tiles:
+        blocks = -(-vocab // max(1, min(vocab, VOCAB_BLOCK)))
+        block = -(-vocab // blocks)  # equal blocks, the last one shorter
+        return cls(n, vocab, max(1, chunk * vocab // block), block)
+
+    def positions(self) -> range:
+        return range(0, self.n, self.rows)
+
+    def blocks(self) -> range:
+        return range(0, self.vocab, self.block)
+
+
+def _tile_logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, v0: int, tiles: _Tiles, head: LinearHead
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """fp32 logits of one tile, the soft-cap's `tanh`, and the raw output (its dtype is the
+    compute dtype, which autocast may choose)."""
+    v1 = v0 + tiles.block
+    raw = F.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1])
+    logits, capped = _transformed(raw, head)
+    return logits, capped, raw
+
+
+def _linear_soft_ce(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    weights: Tensor,
+    tiles: _Tiles,
+    head: LinearHead,
+) -> tuple[Tensor, Tensor, torch.dtype]:
+    """Per-row soft cross-entropy of a linear head, tile by tile: `(loss, lse, compute dtype)`.
+    The log-sum-exp over the vocabulary runs across its blocks; each target's logit is read
+    from the block that holds it."""
+    loss = hidden.new_empty(tiles.n, dtype=torch.float32)
+    lse_all = hidden.new_empty(tiles.n, dtype=torch.float32)
+    compute_dtype = hidden.dtype
+    for p0 in tiles.positions():
+        p1 = p0 + tiles.rows
+        h, t = hidden[p0:p1], targets[p0:p1]
+        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+        picked = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
+        for v0 in tiles.blocks():
+            logits, _, raw = _tile_logits(h, weight, bias, v0, tiles, head)
+            compute_dtype = raw.dtype
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            inside = (t >= v0) & (t < v0 + logits.shape[1])
+            local = (t - v0).clamp(0, logits.shape[1] - 1)
+            picked = torch.where(inside, logits.gather(1, local), picked)
+        loss[p0:p1] = (weights[p0:p1] * (lse.unsqueeze(1) - picked)).sum(dim=1)
+        lse_all[p0:p1] = lse
+    return loss, lse_all, compute_dtype
+
+
+class _LinearSoftCE(torch.autograd.Function):
+    """The soft cross-entropy of `hidden @ weight.T (+ bias)`, in tiles of positions x
+    vocabulary, whose backward sums the weight's gradient in fp32, one vocabulary block at a
+    time.
+
+    Calling the head module once per position chunk (the fallback for other heads) lets
+    autograd add the chunks' weight gradients in the weight's dtype: in bf16, 64 chunks lost
+    ~4x the precision of one matmul. Here backward walks the vocabulary block by block; each
+    block's weight gradient is summed over all position tiles in an fp32 `[block, d]` buffer
+    (16384 x 4096 x 4 = 268 MB at most) and written once, and the hidden states' gradient
+    is summed over the blocks in fp32 `[N, d]`. Nothing of the size of the whole head is
+    allocated beyond the weight's gradient itself. The logits are recomputed in the dtype
+    forward used (bf16 under FSDP2's param policy, DeepSpeed bf16 or autocast), never kept.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        weights: Tensor,
+        tiles: _Tiles,
+        head: LinearHead,
+    ) -> Tensor:
+        loss, lse, compute_dtype = _linear_soft_ce(
+            hidden, weight, bias, targets, weights, tiles, head
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, weights, lse)
+        ctx.tiles, ctx.head, ctx.compute_dtype = tiles, head, compute_dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, targets, weights, lse = ctx.saved_tensors
+        tiles, head, dtype = ctx.tiles, ctx.head, ctx.compute_dtype
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        w, h_all = weight.to(dtype), hidden.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty_like(bias) if need_bias else None
+        scale = grad * weights.sum(dim=1)  # the softmax term's factor per position
+        one_hot = grad.unsqueeze(1) * weights  # each target's factor, subtracted
+        device_type = hidden.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
+            for v0 in tiles.blocks():
+                v1 = min(v0 + tiles.block, tiles.vocab)
+                block_weight = torch.zeros((v1 - v0, w.shape[1]), device=w.device)
+                block_bias = torch.zeros(v1 - v0, device=w.device)
+                for p0 in tiles.positions():
+                    p1 = p0 + tiles.rows
+                    h, t = h_all[p0:p1], targets[p0:p1]
+                    logits, capped, _ = _tile_logits(h, w, b, v0, tiles, head)
+                    g = logits.sub_(lse[p0:p1].unsqueeze(1)).exp_()  # softmax, in place
+                    g.mul_(scale[p0:p1].unsqueeze(1))
+                    inside = (t >= v0) & (t < v1)
+                    g.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1), -one_hot[p0:p1] * inside)
+                    if capped is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
+                        g.mul_(1.0 - capped.square_())
+                    if head.scale != 1.0:
+                        g.mul_(head.scale)
+                    if grad_bias is not None:
+                        block_bias.add_(g.sum(dim=0))
+                    g16 = g.to(dtype)
+                    del g, logits, capped
+                    grad_hidden[p0:p1].add_(g16 @ w[v0:v1])  # in place: no fp32 copy
+                    if grad_weight is not None:
+                        block_weight.add_(g16.t() @ h)
+                if grad_weight is not None:
+                    grad_weight[v0:v1] = block_weight
+                if grad_bias is not None:
+                    grad_bias[v0:v1] = block_bias
+        return (
+            grad_hidden.to(hidden.dtype) if need_hidden else None,
+            grad_weight, grad_bias, None, None, None, None,
+        )  # fmt: skip
 
 
 def chunked_soft_ce(
@@ -101,7 +317,15 @@ def chunked_soft_ce(
     # A zero-weight target is never read for its value; clamp it so -100 cannot index.
     targets = torch.where(weights != 0, targets, torch.zeros_like(targets))
 
-    # Recompute each chunk's logits in backward rather than keep them: memory O(chunk x V).
+    linear = linear_head(lm_head)
+    if linear is not None:  # the matmuls here, the weight's gradient summed in fp32
+        tiles = _Tiles.of(n_positions, linear.weight.shape[0], chunk_size)
+        parts = (hidden, linear.weight, linear.bias, targets, weights, tiles, linear)
+        if torch.is_grad_enabled():
+            return _LinearSoftCE.apply(*parts)
+        return _linear_soft_ce(*parts)[0]
+    # Any other head is called as a module; each chunk's logits are recomputed in backward
+    # rather than kept: memory O(chunk x V).
     recompute = torch.is_grad_enabled()
     pieces = []
     for start in range(0, n_positions, chunk_size):

@@ -356,6 +356,126 @@ def test_kernel_never_sees_more_than_a_chunk_and_zero_weights_cost_nothing() -> 
         assert_rel(a, e)
 
 
+@pytest.mark.parametrize("block", [16384, 40])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (0.5, None), (1.0, 3.0), (2.0, 3.0)])
+def test_linear_head_kernel_matches_the_formula(
+    monkeypatch, block: int, bias: bool, scale: float, softcap
+) -> None:
+    """A plain `nn.Linear` head (bare or behind the model's logit transform) is read as a
+    weight: the loss runs the matmuls itself, in tiles of positions x vocabulary blocks
+    (one block, or three of 33/33/31 rows); values and the gradients of hidden states, weight
+    and bias equal autograd on the formula."""
+    from sftmix_ray import loss_kernels
+    from sftmix_ray.loss_kernels import linear_head
+    from sftmix_ray.train.forward import _HeadCall
+
+    monkeypatch.setattr(loss_kernels, "VOCAB_BLOCK", block)
+    torch.manual_seed(1)
+    inner = nn.Linear(D, V, bias=bias)
+    head = inner if (scale, softcap) == (1.0, None) else _HeadCall(inner, scale, softcap)
+    found = linear_head(head)
+    assert found is not None and found.weight is inner.weight
+    n = 90
+    hidden = torch.randn(n, D, requires_grad=True)
+    targets, weights = torch.randint(0, V, (n, 2)), torch.rand(n, 2)
+    weights[::4] = 0.0
+    targets[::4] = -100
+    targets[1::5, 1] = targets[1::5, 0]
+    targets[2::7, 0], targets[3::7, 1] = 32, 33  # either side of a block boundary
+    upstream = torch.linspace(-1.0, 2.0, n)
+    params = [hidden, inner.weight] + ([inner.bias] if bias else [])
+    actual = chunked_soft_ce(hidden, head, targets, weights, chunk_size=16)
+    logits = F.linear(hidden, inner.weight, inner.bias) * scale
+    if softcap is not None:
+        logits = (logits / softcap).tanh() * softcap
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    expected = (weights * (lse - logits.gather(1, targets.clamp_min(0)))).sum(1)
+    assert_rel(actual, expected)
+    got = grads((actual * upstream).sum(), *params)
+    wanted = grads((expected * upstream).sum(), *params)
+    for a, e in zip(got, wanted, strict=True):
+        assert_rel(a, e)
+    assert float(got[0][::4].abs().max()) == 0.0  # zero-weight positions: no gradient
+
+
+def test_heads_with_hooks_or_wrappers_are_called_as_modules() -> None:
+    from sftmix_ray.loss_kernels import linear_head
+    from sftmix_ray.train.forward import _HeadCall
+
+    calls: list[int] = []
+    hooked = nn.Linear(D, V, bias=False)
+    hooked.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    assert linear_head(hooked) is None and linear_head(RecordingLinear(D, V)) is None
+    assert linear_head(_HeadCall(hooked, 1.0, None)) is None  # its hooks must run
+    # ZeRO-3's head call skips the module hooks on purpose (the wrapper gathers the weight).
+    assert linear_head(_HeadCall(hooked, 1.0, None, hooks=False)) is not None
+    assert linear_head(nn.Sequential(nn.Linear(D, V))) is None
+    hidden = torch.randn(40, D, requires_grad=True)
+    chunked_soft_ce(hidden, hooked, torch.zeros(40, 1, dtype=torch.long), torch.ones(40, 1), 16)
+    assert calls == [16, 16, 8]
+
+
+@pytest.mark.parametrize("block", [16384, 512])
+def test_bf16_head_gradient_is_summed_over_chunks_in_fp32(monkeypatch, block: int) -> None:
+    """bf16 weights and hidden states, 64 position chunks (in one vocabulary block, or in
+    four): the head's weight gradient keeps the precision of one whole matmul (the module
+    path summed the chunks in bf16)."""
+    from sftmix_ray import loss_kernels
+
+    monkeypatch.setattr(loss_kernels, "VOCAB_BLOCK", block)
+    torch.manual_seed(0)
+    n, vocab, dim, chunk = 4096, 2048, 64, 64
+    weight64 = torch.randn(vocab, dim, dtype=torch.float64) * 0.05
+    hidden64 = torch.randn(n, dim, dtype=torch.float64)
+    targets, weights = torch.randint(0, vocab, (n, 1)), torch.ones(n, 1)
+    w = weight64.to(torch.bfloat16).double().requires_grad_()
+    z = hidden64.to(torch.bfloat16).double() @ w.t()
+    (torch.logsumexp(z, -1) - z.gather(1, targets).squeeze(1)).sum().backward()
+    reference = w.grad
+
+    def relative_error(head: nn.Linear, chunk_size: int) -> float:
+        head.weight.data = weight64.to(torch.bfloat16)
+        hidden = hidden64.to(torch.bfloat16)
+        chunked_soft_ce(hidden, head, targets, weights, chunk_size).sum().backward()
+        assert head.weight.grad.dtype == torch.bfloat16
+        return float((head.weight.grad.double() - reference).norm() / reference.norm())
+
+    def plain() -> nn.Linear:
+        return nn.Linear(dim, vocab, bias=False).to(torch.bfloat16)
+
+    def module() -> nn.Linear:
+        return RecordingLinear(dim, vocab, bias=False).to(torch.bfloat16)
+
+    one_matmul = relative_error(plain(), n)
+    fused = relative_error(plain(), chunk)
+    by_module = relative_error(module(), chunk)
+    assert 0 < one_matmul < 0.004
+    assert fused < 1.5 * one_matmul, (fused, one_matmul)
+    assert by_module > 3 * fused, (by_module, fused)
+
+
+def test_linear_head_kernel_under_autocast_keeps_fp32_weights() -> None:
+    """DDP's bf16 path: fp32 parameters under autocast. The matmuls run in bf16 in forward
+    and in the recomputation; the gradients come back fp32, close to the module path's."""
+    torch.manual_seed(2)
+    head = nn.Linear(D, V, bias=True)
+    module = RecordingLinear(D, V, bias=True)
+    module.load_state_dict(head.state_dict())
+    hidden = torch.randn(50, D, requires_grad=True)
+    targets, weights = torch.randint(0, V, (50, 1)), torch.ones(50, 1)
+    results = []
+    for h in (head, module):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_soft_ce(hidden, h, targets, weights, chunk_size=16).sum()
+        results.append([loss, *grads(loss, hidden, h.weight, h.bias)])
+    assert [t.dtype for t in results[0]] == [torch.float32] * 4
+    for a, e in zip(*results, strict=True):
+        assert_rel(a, e, tol=2e-2)
+    fp32 = chunked_soft_ce(hidden.detach(), head, targets, weights, chunk_size=16).sum().detach()
+    assert float(abs(results[0][0].detach() - fp32) / fp32) > 1e-5  # autocast: really bf16
+
+
 def test_kernel_without_grad_does_not_checkpoint() -> None:
     head = make_head()
     hidden = torch.randn(20, D)
@@ -431,9 +551,9 @@ def test_ntp_all_ignored_batch_is_zero_with_grad() -> None:
 def test_sftmix_with_mu_zero_is_exactly_ntp() -> None:
     head = make_head()
     hidden, labels = make_batch()
-    recorder = RecordingLinear(D, V, bias=False)
-    recorder.weight = head.weight
-    ntp, _ = NTPLoss(chunk_size=4)(hidden, labels, head)
+    recorder, plain = RecordingLinear(D, V, bias=False), RecordingLinear(D, V, bias=False)
+    recorder.weight = plain.weight = head.weight  # both through the module path
+    ntp, _ = NTPLoss(chunk_size=4)(hidden, labels, plain)
     sftmix = SFTMixLoss(mu=0.0, chunk_size=4)
     lam = sftmix.sample_lambda(B, seed=0, step=0, rank=0)
     mixed, metrics = sftmix(hidden, labels, recorder, lam=lam)

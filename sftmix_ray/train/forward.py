@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from sftmix_ray.loss_kernels import LinearHead, has_hooks
 from sftmix_ray.losses import NTPLoss, SFTMixLoss
 
 
@@ -30,6 +31,14 @@ class _HeadCall(nn.Module):
         if self.softcap is not None:
             logits = (logits.float() / self.softcap).tanh() * self.softcap
         return logits
+
+    def linear_head(self) -> LinearHead | None:
+        """The head as the loss reads it (see `loss_kernels.linear_head`): its weight and this
+        transform when it is a plain `nn.Linear` whose hooks, if any, are meant to be skipped."""
+        head = self.lm_head
+        if type(head) is not nn.Linear or (self.hooks and has_hooks(head)):
+            return None
+        return LinearHead(head.weight, head.bias, self.scale, self.softcap)
 
 
 def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
