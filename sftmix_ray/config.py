@@ -285,6 +285,14 @@ class TrainConfig:
     # fp32 logits per loss chunk (MB) when loss_chunk_size is 0: positions = MB / (4 x vocab),
     # 261 at a 128256 vocabulary; the chunk's logits and their gradient exist once at a time
     loss_chunk_mb: float = 128.0
+    # Node-local token cache (see train/token_rows.py): after a worker builds an entry, the
+    # least recently opened others are removed while the cache holds more than this (GiB; one
+    # entry is about 8 bytes per token of its rows); 0 = no size limit. Stale entries (their
+    # corpus or split re-made or removed) go whatever the limit.
+    token_cache_gb: float = 64.0
+    # Where each node keeps that cache (a node-local path, e.g. a local NVMe mount); default
+    # $SFTMIX_TOKEN_CACHE, else <temp dir>/sftmix-token-cache.
+    token_cache_dir: str | None = None
     # Process-group timeout: must outlast rank 0 writing an HF export to shared storage.
     collective_timeout_s: int = 3600
     storage_path: str | None = None  # shared storage for checkpoints; default OUT/ray_storage
@@ -321,6 +329,10 @@ class TrainConfig:
             "train.loss_chunk_size", self.loss_chunk_size, ">= 0 (0 = from loss_chunk_mb)",
         )  # fmt: skip
         _check(self.loss_chunk_mb > 0, "train.loss_chunk_mb", self.loss_chunk_mb, "> 0")
+        _check(
+            self.token_cache_gb >= 0,
+            "train.token_cache_gb", self.token_cache_gb, ">= 0 (0 = no size limit)",
+        )  # fmt: skip
         _check(
             not self.lora.load_in_4bit or (self.use_gpu and self.strategy == "ddp"),
             "train.lora.load_in_4bit",

@@ -355,3 +355,23 @@ def test_gpu_processes_get_expandable_cuda_segments(monkeypatch) -> None:
     assert _worker_env(tiny_config("train.use_gpu=true"))["PYTORCH_CUDA_ALLOC_CONF"] == (
         "max_split_size_mb:512"
     )
+
+
+def test_gpu_workers_keep_the_token_cache_on_a_sized_volume() -> None:
+    """The training workers' token cache ($SFTMIX_TOKEN_CACHE) is a disk emptyDir of the GPU
+    worker pods, larger than the cache's default budget (train.token_cache_gb): the kubelet
+    evicts a pod whose emptyDir outgrows its sizeLimit."""
+    from sftmix_ray.config import TrainConfig
+
+    gib = {"Gi": 1, "Ti": 1024}
+    for manifest, spec in _cluster_specs():
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            volume = {v["name"]: v for v in pod["volumes"]}[mounts[env["SFTMIX_TOKEN_CACHE"]]]
+            assert "medium" not in volume["emptyDir"], (manifest, "node disk, not memory")
+            size = re.fullmatch(r"(\d+)(Gi|Ti)", volume["emptyDir"]["sizeLimit"])
+            assert size, volume
+            limit_gib = int(size.group(1)) * gib[size.group(2)]
+            assert limit_gib > 1.2 * TrainConfig().token_cache_gb, manifest

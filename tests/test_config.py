@@ -75,6 +75,7 @@ def test_yaml_then_overrides_win(tmp_path):
         ("train.report_to=tensorboard,comet", "'train.report_to' = 'comet'"),
         ("train.report_to=3", "expected a list"),
         ("train.collective_timeout_s=10", "'train.collective_timeout_s'"),
+        ("train.token_cache_gb=-1", "'train.token_cache_gb' = -1.0 is invalid: >= 0"),
         ("mixup.align=token", "'mixup.align'"),
         ("score.confidence=entropy", "'score.confidence'"),
         ("data.truncation=middle", "'data.truncation'"),

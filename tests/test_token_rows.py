@@ -71,7 +71,81 @@ def test_one_build_per_node_and_a_new_corpus_gets_a_new_cache(tmp_path):
     assert len(set(results)) == 1 and results[0][0] == 300
     assert len([p for p in root.iterdir() if p.is_dir()]) == 1  # built once, mapped thrice
     assert not list(root.glob(".*.tmp"))
+    (old,) = [p.name for p in root.iterdir() if p.is_dir()]
     _write(tmp_path / "data", seed=1)  # re-prepared: other rows, same file names
     again = open_token_rows(tmp_path / "data", root=root)
-    assert len([p for p in root.iterdir() if p.is_dir()]) == 2
     assert int(sum(int(again.row(i)[0].sum()) for i in range(300))) != results[0][1]
+    # The old entry can never be read again: the new build removed it.
+    (new,) = [p.name for p in root.iterdir() if p.is_dir()]
+    assert new != old
+
+
+def _open_in_process(args: tuple[str, str | None, str, float]) -> list[tuple[str, str]]:
+    """Open rows in a fresh process (another worker); returns what its eviction removed."""
+    import logging
+
+    source, keep, root, budget = args
+    removed: list[tuple[str, str]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            removed.append((str(record.args[1]), str(record.args[2])))
+
+    logging.getLogger("sftmix_ray.train.token_rows").addHandler(Catch())
+    open_token_rows(Path(source), Path(keep) if keep else None, Path(root), budget_gb=budget)
+    return removed
+
+
+def _entries(root: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in root.iterdir() if p.is_dir() and p.name[0] != "."}
+
+
+def test_cache_keeps_to_its_budget_least_recently_opened_first(tmp_path):
+    """Three corpora of ~14 KB each under a 30 KB budget: building the third removes the
+    least recently opened entry, not one another process holds, and a process that mapped the
+    removed entry still reads it. Stale entries and a build's leftovers go whatever the budget."""
+    import fcntl
+    import os
+    import time
+
+    from sftmix_ray.train import token_rows
+
+    root = tmp_path / "cache"
+    corpora = [tmp_path / name for name in ("a", "b", "c", "d")]
+    expected = [_write(path, seed=k) for k, path in enumerate(corpora)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        first = pool.map(_open_in_process, [(str(corpora[0]), None, str(root), 0.0)])
+    mapped = open_token_rows(corpora[1], root=root)  # this process keeps b mapped
+    a, b = (token_rows.cache_key(path, None) for path in corpora[:2])
+    os.utime(root / a, (time.time() + 5, time.time() + 5))  # a opened last, b before it
+    size = sum(f.stat().st_size for f in (root / a).iterdir())
+    budget = 2.2 * size / 1024**3
+    with ctx.Pool(1) as pool:
+        removed = pool.map(_open_in_process, [(str(corpora[2]), None, str(root), budget)])[0]
+    assert first == [[]] and removed == [(b, "budget")]
+    assert set(_entries(root)) == {a, token_rows.cache_key(corpora[2], None)}
+    ids = sorted(expected[1])
+    assert mapped.row(7)[0].tolist() == expected[1][ids[7]][0]  # still readable after removal
+
+    # A locked entry (another process mapping or building it) is never removed.
+    with open(root / f"{a}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with ctx.Pool(1) as pool:
+            removed = pool.map(_open_in_process, [(str(corpora[3]), None, str(root), 1e-9)])[0]
+    c = token_rows.cache_key(corpora[2], None)
+    assert removed == [(c, "budget")] and a in _entries(root)
+
+    # Stale (its split file is gone) and leftovers (a build cut short) go with budget 0 too.
+    split = tmp_path / "confident.parquet"
+    pq.write_table(pa.table({"example_id": pa.array(ids[:9], pa.int64())}), split)
+    with ctx.Pool(1) as pool:
+        pool.map(_open_in_process, [(str(corpora[1]), str(split), str(root), 0.0)])
+    split.unlink()
+    (root / ".deadbeef.12345.tmp").mkdir()
+    (root / ".deadbeef.12345.tmp" / "input_ids.i32").write_bytes(b"\0" * 64)
+    _write(tmp_path / "e")
+    with ctx.Pool(1) as pool:
+        removed = pool.map(_open_in_process, [(str(tmp_path / "e"), None, str(root), 0.0)])
+    assert sorted(r for _, r in removed[0]) == ["leftover", "stale"]
+    assert not list(root.glob(".*.tmp"))

@@ -84,12 +84,24 @@ def losses(history: list, key: str = "loss") -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def single(base_out: Path, tmp_path_factory) -> tuple[Path, list]:
-    """One worker, 8 rows (4 confident + 4 unconfident) per step: the reference trajectory."""
+    """One worker, 8 rows (4 confident + 4 unconfident) per step: the reference trajectory.
+    Its token cache (`train.token_cache_dir`) starts with an entry of another corpus and a
+    stale one, under a budget smaller than any entry (see `test_export_is_a_loadable_hf_model`)."""
+    from sftmix_ray.train.token_rows import open_token_rows
+
+    tmp = tmp_path_factory.mktemp("single")
+    cache = tmp / "token-cache"
+    other = tmp / "other-corpus"
+    shutil.copytree(base_out / "data", other)
+    open_token_rows(other, root=cache)
+    (cache / ("0" * 32)).mkdir()  # made by an older version: no record of its sources
     return run_train(
         base_out,
-        tmp_path_factory.mktemp("single"),
+        tmp,
         "train.per_device_train_batch_size=8",
         "train.report_to=tensorboard,mlflow",
+        f"train.token_cache_dir={cache}",
+        "train.token_cache_gb=0.000001",
     )
 
 
@@ -255,6 +267,13 @@ def test_export_is_a_loadable_hf_model(single):
     stage = read_summary(out)["stages"]["train"]
     assert stage["resume_checkpoints_removed"] >= 1
     assert not (out / "ray_storage" / stage["run_name"]).exists()
+    # The worker's token cache: its own three entries (both split sides and the held-out rows)
+    # were kept whatever the budget; the other corpus's (beyond the budget) and the stale one
+    # were removed.
+    cache = out.parent / "token-cache"
+    entries = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+    sources = sorted(json.loads((p / "source.json").read_text())["keep"] or "" for p in entries)
+    assert [Path(k).name for k in sources] == ["", "confident.parquet", "unconfident.parquet"]
 
 
 def _assert_mlflow_run(out: Path, history: list) -> None:

@@ -96,13 +96,15 @@ class TrainWorker:
         torch.manual_seed(train.seed)
         self.nodes = self._gather_nodes()
 
+        cache = Path(train.token_cache_dir) if train.token_cache_dir else None
+        budget = train.token_cache_gb
         self.streams = [
-            open_token_rows(Path(source), Path(keep) if keep else None)
+            open_token_rows(Path(source), Path(keep) if keep else None, cache, budget)
             for source, keep in spec.sources
         ]
         self.heldout = None
         if spec.heldout_source:
-            self.heldout = open_token_rows(Path(spec.heldout_source))
+            self.heldout = open_token_rows(Path(spec.heldout_source), None, cache, budget)
         self.plan = BatchPlan(
             sizes=tuple(len(s) for s in self.streams),
             rows_per_device=train.per_device_train_batch_size,

@@ -8,9 +8,16 @@ per token. Rows are served in `example_id` order, so the batch plan does not dep
 or worker order.
 
 Cache layout (`<cache>/<key>/`): `input_ids.i32`, `labels.i32` (all rows' tokens end to end),
-`offsets.i64` (n + 1 row starts), `example_id.i64` and `order.i64` (rows by example_id). The
-key hashes the source files' names, sizes and modification times and the id filter, so a
-re-prepared corpus or a new split never reads a stale cache.
+`offsets.i64` (n + 1 row starts), `example_id.i64` and `order.i64` (rows by example_id), and
+`source.json` (the paths it was built from). The key hashes the source files' names, sizes and
+modification times and the id filter, so a re-prepared corpus or a new split never reads a
+stale cache.
+
+Eviction (`evict`, run by whoever just built an entry): entries whose sources changed or are
+gone, builders' leftovers, then the least recently opened entries until the cache fits its
+budget (`train.token_cache_gb`); never an entry this process opened, nor one another process
+holds the lock of. A worker that already mapped an evicted entry keeps reading it (the files'
+space comes back when it exits).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 CACHE_ENV = "SFTMIX_TOKEN_CACHE"  # node-local directory for the cache (default: the temp dir)
 FILES = {
     "input_ids": np.int32,
@@ -37,6 +48,8 @@ FILES = {
     "order": np.int64,
 }
 _SUFFIX = {np.int32: "i32", np.int64: "i64"}
+SOURCE_FILE = "source.json"
+_OPENED: set[tuple[Path, str]] = set()  # (cache root, key) this process has mapped
 
 
 def _file(directory: Path, name: str) -> Path:
@@ -145,13 +158,17 @@ def _map(directory: Path) -> TokenRows:
     return TokenRows(**arrays)
 
 
-def open_token_rows(source: Path, keep: Path | None = None, root: Path | None = None) -> TokenRows:
+def open_token_rows(
+    source: Path, keep: Path | None = None, root: Path | None = None, budget_gb: float = 0.0
+) -> TokenRows:
     """The rows of a Parquet file/directory (only example_ids listed in `keep` when given),
-    built once per node into the cache under a file lock and memory-mapped by every caller."""
-    root = root or cache_root()
+    built once per node into the cache under a file lock and memory-mapped by every caller.
+    After building, the cache is trimmed to `budget_gb` (0: no size limit; see `evict`)."""
+    root = (root or cache_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(source, keep)
     final = root / key
+    built = False
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map
         if not final.exists():
@@ -159,5 +176,115 @@ def open_token_rows(source: Path, keep: Path | None = None, root: Path | None = 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             _build(source, keep, tmp)
+            paths = {"source": str(source.resolve()), "keep": str(keep.resolve()) if keep else None}
+            (tmp / SOURCE_FILE).write_text(json.dumps(paths), encoding="utf-8")
             os.replace(tmp, final)
-    return _map(final)
+            built = True
+        rows = _map(final)  # under the lock: an evicting process cannot remove it meanwhile
+        os.utime(final)  # last opened, for eviction
+    _OPENED.add((root, key))
+    if built:
+        evict(root, budget_gb)
+    return rows
+
+
+@dataclass(frozen=True)
+class Evicted:
+    key: str
+    reason: str  # "stale" (its sources changed or are gone), "leftover", "budget"
+    bytes: int
+
+
+def _size(directory: Path) -> int:
+    """Bytes of the files in `directory` (0 once another process has removed it)."""
+    try:
+        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+def _last_opened(entry: Path) -> float:
+    try:
+        return entry.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _is_stale(entry: Path) -> bool:
+    """Whether the entry's recorded sources are gone or no longer hash to its key."""
+    try:
+        paths = json.loads((entry / SOURCE_FILE).read_text(encoding="utf-8"))
+        keep = Path(paths["keep"]) if paths["keep"] else None
+        return cache_key(Path(paths["source"]), keep) != entry.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # no readable record, or a source file vanished
+
+
+@contextlib.contextmanager
+def _unless_locked(root: Path, key: str) -> Iterator[bool]:
+    """Hold `key`'s lock if no other process does (a builder holds it while building, an
+    opener while mapping); yields whether it got it."""
+    with open(root / f"{key}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _remove_unlocked(root: Path, entry: Path) -> bool:
+    """Remove `entry` if no other process holds its lock: renamed away first, so a crash
+    midway never leaves a half-removed entry that looks whole."""
+    doomed = root / f".{entry.name}.{os.getpid()}.tmp"
+    with _unless_locked(root, entry.name) as free:
+        if not free:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            os.replace(entry, doomed)
+        except FileNotFoundError:  # another process removed it first
+            return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
+def evict(root: Path, budget_gb: float) -> list[Evicted]:
+    """Trim the cache at `root`: leftovers of builds cut short, stale entries, then
+    the least recently opened entries while the cache holds more than `budget_gb` (0: no
+    size limit). Entries this process opened are kept. Each removal is logged; returns them."""
+    removed: list[Evicted] = []
+    for leftover in root.glob(".*.tmp"):  # `.<key>.<pid>.tmp`: a build or removal cut short
+        with _unless_locked(root, leftover.name[1:].split(".")[0]) as free:
+            if free and leftover.is_dir():  # nobody is building that key
+                size = _size(leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(Evicted(leftover.name, "leftover", size))
+    mine = {key for opened_root, key in _OPENED if opened_root == root}
+    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    kept = []
+    for entry in entries:
+        if entry.name not in mine and _is_stale(entry):
+            size = _size(entry)
+            if _remove_unlocked(root, entry):
+                removed.append(Evicted(entry.name, "stale", size))
+                continue
+        kept.append(entry)
+    if budget_gb > 0:
+        sizes = {entry: _size(entry) for entry in kept}
+        total = sum(sizes.values())
+        for entry in sorted(kept, key=_last_opened):
+            if total <= budget_gb * 1024**3:
+                break
+            if entry.name not in mine and _remove_unlocked(root, entry):
+                removed.append(Evicted(entry.name, "budget", sizes[entry]))
+                total -= sizes[entry]
+    for item in removed:
+        log.warning(
+            "token cache %s: removed %s (%s, %.2f GB)",
+            root,
+            item.key,
+            item.reason,
+            item.bytes / 1e9,
+        )
+    return removed
