@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -66,9 +67,9 @@ def linear_head(lm_head: nn.Module) -> LinearHead | None:
     """The head's weight, bias and transform when it is a plain `nn.Linear` (an object with a
     `linear_head()` method answers for itself); None for anything else (a LoRA-wrapped or
     quantized head, a subclass, a head with hooks), which the loss then calls as a module."""
-    own = getattr(lm_head, "linear_head", None)
+    own = getattr(type(lm_head), "linear_head", None)  # a method, never a child module
     if callable(own):
-        found: LinearHead | None = own()
+        found: LinearHead | None = own(lm_head)
         return found
     if type(lm_head) is nn.Linear and not has_hooks(lm_head):
         return LinearHead(lm_head.weight, lm_head.bias)
@@ -118,7 +119,15 @@ def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn
     return _SoftCrossEntropy.apply(logits, targets, weights)
 
 
-def _transformed(raw: Tensor, head: LinearHead) -> tuple[Tensor, Tensor | None]:
+@dataclass(frozen=True)
+class _Transform:
+    """A head's logit scaling and soft-cap (what backward needs of it; not its weight)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def _transformed(raw: Tensor, head: _Transform | LinearHead) -> tuple[Tensor, Tensor | None]:
     """fp32 logits from the head's raw output, and `tanh` of the soft-cap when there is one."""
     logits = raw.float()
     if head.scale != 1.0:
@@ -154,15 +163,30 @@ class _Tiles:
         return range(0, self.vocab, self.block)
 
 
+def _compute_dtype(device_type: str, weight: Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's when it is on for this device (DDP's
+    bf16 over fp32 parameters), else the weight's own (bf16 under FSDP2's param policy and
+    DeepSpeed bf16)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off (the inputs are cast explicitly), where the device has autocast."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _tile_logits(
-    h: Tensor, weight: Tensor, bias: Tensor | None, v0: int, tiles: _Tiles, head: LinearHead
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """fp32 logits of one tile, the soft-cap's `tanh`, and the raw output (its dtype is the
-    compute dtype, which autocast may choose)."""
+    h: Tensor, weight: Tensor, bias: Tensor | None, v0: int, tiles: _Tiles, head: _Transform
+) -> tuple[Tensor, Tensor | None]:
+    """fp32 logits of one tile (inputs already in the compute dtype) and the soft-cap's
+    `tanh`. Forward and backward both come here, with the same shapes."""
     v1 = v0 + tiles.block
     raw = F.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1])
-    logits, capped = _transformed(raw, head)
-    return logits, capped, raw
+    return _transformed(raw, head)
 
 
 def _linear_soft_ce(
@@ -172,29 +196,32 @@ def _linear_soft_ce(
     targets: Tensor,
     weights: Tensor,
     tiles: _Tiles,
-    head: LinearHead,
+    head: _Transform,
 ) -> tuple[Tensor, Tensor, torch.dtype]:
     """Per-row soft cross-entropy of a linear head, tile by tile: `(loss, lse, compute dtype)`.
     The log-sum-exp over the vocabulary runs across its blocks; each target's logit is read
     from the block that holds it."""
+    device_type = hidden.device.type
+    dtype = _compute_dtype(device_type, weight)
+    w, h_all = weight.to(dtype), hidden.to(dtype)
+    b = None if bias is None else bias.to(dtype)
     loss = hidden.new_empty(tiles.n, dtype=torch.float32)
     lse_all = hidden.new_empty(tiles.n, dtype=torch.float32)
-    compute_dtype = hidden.dtype
-    for p0 in tiles.positions():
-        p1 = p0 + tiles.rows
-        h, t = hidden[p0:p1], targets[p0:p1]
-        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
-        picked = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
-        for v0 in tiles.blocks():
-            logits, _, raw = _tile_logits(h, weight, bias, v0, tiles, head)
-            compute_dtype = raw.dtype
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-            inside = (t >= v0) & (t < v0 + logits.shape[1])
-            local = (t - v0).clamp(0, logits.shape[1] - 1)
-            picked = torch.where(inside, logits.gather(1, local), picked)
-        loss[p0:p1] = (weights[p0:p1] * (lse.unsqueeze(1) - picked)).sum(dim=1)
-        lse_all[p0:p1] = lse
-    return loss, lse_all, compute_dtype
+    with _no_autocast(device_type):
+        for p0 in tiles.positions():
+            p1 = p0 + tiles.rows
+            h, t = h_all[p0:p1], targets[p0:p1]
+            lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+            picked = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
+            for v0 in tiles.blocks():
+                logits, _ = _tile_logits(h, w, b, v0, tiles, head)
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+                inside = (t >= v0) & (t < v0 + logits.shape[1])
+                local = (t - v0).clamp(0, logits.shape[1] - 1)
+                picked = torch.where(inside, logits.gather(1, local), picked)
+            loss[p0:p1] = (weights[p0:p1] * (lse.unsqueeze(1) - picked)).sum(dim=1)
+            lse_all[p0:p1] = lse
+    return loss, lse_all, dtype
 
 
 class _LinearSoftCE(torch.autograd.Function):
@@ -221,7 +248,7 @@ class _LinearSoftCE(torch.autograd.Function):
         targets: Tensor,
         weights: Tensor,
         tiles: _Tiles,
-        head: LinearHead,
+        head: _Transform,
     ) -> Tensor:
         loss, lse, compute_dtype = _linear_soft_ce(
             hidden, weight, bias, targets, weights, tiles, head
@@ -231,6 +258,7 @@ class _LinearSoftCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, weights, lse = ctx.saved_tensors
         tiles, head, dtype = ctx.tiles, ctx.head, ctx.compute_dtype
@@ -242,21 +270,19 @@ class _LinearSoftCE(torch.autograd.Function):
         grad_bias = torch.empty_like(bias) if need_bias else None
         scale = grad * weights.sum(dim=1)  # the softmax term's factor per position
         one_hot = grad.unsqueeze(1) * weights  # each target's factor, subtracted
-        device_type = hidden.device.type
-        no_autocast = (
-            torch.autocast(device_type, enabled=False)
-            if torch.amp.is_autocast_available(device_type)
-            else contextlib.nullcontext()
-        )
-        with no_autocast:
+        device = w.device
+        with _no_autocast(hidden.device.type):
             for v0 in tiles.blocks():
                 v1 = min(v0 + tiles.block, tiles.vocab)
-                block_weight = torch.zeros((v1 - v0, w.shape[1]), device=w.device)
-                block_bias = torch.zeros(v1 - v0, device=w.device)
+                block_weight = block_bias = None
+                if grad_weight is not None:
+                    block_weight = torch.zeros((v1 - v0, w.shape[1]), device=device)
+                if grad_bias is not None:
+                    block_bias = torch.zeros(v1 - v0, device=device)
                 for p0 in tiles.positions():
                     p1 = p0 + tiles.rows
                     h, t = h_all[p0:p1], targets[p0:p1]
-                    logits, capped, _ = _tile_logits(h, w, b, v0, tiles, head)
+                    logits, capped = _tile_logits(h, w, b, v0, tiles, head)
                     g = logits.sub_(lse[p0:p1].unsqueeze(1)).exp_()  # softmax, in place
                     g.mul_(scale[p0:p1].unsqueeze(1))
                     inside = (t >= v0) & (t < v1)
@@ -265,16 +291,18 @@ class _LinearSoftCE(torch.autograd.Function):
                         g.mul_(1.0 - capped.square_())
                     if head.scale != 1.0:
                         g.mul_(head.scale)
-                    if grad_bias is not None:
+                    if block_bias is not None:
                         block_bias.add_(g.sum(dim=0))
                     g16 = g.to(dtype)
                     del g, logits, capped
-                    grad_hidden[p0:p1].add_(g16 @ w[v0:v1])  # in place: no fp32 copy
-                    if grad_weight is not None:
+                    # Each product is rounded to the compute dtype once, then summed in fp32
+                    # in place (no fp32 copy of it).
+                    grad_hidden[p0:p1].add_(g16 @ w[v0:v1])
+                    if block_weight is not None:
                         block_weight.add_(g16.t() @ h)
-                if grad_weight is not None:
+                if grad_weight is not None and block_weight is not None:
                     grad_weight[v0:v1] = block_weight
-                if grad_bias is not None:
+                if grad_bias is not None and block_bias is not None:
                     grad_bias[v0:v1] = block_bias
         return (
             grad_hidden.to(hidden.dtype) if need_hidden else None,
@@ -320,7 +348,8 @@ def chunked_soft_ce(
     linear = linear_head(lm_head)
     if linear is not None:  # the matmuls here, the weight's gradient summed in fp32
         tiles = _Tiles.of(n_positions, linear.weight.shape[0], chunk_size)
-        parts = (hidden, linear.weight, linear.bias, targets, weights, tiles, linear)
+        transform = _Transform(linear.scale, linear.softcap)
+        parts = (hidden, linear.weight, linear.bias, targets, weights, tiles, transform)
         if torch.is_grad_enabled():
             return _LinearSoftCE.apply(*parts)
         return _linear_soft_ce(*parts)[0]

@@ -323,15 +323,28 @@ def _lora_wrapper() -> nn.Module:
 def _zero3_lora(rank: int, out_dir: str) -> dict[str, object]:
     """`DeepSpeedStrategy` (ZeRO-3) over a LoRA model: the loss, the adapters' full gradients,
     the adapter-only export, and an adapter-only checkpoint restored into a fresh strategy."""
+    import dataclasses
+
     from deepspeed.utils import safe_get_full_grad
 
     from sftmix_ray.config import LoraConfig, TrainConfig
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.lora import apply_lora
     from sftmix_ray.train.strategies import DeepSpeedStrategy
 
     train = TrainConfig(
         strategy="deepspeed", deepspeed_stage=3, lora=LoraConfig(r=4),
         per_device_train_batch_size=2, learning_rate=1e-9,
     )  # fmt: skip
+    # An adapter on the LM head itself is refused before DeepSpeed starts: the loss's
+    # per-chunk calls of its submodules would differ across ranks (failing at step 2).
+    head_lora = dataclasses.replace(train, lora=LoraConfig(r=4, target_modules=["lm_head"]))
+    model = apply_lora(_tiny_llama(), head_lora.lora, seed=0)
+    try:
+        DeepSpeedStrategy(CausalLMWithLoss(model, NTPLoss()), head_lora, total_steps=4)
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
     strategy = DeepSpeedStrategy(_lora_wrapper(), train, total_steps=4)
     data = _llama_batch()
     rows = [rank, 2 + rank]
@@ -360,7 +373,7 @@ def _zero3_lora(rank: int, out_dir: str) -> dict[str, object]:
     fresh.load(Path(out_dir) / "zero3-lora")
     restored = fresh.full_state_dict(trainable_only=True)
     return {"loss": float(value) / WORLD, "grads": grads, "exported": exported,
-            "before": before, "restored": restored}  # fmt: skip
+            "before": before, "restored": restored, "refused": refused}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -402,6 +415,8 @@ def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> No
     assert changed and all("lora_B" in n for n in changed)  # the fresh one differed
     for name, value in got["restored"].items():
         torch.testing.assert_close(value, got["exported"][name])
+    assert "LM head must be a plain linear layer" in got["refused"]
+    assert "base_layer" in got["refused"] and "target_modules" in got["refused"]
 
 
 def _global_loss(module: nn.Module, loss: SFTMixLoss, rank: int) -> float:
@@ -790,17 +805,87 @@ def _deepspeed_accumulation_worker(rank: int, init_file: str, out_dir: str) -> N
                     strategy.backward(loss)
                 norms[f"{name}/{accumulation}"] = strategy.step()
         torch.save(norms, Path(out_dir) / "norms.pt")
+        torch.save(_bf16_loading(Path(out_dir), data, total), Path(out_dir) / "loading.pt")
     finally:
         dist.destroy_process_group()
     os._exit(0)  # as in `_staged_save_worker`: skip DeepSpeed's teardown
+
+
+def _bf16_loading(out_dir: Path, data: dict, total: torch.Tensor) -> dict:
+    """ZeRO-2 with bf16 (a user's DeepSpeed JSON): the worker's model as `training_model`
+    loads it (bf16) and as it loaded it before (fp32), each trained 3 steps."""
+    import json
+
+    from sftmix_ray.modeling import load_model
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.launch import build_spec
+    from sftmix_ray.train.loop import training_model
+    from sftmix_ray.train.strategies import build_strategy
+    from tests.conftest import tiny_config
+
+    _tiny_llama().save_pretrained(out_dir / "model")
+    config = out_dir / "zero2-bf16.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    cfg = tiny_config(
+        f"model.name_or_path={out_dir / 'model'}", "train.strategy=deepspeed",
+        f"train.deepspeed_config={config}", "train.per_device_train_batch_size=4",
+        "train.max_grad_norm=0",
+    )  # fmt: skip
+    spec = build_spec(cfg, out_dir / "out", "train")
+    result: dict = {}
+    for name, model in (
+        ("bf16", training_model(spec)),
+        ("fp32", load_model(str(out_dir / "model"))),
+    ):
+        result[f"{name}/dtype"] = next(model.parameters()).dtype
+        strategy = build_strategy("deepspeed", CausalLMWithLoss(model, NTPLoss()), cfg.train, 10)
+        losses = []
+        for _ in range(3):
+            loss, _ = strategy.module(data["ids"], data["mask"], data["labels"], normalizers=total)
+            strategy.backward(loss)
+            strategy.step()
+            losses.append(float(loss.detach()))
+        result[f"{name}/losses"] = losses
+        result[f"{name}/state"] = strategy.full_state_dict()
+    return result
 
 
 @pytest.mark.slow
 def test_deepspeed_accumulation_does_not_divide_the_gradient_again(tmp_path: Path) -> None:
     """The loss is normalized over the whole accumulation window, so 2 micro-batches give the
     gradient of 1. Under BF16_Optimizer (ZeRO-1 with bf16, from a user's DeepSpeed JSON) the
-    engine divided it by the accumulation steps a second time (norm 0.90 instead of 1.80)."""
+    engine divided it by the accumulation steps a second time (norm 0.90 instead of 1.80).
+    In the same process: under ZeRO-2 with bf16 the worker loads the model in bf16 (half the
+    host memory per rank) and trains exactly as from the fp32 load it made before."""
     mp.spawn(_deepspeed_accumulation_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=1)
     norms = torch.load(tmp_path / "norms.pt")
     assert norms["zero2/2"] == pytest.approx(norms["zero2/1"], rel=1e-5)
     assert norms["zero1-bf16/2"] == pytest.approx(norms["zero1-bf16/1"], rel=2e-2)  # bf16
+    loading = torch.load(tmp_path / "loading.pt")
+    assert (loading["bf16/dtype"], loading["fp32/dtype"]) == (torch.bfloat16, torch.float32)
+    assert loading["bf16/losses"] == loading["fp32/losses"]
+    assert loading["bf16/losses"][2] < loading["bf16/losses"][0]  # it trains
+    for key, value in loading["fp32/state"].items():
+        assert torch.equal(loading["bf16/state"][key], value), key
+
+
+def test_load_dtype_follows_the_deepspeed_precision(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from sftmix_ray.config import TrainConfig
+    from sftmix_ray.train.strategies import load_dtype
+
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps({"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # our config: bf16 on GPU
+    cases = [
+        (TrainConfig(strategy="deepspeed", deepspeed_stage=2, bf16=True), torch.bfloat16),
+        (TrainConfig(strategy="deepspeed", deepspeed_stage=2, bf16=False), torch.float32),
+        (TrainConfig(strategy="deepspeed", deepspeed_stage=3, bf16=True), torch.float32),
+        (TrainConfig(strategy="deepspeed", deepspeed_config=str(fp16)), torch.float16),
+        (TrainConfig(strategy="fsdp", bf16=True), torch.float32),
+        (TrainConfig(strategy="ddp", bf16=True), torch.float32),
+    ]
+    assert [load_dtype(train) for train, _ in cases] == [dtype for _, dtype in cases]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: bf16 off
+    assert load_dtype(TrainConfig(strategy="deepspeed", bf16=True)) == torch.float32

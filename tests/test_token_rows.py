@@ -149,3 +149,28 @@ def test_cache_keeps_to_its_budget_least_recently_opened_first(tmp_path):
         removed = pool.map(_open_in_process, [(str(tmp_path / "e"), None, str(root), 0.0)])
     assert sorted(r for _, r in removed[0]) == ["leftover", "stale"]
     assert not list(root.glob(".*.tmp"))
+
+
+def test_an_incomplete_entry_is_built_again_and_trimming_failures_do_not_stop_a_worker(
+    tmp_path, monkeypatch, caplog
+):
+    from sftmix_ray.train import token_rows
+
+    expected = _write(tmp_path / "data")
+    root = tmp_path / "cache"
+    open_token_rows(tmp_path / "data", root=root)
+    (entry,) = [p for p in root.iterdir() if p.is_dir()]
+    with open(entry / "input_ids.i32", "r+b") as fh:  # cut short, as by a full disk
+        fh.truncate(100)
+    rows = open_token_rows(tmp_path / "data", root=root)
+    assert "incomplete; building it again" in caplog.text
+    ids = sorted(expected)
+    assert [rows.row(i)[0].tolist() for i in range(300)] == [expected[k][0] for k in ids]
+
+    def refused(root: Path, budget_gb: float) -> list:
+        raise PermissionError(13, "Permission denied", str(root))
+
+    monkeypatch.setattr(token_rows, "evict", refused)
+    _write(tmp_path / "other", seed=3)
+    assert len(open_token_rows(tmp_path / "other", root=root, budget_gb=1e-9)) == 300
+    assert "could not trim it" in caplog.text

@@ -94,7 +94,9 @@ def single(base_out: Path, tmp_path_factory) -> tuple[Path, list]:
     other = tmp / "other-corpus"
     shutil.copytree(base_out / "data", other)
     open_token_rows(other, root=cache)
-    (cache / ("0" * 32)).mkdir()  # made by an older version: no record of its sources
+    stale = cache / ("0" * 32)  # built from a corpus since removed
+    stale.mkdir()
+    (stale / "source.json").write_text(json.dumps({"source": str(tmp / "gone"), "keep": None}))
     return run_train(
         base_out,
         tmp,

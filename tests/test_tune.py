@@ -52,8 +52,9 @@ def _copy_base(base: Path, target: Path) -> Path:
     return target
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SWEEP]]
+def _cli(*args: str, last: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`sftmix-ray ARGS` with the tiny sweep's overrides, then `last`'s (which win)."""
+    sets = [f"--set={item}" for item in [*TINY_OVERRIDES, *SWEEP, *last]]
     return subprocess.run(
         [*sftmix_command(), *args, *sets],
         capture_output=True, text=True, timeout=600, env=cli_env(),
@@ -93,6 +94,9 @@ def cli_sweep(scored_base: Path, ray_local, tmp_path_factory) -> tuple[Path, dic
         "tune", "--output-dir", str(out), "--address", address, "--set", f"tune.space={space}",
         "--set", "tune.search=optuna", "--set", "tune.seed=7",
         "--set", f"tune.num_samples={TRIALS}", "--set", "tune.max_concurrent_trials=2",
+        # By epochs: 0.1 of an epoch is 2 steps at the base ratio 0.5 (100 pairs / 4 per
+        # step = 25 per epoch), 3 at 0.3 or 0.7 (140 rows on the larger side).
+        last=("train.max_steps=0", "train.num_train_epochs=0.1"),
     )  # fmt: skip
     # stdout is the summary alone: Tune's progress report went to stderr.
     summary = result_json(proc)
@@ -115,6 +119,9 @@ def test_sweep_writes_table_best_config_and_plot(cli_sweep):
     )
     assert set(table["split.ratio"]) <= set(SPACE["split.ratio"]["choice"])
     assert table["mixup.alpha"].nunique() == TRIALS, "Optuna proposed different points"
+    # Every trial trained the base ratio's 2 steps, whatever its own ratio (this seed draws
+    # 0.7 twice: 3 steps per 0.1 epoch), so the trials compare ratios, not budgets.
+    assert result["train_max_steps_pinned"] == 2 and (table["split.ratio"] != 0.5).any()
     assert (table["step"] == 2).all() and (table["reports"] == 2).all()  # eval at steps 1 and 2
     n = pq.read_table(out / "data", columns=["example_id"]).num_rows
     for _, row in table.iterrows():

@@ -45,3 +45,29 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tm
     # one's step-1 save).
     assert result["resume_checkpoints_removed"] >= 3
     assert not list((out / "tune" / "trials").glob("*/ray_storage/*/checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_the_sweep_waits_for_a_stopped_trials_workers_to_exit(ray_local, tmp_path):
+    """`wait_for_workers` (run before a sweep removes its trials' checkpoints) returns only
+    once the actors the trial recorded are dead, and gives up with a warning after its
+    timeout: a stopped trial's workers that still ran wrote a checkpoint after the removal."""
+    import time
+
+    from tuning.ray_compat import actor_id_hex
+    from tuning.trial import WORKERS_FILE, wait_for_workers
+
+    @ray_local.remote(num_cpus=0)
+    class Worker:
+        def ping(self) -> int:
+            return 1
+
+    worker = Worker.remote()
+    ray_local.get(worker.ping.remote())
+    (tmp_path / WORKERS_FILE).write_text(actor_id_hex(worker) + "\n")
+    start = time.monotonic()
+    assert not wait_for_workers(tmp_path, timeout_s=0.5)  # alive: it waited, then gave up
+    assert time.monotonic() - start >= 0.5
+    ray_local.kill(worker)
+    assert wait_for_workers(tmp_path, timeout_s=60)
+    assert wait_for_workers(tmp_path / "no-trial")  # nothing recorded: nothing to wait for

@@ -69,3 +69,19 @@ def controller_trials(grid: Any, experiment: Path) -> list[Any]:
 
         analysis = ExperimentAnalysis(str(experiment))
     return list(analysis.trials)
+
+
+def actor_id_hex(handle: Any) -> str:
+    """An actor handle's id. Internal: `ActorHandle._actor_id` (no public accessor on a handle
+    that another process made; Ray Train's worker group holds its workers' handles)."""
+    return str(handle._actor_id.hex())
+
+
+def actor_state(actor_id: str) -> str | None:
+    """The GCS's state of an actor ("ALIVE", "DEAD", ...), None when unknown. Internal:
+    `ray._private.state.actors`, because the public state API (`ray.util.state`) needs the
+    dashboard, which local clusters often run without."""
+    from ray._private import state
+
+    info = state.actors(actor_id=actor_id)
+    return str(info["State"]) if info else None

@@ -43,6 +43,7 @@ from tuning.trial import (
     remove_finished_checkpoints,
     trial_dirname,
     trial_driver,
+    wait_for_workers,
 )
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,55 @@ def _check_inputs(cfg: Config, out: Path, recompute_split: bool) -> None:
         )
 
 
+# Swept keys that set how many optimizer steps a trial trains.
+STEP_KEYS = frozenset(
+    {
+        "train.num_train_epochs", "train.max_steps", "train.per_device_train_batch_size",
+        "train.gradient_accumulation_steps", "train.num_workers",
+    }
+)  # fmt: skip
+
+
+def _equal_steps_across_ratios(cfg: Config, out: Path, keys: list[str]) -> int | None:
+    """The `train.max_steps` every trial trains when `split.ratio` is swept by epochs.
+
+    An epoch is one pass over the larger side, so with `train.max_steps` 0 a ratio of 0.3 or
+    0.7 trains 40% more steps than 0.5 and the sweep compares training budgets, not ratios.
+    Every trial then trains the steps the base config's ratio makes in its epochs instead.
+    None when nothing needs pinning: `train.max_steps` set, the ratio not swept, or random
+    pairing (one stream, which the ratio does not size); and when the sweep itself varies how
+    many steps a trial trains (epochs, batch, workers), which a pin would override (a warning
+    says the ratios then differ in steps too)."""
+    if "split.ratio" not in keys or cfg.train.max_steps > 0:
+        return None
+    varied = sorted(STEP_KEYS.intersection(keys))
+    if varied:
+        log.warning(
+            "split.ratio is swept by epochs together with %s: each trial trains its own "
+            "number of steps, and ratios far from 0.5 train more of them per epoch",
+            ", ".join(varied),
+        )
+        return None
+    import pyarrow.dataset as ds
+
+    from sftmix_ray.split import confident_count
+    from sftmix_ray.train.launch import build_spec
+    from sftmix_ray.train.sampling import BatchPlan, total_steps
+
+    if build_spec(cfg, out, "train").streams == ("data",):  # NTP or random pairing
+        return None
+    n = ds.dataset(str(RunDir.of(out).scores), format="parquet").count_rows()
+    confident = confident_count(n, cfg.split.ratio)
+    plan = BatchPlan(
+        sizes=(confident, n - confident),
+        rows_per_device=cfg.train.per_device_train_batch_size,
+        world_size=cfg.train.num_workers,
+        grad_accum=cfg.train.gradient_accumulation_steps,
+        seed=cfg.train.seed,
+    )
+    return total_steps(plan, cfg.train.num_train_epochs, 0)
+
+
 def _build_tuner(
     cfg: Config, out: Path, domains: list[Domain], recompute_split: bool, callbacks: list | None
 ) -> tuple[Any, bool]:
@@ -260,6 +310,15 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     keys = [d.key for d in domains]
     recompute_split = "split.ratio" in keys or not _split_is_current(out, cfg)
     _check_inputs(cfg, out, recompute_split)
+    pinned = _equal_steps_across_ratios(cfg, out, keys)
+    if pinned is not None:
+        log.warning(
+            "split.ratio is swept and train.max_steps is 0: every trial trains %d steps, the "
+            "%s epochs of split.ratio=%s (an epoch follows the larger side, so ratios would "
+            "otherwise train for different numbers of steps); set train.max_steps to choose",
+            pinned, cfg.train.num_train_epochs, cfg.split.ratio,
+        )  # fmt: skip
+        cfg = apply_params(cfg.to_dict(), {"train.max_steps": pinned})
     identity = sweep_identity(cfg, domains)
     _check_same_sweep(tune_dir, identity)
     init_ray(cfg.ray)
@@ -278,9 +337,12 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         update_stage(out, "tune", status="failed", error=str(exc) or type(exc).__name__)
         raise
     finally:
-        # Trials stopped by an interruption leave their worker groups too.
+        # Trials stopped by an interruption leave their worker groups too; a stopped trial's
+        # workers may still be saving, so their checkpoints are removed once they are gone.
         for trial_out in sorted(RunDir(out).trials.glob("*")):
             release_placement_groups(trial_out)
+        for trial_out in sorted(RunDir(out).trials.glob("*")):
+            wait_for_workers(trial_out)
     # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go. A
     # trial that trained to the end removed its own after its export (`run_training`).
     finished = [r for r in rows if r["status"] == "TERMINATED" and r.get("trial_dir")]
@@ -303,6 +365,7 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         **{k: v for k, v in counts.items() if v or k in ("terminated", "error")},
         "resumed": resumed,
         "resume_checkpoints_removed": removed,
+        **({"train_max_steps_pinned": pinned} if pinned is not None else {}),
         "metric": cfg.tune.metric,
         "mode": cfg.tune.mode,
         "results": str(tune_dir / f"{RESULTS}.csv"),

@@ -103,7 +103,18 @@ class CausalLMWithLoss(nn.Module):
         """Make DeepSpeed ZeRO-3 gather the LM head for the wrapper's whole forward/backward."""
         from deepspeed.runtime.zero import register_external_parameter
 
-        for param in self._raw_head().parameters():
+        head = self._raw_head()
+        inner = [name for name, _ in head.named_children()]
+        if inner:
+            raise ValueError(
+                f"under DeepSpeed ZeRO-3 the LM head must be a plain linear layer, but "
+                f"{type(head).__name__} calls submodules ({', '.join(inner[:4])}): the loss "
+                "calls the head once per chunk, a number that differs across ranks, and "
+                "DeepSpeed rejects ranks whose module calls differ. A LoRA adapter on the "
+                "head is the usual cause: leave it out of train.lora.target_modules, or train "
+                "with train.strategy=fsdp or deepspeed_stage=2"
+            )
+        for param in head.parameters():
             register_external_parameter(self, param)
 
     def _raw_head(self) -> nn.Module:

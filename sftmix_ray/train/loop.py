@@ -41,6 +41,7 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
     from sftmix_ray.modeling import load_model
     from sftmix_ray.train.lora import apply_lora, quantized_base_kwargs
     from sftmix_ray.train.meta_init import meta_model
+    from sftmix_ray.train.strategies import load_dtype
 
     lora = spec.train.lora
     if meta:  # the modules, no weights (FSDP2 init)
@@ -49,7 +50,8 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
         quantized = quantized_base_kwargs(lora)  # QLoRA: the 4-bit base on this worker's GPU
         if quantized:
             quantized["device_map"] = {"": torch.cuda.current_device()}
-        model = load_model(spec.model_path, **_load_options(spec), **quantized)
+        dtype = load_dtype(spec.train)  # DeepSpeed bf16 below ZeRO-3: bf16, else fp32
+        model = load_model(spec.model_path, **_load_options(spec), dtype=dtype, **quantized)
     if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.r > 0:

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,17 +164,22 @@ def open_token_rows(
 ) -> TokenRows:
     """The rows of a Parquet file/directory (only example_ids listed in `keep` when given),
     built once per node into the cache under a file lock and memory-mapped by every caller.
-    After building, the cache is trimmed to `budget_gb` (0: no size limit; see `evict`)."""
+    Before and after a build the cache is trimmed to `budget_gb` (0: no size limit; `evict`).
+    An entry found incomplete (its files cut short) is built again."""
     root = (root or cache_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(source, keep)
     final = root / key
+    if not final.exists():
+        _trim(root, budget_gb)  # room for the new entry first
     built = False
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map
+        if final.exists() and not _intact(final):
+            log.warning("token cache %s: entry %s is incomplete; building it again", root, key)
+            _remove(root, final)
         if not final.exists():
-            tmp = root / f".{key}.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = _private_name(root, key)
             tmp.mkdir()
             _build(source, keep, tmp)
             paths = {"source": str(source.resolve()), "keep": str(keep.resolve()) if keep else None}
@@ -184,8 +190,48 @@ def open_token_rows(
         os.utime(final)  # last opened, for eviction
     _OPENED.add((root, key))
     if built:
-        evict(root, budget_gb)
+        _trim(root, budget_gb)
     return rows
+
+
+def _private_name(root: Path, key: str) -> Path:
+    """`.<key>.<pid>-<random>.tmp`: a build or removal in progress, unique across processes
+    (PIDs repeat across containers that share a directory)."""
+    return root / f".{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _intact(entry: Path) -> bool:
+    """Whether every file of the entry is there with consistent sizes."""
+    try:
+        size = {name: _file(entry, name).stat().st_size for name in FILES}
+    except FileNotFoundError:
+        return False
+    rows = size["example_id"] // 8
+    if size["order"] != size["example_id"] or size["offsets"] != 8 * (rows + 1):
+        return False
+    if size["input_ids"] != size["labels"]:
+        return False
+    with open(_file(entry, "offsets"), "rb") as fh:
+        fh.seek(-8, os.SEEK_END)
+        tokens = int(np.frombuffer(fh.read(8), np.int64)[0])
+    return 4 * tokens == size["input_ids"]
+
+
+def _remove(root: Path, entry: Path) -> None:
+    """Rename `entry` away, then delete it: a crash midway never leaves a half-removed entry
+    that looks whole. The caller holds its lock."""
+    doomed = _private_name(root, entry.name)
+    os.replace(entry, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _trim(root: Path, budget_gb: float) -> None:
+    """`evict`, whose failures (permissions, a lock the filesystem refuses) are logged: a
+    cache that cannot be trimmed must not stop training."""
+    try:
+        evict(root, budget_gb)
+    except OSError as exc:
+        log.warning("token cache %s: could not trim it: %s", root, exc)
 
 
 @dataclass(frozen=True)
@@ -211,13 +257,21 @@ def _last_opened(entry: Path) -> float:
 
 
 def _is_stale(entry: Path) -> bool:
-    """Whether the entry's recorded sources are gone or no longer hash to its key."""
+    """Whether the entry's recorded sources are gone or no longer hash to its key. An entry
+    without a readable record, or whose sources cannot be read for another reason (a
+    permission, a network filesystem's hiccup), is not called stale: the budget decides."""
     try:
         paths = json.loads((entry / SOURCE_FILE).read_text(encoding="utf-8"))
         keep = Path(paths["keep"]) if paths["keep"] else None
-        return cache_key(Path(paths["source"]), keep) != entry.name
+        source = Path(paths["source"])
     except (OSError, ValueError, KeyError, TypeError):
-        return True  # no readable record, or a source file vanished
+        return False
+    try:
+        return cache_key(source, keep) != entry.name
+    except FileNotFoundError:
+        return True  # the corpus or the split file is gone
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -234,18 +288,14 @@ def _unless_locked(root: Path, key: str) -> Iterator[bool]:
 
 
 def _remove_unlocked(root: Path, entry: Path) -> bool:
-    """Remove `entry` if no other process holds its lock: renamed away first, so a crash
-    midway never leaves a half-removed entry that looks whole."""
-    doomed = root / f".{entry.name}.{os.getpid()}.tmp"
+    """Remove `entry` if no other process holds its lock."""
     with _unless_locked(root, entry.name) as free:
         if not free:
             return False
-        shutil.rmtree(doomed, ignore_errors=True)
         try:
-            os.replace(entry, doomed)
+            _remove(root, entry)
         except FileNotFoundError:  # another process removed it first
             return False
-    shutil.rmtree(doomed, ignore_errors=True)
     return True
 
 
@@ -254,7 +304,7 @@ def evict(root: Path, budget_gb: float) -> list[Evicted]:
     the least recently opened entries while the cache holds more than `budget_gb` (0: no
     size limit). Entries this process opened are kept. Each removal is logged; returns them."""
     removed: list[Evicted] = []
-    for leftover in root.glob(".*.tmp"):  # `.<key>.<pid>.tmp`: a build or removal cut short
+    for leftover in root.glob(".*.tmp"):  # `_private_name`: a build or removal cut short
         with _unless_locked(root, leftover.name[1:].split(".")[0]) as free:
             if free and leftover.is_dir():  # nobody is building that key
                 size = _size(leftover)
