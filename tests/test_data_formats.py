@@ -260,7 +260,29 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     (sg(*OK_QA, system=5), "sharegpt", "field 'system' must be a string (got int)"),
     # messages
     ({"messages": {"role": "user"}}, "messages", "field 'messages' must be a list (got object)"),
-    (msgs(("user", "q"), ("tool", "{}")), "messages", "unknown role 'tool' in turn 2"),
+    (
+        msgs(("user", "q"), ("tool", "{}")),
+        "messages",
+        "turn 2 is a tool call or tool result ('tool'): tool-calling conversations are not "
+        "supported yet (system, user and assistant text turns only)",
+    ),
+    (  # an assistant turn that only calls a tool: not repaired away as a null content
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+            ]
+        },
+        "messages",
+        "turn 2 is a tool call or tool result ('assistant'): tool-calling conversations are "
+        "not supported yet (system, user and assistant text turns only)",
+    ),
+    (
+        sg(("human", "q"), ("function_call", "{}"), ("observation", "ok"), ("gpt", "a")),
+        "sharegpt",
+        "turn 2 is a tool call or tool result ('function_call'): tool-calling conversations "
+        "are not supported yet (system, user and assistant text turns only)",
+    ),
     (
         msgs(("user", ["part"]), ("assistant", "a")),
         "messages",

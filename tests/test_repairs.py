@@ -75,7 +75,8 @@ UNREPAIRABLE = {
     "only_assistant": ([turn("gpt", "a")], "no_turns_or_assistant"),
     "only_user": ([turn("human", "q")], "no_assistant_turn"),
     "empty": ([], "empty_conversation"),
-    "tool_role": ([turn("human", "q"), turn("tool", "x")], "unknown_role"),
+    "tool_role": ([turn("human", "q"), turn("tool", "x")], "tool_calls"),
+    "unknown_role": ([turn("human", "q"), turn("narrator", "x")], "unknown_role"),
     "system_in_middle": (
         [turn("human", "q"), turn("system", "s"), turn("gpt", "a")],
         "system_not_first",
@@ -125,7 +126,8 @@ def test_validate_data_counts_repairs_once_per_row_and_kind(tmp_path, capsys):
     assert report["repairs"] == expected  # "everything_at_once" merges twice: counted once
     by_kind = report["by_kind"]
     assert sum(v["count"] for v in by_kind.values()) == report["rejected"]
-    assert by_kind["unknown_role"] == {"count": 1, "examples": [len(REPAIRED) + 3]}
+    assert by_kind["tool_calls"] == {"count": 1, "examples": [len(REPAIRED) + 3]}
+    assert by_kind["unknown_role"] == {"count": 1, "examples": [len(REPAIRED) + 4]}
     assert [r["index"] for r in report["rejections"]] == list(
         range(len(REPAIRED), len(REPAIRED) + len(UNREPAIRABLE))
     )

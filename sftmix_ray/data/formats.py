@@ -52,6 +52,11 @@ ROLE_ALIASES: dict[str, str] = {
     "chatgpt": "assistant",
     "model": "assistant",
 }
+# Tool-calling turns (OpenAI's `tool`/`function`, Llama 3.1's `ipython`, LLaMA-Factory's
+# `function_call`/`observation`): rejected by name, as kind `tool_calls`, not trained on.
+TOOL_ROLES = frozenset(
+    {"tool", "function", "ipython", "function_call", "observation", "tool_call", "tool_response"}
+)
 # Assistant names of real dumps that only the standard repairs accept (counted as a repair).
 REPAIR_ROLE_ALIASES: dict[str, str] = {"bing": "assistant", "bard": "assistant"}
 REPAIR_MODES = ("standard", "none")
@@ -330,6 +335,12 @@ def _parse_turn(
     role, mapped = ROLE_ALIASES.get(name), False
     if role is None and text.repair and name in REPAIR_ROLE_ALIASES:
         role, mapped = REPAIR_ROLE_ALIASES[name], True
+    if name in TOOL_ROLES or turn.get("tool_calls") or turn.get("function_call"):
+        raise RowRejected(
+            f"turn {number} is a tool call or tool result ({_show(raw_role)}): tool-calling "
+            "conversations are not supported yet (system, user and assistant text turns only)",
+            "tool_calls",
+        )
     if role is None:
         raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}", "unknown_role")
     if content_key not in turn:
