@@ -150,6 +150,30 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     return tok
 
 
+def check_vocabulary(model_path: str, tokenizer: Any, *, trust_remote_code: bool = False) -> None:
+    """Raise unless every id `tokenizer` can produce has a row in the model's embedding.
+
+    A tokenizer with tokens added after the model was built (chat special tokens, say) and an
+    embedding that was never resized make ids past the last row: the CPU fails with an index
+    error deep in the forward, a GPU with a device-side assert that takes the whole NCCL job
+    down. A config without `vocab_size` is not checked."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SftmixError(f"cannot load the config of model '{model_path}': {exc}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise SftmixError(
+            f"the tokenizer of '{model_path}' has {len(tokenizer)} tokens but the model's "
+            f"embedding has {rows} rows (config vocab_size): ids from {rows} on would crash "
+            "training. Resize the embedding (model.resize_token_embeddings(len(tokenizer))) "
+            "and save the model, or use the tokenizer the model was trained with"
+        )
+
+
 def model_kwargs(
     trust_remote_code: bool, dtype: torch.dtype, attn_implementation: str | None
 ) -> dict[str, Any]:

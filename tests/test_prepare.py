@@ -73,3 +73,34 @@ def test_on_invalid_error_fails(ray_local, tmp_path: Path):
     with pytest.raises(DataError, match=r"c.jsonl: 1 invalid rows.*row 1"):
         run_stage("prepare", tiny_config(f"data.path={path}", "data.on_invalid=error"), tmp_path)
     assert read_summary(tmp_path)["stages"]["prepare"]["status"] == "failed"
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_fails_before_tokenizing(
+    ray_local, tmp_path: Path
+):
+    """A local model whose tokenizer has tokens past its embedding (added, never resized):
+    `prepare` names the model, both sizes and the fix before any worker starts. (A local model
+    whose embedding covers its tokenizer prepares in `test_gpu_path.py`'s pipeline part.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftmix_ray.errors import SftmixError
+    from sftmix_ray.modeling import train_tiny_tokenizer
+    from sftmix_ray.pipeline import run_stage
+
+    tokenizer = train_tiny_tokenizer(["what is two plus two? four."] * 50, 300)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) - 5, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "short")
+    tokenizer.save_pretrained(tmp_path / "short")
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"instruction": "what is two plus two?", "output": "four."}\n' * 4)
+    short = tiny_config(f"data.path={path}", f"model.name_or_path={tmp_path / 'short'}")
+    message = (
+        rf"tokenizer of '{tmp_path / 'short'}' has {len(tokenizer)} tokens but the model's "
+        rf"embedding has {len(tokenizer) - 5} rows .*resize_token_embeddings"
+    )
+    with pytest.raises(SftmixError, match=message):
+        run_stage("prepare", short, tmp_path / "out-short")
+    assert not (tmp_path / "out-short" / "data").exists()

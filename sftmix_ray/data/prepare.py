@@ -221,7 +221,7 @@ def run_prepare(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
 
     Every row is counted once: per side, `input == written + rejected`.
     """
-    from sftmix_ray.modeling import TINY, materialize_tiny
+    from sftmix_ray.modeling import TINY, check_vocabulary, load_tokenizer, materialize_tiny
 
     run = RunDir.of(out_dir)
     scratch = run.prepare_work / "outputs"
@@ -233,6 +233,10 @@ def run_prepare(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     if cfg.model.name_or_path == TINY:
         texts = tokenizer_sample(plans[0])
         tokenizer_path = str(materialize_tiny(cfg.model, texts, run.base_model))
+    else:  # before any worker tokenizes: ids the model has no embedding row for
+        remote = cfg.model.trust_remote_code
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=remote)
+        check_vocabulary(tokenizer_path, tokenizer, trust_remote_code=remote)
     stats = run_chunk_jobs(plans, tokenizer_path, cfg, cfg.data.truncation)
     for plan, plan_stats in zip(plans, stats):
         _check_invalid(plan, plan_stats, cfg.data.on_invalid)
