@@ -42,14 +42,22 @@ def chunk_positions(chunk_size: int, chunk_mb: float, vocab: int) -> int:
 
 
 @dataclass(frozen=True)
+class LogitTransform:
+    """What some models apply to the head's output before their loss: a scale (Cohere,
+    Granite) and a soft-cap (Gemma 2/3)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
 class LinearHead:
     """An LM head that is a plain linear map plus a logit transform: the loss reads its weight
     and runs the matmuls itself (`_LinearSoftCE`) instead of calling the module per chunk."""
 
     weight: Tensor
     bias: Tensor | None = None
-    scale: float = 1.0
-    softcap: float | None = None
+    transform: LogitTransform = LogitTransform()
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -83,17 +91,21 @@ def _soft_ce(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, 
 
 
 def _soft_ce_grad(
-    logits: Tensor, lse: Tensor, targets: Tensor, weights: Tensor, grad: Tensor
+    logits: Tensor, lse: Tensor, targets: Tensor, weights: Tensor, grad: Tensor, v0: int = 0
 ) -> Tensor:
-    """d loss / d logits, built in place in one `[c, V]` allocation:
-    `softmax(z) * sum_k w_k - sum_k w_k * onehot(t_k)`, times the upstream `grad`.
+    """d loss / d logits, built in place of `logits` (fp32, `[c, V']`, the vocabulary's
+    columns `v0:v0+V'`): `softmax(z) * sum_k w_k - sum_k w_k * onehot(t_k)`, times the upstream
+    `grad`; targets outside those columns add nothing.
 
-    Autograd's own graph for the formula would hold about four `[c, V]` temporaries (softmax,
+    Autograd's own graph for the formula would hold about four `[c, V']` temporaries (softmax,
     its product with the gradient, the gather's scatter, their sum)."""
-    grad_logits = (logits - lse.unsqueeze(1)).exp_()  # softmax
+    width = logits.shape[1]
+    grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax
     grad_logits.mul_((grad * weights.sum(dim=1)).unsqueeze(1))
+    one_hot = -(grad.unsqueeze(1) * weights)
+    inside = (targets >= v0) & (targets < v0 + width)
     # scatter_add_ also sums the two terms when both targets are the same token.
-    grad_logits.scatter_add_(1, targets, -(grad.unsqueeze(1) * weights))
+    grad_logits.scatter_add_(1, (targets - v0).clamp(0, width - 1), one_hot * inside)
     return grad_logits
 
 
@@ -109,7 +121,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         logits, lse, targets, weights = ctx.saved_tensors
-        return _soft_ce_grad(logits, lse, targets, weights, grad), None, None
+        # A copy: the head's last op may have kept these logits for its own backward.
+        return _soft_ce_grad(logits.clone(), lse, targets, weights, grad), None, None
 
 
 def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn.Module) -> Tensor:
@@ -119,15 +132,7 @@ def _chunk_soft_ce(hidden: Tensor, targets: Tensor, weights: Tensor, lm_head: nn
     return _SoftCrossEntropy.apply(logits, targets, weights)
 
 
-@dataclass(frozen=True)
-class _Transform:
-    """A head's logit scaling and soft-cap (what backward needs of it; not its weight)."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-
-def _transformed(raw: Tensor, head: _Transform | LinearHead) -> tuple[Tensor, Tensor | None]:
+def _transformed(raw: Tensor, head: LogitTransform) -> tuple[Tensor, Tensor | None]:
     """fp32 logits from the head's raw output, and `tanh` of the soft-cap when there is one."""
     logits = raw.float()
     if head.scale != 1.0:
@@ -180,7 +185,7 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
 
 
 def _tile_logits(
-    h: Tensor, weight: Tensor, bias: Tensor | None, v0: int, tiles: _Tiles, head: _Transform
+    h: Tensor, weight: Tensor, bias: Tensor | None, v0: int, tiles: _Tiles, head: LogitTransform
 ) -> tuple[Tensor, Tensor | None]:
     """fp32 logits of one tile (inputs already in the compute dtype) and the soft-cap's
     `tanh`. Forward and backward both come here, with the same shapes."""
@@ -196,7 +201,7 @@ def _linear_soft_ce(
     targets: Tensor,
     weights: Tensor,
     tiles: _Tiles,
-    head: _Transform,
+    head: LogitTransform,
 ) -> tuple[Tensor, Tensor, torch.dtype]:
     """Per-row soft cross-entropy of a linear head, tile by tile: `(loss, lse, compute dtype)`.
     The log-sum-exp over the vocabulary runs across its blocks; each target's logit is read
@@ -240,19 +245,9 @@ class _LinearSoftCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        targets: Tensor,
-        weights: Tensor,
-        tiles: _Tiles,
-        head: _Transform,
-    ) -> Tensor:
-        loss, lse, compute_dtype = _linear_soft_ce(
-            hidden, weight, bias, targets, weights, tiles, head
-        )
+    def forward(ctx: Any, *parts: Any) -> Tensor:  # the arguments of `_linear_soft_ce`
+        loss, lse, compute_dtype = _linear_soft_ce(*parts)
+        hidden, weight, bias, targets, weights, tiles, head = parts
         ctx.save_for_backward(hidden, weight, bias, targets, weights, lse)
         ctx.tiles, ctx.head, ctx.compute_dtype = tiles, head, compute_dtype
         return loss
@@ -268,8 +263,6 @@ class _LinearSoftCE(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.empty_like(bias) if need_bias else None
-        scale = grad * weights.sum(dim=1)  # the softmax term's factor per position
-        one_hot = grad.unsqueeze(1) * weights  # each target's factor, subtracted
         device = w.device
         with _no_autocast(hidden.device.type):
             for v0 in tiles.blocks():
@@ -283,10 +276,7 @@ class _LinearSoftCE(torch.autograd.Function):
                     p1 = p0 + tiles.rows
                     h, t = h_all[p0:p1], targets[p0:p1]
                     logits, capped = _tile_logits(h, w, b, v0, tiles, head)
-                    g = logits.sub_(lse[p0:p1].unsqueeze(1)).exp_()  # softmax, in place
-                    g.mul_(scale[p0:p1].unsqueeze(1))
-                    inside = (t >= v0) & (t < v1)
-                    g.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1), -one_hot[p0:p1] * inside)
+                    g = _soft_ce_grad(logits, lse[p0:p1], t, weights[p0:p1], grad[p0:p1], v0)
                     if capped is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
                         g.mul_(1.0 - capped.square_())
                     if head.scale != 1.0:
@@ -348,8 +338,7 @@ def chunked_soft_ce(
     linear = linear_head(lm_head)
     if linear is not None:  # the matmuls here, the weight's gradient summed in fp32
         tiles = _Tiles.of(n_positions, linear.weight.shape[0], chunk_size)
-        transform = _Transform(linear.scale, linear.softcap)
-        parts = (hidden, linear.weight, linear.bias, targets, weights, tiles, transform)
+        parts = (hidden, linear.weight, linear.bias, targets, weights, tiles, linear.transform)
         if torch.is_grad_enabled():
             return _LinearSoftCE.apply(*parts)
         return _linear_soft_ce(*parts)[0]

@@ -135,6 +135,9 @@ def test_memory_model_counts_what_the_model_holds(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    from sftmix_ray.loss_kernels import VOCAB_BLOCK
+
+    assert memory_model.VOCAB_BLOCK == VOCAB_BLOCK  # the head gradient's fp32 block
     arch = memory_model.Arch.from_config(_llama_config(2).to_dict())
     with torch.device("meta"):
         model = LlamaForCausalLM(_llama_config(2))

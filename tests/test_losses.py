@@ -416,11 +416,12 @@ def test_heads_with_hooks_or_wrappers_are_called_as_modules() -> None:
     assert calls == [16, 16, 8]
 
 
-@pytest.mark.parametrize("block", [16384, 512])
+@pytest.mark.parametrize("block", [16384, 256])
 def test_bf16_head_gradient_is_summed_over_chunks_in_fp32(monkeypatch, block: int) -> None:
     """bf16 weights and hidden states, 64 position chunks (in one vocabulary block, or in
-    four): the head's weight gradient keeps the precision of one whole matmul (the module
-    path summed the chunks in bf16)."""
+    eight, as at a 128k vocabulary): the head's weight gradient keeps the precision of one
+    whole matmul (the module path summed the chunks in bf16). The hidden states' gradient
+    pays for the blocks instead: each block's product is rounded to bf16 before the fp32 sum."""
     from sftmix_ray import loss_kernels
 
     monkeypatch.setattr(loss_kernels, "VOCAB_BLOCK", block)
@@ -430,16 +431,19 @@ def test_bf16_head_gradient_is_summed_over_chunks_in_fp32(monkeypatch, block: in
     hidden64 = torch.randn(n, dim, dtype=torch.float64)
     targets, weights = torch.randint(0, vocab, (n, 1)), torch.ones(n, 1)
     w = weight64.to(torch.bfloat16).double().requires_grad_()
-    z = hidden64.to(torch.bfloat16).double() @ w.t()
+    h = hidden64.to(torch.bfloat16).double().requires_grad_()
+    z = h @ w.t()
     (torch.logsumexp(z, -1) - z.gather(1, targets).squeeze(1)).sum().backward()
-    reference = w.grad
 
-    def relative_error(head: nn.Linear, chunk_size: int) -> float:
+    def relative_errors(head: nn.Linear, chunk_size: int) -> tuple[float, float]:
         head.weight.data = weight64.to(torch.bfloat16)
-        hidden = hidden64.to(torch.bfloat16)
+        hidden = hidden64.to(torch.bfloat16).requires_grad_()
         chunked_soft_ce(hidden, head, targets, weights, chunk_size).sum().backward()
         assert head.weight.grad.dtype == torch.bfloat16
-        return float((head.weight.grad.double() - reference).norm() / reference.norm())
+        return tuple(  # type: ignore[return-value]
+            float((got.double() - want).norm() / want.norm())
+            for got, want in ((head.weight.grad, w.grad), (hidden.grad, h.grad))
+        )
 
     def plain() -> nn.Linear:
         return nn.Linear(dim, vocab, bias=False).to(torch.bfloat16)
@@ -447,12 +451,15 @@ def test_bf16_head_gradient_is_summed_over_chunks_in_fp32(monkeypatch, block: in
     def module() -> nn.Linear:
         return RecordingLinear(dim, vocab, bias=False).to(torch.bfloat16)
 
-    one_matmul = relative_error(plain(), n)
-    fused = relative_error(plain(), chunk)
-    by_module = relative_error(module(), chunk)
+    one_matmul, _ = relative_errors(plain(), n)
+    fused, fused_hidden = relative_errors(plain(), chunk)
+    by_module, module_hidden = relative_errors(module(), chunk)
     assert 0 < one_matmul < 0.004
     assert fused < 1.5 * one_matmul, (fused, one_matmul)
     assert by_module > 3 * fused, (by_module, fused)
+    # Measured: 0.174% on the module path and in one block, 0.240% in eight blocks.
+    limit = 1.0 if block >= vocab else 1.6
+    assert fused_hidden <= limit * module_hidden * (1 + 1e-6), (fused_hidden, module_hidden)
 
 
 def test_linear_head_kernel_under_autocast_keeps_fp32_weights() -> None:

@@ -168,7 +168,8 @@ class _TextReader:
             value = _join_text_parts(value, what)
         text: str = _typed(value, str, what)
         try:
-            text.encode("utf-8")
+            if not text.isascii():  # no copy of the common all-ASCII text
+                text.encode("utf-8")
         except UnicodeEncodeError:
             if not self.repair:
                 raise RowRejected(

@@ -6,7 +6,9 @@ import functools
 from bisect import bisect_left
 from typing import Any
 
-from sftmix_ray.errors import RowRejected
+from jinja2 import TemplateError
+
+from sftmix_ray.errors import RowRejected, SftmixError
 from sftmix_ray.loss_kernels import IGNORE_INDEX
 from sftmix_ray.modeling import chat_template_of
 
@@ -58,6 +60,8 @@ def _searched_spans(
     `<|end|><|endoftext|>` matches before `<|user|>`, and the `<|` of `<|user|>` must not be
     taken for a start of `<|endoftext|>`."""
     markup = _special_token_spans(tokenizer, full)
+    header = _answer_header(tokenizer, template)
+    tail, cuts = _answer_tail(tokenizer, template)
     spans: list[tuple[int, int]] = []
     position = 0
     for i, message in enumerate(messages):
@@ -65,7 +69,6 @@ def _searched_spans(
             continue  # some templates move it (Mistral v0.3: into the last user turn)
         content = message["content"]
         if message["role"] == "assistant":
-            header = _answer_header(tokenizer, template)
             at = full.find(header, position) if header else -1
             if at >= 0:
                 position = at + len(header)
@@ -80,7 +83,6 @@ def _searched_spans(
             )
         start, end = found
         if message["role"] == "assistant":
-            tail, cuts = _answer_tail(tokenizer, template)
             end += max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
             spans.append((start, end))
         position = end
@@ -170,9 +172,11 @@ def tokenize_conversation(
     try:
         text, spans = render_with_spans(tokenizer, messages)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except RowRejected:
-        raise
-    except Exception as exc:  # the template's own checks (Gemma: no system role), tokenizer
+    except (RowRejected, SftmixError):
+        raise  # a row's own rejection, or the tokenizer's template unusable for every row
+    except (TemplateError, ValueError, TypeError) as exc:
+        # The template's own checks (Gemma: no system role), the tokenizer's input checks;
+        # a bug of ours (IndexError, KeyError, ...) is not passed off as a rejected row.
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise RowRejected(
             f"chat template or tokenizer failed: {type(exc).__name__}: {message}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from sftmix_ray.loss_kernels import LinearHead, has_hooks
+from sftmix_ray.loss_kernels import LinearHead, LogitTransform, has_hooks
 from sftmix_ray.losses import NTPLoss, SFTMixLoss
 
 
@@ -38,7 +38,7 @@ class _HeadCall(nn.Module):
         head = self.lm_head
         if type(head) is not nn.Linear or (self.hooks and has_hooks(head)):
             return None
-        return LinearHead(head.weight, head.bias, self.scale, self.softcap)
+        return LinearHead(head.weight, head.bias, LogitTransform(self.scale, self.softcap))
 
 
 def _logit_transform(model: nn.Module) -> tuple[float, float | None]:

@@ -82,9 +82,9 @@ class TorchStrategy:
         # Frozen weights (a LoRA run's base) are read from the model at every start: resume
         # checkpoints and adapter exports hold the trained parameters only.
         self.frozen = _frozen(wrapper)
-        # Saved once: safetensors refuses two names for one tensor ("Some tensors share
-        # memory"), and loading the parameter restores it under both names.
-        self.aliases = _tied_aliases(wrapper)
+        # Tied weights are saved under one name: safetensors refuses two names for one tensor
+        # ("Some tensors share memory"), and loading the parameter restores it under both.
+        self.not_saved = self.frozen | _tied_aliases(wrapper)
         self._writer: BackgroundWriter | None = None  # DDP's background saves (first use)
         self.module = self._wrap(wrapper)
         self.optimizer = torch.optim.AdamW(
@@ -151,7 +151,7 @@ class TorchStrategy:
 
     def _resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The trained weights, and the optimizer and scheduler state (live, not copies)."""
-        trained = _trainable_only(self.wrapper.state_dict(), self.frozen | self.aliases)
+        trained = _trainable_only(self.wrapper.state_dict(), self.not_saved)
         weights = {k: v.detach().contiguous() for k, v in trained.items()}
         rest = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         return weights, rest
@@ -163,7 +163,7 @@ class TorchStrategy:
         missing, unexpected = self.wrapper.load_state_dict(
             load_file(str(directory / "model.safetensors")), strict=False
         )
-        _check_restored(missing, unexpected, self.frozen | self.aliases, directory)
+        _check_restored(missing, unexpected, self.not_saved, directory)
         # map_location: the saving rank's device is not necessarily this rank's.
         state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -303,7 +303,7 @@ class DeepSpeedStrategy:
         self.train = train
         self.frozen = _frozen(wrapper)
         ds_config = deepspeed_config(train)
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.stage = zero_stage(ds_config)
         if self.stage == 3:
             wrapper.register_head_for_zero3()
         optimizer = torch.optim.AdamW(
@@ -429,6 +429,11 @@ def skip_cpu_shm_comm_build() -> bool:
     return True
 
 
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when it has none)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def zero3_partitioned_loading(train: TrainConfig) -> Any | None:
     """Under ZeRO-3, what makes `from_pretrained` build the model partitioned: while the
     returned object is alive, transformers constructs the model under `deepspeed.zero.Init`
@@ -438,7 +443,7 @@ def zero3_partitioned_loading(train: TrainConfig) -> Any | None:
     if train.strategy != "deepspeed":
         return None
     config = deepspeed_config(train)
-    if int(config.get("zero_optimization", {}).get("stage", 0)) != 3:
+    if zero_stage(config) != 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -457,11 +462,11 @@ def load_dtype(train: TrainConfig) -> torch.dtype:
     if train.strategy != "deepspeed":
         return torch.float32
     config = deepspeed_config(train)
-    if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+    if zero_stage(config) == 3:
         return torch.float32
-    if config.get("bf16", {}).get("enabled"):
+    if config.get("bf16", {}).get("enabled") is True:
         return torch.bfloat16
-    if config.get("fp16", {}).get("enabled"):
+    if config.get("fp16", {}).get("enabled") is True:
         return torch.float16
     return torch.float32
 

@@ -170,15 +170,14 @@ def open_token_rows(
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(source, keep)
     final = root / key
-    if not final.exists():
-        _trim(root, budget_gb)  # room for the new entry first
     built = False
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map
         if final.exists() and not _intact(final):
             log.warning("token cache %s: entry %s is incomplete; building it again", root, key)
             _remove(root, final)
-        if not final.exists():
+        if not final.exists():  # this process builds it; the node's others wait above
+            _trim(root, budget_gb)  # room for the new entry first
             tmp = _private_name(root, key)
             tmp.mkdir()
             _build(source, keep, tmp)
