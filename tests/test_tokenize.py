@@ -229,3 +229,15 @@ def test_a_tokenizer_with_named_templates_uses_its_default():
     tok.chat_template = {"default": PHI3, "tool_use": "{{ 'tools' }}"}
     ids, labels, _ = tokenize_conversation(tok, TWO_TURNS, 512, "drop")
     assert _supervised_text(tok, ids, labels) == "hello there<|end|>\ngeneral<|end|>\n<|endoftext|>"
+
+
+def test_named_templates_without_a_default_stop_prepare_once_not_per_row():
+    """No template is usable for any row: an error for the run (prepare stops), not a
+    `template_error` rejection of every row."""
+    from sftmix_ray.errors import SftmixError
+
+    tok = _templated(PHI3)
+    tok.chat_template = {"tool_use": "{{ 'tools' }}", "rag": "{{ 'rag' }}"}
+    with pytest.raises(SftmixError, match="chat templates rag, tool_use but no 'default'") as info:
+        tokenize_conversation(tok, TWO_TURNS, 512, "drop")
+    assert not isinstance(info.value, RowRejected)
