@@ -51,6 +51,12 @@ def rows_per_batch(n_rows: int, num_actors: int) -> int:
     return int(min(1024, max(32, math.ceil(n_rows / (4 * num_actors)))))
 
 
+def scorer_precision(on_gpu: bool, bf16_on_gpu: bool) -> str:
+    """The dtype name scorers compute in: bf16 only on a GPU and only when asked (a CPU's bf16
+    matmuls are slow and less exact); fp32 otherwise."""
+    return "bfloat16" if on_gpu and bf16_on_gpu else "float32"
+
+
 class Scorer:
     """Mean response NLL of each row of a token table under one checkpoint (`load` swaps it)."""
 
@@ -72,7 +78,7 @@ class Scorer:
         if num_threads > 0:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if bf16_on_gpu and self.device.type == "cuda" else torch.float32
+        self.dtype = getattr(torch, scorer_precision(self.device.type == "cuda", bf16_on_gpu))
         self.trust_remote_code, self.attn_implementation = trust_remote_code, attn_implementation
         self.batch_tokens = batch_tokens
         self.loss = NTPLoss(chunk_size, chunk_mb)  # its chunking: fixed, or by bytes

@@ -33,7 +33,7 @@ from sftmix_ray.io_utils import atomic_write_parquet
 from sftmix_ray.layout import RunDir
 from sftmix_ray.losses import confidence_and_variability
 from sftmix_ray.ray_utils import dataset_batches
-from sftmix_ray.scorer import ScoreItems, rows_per_batch, score_items
+from sftmix_ray.scorer import ScoreItems, rows_per_batch, score_items, scorer_precision
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,10 @@ def run_score(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     data_print = fingerprint(data_dir)
     reused, rescored, passes, pending = [], [], [], {}
     on_gpu = cfg.score.num_gpus_per_actor > 0
-    scorer = f"{'gpu' if on_gpu else 'cpu'}:{'bf16' if on_gpu and cfg.train.bf16 else 'fp32'}"
+    # The scorer's identity: another device or precision gives other NLLs (the labels that
+    # earlier runs recorded, "cpu:fp32", "gpu:bf16", are kept).
+    precision = {"bfloat16": "bf16", "float32": "fp32"}[scorer_precision(on_gpu, cfg.train.bf16)]
+    scorer = f"{'gpu' if on_gpu else 'cpu'}:{precision}"
     for step, checkpoint in checkpoints:
         meta = {"data": data_print, "checkpoint": fingerprint(checkpoint), "step": str(step)}
         meta["scorer"] = scorer  # another device or precision gives other NLLs: rescore

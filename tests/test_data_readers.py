@@ -107,7 +107,9 @@ def test_directory_mixing_parquet_and_jsonl(tmp_path: Path) -> None:
     assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b"]
 
 
-def test_directory_reads_json_shards_and_names_the_files_it_cannot_read(tmp_path: Path) -> None:
+def test_directory_reads_json_shards_and_names_the_files_it_cannot_read(
+    tmp_path: Path, caplog
+) -> None:
     """A .json shard beside .jsonl ones is read (it was skipped without a word, its rows
     lost), a .json holding one object (HF's dataset_info.json) is not rows and is skipped; a
     compressed shard is an error naming it, not a silent skip."""
@@ -119,7 +121,15 @@ def test_directory_reads_json_shards_and_names_the_files_it_cannot_read(tmp_path
     write(tmp_path / "README.md", "not data")
     write(tmp_path / "dataset_info.json", json.dumps({"features": {}, "splits": {}}, indent=1))
     (tmp_path / "backup.zip").write_bytes(b"PK")  # not a shard: ignored as before
-    assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b", "c"]
+    with caplog.at_level("WARNING", logger="sftmix_ray.data.readers"):
+        assert [r["instruction"] for r in read_records(tmp_path)] == ["a", "b", "c"]
+    assert "dataset_info.json: skipped, not rows (object with keys 'features', 'splits')" in (
+        caplog.text
+    )
+    # A broken .json shard is an error naming it, not a file skipped as metadata.
+    write(tmp_path / "c.json", '[{"instruction": "d", "output": "w"},')
+    data_error(tmp_path, "c.json", "Expecting value")
+    (tmp_path / "c.json").unlink()
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(jsonl(rows).encode()))
     data_error(tmp_path, "holds files that cannot be read (d.jsonl.gz)", "decompress")
 

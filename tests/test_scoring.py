@@ -356,3 +356,12 @@ def test_scorer_actors_fit_on_one_node():
     assert actor_resources(64.0, 16.0, 2, 0) == (16.0, 16)  # 4 nodes x 16: was (31.5, 32)
     assert actor_resources(2.0, 2.0, 1, 0) == (1.0, 2)  # one small node: leave a CPU spare
     assert actor_resources(64.0, 16.0, 8, 1) == (1.0, 8)  # GPU actors: a feeder CPU each
+
+
+def test_scorers_compute_in_bf16_only_on_a_gpu_when_asked():
+    from sftmix_ray.scorer import scorer_precision
+
+    assert scorer_precision(on_gpu=True, bf16_on_gpu=True) == "bfloat16"
+    assert {scorer_precision(g, b) for g, b in ((True, False), (False, True), (False, False))} == {
+        "float32"
+    }

@@ -161,6 +161,11 @@ def _check_answers_found(template: str, convo: list[dict], expected: str) -> Non
     tok = _templated(template)
     ids, labels, _ = tokenize_conversation(tok, convo, 512, "drop")
     assert _supervised_text(tok, ids, labels) == expected
+    # The whole text is tokenized once (the search for the answers uses the same encoding):
+    # at a million rows a second pass is a second prepare.
+    full = tok.apply_chat_template(convo, tokenize=False)
+    texts = _texts_tokenized(tok, lambda: tokenize_conversation(tok, convo, 512, "drop"))
+    assert texts.count(full) == 1, texts
     prompt = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
     assert all(m["content"] in prompt for m in convo if m["role"] == "user")
     for marker in ("<|user|>", "[INST]"):
@@ -241,3 +246,22 @@ def test_named_templates_without_a_default_stop_prepare_once_not_per_row():
     with pytest.raises(SftmixError, match="chat templates rag, tool_use but no 'default'") as info:
         tokenize_conversation(tok, TWO_TURNS, 512, "drop")
     assert not isinstance(info.value, RowRejected)
+
+
+def _texts_tokenized(tok, run) -> list[str]:
+    """The texts `tok` was called on while `run` ran."""
+    seen: list[str] = []
+    real = type(tok).__call__
+
+    class Counting(type(tok)):
+        def __call__(self, text, *args, **kwargs):
+            seen.append(text)
+            return real(self, text, *args, **kwargs)
+
+    kind = type(tok)
+    tok.__class__ = Counting
+    try:
+        run()
+    finally:
+        tok.__class__ = kind
+    return seen

@@ -312,9 +312,13 @@ def test_sweep_recomputes_a_split_made_for_another_config(tmp_path):
 
     cfg = tiny_config()
     RunDir(tmp_path).split_dir.mkdir(parents=True)
-    update_stage(tmp_path, "split", status="completed", **completion_record(cfg, "split"))
+    for stage in ("prepare", "reference", "score", "split"):
+        update_stage(tmp_path, stage, status="completed", **completion_record(cfg, stage))
     assert _split_is_current(tmp_path, cfg)
     assert not _split_is_current(tmp_path, tiny_config("score.confidence=mean_inverse_perplexity"))
     assert not _split_is_current(tmp_path, tiny_config("split.ratio=0.3"))
     assert not _split_is_current(tmp_path, tiny_config("data.max_length=64"))
     assert _split_is_current(tmp_path, tiny_config("mixup.alpha=0.9"))  # trains only
+    # Scores being redone (a score stage cut short) leave no split to reuse.
+    update_stage(tmp_path, "score", status="interrupted")
+    assert not _split_is_current(tmp_path, cfg)

@@ -50,24 +50,63 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tm
 @pytest.mark.slow
 def test_the_sweep_waits_for_a_stopped_trials_workers_to_exit(ray_local, tmp_path):
     """`wait_for_workers` (run before a sweep removes its trials' checkpoints) returns only
-    once the actors the trial recorded are dead, and gives up with a warning after its
-    timeout: a stopped trial's workers that still ran wrote a checkpoint after the removal."""
+    once the actors the trial recorded are dead and their processes have exited, and gives up
+    with a warning after its timeout. A worker of a stopped trial keeps training in its thread
+    after the GCS calls it DEAD: a checkpoint it wrote then outlived the removal (seen in a
+    suite run of the ASHA test above)."""
+    import os
+    import threading
     import time
 
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from tuning.ray_compat import actor_id_hex
-    from tuning.trial import WORKERS_FILE, wait_for_workers
+    from tuning.worker_exit import WORKERS_FILE, pid_running, wait_for_workers
 
-    @ray_local.remote(num_cpus=0)
+    @ray_local.remote(num_cpus=1)
     class Worker:
-        def ping(self) -> int:
-            return 1
+        def train(self, path: str) -> int:
+            def steps() -> None:  # a training thread: not a daemon, never stops by itself
+                while True:
+                    Path(path).write_text(str(time.time()))
+                    time.sleep(0.01)
 
-    worker = Worker.remote()
-    ray_local.get(worker.ping.remote())
+            threading.Thread(target=steps).start()
+            return os.getpid()
+
+    group = placement_group([{"CPU": 1}])
+    ray_local.get(group.ready())
+    worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote()
+    written = tmp_path / "written"
+    pid = ray_local.get(worker.train.remote(str(written)))
     (tmp_path / WORKERS_FILE).write_text(actor_id_hex(worker) + "\n")
     start = time.monotonic()
     assert not wait_for_workers(tmp_path, timeout_s=0.5)  # alive: it waited, then gave up
     assert time.monotonic() - start >= 0.5
-    ray_local.kill(worker)
+    remove_placement_group(group)  # what the sweep does to a stopped trial's worker group
     assert wait_for_workers(tmp_path, timeout_s=60)
+    assert not pid_running(pid)
+    last = written.read_text()
+    time.sleep(0.5)
+    assert written.read_text() == last, "the worker wrote after wait_for_workers returned"
     assert wait_for_workers(tmp_path / "no-trial")  # nothing recorded: nothing to wait for
+
+
+@pytest.mark.slow
+def test_worker_processes_on_another_node_are_waited_for_there(ray_local):
+    """A worker on another node is looked for by a task on that node (here: this node, by its
+    id, the same code path); a node that is gone has nothing running."""
+    import subprocess
+
+    from tuning.worker_exit import _exited_elsewhere
+
+    node = ray_local.get_runtime_context().get_node_id()
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        assert _exited_elsewhere(node, [proc.pid], timeout_s=0.5) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _exited_elsewhere(node, [proc.pid], timeout_s=5) == []
+    assert _exited_elsewhere("ab" * 28, [proc.pid], timeout_s=5) == []  # no such node

@@ -77,11 +77,12 @@ def actor_id_hex(handle: Any) -> str:
     return str(handle._actor_id.hex())
 
 
-def actor_state(actor_id: str) -> str | None:
-    """The GCS's state of an actor ("ALIVE", "DEAD", ...), None when unknown. Internal:
-    `ray._private.state.actors`, because the public state API (`ray.util.state`) needs the
-    dashboard, which local clusters often run without."""
+def actor_info(actor_id: str) -> dict[str, Any] | None:
+    """The GCS's record of an actor ("State": "ALIVE", "DEAD", ...; "Pid"; "Address" with its
+    "NodeID"), None when unknown. Internal: `ray._private.state.actors`, because the public
+    state API (`ray.util.state`) needs the dashboard, which local clusters often run
+    without."""
     from ray._private import state
 
     info = state.actors(actor_id=actor_id)
-    return str(info["State"]) if info else None
+    return dict(info) if info else None

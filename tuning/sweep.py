@@ -26,7 +26,7 @@ from sftmix_ray.config import Config, save_config
 from sftmix_ray.errors import ConfigError, SftmixError
 from sftmix_ray.io_utils import atomic_write_json, ensure_writable_dir
 from sftmix_ray.layout import RunDir
-from sftmix_ray.summary import read_summary, update_stage
+from sftmix_ray.summary import update_stage
 from tuning.ray_compat import check_ray_version, controller_trials
 from tuning.results import (
     STATUS_ORDER,
@@ -43,8 +43,8 @@ from tuning.trial import (
     remove_finished_checkpoints,
     trial_dirname,
     trial_driver,
-    wait_for_workers,
 )
+from tuning.worker_exit import wait_for_workers
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +172,14 @@ def _removed_by_trial(trial_dir: Path) -> int:
 
 
 def _split_is_current(out: Path, cfg: Config) -> bool:
-    """Whether OUT/split exists and was made for this config: by its recorded fingerprint,
-    which covers the ratio, the confidence measure and everything upstream (the ratio alone
-    let trials train on a split made with another measure or corpus)."""
-    from sftmix_ray.stages import stage_fingerprint
+    """Whether OUT/split exists and was made for this config: what `pipeline` decides, by
+    the recorded fingerprints of split and the stages before it, which cover the ratio, the
+    confidence measure and everything upstream (the ratio alone let trials train on a split
+    made with another measure or corpus)."""
+    from sftmix_ray.pipeline import plan_pipeline
 
-    stage = read_summary(out)["stages"].get("split", {})
-    current = stage.get("config_fingerprint") == stage_fingerprint(cfg, "split")
-    return RunDir.of(out).split_dir.is_dir() and stage.get("status") == "completed" and current
+    split = next(entry for entry in plan_pipeline(cfg, out) if entry["stage"] == "split")
+    return RunDir.of(out).split_dir.is_dir() and not split["run"]
 
 
 def _check_inputs(cfg: Config, out: Path, recompute_split: bool) -> None:

@@ -21,15 +21,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sftmix_ray.config import save_config
 from sftmix_ray.io_utils import atomic_write_json
 from sftmix_ray.layout import RunDir
-from tuning.ray_compat import actor_id_hex, actor_state, worker_group_callback_base
+from tuning.ray_compat import actor_id_hex, worker_group_callback_base
 from tuning.space import apply_params
+from tuning.worker_exit import WORKERS_FILE
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.json"  # one entry per start of a trial's driver
 RESULT_FILE = "result.json"  # written when the trial's training finished
 PLACEMENT_GROUPS_FILE = "placement_groups.txt"  # the trial's Ray Train worker groups
-WORKERS_FILE = "workers.txt"  # the actor ids of their workers
 LINKED_INPUTS = (RunDir.DATA, RunDir.HELDOUT, RunDir.BASE_MODEL)
 
 
@@ -121,28 +121,6 @@ def release_placement_groups(trial_out: Path) -> int:
     if released:
         log.info("released %d placement group(s) left by trial %s", released, trial_out.name)
     return released
-
-
-def wait_for_workers(trial_out: Path, timeout_s: float = 120.0) -> bool:
-    """Wait until every Ray Train worker the trial started is dead; returns whether they all
-    are. A trial that Tune stopped (ASHA) dies with its driver, but its workers go a moment
-    later and meanwhile train on and may write a checkpoint; removing the trial's checkpoints
-    before that left the late one behind (~96 GB at 8B)."""
-    path = trial_out / WORKERS_FILE
-    if not path.exists():
-        return True
-    pending = set(path.read_text(encoding="utf-8").split())
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        pending = {a for a in pending if actor_state(a) not in (None, "DEAD")}
-        if not pending:
-            break
-        if time.monotonic() > deadline:
-            log.warning("trial %s: %d worker(s) still alive after %.0f s", trial_out.name,
-                        len(pending), timeout_s)  # fmt: skip
-            return False
-        time.sleep(0.2)
-    return True
 
 
 class ReleaseFinishedTrials(tune.Callback):

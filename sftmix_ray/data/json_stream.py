@@ -156,6 +156,15 @@ class _TextStream:
         return DataError(f"{self.path}: invalid JSON at line {line}, column {col}: {msg}")
 
 
+class NotRows(DataError):
+    """A `.json` file holds one top-level value that is not an array of rows; `what` says what
+    it is (a metadata file such as `dataset_info.json` beside a directory's shards)."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
 def json_file_kind(f: IO[bytes], path: str) -> str:
     """How to read a `.json` file: "array" (a JSON array of rows) or "jsonl" (one value per
     line, as `Dataset.to_json` writes). Raise for an empty file, a single top-level value
@@ -176,9 +185,10 @@ def json_file_kind(f: IO[bytes], path: str) -> str:
     what = json_type_name(value)
     if isinstance(value, dict):
         what += f" with keys {', '.join(repr(k) for k in list(value)[:5]) or '(none)'}"
-    raise DataError(
+    raise NotRows(
         f"{path}: line {line}, column {col}: the top-level JSON value must be an array of "
-        f"rows, or one row per line (JSON Lines) (got {what})"
+        f"rows, or one row per line (JSON Lines) (got {what})",
+        what,
     )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sftmix_ray.data.json_stream import (
+    NotRows,
     iter_json_array,
     json_file_kind,
     jsonl_lines,
@@ -142,10 +143,8 @@ def _holds_rows(path: str) -> bool:
     with open_binary(path) as f:
         try:
             json_file_kind(f, path)
-        except DataError as exc:
-            if "must be an array of rows" not in str(exc):
-                raise
-            log.warning("%s: skipped, not rows (%s)", path, str(exc).rsplit("(got ", 1)[-1])
+        except NotRows as exc:
+            log.warning("%s: skipped, not rows (%s)", path, exc.what)
             return False
     return True
 

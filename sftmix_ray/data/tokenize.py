@@ -23,7 +23,20 @@ def _render(tokenizer: Any, messages: list[dict], template: str, generation_prom
 
 
 def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the character spans of assistant turns.
+    """Render a conversation; return the text and the character spans of assistant turns."""
+    text, spans, _ = _render_spans_encoding(tokenizer, messages)
+    return text, spans
+
+
+def _encode(tokenizer: Any, text: str) -> Any:
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+
+
+def _render_spans_encoding(
+    tokenizer: Any, messages: list[dict]
+) -> tuple[str, list[tuple[int, int]], Any]:
+    """Render a conversation; return the text, the character spans of assistant turns and the
+    text's encoding (token ids and character offsets), tokenized once.
 
     Each span runs from where the generation prompt ends to where the rendered turn ends, so
     it covers the assistant content and its end-of-turn token (the model must learn to stop).
@@ -42,13 +55,14 @@ def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[t
         prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
         if not (full.startswith(upto) and upto.startswith(prompt)):
-            return full, _searched_spans(tokenizer, messages, template, full)
+            enc = _encode(tokenizer, full)
+            return full, _searched_spans(tokenizer, messages, template, full, enc), enc
         spans.append((len(prompt), len(upto)))
-    return full, spans
+    return full, spans, _encode(tokenizer, full)
 
 
 def _searched_spans(
-    tokenizer: Any, messages: list[dict], template: str, full: str
+    tokenizer: Any, messages: list[dict], template: str, full: str, enc: Any
 ) -> list[tuple[int, int]]:
     """Assistant spans of a template that is not prefix-stable: each turn's content is found
     in `full` in order (user turns too, so that an answer repeating the question is not found
@@ -59,7 +73,7 @@ def _searched_spans(
     end-of-turn marker, `_answer_tail`) that `full` also has there. Whole tokens: `<|end|>` of
     `<|end|><|endoftext|>` matches before `<|user|>`, and the `<|` of `<|user|>` must not be
     taken for a start of `<|endoftext|>`."""
-    markup = _special_token_spans(tokenizer, full)
+    markup = _special_token_spans(tokenizer, enc)
     header = _answer_header(tokenizer, template)
     tail, cuts = _answer_tail(tokenizer, template)
     spans: list[tuple[int, int]] = []
@@ -127,10 +141,10 @@ def _special_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(tokenizer.all_special_ids) | frozenset(added)
 
 
-def _special_token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
-    """Character spans of the added and special tokens (the template's markup) in `text`."""
+def _special_token_spans(tokenizer: Any, enc: Any) -> list[tuple[int, int]]:
+    """Character spans of the added and special tokens (the template's markup) in the text
+    that `enc` encodes."""
     special = _special_ids(tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return [
         span for token, span in zip(enc["input_ids"], enc["offset_mapping"]) if token in special
     ]
@@ -170,8 +184,7 @@ def tokenize_conversation(
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     try:
-        text, spans = render_with_spans(tokenizer, messages)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        _, spans, enc = _render_spans_encoding(tokenizer, messages)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
     except (TemplateError, ValueError, TypeError) as exc:

@@ -71,21 +71,23 @@ def run_name(cfg: Config, mode: str, export_name: str, rows: dict[str, str], out
     return f"{mode}-{digest[:10]}"
 
 
-def _remove_stale_exports(run: RunDir, steps: list[int]) -> int:
+def _remove_stale_exports(run: RunDir, steps: list[int]) -> tuple[int, list[Path]]:
     """Remove the HF checkpoints `score` would read (`list_checkpoints`) that this reference
     run did not export: a run with another C, length or corpus exported other steps, and
-    `score` would average them in with this run's. Returns how many went."""
+    `score` would average them in with this run's. Returns how many went, and the
+    checkpoints kept (by step)."""
     import shutil
 
     from sftmix_ray.scoring import list_checkpoints
 
+    found = list_checkpoints(run)
     if not steps:  # a history from before this was recorded: nothing to tell stale by
-        return 0
+        return 0, [path for _, path in found]
     exported = set(steps)
-    stale = [path for step, path in list_checkpoints(run) if step not in exported]
+    stale = [path for step, path in found if step not in exported]
     for path in stale:
         shutil.rmtree(path)
-    return len(stale)
+    return len(stale), [path for step, path in found if step in exported]
 
 
 def _torch_threads(cfg: Config) -> int:
@@ -366,12 +368,9 @@ def run_training(
     if retokenized:
         summary["retokenized"] = retokenized
     if mode == "reference":
-        from sftmix_ray.scoring import list_checkpoints
-
-        summary["stale_checkpoints_removed"] = _remove_stale_exports(
-            run, history.get("export_steps", [])
-        )
-        summary["checkpoints"] = [str(p) for _, p in list_checkpoints(run)]  # by step
+        stale, kept = _remove_stale_exports(run, history.get("export_steps", []))
+        summary["stale_checkpoints_removed"] = stale
+        summary["checkpoints"] = [str(p) for p in kept]  # by step
     else:
         summary["model_dir"] = spec.final_export
         if spec.adapter_export:

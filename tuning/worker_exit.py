@@ -1,0 +1,103 @@
+"""Waiting until a trial's Ray Train workers are gone, their processes included.
+
+A trial that Tune stopped (ASHA) dies with its driver; its workers go a moment later and
+meanwhile train on and may write a checkpoint, so the sweep removes a trial's checkpoints only
+once they are gone. The GCS marks an actor DEAD before its process exits, and the process runs
+its training thread until then: an actor in a removed placement group was DEAD after 13 ms
+and still wrote a file 161 ms later (exit at 209 ms) on an idle 2-core machine, longer under
+load; a checkpoint written in that window outlived the removal (~96 GB at 8B).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tuning.ray_compat import actor_info
+
+log = logging.getLogger(__name__)
+
+WORKERS_FILE = "workers.txt"  # the actor ids of a trial's workers, one per line
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` of this machine runs (a zombie, which cannot write, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):  # gone meanwhile, or no /proc (not Linux)
+        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
+
+
+def wait_for_pids(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait until none of `pids` (this machine's) runs; returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    running = [p for p in pids if pid_running(p)]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = [p for p in running if pid_running(p)]
+    return running
+
+
+def _exited_elsewhere(node_id: str, pids: list[int], timeout_s: float) -> list[int]:
+    """`wait_for_pids` run on node `node_id`; a node that is gone has none of them running."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(wait_for_pids)
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    ref = remote.options(scheduling_strategy=strategy).remote(pids, timeout_s)
+    try:
+        return list(ray.get(ref, timeout=timeout_s + 60))
+    except GetTimeoutError:
+        return pids
+    except RayError:  # the node died (and its processes with it) or cannot be reached
+        return []
+
+
+def wait_for_workers(trial_out: Path, timeout_s: float = 120.0) -> bool:
+    """Wait until every Ray Train worker the trial started (`WORKERS_FILE`) is dead and its
+    process has exited; returns whether they all have (False after `timeout_s`, warned)."""
+    import ray
+
+    path = trial_out / WORKERS_FILE
+    if not path.exists():
+        return True
+    deadline = time.monotonic() + timeout_s
+    pending = set(path.read_text(encoding="utf-8").split())
+    processes: dict[str, list[int]] = defaultdict(list)  # node id -> pids
+    while pending:
+        for actor_id in sorted(pending):
+            info = actor_info(actor_id)
+            if info is None or info["State"] == "DEAD":
+                pending.discard(actor_id)
+                if info and info.get("Pid"):
+                    processes[info["Address"]["NodeID"]].append(int(info["Pid"]))
+        if pending and time.monotonic() > deadline:
+            log.warning("trial %s: %d worker(s) still alive after %.0f s", trial_out.name,
+                        len(pending), timeout_s)  # fmt: skip
+            return False
+        if pending:
+            time.sleep(0.2)
+    here = ray.get_runtime_context().get_node_id()
+    running = []
+    for node_id, pids in processes.items():
+        left = max(0.0, deadline - time.monotonic())
+        if node_id == here:
+            running += wait_for_pids(pids, left)
+        else:
+            running += _exited_elsewhere(node_id, pids, left)
+    if running:
+        log.warning("trial %s: worker process(es) %s still running after %.0f s",
+                    trial_out.name, running, timeout_s)  # fmt: skip
+    return not running
