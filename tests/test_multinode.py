@@ -31,9 +31,8 @@ SCRIPT = textwrap.dedent(
     # Fast node-death detection (defaults take ~30 s): the GCS declares a silent raylet dead
     # after 3 missed 500 ms health checks.
     fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": fast}
-    )
+    head = {"num_cpus": 1, "_system_config": fast, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     doomed = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)

@@ -2,7 +2,7 @@
 stage reads), the Ray Train run a rerun resumes, `pipeline --dry-run`, and --force validation.
 
 The whole pipeline end to end (interrupted in each stage, resumed, finished by `ray job submit`,
-rerun: skip, --force eval, a dry run after it) is test_job_submit.py's.
+rerun: skip, --force eval) is test_job_submit.py's.
 """
 
 from __future__ import annotations

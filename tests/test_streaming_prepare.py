@@ -23,6 +23,7 @@ from sftmix_ray.data.readers import read_records
 from tests.conftest import TINY_OVERRIDES
 
 SETS = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+SETS.append("--set=data.num_workers=2")  # two actors reading chunks side by side
 
 
 def _rows(n: int) -> list[object]:
