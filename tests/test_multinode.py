@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_train import write_split
 
-STEPS = 16
+STEPS = 8
 SCRIPT = textwrap.dedent(
     """
     import json, sys, threading, time

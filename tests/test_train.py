@@ -107,6 +107,28 @@ def single(base_out: Path, tmp_path_factory) -> tuple[Path, list]:
     )
 
 
+def test_a_finished_runs_progress_bar_is_gone_from_the_driver(single):
+    """Rank 0's bar (`train.progress_bar`, Ray's distributed tqdm) closes with the run: its
+    updates reach the driver once, so the "closed" one removes it. Ray Train's print patch
+    sent each twice and the second "closed" made the bar again, never to close: a sweep's
+    driver redrew every finished trial's bar at each update."""
+    import time
+
+    from ray.experimental import tqdm_ray
+
+    def closed_but_shown() -> list[str]:
+        groups = tqdm_ray.instance().bar_groups.values()
+        return [
+            b.state["desc"] for g in groups for b in g.bars_by_uuid.values() if b.state["closed"]
+        ]
+
+    deadline = time.monotonic() + 20  # the worker's last lines reach the driver after the run
+    while closed_but_shown() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # a duplicate would come right after the "closed" update
+    assert closed_but_shown() == []
+
+
 # Kept after the export (removed by default) so that the test can see which saves were made.
 ASYNC = [
     "train.async_checkpoint=true",

@@ -105,6 +105,12 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     from sftmix_ray.train.loop import FAULT_ENV
 
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Ray Train's print patch logs every print and, once a library has wrapped sys.stdout,
+    # prints it too: the driver then got each progress-bar update twice, and the second copy
+    # of the "closed" one made the bar again, never closed. A long-lived driver (a sweep, a
+    # pipeline) redrew every finished run's bar at each update. The loop logs through
+    # `logging`, which the patch does not touch.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     else:  # variable-length batches fragment the caching allocator (a user's value wins)
