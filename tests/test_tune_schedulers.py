@@ -96,17 +96,23 @@ def test_the_sweep_waits_for_a_stopped_trials_workers_to_exit(ray_local, tmp_pat
 @pytest.mark.slow
 def test_worker_processes_on_another_node_are_waited_for_there(ray_local):
     """A worker on another node is looked for by a task on that node (here: this node, by its
-    id, the same code path); a node that is gone has nothing running."""
+    id, the same code path); a node that is gone has nothing running. A process that started
+    after the actor did reused its pid (a trial that finished an hour before the sweep ends)
+    and is not waited for."""
     import subprocess
+    import time
 
-    from tuning.worker_exit import _exited_elsewhere
+    from tuning.worker_exit import _exited_elsewhere, pid_running
 
     node = ray_local.get_runtime_context().get_node_id()
     proc = subprocess.Popen(["sleep", "60"])
     try:
-        assert _exited_elsewhere(node, [proc.pid], timeout_s=0.5) == [proc.pid]
+        now = time.time()
+        assert pid_running(proc.pid, started_by=now) and pid_running(proc.pid)
+        assert not pid_running(proc.pid, started_by=now - 3600)  # the pid of a later process
+        assert _exited_elsewhere(node, [(proc.pid, now)], timeout_s=0.5) == [proc.pid]
     finally:
         proc.kill()
         proc.wait()
-    assert _exited_elsewhere(node, [proc.pid], timeout_s=5) == []
-    assert _exited_elsewhere("ab" * 28, [proc.pid], timeout_s=5) == []  # no such node
+    assert _exited_elsewhere(node, [(proc.pid, now)], timeout_s=5) == []
+    assert _exited_elsewhere("ab" * 28, [(proc.pid, now)], timeout_s=5) == []  # no such node

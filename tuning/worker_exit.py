@@ -23,8 +23,22 @@ log = logging.getLogger(__name__)
 WORKERS_FILE = "workers.txt"  # the actor ids of a trial's workers, one per line
 
 
-def pid_running(pid: int) -> bool:
-    """Whether process `pid` of this machine runs (a zombie, which cannot write, does not)."""
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc; None without it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="utf-8") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pid_running(pid: int, started_by: float | None = None) -> bool:
+    """Whether process `pid` of this machine runs (a zombie, which cannot write, does not).
+    With `started_by` (seconds since the epoch), a process that started later is another one
+    that reused the pid (a trial that finished long before the sweep ends)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -33,22 +47,28 @@ def pid_running(pid: int) -> bool:
         return True
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
     except (FileNotFoundError, IndexError):  # gone meanwhile, or no /proc (not Linux)
         return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
+    started = _started_at(pid)
+    return started_by is None or started is None or started <= started_by + 2.0  # clock ticks
 
 
-def wait_for_pids(pids: list[int], timeout_s: float) -> list[int]:
-    """Wait until none of `pids` (this machine's) runs; returns those still running."""
+def wait_for_pids(pids: list[tuple[int, float | None]], timeout_s: float) -> list[int]:
+    """Wait until none of `pids` ((pid, started by) pairs of this machine) runs; returns those
+    still running."""
     deadline = time.monotonic() + timeout_s
-    running = [p for p in pids if pid_running(p)]
+    running = [p for p in pids if pid_running(*p)]
     while running and time.monotonic() < deadline:
         time.sleep(0.05)
-        running = [p for p in running if pid_running(p)]
-    return running
+        running = [p for p in running if pid_running(*p)]
+    return [pid for pid, _ in running]
 
 
-def _exited_elsewhere(node_id: str, pids: list[int], timeout_s: float) -> list[int]:
+def _exited_elsewhere(
+    node_id: str, pids: list[tuple[int, float | None]], timeout_s: float
+) -> list[int]:
     """`wait_for_pids` run on node `node_id`; a node that is gone has none of them running."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError
@@ -58,9 +78,10 @@ def _exited_elsewhere(node_id: str, pids: list[int], timeout_s: float) -> list[i
     strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
     ref = remote.options(scheduling_strategy=strategy).remote(pids, timeout_s)
     try:
-        return list(ray.get(ref, timeout=timeout_s + 60))
+        running: list[int] = ray.get(ref, timeout=timeout_s + 60)
+        return running
     except GetTimeoutError:
-        return pids
+        return [pid for pid, _ in pids]
     except RayError:  # the node died (and its processes with it) or cannot be reached
         return []
 
@@ -75,14 +96,17 @@ def wait_for_workers(trial_out: Path, timeout_s: float = 120.0) -> bool:
         return True
     deadline = time.monotonic() + timeout_s
     pending = set(path.read_text(encoding="utf-8").split())
-    processes: dict[str, list[int]] = defaultdict(list)  # node id -> pids
+    # node id -> (pid, when the actor started: its process started before)
+    processes: dict[str, list[tuple[int, float | None]]] = defaultdict(list)
     while pending:
         for actor_id in sorted(pending):
             info = actor_info(actor_id)
             if info is None or info["State"] == "DEAD":
                 pending.discard(actor_id)
                 if info and info.get("Pid"):
-                    processes[info["Address"]["NodeID"]].append(int(info["Pid"]))
+                    started = info.get("StartTime") or None  # ms since the epoch
+                    entry = (int(info["Pid"]), started / 1000 if started else None)
+                    processes[info["Address"]["NodeID"]].append(entry)
         if pending and time.monotonic() > deadline:
             log.warning("trial %s: %d worker(s) still alive after %.0f s", trial_out.name,
                         len(pending), timeout_s)  # fmt: skip
