@@ -82,15 +82,15 @@ def test_the_sweep_waits_for_a_stopped_trials_workers_to_exit(ray_local, tmp_pat
     pid = ray_local.get(worker.train.remote(str(written)))
     (tmp_path / WORKERS_FILE).write_text(actor_id_hex(worker) + "\n")
     start = time.monotonic()
-    assert not wait_for_workers(tmp_path, timeout_s=0.5)  # alive: it waited, then gave up
+    assert not wait_for_workers([tmp_path], timeout_s=0.5)  # alive: it waited, then gave up
     assert time.monotonic() - start >= 0.5
     remove_placement_group(group)  # what the sweep does to a stopped trial's worker group
-    assert wait_for_workers(tmp_path, timeout_s=60)
+    assert wait_for_workers([tmp_path], timeout_s=60)
     assert not pid_running(pid)
     last = written.read_text()
     time.sleep(0.5)
     assert written.read_text() == last, "the worker wrote after wait_for_workers returned"
-    assert wait_for_workers(tmp_path / "no-trial")  # nothing recorded: nothing to wait for
+    assert wait_for_workers([tmp_path / "no-trial"])  # nothing recorded: nothing to wait for
 
 
 @pytest.mark.slow

@@ -339,10 +339,10 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
     finally:
         # Trials stopped by an interruption leave their worker groups too; a stopped trial's
         # workers may still be saving, so their checkpoints are removed once they are gone.
-        for trial_out in sorted(RunDir(out).trials.glob("*")):
+        trial_outs = sorted(RunDir(out).trials.glob("*"))
+        for trial_out in trial_outs:
             release_placement_groups(trial_out)
-        for trial_out in sorted(RunDir(out).trials.glob("*")):
-            wait_for_workers(trial_out)
+        wait_for_workers(trial_outs)
     # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go. A
     # trial that trained to the end removed its own after its export (`run_training`).
     finished = [r for r in rows if r["status"] == "TERMINATED" and r.get("trial_dir")]

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 from tuning.ray_compat import actor_info
@@ -23,16 +24,16 @@ log = logging.getLogger(__name__)
 WORKERS_FILE = "workers.txt"  # the actor ids of a trial's workers, one per line
 
 
-def _started_at(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch), from /proc; None without it."""
+def _stat(pid: int) -> tuple[str, float] | None:
+    """Process `pid`'s state letter and start time (seconds since the epoch), from /proc."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+            fields = fh.read().rsplit(")", 1)[1].split()
         with open("/proc/stat", encoding="utf-8") as fh:
             boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
     except (OSError, IndexError, ValueError, StopIteration):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def pid_running(pid: int, started_by: float | None = None) -> bool:
@@ -45,14 +46,13 @@ def pid_running(pid: int, started_by: float | None = None) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except (FileNotFoundError, IndexError):  # gone meanwhile, or no /proc (not Linux)
-        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
-    started = _started_at(pid)
-    return started_by is None or started is None or started <= started_by + 2.0  # clock ticks
+    stat = _stat(pid)
+    if stat is None:  # gone meanwhile, or no /proc (not Linux): running unless it is gone
+        return not os.path.isdir("/proc") or os.path.exists(f"/proc/{pid}")
+    state, started = stat
+    if state == "Z":
+        return False
+    return started_by is None or started <= started_by + 2.0  # clock ticks, clocks of 2 nodes
 
 
 def wait_for_pids(pids: list[tuple[int, float | None]], timeout_s: float) -> list[int]:
@@ -86,16 +86,18 @@ def _exited_elsewhere(
         return []
 
 
-def wait_for_workers(trial_out: Path, timeout_s: float = 120.0) -> bool:
-    """Wait until every Ray Train worker the trial started (`WORKERS_FILE`) is dead and its
-    process has exited; returns whether they all have (False after `timeout_s`, warned)."""
+def wait_for_workers(trial_outs: Iterable[Path], timeout_s: float = 120.0) -> bool:
+    """Wait until every Ray Train worker the trials started (their `WORKERS_FILE`) is dead and
+    its process has exited, all trials under one deadline, each node's processes checked once;
+    returns whether they all have (False after `timeout_s`, warned)."""
     import ray
 
-    path = trial_out / WORKERS_FILE
-    if not path.exists():
-        return True
+    pending: set[str] = set()
+    for trial_out in trial_outs:
+        path = trial_out / WORKERS_FILE
+        if path.exists():
+            pending.update(path.read_text(encoding="utf-8").split())
     deadline = time.monotonic() + timeout_s
-    pending = set(path.read_text(encoding="utf-8").split())
     # node id -> (pid, when the actor started: its process started before)
     processes: dict[str, list[tuple[int, float | None]]] = defaultdict(list)
     while pending:
@@ -108,12 +110,11 @@ def wait_for_workers(trial_out: Path, timeout_s: float = 120.0) -> bool:
                     entry = (int(info["Pid"]), started / 1000 if started else None)
                     processes[info["Address"]["NodeID"]].append(entry)
         if pending and time.monotonic() > deadline:
-            log.warning("trial %s: %d worker(s) still alive after %.0f s", trial_out.name,
-                        len(pending), timeout_s)  # fmt: skip
+            log.warning("%d trial worker(s) still alive after %.0f s", len(pending), timeout_s)
             return False
         if pending:
             time.sleep(0.2)
-    here = ray.get_runtime_context().get_node_id()
+    here = ray.get_runtime_context().get_node_id() if processes else None
     running = []
     for node_id, pids in processes.items():
         left = max(0.0, deadline - time.monotonic())
@@ -122,6 +123,5 @@ def wait_for_workers(trial_out: Path, timeout_s: float = 120.0) -> bool:
         else:
             running += _exited_elsewhere(node_id, pids, left)
     if running:
-        log.warning("trial %s: worker process(es) %s still running after %.0f s",
-                    trial_out.name, running, timeout_s)  # fmt: skip
+        log.warning("trial worker process(es) %s still running after %.0f s", running, timeout_s)
     return not running
