@@ -95,10 +95,13 @@ def exact_match(
     """Share of rows whose greedy answer to the last user turn equals the reference answer."""
     from sftmix_ray.modeling import chat_template_of
 
-    template = chat_template_of(tokenizer)
     prompts = [
         tokenizer.apply_chat_template(
-            row["messages"][:-1], chat_template=template, tokenize=False, add_generation_prompt=True
+            row["messages"][:-1],
+            tools=row.get("tools"),
+            chat_template=chat_template_of(tokenizer, tools=bool(row.get("tools"))),
+            tokenize=False,
+            add_generation_prompt=True,
         )
         for row in rows
     ]
@@ -159,10 +162,17 @@ def evaluate_model(
         model, table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
     )
     if eval_cfg["exact_match"]:
+        tools = (
+            table.column("tools_json").to_pylist()
+            if "tools_json" in table.column_names  # prepared before tool calling: none
+            else [None] * table.num_rows
+        )
         rows = [
-            {"messages": json.loads(m), "answer": a}
-            for m, a in zip(
-                table.column("messages_json").to_pylist(), table.column("answer").to_pylist()
+            {"messages": json.loads(m), "answer": a, "tools": json.loads(t) if t else None}
+            for m, a, t in zip(
+                table.column("messages_json").to_pylist(),
+                table.column("answer").to_pylist(),
+                tools,
             )
             if a is not None
         ]

@@ -14,33 +14,55 @@ from sftmix_ray.layout import RunDir
 
 TINY = "tiny"
 
+
+def _chatml(eos_after_answer: bool) -> str:
+    """ChatML, with tool calling in the Hermes/Qwen style: the tool definitions in the system
+    turn (`<tools>`, one JSON per line, after the row's own system prompt), each call as
+    `<tool_call>{"name": ..., "arguments": ...}</tool_call>` in the assistant turn, each
+    result as a `tool` turn. A conversation without tools renders exactly as plain ChatML."""
+    end = (
+        "'<|im_end|>' + (eos_token if message['role'] == 'assistant' else '')"
+        if (eos_after_answer)
+        else "'<|im_end|>'"
+    )
+    return (
+        "{% if tools %}{{ '<|im_start|>system\n' }}"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+        "{{ '<tools>' }}{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+        "{{ '\n</tools><|im_end|>\n' }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if not (tools and loop.first and message['role'] == 'system') %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+        "{% for call in message['tool_calls'] or [] %}"
+        "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+        "{{ '<tool_call>\n' + ({'name': call['function']['name'], "
+        "'arguments': call['function']['arguments']} | tojson) + '\n</tool_call>' }}"
+        "{% endfor %}"
+        f"{{{{ {end} + '\n' }}}}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
 # ChatML, used when a tokenizer has no chat template of its own. The assistant turn's
 # end-of-turn token is part of the assistant span, so the model learns to stop.
-BUILTIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+BUILTIN_CHAT_TEMPLATE = _chatml(eos_after_answer=False)
 # The same, for a tokenizer without `<|im_end|>` in its vocabulary (a base model's): the
 # marker is then plain text, so each answer also ends with the model's EOS token, which the
 # model learns to emit and generation stops at (TRL's `setup_chat_format` adds the ChatML
 # tokens instead, which resizes the embeddings).
-BUILTIN_CHAT_TEMPLATE_WITH_EOS = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+BUILTIN_CHAT_TEMPLATE_WITH_EOS = _chatml(eos_after_answer=True)
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def chat_template_of(tokenizer: Any) -> str:
+def chat_template_of(tokenizer: Any, tools: bool = False) -> str:
     """The tokenizer's own chat template, else the built-in ChatML one (with the EOS token
-    after each answer when `<|im_end|>` is not a token of the vocabulary)."""
+    after each answer when `<|im_end|>` is not a token of the vocabulary). Of several named
+    ones, `tool_use` for a conversation with tool definitions (`tools`) where there is one."""
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates (Command-R, Hermes-2-Pro)
+        if tools and "tool_use" in template:
+            return str(template["tool_use"])
         if "default" not in template:
             names = ", ".join(sorted(template))
             raise SftmixError(f"the tokenizer has chat templates {names} but no 'default'")

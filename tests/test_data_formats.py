@@ -261,12 +261,11 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     # messages
     ({"messages": {"role": "user"}}, "messages", "field 'messages' must be a list (got object)"),
     (
-        msgs(("user", "q"), ("tool", "{}")),
+        msgs(("user", "q"), ("tool", "{}"), ("assistant", "a")),
         "messages",
-        "turn 2 is a tool call or tool result ('tool'): tool-calling conversations are not "
-        "supported yet (system, user and assistant text turns only)",
+        "turn 2 is a tool result with no assistant turn before it",
     ),
-    (  # an assistant turn that only calls a tool: not repaired away as a null content
+    (  # a call's arguments must be a JSON object
         {
             "messages": [
                 {"role": "user", "content": "q"},
@@ -274,14 +273,12 @@ REJECTIONS: list[tuple[Any, str, str]] = [
             ]
         },
         "messages",
-        "turn 2 is a tool call or tool result ('assistant'): tool-calling conversations are "
-        "not supported yet (system, user and assistant text turns only)",
+        "turn 2 tool call has no function name",
     ),
     (
-        sg(("human", "q"), ("function_call", "{}"), ("observation", "ok"), ("gpt", "a")),
+        sg(("human", "q"), ("function_call", "{not json"), ("observation", "ok"), ("gpt", "a")),
         "sharegpt",
-        "turn 2 is a tool call or tool result ('function_call'): tool-calling conversations "
-        "are not supported yet (system, user and assistant text turns only)",
+        "turn 2 tool call is not valid JSON",
     ),
     (
         msgs(("user", ["part"]), ("assistant", "a")),

@@ -16,7 +16,14 @@ from tests.conftest import tiny_config
 
 def test_prepare_writes_the_data_contract(prepared_out: Path):
     table = pq.read_table(prepared_out / "data")
-    assert set(table.column_names) == {"example_id", "input_ids", "labels", "messages_json"}
+    assert set(table.column_names) == {
+        "example_id",
+        "input_ids",
+        "labels",
+        "messages_json",
+        "tools_json",
+    }
+    assert set(table.column("tools_json").to_pylist()) == {None}  # the demo has no tools
     ids = table.column("example_id").to_pylist()
     assert len(ids) == 200 and len(set(ids)) == 200
     for input_ids, labels in zip(

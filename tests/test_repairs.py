@@ -52,6 +52,19 @@ REPAIRED = {
         ["role_mapped"],
         [("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "b")],
     ),
+    "trailing_tool_result": (  # the dump stops after the tool answered: the call is kept
+        [turn("human", "q"), turn("function_call", '{"name": "f", "arguments": {"x": 1}}'),
+         turn("observation", "r")],
+        ["trailing_tool_result_dropped"],
+        [("user", "q"), ("assistant", "")],
+    ),
+    "text_then_tool_call": (  # "Let me look." and the call as two assistant turns
+        [turn("human", "q"), turn("gpt", "Let me look."),
+         turn("function_call", '{"name": "f", "arguments": "{}"}'), turn("observation", "r"),
+         turn("gpt", "found r")],
+        ["same_role_merged"],
+        [("user", "q"), ("assistant", "Let me look."), ("tool", "r"), ("assistant", "found r")],
+    ),
     "cut_emoji": (  # a dump cut an emoji in half: a lone surrogate, which no tokenizer takes
         [turn("human", "cut \ud83d here"), turn("gpt", "ok \udc00")],
         ["invalid_unicode_replaced"],
@@ -75,7 +88,10 @@ UNREPAIRABLE = {
     "only_assistant": ([turn("gpt", "a")], "no_turns_or_assistant"),
     "only_user": ([turn("human", "q")], "no_assistant_turn"),
     "empty": ([], "empty_conversation"),
-    "tool_role": ([turn("human", "q"), turn("tool", "x")], "tool_calls"),
+    "orphan_tool_result": (
+        [turn("human", "q"), turn("tool", "x"), turn("gpt", "a")],
+        "orphan_tool_result",
+    ),
     "unknown_role": ([turn("human", "q"), turn("narrator", "x")], "unknown_role"),
     "system_in_middle": (
         [turn("human", "q"), turn("system", "s"), turn("gpt", "a")],
@@ -126,7 +142,7 @@ def test_validate_data_counts_repairs_once_per_row_and_kind(tmp_path, capsys):
     assert report["repairs"] == expected  # "everything_at_once" merges twice: counted once
     by_kind = report["by_kind"]
     assert sum(v["count"] for v in by_kind.values()) == report["rejected"]
-    assert by_kind["tool_calls"] == {"count": 1, "examples": [len(REPAIRED) + 3]}
+    assert by_kind["orphan_tool_result"] == {"count": 1, "examples": [len(REPAIRED) + 3]}
     assert by_kind["unknown_role"] == {"count": 1, "examples": [len(REPAIRED) + 4]}
     assert [r["index"] for r in report["rejections"]] == list(
         range(len(REPAIRED), len(REPAIRED) + len(UNREPAIRABLE))
@@ -206,7 +222,13 @@ def test_prepare_repairs_truncates_and_reports_by_kind(ray_local, tmp_path, caps
         {"conversations": long_chat},
         {"conversations": [turn("human", "p " * 400), turn("gpt", "a")]},  # prompt too long
         {"conversations": [turn("human", "q")]},  # no reply
-    ]
+        {  # LLaMA-Factory's tool calling: tools as JSON text, a call, its result, the answer
+            "conversations": [turn("human", "q"),
+                              turn("function_call", '{"name": "calc", "arguments": {"x": 2}}'),
+                              turn("observation", "4"), turn("gpt", "it is 4")],
+            "tools": json.dumps([{"name": "calc"}]),
+        },
+    ]  # fmt: skip
     path = tmp_path / "dump.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
@@ -217,7 +239,7 @@ def test_prepare_repairs_truncates_and_reports_by_kind(ray_local, tmp_path, caps
     train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
     n = len(REPAIRED)
     assert train["input"] == len(rows) == train["written"] + train["rejected"]
-    assert train["written"] == n + 1 and train["truncated"] >= 1
+    assert train["written"] == n + 2 and train["truncated"] >= 1
     expected: dict[str, int] = {}
     for _, repairs, _ in REPAIRED.values():
         for kind in repairs:
@@ -233,5 +255,17 @@ def test_prepare_repairs_truncates_and_reports_by_kind(ray_local, tmp_path, caps
     ]  # fmt: skip
     assert not Path(train["rejections_file"]).is_relative_to(out / "data")
     data = pq.read_table(out / "data").sort_by("example_id")
-    assert data.column("example_id").to_pylist() == list(range(n + 1))
+    assert data.column("example_id").to_pylist() == [*range(n + 1), n + 3]
     assert max(len(x) for x in data.column("input_ids").to_pylist()) <= 96
+    # The tool row: its definitions kept beside its messages, its call and answer trained on.
+    tools = data.column("tools_json").to_pylist()
+    assert json.loads(tools[-1]) == [{"type": "function", "function": {"name": "calc"}}]
+    assert tools[:-1] == [None] * (n + 1)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "base_model")
+    ids, labels = (data.column(c)[-1].as_py() for c in ("input_ids", "labels"))
+    supervised = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
+    call = '<tool_call>\n{"name": "calc", "arguments": {"x": 2}}\n</tool_call><|im_end|>\n'
+    # At data.max_length=96 the tiny tokenizer's `turns` truncation may keep only the call.
+    assert supervised in (call, f"{call}it is 4<|im_end|>\n")

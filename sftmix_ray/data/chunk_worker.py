@@ -32,6 +32,7 @@ SCHEMAS = {
             ("messages_json", pa.string()),
             ("input_ids", pa.list_(pa.int32())),
             ("labels", pa.list_(pa.int32())),
+            ("tools_json", pa.string()),  # the row's tool definitions; null without
         ]
     ),
     "heldout": pa.schema(
@@ -41,6 +42,7 @@ SCHEMAS = {
             ("answer", pa.string()),
             ("input_ids", pa.list_(pa.int32())),
             ("labels", pa.list_(pa.int32())),
+            ("tools_json", pa.string()),
         ]
     ),
     PREPARED: pa.schema(
@@ -148,11 +150,11 @@ class _Side:
 def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> dict[str, Any]:
     """Process one chunk; return {"error": str | None, side: SideStats as a dict}.
 
-    `tokenize(messages) -> (ids, labels, truncated)` raises RowRejected. A DataError (the file
-    is unreadable at some line) stops the chunk and is returned, not raised, so the driver can
-    report the first one in file order.
+    `tokenize(messages, tools) -> (ids, labels, truncated)` raises RowRejected. A DataError
+    (the file is unreadable at some line) stops the chunk and is returned, not raised, so the
+    driver can report the first one in file order.
     """
-    from sftmix_ray.data.formats import normalize_with_repairs
+    from sftmix_ray.data.formats import normalize_example
 
     stats = {side: SideStats() for side in SIDES}
     name = f"part-{chunk_no:05d}"
@@ -171,14 +173,16 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
             try:
                 if job.fmt == PREPARED:
                     messages = json.loads(raw["messages_json"])
+                    tools = raw.get("tools_json")  # absent from data prepared before tools
+                    tools = json.loads(tools) if tools else None
                 else:
-                    messages, applied = normalize_with_repairs(raw, job.fmt, job.repair)
+                    messages, tools, applied = normalize_example(raw, job.fmt, job.repair)
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=True)
                 rejections[side].append(_rejection_line(index, where, exc))
                 continue
             try:
-                ids, labels, truncated = tokenize(messages)
+                ids, labels, truncated = tokenize(messages, tools)
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=False)
                 rejections[side].append(_rejection_line(index, where, exc))
@@ -196,6 +200,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                 {
                     "example_id": index,
                     "messages_json": json.dumps(messages),
+                    "tools_json": json.dumps(tools) if tools else None,
                     "answer": answer if isinstance(answer, str) else None,
                     "input_ids": ids,
                     "labels": labels,
@@ -232,8 +237,10 @@ class PrepareChunks:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust)
         self.jobs = jobs
 
-        def tokenize(messages: list[dict]) -> tuple[list[int], list[int], bool]:
-            return tokenize_conversation(tokenizer, messages, max_length, truncation)
+        def tokenize(
+            messages: list[dict], tools: list[dict] | None
+        ) -> tuple[list[int], list[int], bool]:
+            return tokenize_conversation(tokenizer, messages, max_length, truncation, tools)
 
         self.tokenize = tokenize
 

@@ -1,8 +1,12 @@
 """Normalize one raw corpus row (alpaca, sharegpt or messages) to a list of chat messages.
 
-The result is always `[{"role": "system"|"user"|"assistant", "content": str}, ...]` with an
-optional leading system message, then user and assistant turns alternating, starting with a
-user turn and ending with an assistant turn. A row that cannot be normalized raises
+The result is always `[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`
+with an optional leading system message, then user and assistant turns alternating, starting
+with a user turn and ending with an assistant turn; an assistant turn may call tools
+(`"tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}]`, its
+content then possibly ""), and its calls are answered by one or more `tool` turns (the
+results) before the next assistant turn. The tool definitions of a row (`tools`, or OpenAI's
+older `functions`) are read by `normalize_tools`. A row that cannot be normalized raises
 `RowRejected` with a precise reason; turns are numbered from 1 as they appear in the row.
 
 Real dumps break these rules in a few recurring ways. With `repair="standard"` (the default of
@@ -22,15 +26,25 @@ Rules (the same for every format):
   top-level `system` field is the system prompt (sharegpt and messages rows);
 - alpaca: `instruction` and `input` (either may be empty, not both) make the user turn, and an
   optional `history` of `[instruction, response]` pairs (LLaMA-Factory's) the turns before it;
-- roles are known (aliases from real dumps are mapped, case-insensitively); tool/function
-  roles are not supported and are rejected by name;
+- roles are known (aliases from real dumps are mapped, case-insensitively); tool calls come as
+  OpenAI's `tool_calls` (or older `function_call`) on an assistant turn, or as LLaMA-Factory's
+  `function_call` turn (a JSON call or list of calls); tool results as `tool`, `function`
+  (OpenAI's older name), `ipython` (Llama 3.1's), `observation` (LLaMA-Factory's) or
+  `tool_response` turns; a call's arguments are a JSON object (or its text);
 - a system message may only come first; at least one assistant turn; the conversation
   starts with a user turn, alternates, and ends with an assistant turn (a trailing user turn
-  would have no response to learn from, and chat templates reject non-alternating roles).
+  would have no response to learn from, and chat templates reject non-alternating roles);
+  tool results follow an assistant turn (one that calls tools, or one whose text holds the
+  call as Hermes' dumps write it) or another result, and are followed by an assistant turn;
+  an assistant turn that calls tools is followed by their results or
+  ends the conversation (the model learns to make the call). The repairs drop trailing tool
+  results like a trailing user turn, and merge an assistant text turn into the tool-calling
+  turn right after it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from itertools import pairwise
@@ -52,11 +66,11 @@ ROLE_ALIASES: dict[str, str] = {
     "chatgpt": "assistant",
     "model": "assistant",
 }
-# Tool-calling turns (OpenAI's `tool`/`function`, Llama 3.1's `ipython`, LLaMA-Factory's
-# `function_call`/`observation`): rejected by name, as kind `tool_calls`, not trained on.
-TOOL_ROLES = frozenset(
-    {"tool", "function", "ipython", "function_call", "observation", "tool_call", "tool_response"}
-)
+# Tool results: OpenAI's `tool` (and older `function`), Llama 3.1's `ipython`, LLaMA-Factory's
+# `observation`; read as role `tool`. Tool calls as turns of their own (LLaMA-Factory's
+# `function_call`): an assistant turn whose content is the JSON call(s).
+TOOL_RESULT_ROLES = frozenset({"tool", "function", "ipython", "observation", "tool_response"})
+TOOL_CALL_ROLES = frozenset({"function_call", "tool_call"})
 # Assistant names of real dumps that only the standard repairs accept (counted as a repair).
 REPAIR_ROLE_ALIASES: dict[str, str] = {"bing": "assistant", "bard": "assistant"}
 REPAIR_MODES = ("standard", "none")
@@ -68,6 +82,7 @@ REPAIRS = (
     "trailing_user_dropped",  # a last user turn without a reply dropped
     "invalid_unicode_replaced",  # lone surrogates (cut emoji) replaced by U+FFFD
     "null_content_dropped",  # a turn whose content is null dropped (like an empty one)
+    "trailing_tool_result_dropped",  # tool results at the end, no answer to learn from, dropped
 )
 # Key pairs a turn may use, the format's own first: (role key, content key).
 _TURN_KEYS = {
@@ -76,7 +91,7 @@ _TURN_KEYS = {
 }
 _LIST_FIELD = {"sharegpt": "conversations", "messages": "messages"}
 
-Message = dict[str, str]
+Message = dict[str, Any]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -130,8 +145,18 @@ def normalize_with_repairs(
 ) -> tuple[list[Message], list[str]]:
     """Normalize one raw row; return the messages and the repairs applied (kinds, each once).
 
-    Raise `RowRejected` (with its `kind`) when the row is invalid even after the repairs.
+    Raise `RowRejected` (with its `kind`) when the row is invalid even after the repairs
+    (its tool definitions included: `normalize_example` returns them).
     """
+    messages, _, repairs = normalize_example(row, fmt, repair)
+    return messages, repairs
+
+
+def normalize_example(
+    row: Any, fmt: str, repair: str = "standard"
+) -> tuple[list[Message], list[dict[str, Any]] | None, list[str]]:
+    """Normalize one raw row; return its messages, its tool definitions (None without) and
+    the repairs applied (kinds, each once). Raise `RowRejected` when the row is invalid."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if repair not in REPAIR_MODES:
@@ -152,7 +177,7 @@ def normalize_with_repairs(
         messages = _normalize_alpaca(row, text)
     else:
         messages = _normalize_conversation(row, fmt, text)
-    return messages, sorted(repairs)
+    return messages, normalize_tools(row), sorted(repairs)
 
 
 class _TextReader:
@@ -249,7 +274,7 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
     if not turns:
         raise RowRejected(f"field {field!r} is empty", "empty_conversation")
 
-    numbered: list[tuple[int, str, str]] = []  # (turn number, role, content)
+    numbered: list[tuple[int, Message]] = []  # (turn number, message)
     repair, repairs = text.repair, text.repairs
     # sharegpt rows carry their system prompt in this field; for messages rows it is a
     # fallback, used (when a string) only if no turn is a system one, as before it was read.
@@ -258,15 +283,16 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
     else:
         system = ""
     if system.strip():
-        numbered.append((0, "system", system))
+        numbered.append((0, {"role": "system", "content": system}))
     for number, turn in enumerate(turns, start=1):
-        role, content, mapped = _parse_turn(turn, number, fmt, text)
+        message, mapped = _parse_turn(turn, number, fmt, text)
         if mapped:
             repairs.add("role_mapped")
-        if content is None:  # a repair (strict reading rejects it as wrong_type)
+        if message is None:  # a repair (strict reading rejects it as wrong_type)
             repairs.add("null_content_dropped")
             continue
-        if not content.strip():
+        role, content = message["role"], message["content"]
+        if not content.strip() and not _is_tool_turn(message):
             if role == "system":
                 continue
             if repair:
@@ -281,43 +307,57 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
                 f"row has both a 'system' field and a system turn (turn {number})",
                 "system_conflict",
             )
-        numbered.append((number, role, content))
+        numbered.append((number, message))
     if repair:
         numbered = _repair_order(numbered, repairs)
     _check_order(numbered)
-    return [{"role": role, "content": content} for _, role, content in numbered]
+    return [message for _, message in numbered]
+
+
+def _is_tool_turn(message: Message) -> bool:
+    """A tool result, or an assistant turn that calls tools (either may have empty content)."""
+    return message["role"] == "tool" or bool(message.get("tool_calls"))
 
 
 def _repair_order(
-    numbered: list[tuple[int, str, str]], repairs: set[str]
-) -> list[tuple[int, str, str]]:
-    """Drop leading assistant turns, merge runs of one role, drop a trailing user turn."""
-    head = [t for t in numbered[:1] if t[1] == "system"]
+    numbered: list[tuple[int, Message]], repairs: set[str]
+) -> list[tuple[int, Message]]:
+    """Drop leading assistant turns, merge runs of one role, drop a trailing user turn and
+    trailing tool results."""
+    head = [t for t in numbered[:1] if t[1]["role"] == "system"]
     body = numbered[len(head) :]
-    first_user = next((i for i, t in enumerate(body) if t[1] == "user"), None)
+    first_user = next((i for i, t in enumerate(body) if t[1]["role"] == "user"), None)
     if first_user is None:
         return numbered  # nothing to repair into a conversation: _check_order says why
-    if first_user > 0 and all(t[1] == "assistant" for t in body[:first_user]):
+    if first_user > 0 and all(t[1]["role"] in ("assistant", "tool") for t in body[:first_user]):
         repairs.add("leading_assistant_dropped")
         body = body[first_user:]
-    merged: list[tuple[int, str, str]] = []
-    for number, role, content in body:
-        if merged and merged[-1][1] == role and role in ("user", "assistant"):
+    merged: list[tuple[int, Message]] = []
+    for number, message in body:
+        role = message["role"]
+        previous = merged[-1][1] if merged else None
+        # Text turns of one role merge; an assistant text turn also merges into the
+        # tool-calling turn right after it ("Let me look that up." + the call).
+        if (
+            previous is not None
+            and previous["role"] == role
+            and role in ("user", "assistant")
+            and not previous.get("tool_calls")
+        ):
             repairs.add("same_role_merged")
-            merged[-1] = (merged[-1][0], role, f"{merged[-1][2]}\n\n{content}")
+            parts = [c for c in (previous["content"], message["content"]) if c]
+            merged[-1] = (merged[-1][0], {**message, "content": "\n\n".join(parts)})
         else:
-            merged.append((number, role, content))
-    if len(merged) > 1 and merged[-1][1] == "user":
-        repairs.add("trailing_user_dropped")
-        merged = merged[:-1]
+            merged.append((number, message))
+    while len(merged) > 1 and merged[-1][1]["role"] in ("user", "tool"):
+        role = merged.pop()[1]["role"]
+        repairs.add("trailing_user_dropped" if role == "user" else "trailing_tool_result_dropped")
     return head + merged
 
 
-def _parse_turn(
-    turn: Any, number: int, fmt: str, text: _TextReader
-) -> tuple[str, str | None, bool]:
-    """Read one turn's (canonical role, content, mapped by a repair); reject malformed turns.
-    Content is None for a null content that the repairs drop."""
+def _parse_turn(turn: Any, number: int, fmt: str, text: _TextReader) -> tuple[Message | None, bool]:
+    """Read one turn as (message with its canonical role, mapped by a repair); reject
+    malformed turns. The message is None for a null content that the repairs drop."""
     if not isinstance(turn, dict):
         raise RowRejected(
             f"turn {number} is not an object (got {json_type_name(turn)})", "malformed_turn"
@@ -336,46 +376,171 @@ def _parse_turn(
     role, mapped = ROLE_ALIASES.get(name), False
     if role is None and text.repair and name in REPAIR_ROLE_ALIASES:
         role, mapped = REPAIR_ROLE_ALIASES[name], True
-    if name in TOOL_ROLES or turn.get("tool_calls") or turn.get("function_call"):
-        raise RowRejected(
-            f"turn {number} is a tool call or tool result ({_show(raw_role)}): tool-calling "
-            "conversations are not supported yet (system, user and assistant text turns only)",
-            "tool_calls",
-        )
+    if name in TOOL_CALL_ROLES:  # the turn's content is the call(s)
+        calls = _parse_calls(turn.get(content_key), number)
+        return {"role": "assistant", "content": "", "tool_calls": calls}, False
+    if name in TOOL_RESULT_ROLES:
+        return _tool_result(turn, content_key, number, text), False
     if role is None:
         raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}", "unknown_role")
-    if content_key not in turn:
+    raw_calls = turn.get("tool_calls") or turn.get("function_call")
+    if raw_calls and role != "assistant":
+        raise RowRejected(f"turn {number} ({role}) has tool calls", "malformed_tool_call")
+    if content_key not in turn and not raw_calls:
         raise RowRejected(f"turn {number} has no {content_key!r} field", "malformed_turn")
-    content = turn[content_key]
+    content = turn.get(content_key)
+    if raw_calls:
+        text_ = "" if content is None else text(content, f"turn {number} content", parts=True)
+        return {
+            "role": role,
+            "content": text_,
+            "tool_calls": _parse_calls(raw_calls, number),
+        }, mapped
     if content is None and text.repair:
-        return role, None, mapped
-    return role, text(content, f"turn {number} content", parts=True), mapped
+        return None, mapped
+    return {"role": role, "content": text(content, f"turn {number} content", parts=True)}, mapped
 
 
-def _check_order(numbered: list[tuple[int, str, str]]) -> None:
-    """System first; then user/assistant alternating, from user to assistant."""
-    for position, (number, role, _) in enumerate(numbered):
-        if role == "system" and position > 0:
+def _tool_result(turn: dict[str, Any], content_key: str, number: int, text: _TextReader) -> Message:
+    """A tool result turn: its text ("" when null: a tool may return nothing), and the tool's
+    `name` and the `tool_call_id` it answers when the row gives them (some templates need
+    the id, e.g. Mistral's)."""
+    content = turn.get(content_key)
+    if isinstance(content, dict | list) and not (
+        isinstance(content, list) and all(isinstance(p, dict) and "text" in p for p in content)
+    ):
+        content = json.dumps(content, ensure_ascii=False)  # a structured result, as JSON text
+    result = "" if content is None else text(content, f"turn {number} content", parts=True)
+    message: Message = {"role": "tool", "content": result}
+    for key in ("name", "tool_call_id"):
+        if isinstance(turn.get(key), str) and turn[key]:
+            message[key] = turn[key]
+    return message
+
+
+def _parse_calls(value: Any, number: int) -> list[dict[str, Any]]:
+    """Tool calls in the shape chat templates read (`{"type": "function", "function": {"name",
+    "arguments": dict}}`, with the row's `id` when given) from OpenAI's `tool_calls` list, its
+    older single `function_call`, or LLaMA-Factory's `function_call` turn (JSON text of a call
+    or a list of calls); arguments given as JSON text are parsed."""
+    what = f"turn {number} tool call"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowRejected(f"{what} is not valid JSON", "malformed_tool_call") from None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RowRejected(f"{what} list is empty", "malformed_tool_call")
+    calls = []
+    for item in items:
+        function = item.get("function") if isinstance(item, dict) else None
+        function = function if isinstance(function, dict) else item
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise RowRejected(f"{what} has no function name", "malformed_tool_call")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise RowRejected(
+                    f"{what} {_show(name)}: arguments are not valid JSON", "malformed_tool_call"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise RowRejected(
+                f"{what} {_show(name)}: arguments must be an object "
+                f"(got {json_type_name(arguments)})",
+                "malformed_tool_call",
+            )
+        call: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        if isinstance(item.get("id"), str) and item["id"]:
+            call["id"] = item["id"]
+        calls.append(call)
+    return calls
+
+
+def normalize_tools(row: Any) -> list[dict[str, Any]] | None:
+    """The row's tool definitions (`tools`, or OpenAI's older `functions`: a list, or its JSON
+    text as LLaMA-Factory writes it) in the shape chat templates read (`{"type": "function",
+    "function": {"name", ...}}`); None when it has none. Raise `RowRejected` when malformed."""
+    if not isinstance(row, dict):
+        return None
+    key = "tools" if row.get("tools") not in (None, "", []) else "functions"
+    value = row.get(key)
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowRejected(f"field {key!r} is not valid JSON", "malformed_tools") from None
+    items = value if isinstance(value, list) else [value]
+    tools = []
+    for number, item in enumerate(items, start=1):
+        function = item.get("function") if isinstance(item, dict) else None
+        function = function if isinstance(function, dict) else item
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowRejected(
+                f"field {key!r} item {number} is not a function definition with a name",
+                "malformed_tools",
+            )
+        tools.append({"type": "function", "function": function})
+    return tools or None
+
+
+def _check_order(numbered: list[tuple[int, Message]]) -> None:
+    """System first; then user/assistant alternating, from user to assistant, with tool
+    results between an assistant turn that calls tools and the next assistant turn."""
+    for position, (number, message) in enumerate(numbered):
+        if message["role"] == "system" and position > 0:
             raise RowRejected(f"system message must come first (turn {number})", "system_not_first")
-    body = [(number, role) for number, role, _ in numbered if role != "system"]
+    body = [(number, message) for number, message in numbered if message["role"] != "system"]
     if not body:
         raise RowRejected("no user or assistant turn", "no_turns")
-    if all(role != "assistant" for _, role in body):
+    if all(message["role"] != "assistant" for _, message in body):
         raise RowRejected("no assistant turn", "no_assistant_turn")
-    first_number, first_role = body[0]
-    if first_role != "user":
+    first_number, first = body[0]
+    if first["role"] != "user":
         raise RowRejected(
-            f"conversation must start with a user turn (turn {first_number} is {first_role})",
+            f"conversation must start with a user turn (turn {first_number} is {first['role']})",
             "starts_with_assistant",
         )
-    for (_, previous), (number, role) in pairwise(body):
-        if role == previous:
+    for (_, previous), (number, message) in pairwise(body):
+        role, before = message["role"], previous["role"]
+        calls = before == "assistant" and bool(previous.get("tool_calls"))
+        # A result may also follow an assistant turn whose call is in its text (Hermes'
+        # `<tool_call>` markup in the gpt turns of its sharegpt dumps).
+        if role == "tool" and before not in ("assistant", "tool"):
+            raise RowRejected(
+                f"turn {number} is a tool result with no assistant turn before it",
+                "orphan_tool_result",
+            )
+        if calls and role != "tool":
+            raise RowRejected(
+                f"turn {number} ({role}) follows a tool call that has no result",
+                "unanswered_tool_call",
+            )
+        if before == "tool" and role not in ("tool", "assistant"):
+            raise RowRejected(
+                f"turn {number} ({role}) follows a tool result that no assistant turn answers",
+                "unanswered_tool_result",
+            )
+        if role == before and role != "tool":
             raise RowRejected(
                 f"turn {number} repeats role {role!r} (user and assistant turns must alternate)",
                 "repeated_role",
             )
-    last_number, last_role = body[-1]
-    if last_role != "assistant":
+    last_number, last = body[-1]
+    if last["role"] == "tool":
+        raise RowRejected(
+            f"conversation ends with a tool result (turn {last_number}) without a reply",
+            "ends_with_tool_result",
+        )
+    if last["role"] != "assistant":
         raise RowRejected(
             f"conversation ends with a user turn (turn {last_number}) without a reply",
             "ends_with_user",

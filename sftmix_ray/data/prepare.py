@@ -105,7 +105,7 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
     rows (in row order, held-out rows left out; at most TOKENIZER_SAMPLE_CHARS characters)
     and the role names."""
     from sftmix_ray.data.chunks import iter_chunk
-    from sftmix_ray.data.formats import normalize_with_repairs
+    from sftmix_ray.data.formats import normalize_example
     from sftmix_ray.errors import RowRejected
 
     texts: list[str] = []
@@ -115,12 +115,15 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
             if plan.job.side(index) != "train":
                 continue
             try:
-                messages, _ = normalize_with_repairs(raw, plan.job.fmt, plan.job.repair)
+                messages, tools, _ = normalize_example(raw, plan.job.fmt, plan.job.repair)
             except RowRejected:
                 continue
-            texts.extend(m["content"] for m in messages)
+            row_texts = [m["content"] for m in messages]
+            row_texts += [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
+            row_texts += [json.dumps(tools)] if tools else []
+            texts.extend(row_texts)
             kept += 1
-            chars += sum(len(m["content"]) for m in messages)
+            chars += sum(map(len, row_texts))
             if kept >= limit or chars >= TOKENIZER_SAMPLE_CHARS:
                 return [*texts, "system user assistant"]
     if not kept:

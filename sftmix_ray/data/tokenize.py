@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from bisect import bisect_left
 from typing import Any
 
@@ -13,18 +14,27 @@ from sftmix_ray.loss_kernels import IGNORE_INDEX
 from sftmix_ray.modeling import chat_template_of
 
 
-def _render(tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool) -> str:
+def _render(
+    tokenizer: Any,
+    messages: list[dict],
+    template: str,
+    generation_prompt: bool,
+    tools: list[dict] | None = None,
+) -> str:
     return tokenizer.apply_chat_template(
         messages,
+        tools=tools,
         chat_template=template,
         tokenize=False,
         add_generation_prompt=generation_prompt,
     )
 
 
-def render_with_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return the text and the character spans of assistant turns."""
-    text, spans, _ = _render_spans_encoding(tokenizer, messages)
+    text, spans, _ = _render_spans_encoding(tokenizer, messages, tools)
     return text, spans
 
 
@@ -33,7 +43,7 @@ def _encode(tokenizer: Any, text: str) -> Any:
 
 
 def _render_spans_encoding(
-    tokenizer: Any, messages: list[dict]
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]], Any]:
     """Render a conversation; return the text, the character spans of assistant turns and the
     text's encoding (token ids and character offsets), tokenized once.
@@ -45,20 +55,69 @@ def _render_spans_encoding(
     keeps an empty thinking block only after the last user turn, Mistral v0.3 puts the system
     prompt into the last user turn. Their spans are found in the whole text instead
     (`_searched_spans`); a row whose turns cannot be found there either is rejected.
+
+    Tool calls are part of their assistant turn's span (the model learns to make them); tool
+    results and the tool definitions (`tools`) are prompt. A template that leaves any of them
+    out of the text (one without tool support) rejects the row (`_check_tools_rendered`).
     """
-    template = chat_template_of(tokenizer)
-    full = _render(tokenizer, messages, template, generation_prompt=False)
+    template = chat_template_of(tokenizer, tools=bool(tools))
+    full = _render(tokenizer, messages, template, False, tools)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], template, generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
+        prompt = _render(tokenizer, messages[:i], template, True, tools)
+        upto = _render(tokenizer, messages[: i + 1], template, False, tools)
         if not (full.startswith(upto) and upto.startswith(prompt)):
+            if any(m.get("tool_calls") for m in messages):
+                raise RowRejected(
+                    "chat template is not prefix-stable: tool calls cannot be aligned with "
+                    "their assistant turns",
+                    "template_not_prefix_stable",
+                )
             enc = _encode(tokenizer, full)
             return full, _searched_spans(tokenizer, messages, template, full, enc), enc
         spans.append((len(prompt), len(upto)))
+    _check_tools_rendered(messages, tools, full, spans)
     return full, spans, _encode(tokenizer, full)
+
+
+def _check_tools_rendered(
+    messages: list[dict], tools: list[dict] | None, full: str, spans: list[tuple[int, int]]
+) -> None:
+    """Each call's function name in its assistant turn's span, each tool result's text and
+    each tool definition's name in the text: a template without tool support renders an
+    empty answer for a call (it would train the model to say nothing) and drops the rest."""
+    answers = iter(spans)
+    for number, message in enumerate(messages, start=1):
+        missing = None
+        if message["role"] == "assistant":
+            start, end = next(answers)
+            names = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+            missing = next((f"tool call {n!r}" for n in names if n not in full[start:end]), None)
+        elif message["role"] == "tool" and not _rendered(message["content"].strip(), full):
+            missing = "tool result"
+        if missing:
+            raise RowRejected(
+                f"chat template does not render turn {number}'s {missing}: it has no tool "
+                "support (use a model whose template has, or leave tool rows out)",
+                "template_no_tools",
+            )
+    for tool in tools or ():
+        if tool["function"]["name"] not in full:
+            raise RowRejected(
+                f"chat template does not render the tool definition {tool['function']['name']!r}:"
+                " it has no tool support (use a model whose template has, or leave tool rows out)",
+                "template_no_tools",
+            )
+
+
+def _rendered(text: str, full: str) -> bool:
+    """`text` is in `full` as it is or as a JSON string's inside (Llama 3.1's template writes a
+    tool result through `tojson`)."""
+    return text in full or any(
+        json.dumps(text, ensure_ascii=ascii)[1:-1] in full for ascii in (False, True)
+    )
 
 
 def _searched_spans(
@@ -88,7 +147,7 @@ def _searched_spans(
                 position = at + len(header)
         found = _find_content(full, content, position, markup)
         if found is None:
-            if message["role"] == "user":
+            if message["role"] != "assistant":
                 continue  # a template may rewrite user turns; answers are what must be found
             raise RowRejected(
                 f"chat template is not prefix-stable and turn {i} (assistant) is not found in "
@@ -171,7 +230,11 @@ TRUNCATIONS = ("turns", "truncate", "drop")
 
 
 def tokenize_conversation(
-    tokenizer: Any, messages: list[dict], max_length: int, truncation: str
+    tokenizer: Any,
+    messages: list[dict],
+    max_length: int,
+    truncation: str,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int], bool]:
     """Token ids and labels (-100 outside assistant spans); returns (ids, labels, truncated).
 
@@ -184,7 +247,7 @@ def tokenize_conversation(
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     try:
-        _, spans, enc = _render_spans_encoding(tokenizer, messages)
+        _, spans, enc = _render_spans_encoding(tokenizer, messages, tools)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
     except (TemplateError, ValueError, TypeError) as exc:

@@ -1,0 +1,326 @@
+"""Tool-calling conversations: read from OpenAI, older OpenAI and LLaMA-Factory rows into one
+shape, checked for order, rendered by the chat template with the tool definitions, and trained
+on where the assistant speaks (its calls included), not on tool results or definitions.
+
+`sftmix-ray prepare` on tool rows (their `tools_json` column, the calls supervised) is in
+test_repairs.py's prepare test; `validate-data` counts them there too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sftmix_ray.data.chunk_worker import PREPARED, SCHEMAS, ChunkJob, process_chunk
+from sftmix_ray.data.chunks import plan_chunks
+from sftmix_ray.data.formats import normalize_example, normalize_with_repairs
+from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from sftmix_ray.errors import RowRejected
+from sftmix_ray.modeling import train_tiny_tokenizer
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+CANONICAL = [
+    {"role": "system", "content": "You help."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
+    },
+    {"role": "tool", "content": '{"temp_c": 21}'},
+    {"role": "assistant", "content": "It is 21 C in Paris."},
+]
+OPENAI = {
+    "messages": [
+        {"role": "system", "content": "You help."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+        {"role": "assistant", "content": "It is 21 C in Paris."},
+    ],
+    "tools": [{"type": "function", "function": WEATHER}],
+}
+OPENAI_LEGACY = {  # `function_call` on the assistant turn, `function` role, `functions`
+    "messages": [
+        {"role": "system", "content": "You help."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        },
+        {"role": "function", "name": "get_weather", "content": '{"temp_c": 21}'},
+        {"role": "assistant", "content": "It is 21 C in Paris."},
+    ],
+    "functions": [WEATHER],
+}
+LLAMA_FACTORY = {  # sharegpt with function_call / observation turns, tools as JSON text
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {
+            "from": "function_call",
+            "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        },
+        {"from": "observation", "value": '{"temp_c": 21}'},
+        {"from": "gpt", "value": "It is 21 C in Paris."},
+    ],
+    "system": "You help.",
+    "tools": json.dumps([WEATHER]),
+}
+
+
+def _without(messages: list[dict], *keys: str) -> list[dict]:
+    """Messages with the ids and names some formats carry taken out (the rest must agree)."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if k not in keys}
+        if "tool_calls" in m:
+            m["tool_calls"] = [{k: v for k, v in c.items() if k != "id"} for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt"), [(OPENAI, "messages"), (OPENAI_LEGACY, "messages"), (LLAMA_FACTORY, "sharegpt")]
+)
+def test_every_tool_format_reads_to_one_shape(row, fmt):
+    messages, tools, repairs = normalize_example(row, fmt, "none")
+    assert repairs == []
+    assert _without(messages, "tool_call_id", "name") == CANONICAL
+    assert tools == [{"type": "function", "function": WEATHER}]
+    assert normalize_example(row, "auto")[:2] == (messages, tools)
+
+
+def test_ids_and_names_the_row_gives_are_kept():
+    """Mistral's template needs the call id on both sides; older OpenAI names the tool."""
+    messages, _, _ = normalize_example(OPENAI, "messages")
+    assert messages[2]["tool_calls"][0]["id"] == "call_1"
+    assert messages[3]["tool_call_id"] == "call_1"
+    legacy, _, _ = normalize_example(OPENAI_LEGACY, "messages")
+    assert legacy[3]["name"] == "get_weather"
+
+
+def _sg(*turns: tuple[str, str]) -> dict:
+    return {"conversations": [{"from": r, "value": v} for r, v in turns]}
+
+
+CALL = ("function_call", '{"name": "f", "arguments": {}}')
+REJECTED = [
+    (_sg(("human", "q"), CALL, ("human", "q2"), ("gpt", "a")), "unanswered_tool_call"),
+    (_sg(("human", "q"), CALL, ("observation", "r"), ("human", "q2"), ("gpt", "a")),
+     "unanswered_tool_result"),
+    (_sg(("human", "q"), ("observation", "r"), ("gpt", "b")), "orphan_tool_result"),
+    (_sg(("human", "q"), ("function_call", '{"arguments": {}}')), "malformed_tool_call"),
+    (_sg(("human", "q"), ("function_call", '{"name": "f", "arguments": "[1"}')),
+     "malformed_tool_call"),
+    (_sg(("human", "q"), ("function_call", '{"name": "f", "arguments": [1]}')),
+     "malformed_tool_call"),
+    ({**_sg(("human", "q"), ("gpt", "a")), "tools": "[{"}, "malformed_tools"),
+    ({**_sg(("human", "q"), ("gpt", "a")), "tools": [{"description": "no name"}]},
+     "malformed_tools"),
+    ({"messages": [{"role": "user", "content": "q", "tool_calls": [{"name": "f"}]},
+                   {"role": "assistant", "content": "a"}]}, "malformed_tool_call"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("row", "kind"), REJECTED)
+def test_broken_tool_conversations_are_rejected_by_kind(row, kind):
+    with pytest.raises(RowRejected) as info:
+        normalize_example(row, "auto")
+    assert info.value.kind == kind, info.value.reason
+
+
+def test_parallel_calls_their_results_and_a_final_call():
+    """Two calls in one turn answered by two results; a conversation may end with a call
+    (single-turn function-calling data: the model learns to make the call)."""
+    calls = '[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]'
+    row = _sg(("human", "q"), ("function_call", calls), ("observation", "1"),
+              ("observation", "2"), ("gpt", "a"), ("human", "again"), CALL)  # fmt: skip
+    messages, applied = normalize_with_repairs(row, "sharegpt", "none")
+    assert applied == []
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "assistant",
+                                             "user", "assistant"]  # fmt: skip
+    assert [c["function"]["name"] for c in messages[1]["tool_calls"]] == ["f", "g"]
+    assert messages[-1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {}}
+    strict = _sg(("human", "q"), CALL, ("observation", "r"))
+    with pytest.raises(RowRejected) as info:
+        normalize_with_repairs(strict, "sharegpt", "none")
+    assert info.value.kind == "ends_with_tool_result"
+
+
+def test_a_call_written_in_the_answers_text_may_be_answered_by_a_tool():
+    """Hermes' function-calling dumps write the call as `<tool_call>` text in the gpt turn and
+    the result as a `tool` turn: kept as they are (the call trains as answer text)."""
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    row = _sg(("system", "tools: f"), ("human", "q"), ("gpt", call), ("tool", "r"), ("gpt", "a"))
+    messages, _ = normalize_with_repairs(row, "sharegpt", "none")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("system", "tools: f"), ("user", "q"), ("assistant", call), ("tool", "r"),
+        ("assistant", "a"),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- tokenizing
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [json.dumps(OPENAI), json.dumps(LLAMA_FACTORY)] * 30 + ["system user assistant tool"]
+    return train_tiny_tokenizer(texts, 400)
+
+
+def _pieces(tok, ids, labels, supervised: bool) -> str:
+    return tok.decode([i for i, y in zip(ids, labels) if (y != IGNORE_INDEX) == supervised])
+
+
+def test_calls_and_answers_are_supervised_results_and_definitions_are_not(tokenizer):
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    ids, labels, truncated = tokenize_conversation(tokenizer, messages, 4096, "drop", tools)
+    assert not truncated
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert _pieces(tokenizer, ids, labels, True) == (
+        f"{call}<|im_end|>\nIt is 21 C in Paris.<|im_end|>\n"
+    )
+    prompt = _pieces(tokenizer, ids, labels, False)
+    assert "<tools>\n" + json.dumps({"type": "function", "function": WEATHER}) in prompt
+    assert "You help." in prompt and '<|im_start|>tool\n{"temp_c": 21}<|im_end|>' in prompt
+    # The same conversation from LLaMA-Factory's shape tokenizes to the same ids.
+    same, same_tools, _ = normalize_example(LLAMA_FACTORY, "sharegpt")
+    again = tokenize_conversation(tokenizer, same, 4096, "drop", same_tools)
+    assert again == (ids, labels, False)
+
+
+def test_turns_truncation_may_end_on_a_call(tokenizer):
+    """`turns` keeps the longest prefix of whole assistant turns: here the call."""
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    full, _, _ = tokenize_conversation(tokenizer, messages, 4096, "drop", tools)
+    ids, labels, truncated = tokenize_conversation(
+        tokenizer, messages, len(full) - 1, "turns", tools
+    )
+    assert truncated and ids == full[: len(ids)]
+    assert _pieces(tokenizer, ids, labels, True).endswith("</tool_call><|im_end|>\n")
+
+
+# A template without tool support (it writes content only), and one in Llama 3.1's manner: a
+# tool result as `ipython` through `tojson`, the call as JSON with `parameters`.
+NO_TOOLS = (
+    "{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] + '</s>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}"
+)
+LLAMA_LIKE = (
+    "{% if tools %}{{ '<s>system: tools ' + (tools | tojson) + '</s>\\n' }}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'tool' %}"
+    "{{ '<s>ipython: ' + (m['content'] | tojson) + '</s>\\n' }}"
+    "{% elif m['tool_calls'] %}{{ '<s>assistant: ' }}{% for c in m['tool_calls'] %}"
+    "{{ {'name': c['function']['name'], 'parameters': c['function']['arguments']} | tojson }}"
+    "{% endfor %}{{ '</s>\\n' }}"
+    "{% else %}{{ '<s>' + m['role'] + ': ' + m['content'] + '</s>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}"
+)
+
+
+def _with_template(tokenizer, template):
+    tok = train_tiny_tokenizer([json.dumps(OPENAI)] * 30 + ["system user assistant"], 400)
+    tok.chat_template = template
+    return tok
+
+
+def test_a_template_without_tool_support_rejects_the_row(tokenizer):
+    """Its calls would render as empty answers: the model would learn to say nothing."""
+    tok = _with_template(tokenizer, NO_TOOLS)
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tok, messages, 4096, "drop", tools)
+    assert info.value.kind == "template_no_tools" and "turn 3's tool call" in info.value.reason
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert tokenize_conversation(tok, plain, 4096, "drop")[0]  # rows without tools still fine
+
+
+def test_a_template_that_writes_results_through_tojson_is_accepted(tokenizer):
+    tok = _with_template(tokenizer, LLAMA_LIKE)
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
+    supervised = _pieces(tok, ids, labels, True).lstrip()  # " {" straddles the span start
+    assert supervised.startswith('{"name": "get_weather", "parameters": {"city": "Paris"}}</s>')
+    assert '"temp_c"' not in supervised
+
+
+def test_named_templates_use_tool_use_for_rows_with_tools(tokenizer):
+    tok = _with_template(tokenizer, None)
+    tok.chat_template = {"default": NO_TOOLS, "tool_use": LLAMA_LIKE}
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
+    assert '"parameters"' in _pieces(tok, ids, labels, True)
+
+
+# ------------------------------------------------------------------- chunks: write, re-tokenize
+
+
+def test_a_chunk_keeps_the_tools_and_re_tokenizing_reads_them_back(tokenizer, tmp_path):
+    """The tokenization actors' own function: tool rows are written with their `tools_json`,
+    and the `reference` stage's re-tokenizing of OUT/data reads them back (same ids)."""
+    corpus = tmp_path / "tools.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in (OPENAI, OPENAI_LEGACY)) + "\n")
+
+    def tokenize(messages, tools):
+        return tokenize_conversation(tokenizer, messages, 4096, "drop", tools)
+
+    def run(path: str, fmt: str, name: str) -> Path:
+        target = tmp_path / name
+        job = ChunkJob(path, fmt, "standard", "train", 0, {"train": str(target)},
+                       {"train": str(tmp_path / f"{name}-rejections")})  # fmt: skip
+        (chunk,), _ = plan_chunks(path, hf_split="train", work_dir=tmp_path, parts=1)
+        stats = process_chunk(job, 0, chunk, tokenize)
+        assert stats["error"] is None and stats["train"]["written"] == 2, stats
+        return target
+
+    data = pq.read_table(run(str(corpus), "messages", "data"))
+    assert data.schema.equals(SCHEMAS["train"])
+    tools = [json.loads(t) for t in data.column("tools_json").to_pylist()]
+    assert tools == [[{"type": "function", "function": WEATHER}]] * 2
+    again = pq.read_table(run(str(tmp_path / "data"), PREPARED, "again"))
+    assert again.column("input_ids").to_pylist() == data.column("input_ids").to_pylist()
+    assert again.column("labels").to_pylist() == data.column("labels").to_pylist()
+
+
+@pytest.mark.parametrize("eos", [False, True])
+def test_the_built_in_template_renders_plain_conversations_as_plain_chatml(tokenizer, eos):
+    """Tool support changed nothing for rows without tools: the same text as ChatML."""
+    from sftmix_ray.modeling import BUILTIN_CHAT_TEMPLATE, BUILTIN_CHAT_TEMPLATE_WITH_EOS
+
+    conversation = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "q\n"},
+        {"role": "assistant", "content": " a "},
+    ]
+    template = BUILTIN_CHAT_TEMPLATE_WITH_EOS if eos else BUILTIN_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        conversation, chat_template=template, tokenize=False, add_generation_prompt=False
+    )
+    tail = tokenizer.eos_token if eos else ""
+    assert text == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq\n<|im_end|>\n"
+        f"<|im_start|>assistant\n a <|im_end|>{tail}\n"
+    )
