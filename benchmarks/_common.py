@@ -84,6 +84,7 @@ GOALS = {
     "ray_data_over_bare_loop_end_to_end": Goal(">=", 0.8, 0.7),
     "prepare_driver_rss_4x_over_1x": Goal("<=", 1.2, 1.3),
     "padding_efficiency": Goal(">=", 0.9, 0.85),
+    "render_300_turns_limited_over_full": Goal("<=", 0.2, 0.5),
 }
 
 

@@ -22,7 +22,10 @@ Ratios (each a median over repeats, with min, max and the runs):
 - `prepare_driver_rss_4x_over_1x`: peak RSS of the `prepare` driver on a ShareGPT-like corpus 4
   times over against once (`prepare_scale.py`; rows/s in `details`);
 - `padding_efficiency`: real over padded tokens in one epoch of length-grouped training batches
-  of that corpus (`prepare_scale.py`; each grouping mode in `details`).
+  of that corpus (`prepare_scale.py`; each grouping mode in `details`);
+- `render_300_turns_limited_over_full`: time to tokenize a 300-turn conversation at
+  `data.max_length` 2048, spans stopped at the limit over all spans computed
+  (`render_turns.py`; ms per row at 4, 100 and 300 turns in `details`).
 
 `--quick` takes about 3.5 minutes on 2 idle cores. The JSON holds the machine, the load average
 before and after, every ratio's settings, target, bar and whether it passes; `--check` exits 1
@@ -171,6 +174,12 @@ def measure_prepare(mode: str, repeats: int | None) -> Measured:
     return measure(mode, repeats)
 
 
+def measure_render(mode: str, repeats: int | None) -> Measured:
+    from render_turns import measure
+
+    return measure(mode, repeats)
+
+
 GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]] = {
     "losses": (
         measure_losses,
@@ -182,6 +191,7 @@ GROUPS: dict[str, tuple[Callable[[str, int | None], Measured], tuple[str, ...]]]
     "sharded_load": (measure_sharded_load, ("sharded_load_peak_rss_over_full",)),
     "scoring_e2e": (measure_scoring_e2e, ("ray_data_over_bare_loop_end_to_end",)),
     "prepare": (measure_prepare, ("prepare_driver_rss_4x_over_1x", "padding_efficiency")),
+    "render": (measure_render, ("render_300_turns_limited_over_full",)),
 }
 
 

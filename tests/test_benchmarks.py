@@ -159,3 +159,21 @@ def test_memory_model_counts_what_the_model_holds(tmp_path):
     assert 20 * gib < full["bytes"]["total"] < 40 * gib < 80 * gib
     assert lora_row["bytes"]["total"] < full["bytes"]["total"] / 1.5
     assert lora_row["bytes"]["adam_moments_fp32"] < full["bytes"]["adam_moments_fp32"] / 100
+
+
+def test_run_py_times_tokenizing_long_conversations_both_ways(tmp_path):
+    """`render_300_turns_limited_over_full` through run.py (a time: written, not judged here)."""
+    out = tmp_path / "render.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--only", "render_300_turns_limited_over_full",
+         "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    render = json.loads(out.read_text())["ratios"]["render_300_turns_limited_over_full"]
+    assert render["settings"]["max_length"] == 2048 and len(render["runs"]) == 1
+    details = render["details"]
+    assert set(details["limited_ms"]) == set(details["full_ms"]) == {"4", "100", "300"}
+    ratio = details["limited_ms"]["300"][0] / details["full_ms"]["300"][0]
+    assert render["median"] == pytest.approx(ratio, rel=1e-3)
+    assert render["bar"] == "<= 0.5" and isinstance(render["passes_bar"], bool)

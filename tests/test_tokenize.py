@@ -265,3 +265,58 @@ def _texts_tokenized(tok, run) -> list[str]:
     finally:
         tok.__class__ = kind
     return seen
+
+
+def _long_chat(turns: int) -> list[dict]:
+    chat = []
+    for i in range(turns):
+        chat += [{"role": "user", "content": f"What is {i}+3?"},
+                 {"role": "assistant", "content": str(i + 3)}]  # fmt: skip
+    return chat
+
+
+@pytest.mark.parametrize("truncation", ["turns", "truncate"])
+@pytest.mark.parametrize("limit", [9, 24, 25, 40, 77, 400])
+def test_a_token_limit_stops_the_spans_without_changing_the_result(tokenizer, truncation, limit):
+    """Spans past `data.max_length` are not computed (see below): ids and labels are those of
+    the whole conversation's spans, truncated, at every limit (one inside the first answer,
+    at and around answer boundaries, past the end)."""
+    from sftmix_ray.data import tokenize as tk
+
+    chat = _long_chat(12)
+    _, spans, enc = tk._render_spans_encoding(tokenizer, chat)  # every span
+    ids, labels, _ = tokenize_conversation(tokenizer, chat, 10_000, "drop")
+    cut = min(len(ids), limit)
+    try:
+        if truncation == "turns" and len(ids) > limit:
+            cut = tk._turns_cut(enc["offset_mapping"], spans, labels, limit)
+        assert any(label != IGNORE_INDEX for label in labels[:cut]), "no_supervised_tokens"
+    except (RowRejected, AssertionError) as exc:  # the whole-spans path rejects the row too
+        with pytest.raises(RowRejected) as info:
+            tokenize_conversation(tokenizer, chat, limit, truncation)
+        assert info.value.kind == getattr(exc, "kind", "no_supervised_tokens")
+        return
+    got = tokenize_conversation(tokenizer, chat, limit, truncation)
+    assert got == (ids[:cut], labels[:cut], len(ids) > limit)
+
+
+def test_turns_past_the_limit_are_not_rendered(tokenizer, monkeypatch):
+    """A 300-turn conversation cut to a few turns renders the prefixes of those turns only (two
+    renders per answer, each as long as the prefix), not of all 300: that cost grows with the
+    square of the turns (130 ms per such row before; agent trajectories have hundreds)."""
+    calls = []
+    real = type(tokenizer).apply_chat_template
+
+    def counting(self, conversation, *args, **kwargs):
+        calls.append(len(conversation))
+        return real(self, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", counting)
+    chat = _long_chat(300)
+    ids, labels, truncated = tokenize_conversation(tokenizer, chat, 64, "turns")
+    assert truncated and len(ids) <= 64
+    answers = sum(1 for label in labels if label == tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert answers >= 2
+    # The whole text once, then two renders per kept answer and one for the first cut one.
+    assert calls[0] == len(chat) and len(calls) <= 1 + 2 * answers + 1
+    assert max(calls[1:]) <= 2 * answers + 2

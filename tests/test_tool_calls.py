@@ -170,6 +170,31 @@ def test_parallel_calls_their_results_and_a_final_call():
     assert info.value.kind == "ends_with_tool_result"
 
 
+def test_results_are_named_after_the_calls_they_answer():
+    """Hermes' template needs each result's tool name, which OpenAI rows and LLaMA-Factory's
+    observations leave out: taken from the call it answers, by id, else by place."""
+    f = {"id": "call_f", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    g = {"id": "call_g", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+    row = {"messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [f, g]},
+        {"role": "tool", "tool_call_id": "call_g", "content": "G"},
+        {"role": "tool", "tool_call_id": "call_f", "content": "F"},
+        {"role": "assistant", "content": "a"},
+    ]}  # fmt: skip
+    messages, _ = normalize_with_repairs(row, "messages", "none")
+    assert [m.get("name") for m in messages if m["role"] == "tool"] == ["g", "f"]
+    calls = '[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]'
+    row = _sg(("human", "q"), ("function_call", calls), ("observation", "F"),
+              ("observation", "G"), ("gpt", "a"))  # fmt: skip
+    messages, _ = normalize_with_repairs(row, "sharegpt", "none")
+    assert [m.get("name") for m in messages if m["role"] == "tool"] == ["f", "g"]
+    # The same with the hyphenated roles of some glaive conversions.
+    hyphens = _sg(("human", "q"), ("function-call", calls), ("function-response", "F"),
+                  ("function-response", "G"), ("gpt", "a"))  # fmt: skip
+    assert normalize_with_repairs(hyphens, "sharegpt", "none")[0] == messages
+
+
 def test_a_call_written_in_the_answers_text_may_be_answered_by_a_tool():
     """Hermes' function-calling dumps write the call as `<tool_call>` text in the gpt turn and
     the result as a `tool` turn: kept as they are (the call trains as answer text)."""

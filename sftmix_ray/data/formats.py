@@ -29,8 +29,9 @@ Rules (the same for every format):
 - roles are known (aliases from real dumps are mapped, case-insensitively); tool calls come as
   OpenAI's `tool_calls` (or older `function_call`) on an assistant turn, or as LLaMA-Factory's
   `function_call` turn (a JSON call or list of calls); tool results as `tool`, `function`
-  (OpenAI's older name), `ipython` (Llama 3.1's), `observation` (LLaMA-Factory's) or
-  `tool_response` turns; a call's arguments are a JSON object (or its text);
+  (OpenAI's older name), `ipython` (Llama 3.1's), `observation` (LLaMA-Factory's),
+  `tool_response` or `function_response` turns (hyphens read as underscores); a call's
+  arguments are a JSON object (or its text);
 - a system message may only come first; at least one assistant turn; the conversation
   starts with a user turn, alternates, and ends with an assistant turn (a trailing user turn
   would have no response to learn from, and chat templates reject non-alternating roles);
@@ -69,7 +70,9 @@ ROLE_ALIASES: dict[str, str] = {
 # Tool results: OpenAI's `tool` (and older `function`), Llama 3.1's `ipython`, LLaMA-Factory's
 # `observation`; read as role `tool`. Tool calls as turns of their own (LLaMA-Factory's
 # `function_call`): an assistant turn whose content is the JSON call(s).
-TOOL_RESULT_ROLES = frozenset({"tool", "function", "ipython", "observation", "tool_response"})
+TOOL_RESULT_ROLES = frozenset(
+    {"tool", "function", "ipython", "observation", "tool_response", "function_response"}
+)
 TOOL_CALL_ROLES = frozenset({"function_call", "tool_call"})
 # Assistant names of real dumps that only the standard repairs accept (counted as a repair).
 REPAIR_ROLE_ALIASES: dict[str, str] = {"bing": "assistant", "bard": "assistant"}
@@ -311,7 +314,25 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
     if repair:
         numbered = _repair_order(numbered, repairs)
     _check_order(numbered)
-    return [message for _, message in numbered]
+    return _name_tool_results([message for _, message in numbered])
+
+
+def _name_tool_results(messages: list[Message]) -> list[Message]:
+    """Give each tool result without a `name` the name of the call it answers (by
+    `tool_call_id`, else by its place among the results after the call), as templates such as
+    Hermes' require and OpenAI rows and LLaMA-Factory's observations leave out."""
+    calls: list[dict[str, Any]] = []
+    answered = 0
+    for message in messages:
+        if message["role"] == "assistant":
+            calls, answered = message.get("tool_calls") or [], 0
+        elif message["role"] == "tool":
+            if "name" not in message and calls:
+                by_id = [c for c in calls if c.get("id") and c["id"] == message.get("tool_call_id")]
+                call = by_id[0] if by_id else calls[min(answered, len(calls) - 1)]
+                message["name"] = call["function"]["name"]
+            answered += 1
+    return messages
 
 
 def _is_tool_turn(message: Message) -> bool:
@@ -376,10 +397,11 @@ def _parse_turn(turn: Any, number: int, fmt: str, text: _TextReader) -> tuple[Me
     role, mapped = ROLE_ALIASES.get(name), False
     if role is None and text.repair and name in REPAIR_ROLE_ALIASES:
         role, mapped = REPAIR_ROLE_ALIASES[name], True
-    if name in TOOL_CALL_ROLES:  # the turn's content is the call(s)
+    tool_name = name.replace("-", "_")  # `function-call` / `function-response` in some dumps
+    if tool_name in TOOL_CALL_ROLES:  # the turn's content is the call(s)
         calls = _parse_calls(turn.get(content_key), number)
         return {"role": "assistant", "content": "", "tool_calls": calls}, False
-    if name in TOOL_RESULT_ROLES:
+    if tool_name in TOOL_RESULT_ROLES:
         return _tool_result(turn, content_key, number, text), False
     if role is None:
         raise RowRejected(f"unknown role {_show(raw_role)} in turn {number}", "unknown_role")

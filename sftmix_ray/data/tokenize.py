@@ -43,7 +43,10 @@ def _encode(tokenizer: Any, text: str) -> Any:
 
 
 def _render_spans_encoding(
-    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    limit: int | None = None,
 ) -> tuple[str, list[tuple[int, int]], Any]:
     """Render a conversation; return the text, the character spans of assistant turns and the
     text's encoding (token ids and character offsets), tokenized once.
@@ -59,14 +62,23 @@ def _render_spans_encoding(
     Tool calls are part of their assistant turn's span (the model learns to make them); tool
     results and the tool definitions (`tools`) are prompt. A template that leaves any of them
     out of the text (one without tool support) rejects the row (`_check_tools_rendered`).
+
+    With a token `limit` (truncation keeps at most that many tokens), the spans stop before the
+    first answer that starts past it: rendering each turn's prefix costs time quadratic in
+    the turns, which a long agent trajectory or a 300-turn dump would pay for turns that are
+    cut away anyway.
     """
     template = chat_template_of(tokenizer, tools=bool(tools))
     full = _render(tokenizer, messages, template, False, tools)
+    enc = _encode(tokenizer, full)
+    starts = [start for start, _ in enc["offset_mapping"]] if limit is not None else []
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], template, True, tools)
+        if limit is not None and bisect_left(starts, len(prompt)) > limit:
+            break  # this answer (even a token straddling its start) is past the limit
         upto = _render(tokenizer, messages[: i + 1], template, False, tools)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             if any(m.get("tool_calls") for m in messages):
@@ -75,11 +87,10 @@ def _render_spans_encoding(
                     "their assistant turns",
                     "template_not_prefix_stable",
                 )
-            enc = _encode(tokenizer, full)
             return full, _searched_spans(tokenizer, messages, template, full, enc), enc
         spans.append((len(prompt), len(upto)))
     _check_tools_rendered(messages, tools, full, spans)
-    return full, spans, _encode(tokenizer, full)
+    return full, spans, enc
 
 
 def _check_tools_rendered(
@@ -87,12 +98,16 @@ def _check_tools_rendered(
 ) -> None:
     """Each call's function name in its assistant turn's span, each tool result's text and
     each tool definition's name in the text: a template without tool support renders an
-    empty answer for a call (it would train the model to say nothing) and drops the rest."""
+    empty answer for a call (it would train the model to say nothing) and drops the rest.
+    Turns past the last span (cut away by truncation) are not checked."""
     answers = iter(spans)
     for number, message in enumerate(messages, start=1):
         missing = None
         if message["role"] == "assistant":
-            start, end = next(answers)
+            span = next(answers, None)
+            if span is None:
+                break
+            start, end = span
             names = [call["function"]["name"] for call in message.get("tool_calls") or ()]
             missing = next((f"tool call {n!r}" for n in names if n not in full[start:end]), None)
         elif message["role"] == "tool" and not _rendered(message["content"].strip(), full):
@@ -247,7 +262,8 @@ def tokenize_conversation(
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     try:
-        _, spans, enc = _render_spans_encoding(tokenizer, messages, tools)
+        limit = None if truncation == "drop" else max_length
+        _, spans, enc = _render_spans_encoding(tokenizer, messages, tools, limit)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
     except (TemplateError, ValueError, TypeError) as exc:
