@@ -195,6 +195,19 @@ def test_results_are_named_after_the_calls_they_answer():
     assert normalize_with_repairs(hyphens, "sharegpt", "none")[0] == messages
 
 
+def test_structured_results_are_kept_as_json_text():
+    """A tool result given as an object, a list or a number (not text) is its JSON."""
+    for value, text in (({"temp_c": 21}, '{"temp_c": 21}'), ([1, 2], "[1, 2]"), (21.5, "21.5")):
+        row = {"messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]},
+            {"role": "tool", "content": value},
+            {"role": "assistant", "content": "a"},
+        ]}  # fmt: skip
+        messages, _ = normalize_with_repairs(row, "messages", "none")
+        assert messages[2] == {"role": "tool", "content": text, "name": "f"}
+
+
 def test_a_call_written_in_the_answers_text_may_be_answered_by_a_tool():
     """Hermes' function-calling dumps write the call as `<tool_call>` text in the gpt turn and
     the result as a `tool` turn: kept as they are (the call trains as answer text)."""

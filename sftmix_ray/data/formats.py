@@ -428,9 +428,10 @@ def _tool_result(turn: dict[str, Any], content_key: str, number: int, text: _Tex
     `name` and the `tool_call_id` it answers when the row gives them (some templates need
     the id, e.g. Mistral's)."""
     content = turn.get(content_key)
-    if isinstance(content, dict | list) and not (
-        isinstance(content, list) and all(isinstance(p, dict) and "text" in p for p in content)
-    ):
+    text_parts = isinstance(content, list) and all(
+        isinstance(p, dict) and "text" in p for p in content
+    )
+    if isinstance(content, dict | list | int | float | bool) and not text_parts:
         content = json.dumps(content, ensure_ascii=False)  # a structured result, as JSON text
     result = "" if content is None else text(content, f"turn {number} content", parts=True)
     message: Message = {"role": "tool", "content": result}
