@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,8 @@ from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import atomic_write_json
 from sftmix_ray.layout import RunDir
 from sftmix_ray.modeling import resolve_model_path
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -137,7 +140,7 @@ def load_for_eval(
 
 def evaluate_model(
     model_dir: str,
-    heldout_dir: str,
+    heldout_dir: str | None,
     eval_cfg: dict,
     bf16: bool = False,
     attn_implementation: str | None = "sdpa",
@@ -146,10 +149,9 @@ def evaluate_model(
     seed: int = 0,
 ) -> dict:
     """All held-out metrics of one HF model directory (or LoRA adapter over `base`), on the GPU
-    Ray assigned when there is one (in bf16 when `bf16`), else on the CPU in fp32; then the
-    lm-eval tasks and the answers to `questions` (`answers.Question`) the config asks for."""
-    import pyarrow.parquet as pq
-
+    Ray assigned when there is one (in bf16 when `bf16`), else on the CPU in fp32 (none
+    without a held-out split: `heldout_dir` None); then the lm-eval tasks and the answers to
+    `questions` (`answers.Question`) the config asks for."""
     from sftmix_ray.modeling import load_tokenizer
 
     on_gpu = torch.cuda.is_available()
@@ -157,6 +159,30 @@ def evaluate_model(
     model = load_for_eval(model_dir, base, dtype, attn_implementation)
     model = model.to("cuda" if on_gpu else "cpu").eval()
     tokenizer = load_tokenizer(model_dir)
+    result = {} if heldout_dir is None else heldout_metrics(model, tokenizer, heldout_dir, eval_cfg)
+    if eval_cfg["lm_eval_tasks"]:
+        from sftmix_ray.lm_eval_run import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(model, tokenizer, eval_cfg, seed)
+    if questions:
+        from sftmix_ray.answers import answer_questions
+        from sftmix_ray.modeling import chat_template_of
+
+        result["answers"] = answer_questions(
+            model, tokenizer, questions,
+            temperature=eval_cfg["answer_temperature"],
+            per_category=eval_cfg["answer_mt_bench_temperatures"],
+            max_new_tokens=eval_cfg["answer_max_new_tokens"],
+            batch_size=eval_cfg["answer_batch_size"], seed=seed,
+        )  # fmt: skip
+        result["chat_template"] = chat_template_of(tokenizer)
+    return result
+
+
+def heldout_metrics(model: Any, tokenizer: Any, heldout_dir: str, eval_cfg: dict) -> dict:
+    """Response NLL and perplexity on the held-out split, and exact match where it has answers."""
+    import pyarrow.parquet as pq
+
     table = pq.read_table(heldout_dir).slice(0, eval_cfg["max_examples"])
     result = response_nll(
         model, table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
@@ -178,22 +204,6 @@ def evaluate_model(
         ]
         if rows:
             result.update(exact_match(model, tokenizer, rows, eval_cfg["max_new_tokens"]))
-    if eval_cfg["lm_eval_tasks"]:
-        from sftmix_ray.lm_eval_run import run_lm_eval
-
-        result["lm_eval"] = run_lm_eval(model, tokenizer, eval_cfg, seed)
-    if questions:
-        from sftmix_ray.answers import answer_questions
-        from sftmix_ray.modeling import chat_template_of
-
-        result["answers"] = answer_questions(
-            model, tokenizer, questions,
-            temperature=eval_cfg["answer_temperature"],
-            per_category=eval_cfg["answer_mt_bench_temperatures"],
-            max_new_tokens=eval_cfg["answer_max_new_tokens"],
-            batch_size=eval_cfg["answer_batch_size"], seed=seed,
-        )  # fmt: skip
-        result["chat_template"] = chat_template_of(tokenizer)
     return result
 
 
@@ -223,17 +233,25 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     import ray
 
     run = RunDir.of(out_dir)
-    heldout = run.heldout
-    if not heldout.exists():
-        raise SftmixError(
-            f"{heldout} does not exist: evaluation needs a held-out split "
-            "(data.eval_path, data.eval_fraction or the demo corpus)"
-        )
     models = trained_models(run)
     if "sftmix" not in models:
         raise SftmixError(
             f"neither {run.model()} nor {run.adapter()} exists; run `sftmix-ray train` first"
         )
+    # Without a held-out split (a corpus given without data.eval_path or data.eval_fraction),
+    # the held-out metrics are skipped, as TRL, Axolotl and LLaMA-Factory skip evaluation
+    # without a validation set: a pipeline must not train for hours and then fail here.
+    heldout: Path | None = run.heldout if run.heldout.exists() else None
+    skipped = None
+    if heldout is None:
+        skipped = (
+            f"no held-out split ({run.heldout} does not exist): held-out metrics skipped; set "
+            "data.eval_fraction (e.g. 0.02) or data.eval_path to measure them"
+        )
+        log.warning("eval: %s", skipped)
+        if not (cfg.eval.lm_eval_tasks or cfg.eval.questions):
+            run.eval_file.unlink(missing_ok=True)  # no earlier run's results in the report
+            return {"heldout_skipped": skipped, "models": {}}
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     offline = {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
     if offline:  # the driver's offline mode holds where the models load and lm-eval runs
@@ -247,7 +265,8 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         layout, questions = read_questions(cfg.eval.questions)  # bad files fail before Ray work
     refs = {
         k: task.remote(
-            str(path), str(heldout), eval_cfg, cfg.train.bf16, cfg.model.attn_implementation,
+            str(path), heldout and str(heldout), eval_cfg, cfg.train.bf16,
+            cfg.model.attn_implementation,
             base, questions, cfg.train.seed,
         )
         for k, (_, path) in models.items()
@@ -268,6 +287,7 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         summary["lm_eval"] = lm_eval
     if answers:
         summary["answers"] = answers
+    summary["heldout_skipped"] = skipped  # None when measured (summary.json merges keys)
     return summary
 
 

@@ -59,3 +59,29 @@ def test_report_of_a_partial_run_lists_only_what_ran(tmp_path: Path):
     text = write_report(tmp_path).read_text()
     assert "| prepare | failed |" in text
     assert "Held-out evaluation" not in text and not (tmp_path / LOSS_PLOT).exists()
+
+
+def test_eval_without_a_held_out_split_skips_its_metrics_and_says_so(ray_local, tmp_path, capsys):
+    """A corpus given without data.eval_path or data.eval_fraction has no OUT/heldout: `eval`
+    (the pipeline's last stage) skips the held-out metrics with the reason, as peers skip
+    evaluation without a validation set, instead of failing after training; an earlier run's
+    eval.json is not left for the report to show."""
+    from sftmix_ray.cli import main
+    from sftmix_ray.config import ModelConfig
+    from sftmix_ray.modeling import materialize_tiny
+    from tests.conftest import TINY_OVERRIDES
+
+    out = tmp_path / "out"
+    run = RunDir(out)
+    materialize_tiny(
+        ModelConfig(tiny_hidden_size=64, tiny_num_layers=1), ["a b c"] * 5, run.model()
+    )
+    run.eval_file.write_text(json.dumps({"sftmix": {"response_nll": 9.0, "perplexity": 1.0}}))
+    sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+    assert main(["eval", "--output-dir", str(out), *sets]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "data.eval_fraction" in result["eval"]["heldout_skipped"]
+    assert not run.eval_file.exists()
+    report = write_report(out).read_text()
+    assert "## Held-out evaluation\n\nSkipped: no held-out split" in report
+    assert "9.0" not in report
