@@ -275,15 +275,23 @@ def _long_chat(turns: int) -> list[dict]:
     return chat
 
 
+@pytest.mark.parametrize("template", [None, "MISTRAL_V03", "PHI3"])
 @pytest.mark.parametrize("truncation", ["turns", "truncate"])
 @pytest.mark.parametrize("limit", [9, 24, 25, 40, 77, 400])
-def test_a_token_limit_stops_the_spans_without_changing_the_result(tokenizer, truncation, limit):
+def test_a_token_limit_stops_the_spans_without_changing_the_result(
+    tokenizer, truncation, limit, template
+):
     """Spans past `data.max_length` are not computed (see below): ids and labels are those of
     the whole conversation's spans, truncated, at every limit (one inside the first answer,
-    at and around answer boundaries, past the end)."""
+    at and around answer boundaries, past the end), also under templates that are not
+    prefix-stable (Mistral v0.3 moves a long system prompt into the last user turn, so a
+    prefix's rendering is longer than its place in the whole text)."""
     from sftmix_ray.data import tokenize as tk
 
     chat = _long_chat(12)
+    if template is not None:
+        tokenizer = _templated(globals()[template])
+        chat = [{"role": "system", "content": "Be brief. " * 30}, *chat]
     _, spans, enc = tk._render_spans_encoding(tokenizer, chat)  # every span
     ids, labels, _ = tokenize_conversation(tokenizer, chat, 10_000, "drop")
     cut = min(len(ids), limit)
@@ -317,6 +325,6 @@ def test_turns_past_the_limit_are_not_rendered(tokenizer, monkeypatch):
     assert truncated and len(ids) <= 64
     answers = sum(1 for label in labels if label == tokenizer.convert_tokens_to_ids("<|im_end|>"))
     assert answers >= 2
-    # The whole text once, then two renders per kept answer and one for the first cut one.
-    assert calls[0] == len(chat) and len(calls) <= 1 + 2 * answers + 1
+    # The whole text once, then two renders per kept answer and for the first cut one.
+    assert calls[0] == len(chat) and len(calls) <= 1 + 2 * (answers + 1)
     assert max(calls[1:]) <= 2 * answers + 2

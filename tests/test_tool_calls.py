@@ -142,6 +142,9 @@ REJECTED = [
      "malformed_tools"),
     ({"messages": [{"role": "user", "content": "q", "tool_calls": [{"name": "f"}]},
                    {"role": "assistant", "content": "a"}]}, "malformed_tool_call"),
+    # JSON nested past Python's recursion limit: a counted rejection, not a crashed actor
+    (_sg(("human", "q"), ("function_call", "[" * 5000 + "]" * 5000)), "malformed_tool_call"),
+    ({**_sg(("human", "q"), ("gpt", "a")), "tools": "[" * 5000 + "]" * 5000}, "malformed_tools"),
 ]  # fmt: skip
 
 
@@ -197,7 +200,9 @@ def test_results_are_named_after_the_calls_they_answer():
 
 def test_structured_results_are_kept_as_json_text():
     """A tool result given as an object, a list or a number (not text) is its JSON."""
-    for value, text in (({"temp_c": 21}, '{"temp_c": 21}'), ([1, 2], "[1, 2]"), (21.5, "21.5")):
+    records = [{"title": "Paris", "text": "capital"}]  # not text parts: "title" is kept
+    for value, text in (({"temp_c": 21}, '{"temp_c": 21}'), ([1, 2], "[1, 2]"), (21.5, "21.5"),
+                        ([], "[]"), (records, json.dumps(records))):  # fmt: skip
         row = {"messages": [
             {"role": "user", "content": "q"},
             {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]},
@@ -206,6 +211,44 @@ def test_structured_results_are_kept_as_json_text():
         ]}  # fmt: skip
         messages, _ = normalize_with_repairs(row, "messages", "none")
         assert messages[2] == {"role": "tool", "content": text, "name": "f"}
+
+
+def test_parquet_null_padding_is_not_trained_on(tmp_path):
+    """Parquet (and HF datasets) store objects as structs of every row's keys: one row's call
+    arguments and tool definition come back with the other row's keys as nulls, and a call
+    that used `parameters` with `arguments` null. Read through the real Parquet reader."""
+    import pyarrow as pa
+
+    from sftmix_ray.data.readers import iter_records
+
+    def row(name, key, args, props):
+        call = {"id": "c1", "type": "function", "function": {"name": name, key: args}}
+        return {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                {"role": "assistant", "content": "done"},
+            ],
+            "tools": [{"type": "function", "function": {"name": name, "parameters": {
+                "type": "object", "properties": {p: {"type": "string"} for p in props}}}}],
+        }  # fmt: skip
+
+    rows = [
+        row("weather", "arguments", {"city": "Paris"}, ["city"]),
+        row("search", "arguments", {"query": "x", "limit": "3"}, ["query", "limit"]),
+        row("lookup", "parameters", {"city": "Oslo"}, ["city"]),
+    ]
+    path = tmp_path / "tools.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    read = list(iter_records(path))
+    padded = read[0]["messages"][1]["tool_calls"][0]["function"]
+    assert padded["arguments"]["query"] is None and padded["parameters"] is None
+    assert read[2]["messages"][1]["tool_calls"][0]["function"]["arguments"] is None
+    for got, want in zip(read, rows):
+        messages, tools, _ = normalize_example(got, "messages", "none")
+        expected, expected_tools, _ = normalize_example(want, "messages", "none")
+        assert messages == expected and tools == expected_tools
 
 
 def test_a_call_written_in_the_answers_text_may_be_answered_by_a_tool():
@@ -294,6 +337,37 @@ def test_a_template_without_tool_support_rejects_the_row(tokenizer):
     assert info.value.kind == "template_no_tools" and "turn 3's tool call" in info.value.reason
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert tokenize_conversation(tok, plain, 4096, "drop")[0]  # rows without tools still fine
+    # The answer's own text naming the function is not the call.
+    messages[2]["content"] = "I will call get_weather."
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tok, messages, 4096, "drop", tools)
+    assert info.value.kind == "template_no_tools"
+
+
+def test_a_template_that_is_not_prefix_stable_must_still_render_results(tokenizer):
+    """Phi-3's manner (the EOS only at the very end; system, user and assistant only): answers
+    are searched for in the text, and a tool result or definition it leaves out rejects the
+    row (calls cannot be aligned there at all: `template_not_prefix_stable`)."""
+    phi3 = (
+        "{% for m in messages %}{% if m['role'] in ('system', 'user', 'assistant') %}"
+        "{{ '<s>' + m['role'] + ': ' + m['content'] + '</s>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% else %}{{ eos_token }}{% endif %}"
+    )
+    tok = _with_template(tokenizer, phi3)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    hermes = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": call},
+        {"role": "tool", "content": "sunny, 21C"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tok, hermes, 4096, "drop")
+    assert info.value.kind == "template_no_tools" and "turn 3's tool result" in info.value.reason
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tok, messages, 4096, "drop", tools)
+    assert info.value.kind == "template_not_prefix_stable"
 
 
 def test_a_template_that_writes_results_through_tojson_is_accepted(tokenizer):

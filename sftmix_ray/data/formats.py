@@ -428,11 +428,17 @@ def _tool_result(turn: dict[str, Any], content_key: str, number: int, text: _Tex
     `name` and the `tool_call_id` it answers when the row gives them (some templates need
     the id, e.g. Mistral's)."""
     content = turn.get(content_key)
-    text_parts = isinstance(content, list) and all(
-        isinstance(p, dict) and "text" in p for p in content
+    text_parts = (  # OpenAI's content parts: text only, nothing beside it
+        isinstance(content, list)
+        and bool(content)
+        and all(
+            isinstance(p, dict) and p.get("type", "text") == "text" and set(p) <= {"type", "text"}
+            for p in content
+        )
     )
     if isinstance(content, dict | list | int | float | bool) and not text_parts:
-        content = json.dumps(content, ensure_ascii=False)  # a structured result, as JSON text
+        # A structured result (records, a number, an empty list) as its JSON text.
+        content = _json_value(content, f"turn {number} content", "malformed_turn", dump=True)
     result = "" if content is None else text(content, f"turn {number} content", parts=True)
     message: Message = {"role": "tool", "content": result}
     for key in ("name", "tool_call_id"):
@@ -447,11 +453,7 @@ def _parse_calls(value: Any, number: int) -> list[dict[str, Any]]:
     older single `function_call`, or LLaMA-Factory's `function_call` turn (JSON text of a call
     or a list of calls); arguments given as JSON text are parsed."""
     what = f"turn {number} tool call"
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise RowRejected(f"{what} is not valid JSON", "malformed_tool_call") from None
+    value = _json_value(value, what, "malformed_tool_call")
     items = value if isinstance(value, list) else [value]
     if not items:
         raise RowRejected(f"{what} list is empty", "malformed_tool_call")
@@ -462,14 +464,14 @@ def _parse_calls(value: Any, number: int) -> list[dict[str, Any]]:
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise RowRejected(f"{what} has no function name", "malformed_tool_call")
-        arguments = function.get("arguments", function.get("parameters", {}))
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
-                raise RowRejected(
-                    f"{what} {_show(name)}: arguments are not valid JSON", "malformed_tool_call"
-                ) from None
+        # Either key, whichever is set (a Parquet struct may carry both, one of them null).
+        arguments = function.get("arguments")
+        arguments = function.get("parameters") if arguments is None else arguments
+        if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+            arguments = {}
+        arguments = _json_value(
+            arguments, f"{what} {_show(name)}: arguments", "malformed_tool_call"
+        )
         if not isinstance(arguments, dict):
             raise RowRejected(
                 f"{what} {_show(name)}: arguments must be an object "
@@ -486,6 +488,31 @@ def _parse_calls(value: Any, number: int) -> list[dict[str, Any]]:
     return calls
 
 
+def _json_value(value: Any, what: str, kind: str, dump: bool = False) -> Any:
+    """`value` (or the JSON it holds, when text) with the null members of its objects left out,
+    or, with `dump`, that as JSON text. Parquet and HF datasets store objects as structs with
+    the union of every row's keys, nulls where a row had none: without this, one call would
+    train as `{"city": "Paris", "query": null, "limit": null}`. Text that is not JSON, or JSON
+    nested too deep to read, rejects the row as `kind`."""
+
+    def strip(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {k: strip(v) for k, v in item.items() if v is not None}
+        if isinstance(item, list):
+            return [strip(v) for v in item]
+        return item
+
+    try:
+        if isinstance(value, str) and not dump:
+            value = json.loads(value)
+        value = strip(value)
+        return json.dumps(value, ensure_ascii=False) if dump else value
+    except RecursionError:
+        raise RowRejected(f"{what} is nested too deeply", kind) from None
+    except ValueError:
+        raise RowRejected(f"{what} is not valid JSON", kind) from None
+
+
 def normalize_tools(row: Any) -> list[dict[str, Any]] | None:
     """The row's tool definitions (`tools`, or OpenAI's older `functions`: a list, or its JSON
     text as LLaMA-Factory writes it) in the shape chat templates read (`{"type": "function",
@@ -496,11 +523,7 @@ def normalize_tools(row: Any) -> list[dict[str, Any]] | None:
     value = row.get(key)
     if value in (None, "", []):
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise RowRejected(f"field {key!r} is not valid JSON", "malformed_tools") from None
+    value = _json_value(value, f"field {key!r}", "malformed_tools")
     items = value if isinstance(value, list) else [value]
     tools = []
     for number, item in enumerate(items, start=1):

@@ -63,10 +63,11 @@ def _render_spans_encoding(
     results and the tool definitions (`tools`) are prompt. A template that leaves any of them
     out of the text (one without tool support) rejects the row (`_check_tools_rendered`).
 
-    With a token `limit` (truncation keeps at most that many tokens), the spans stop before the
-    first answer that starts past it: rendering each turn's prefix costs time quadratic in
-    the turns, which a long agent trajectory or a 300-turn dump would pay for turns that are
-    cut away anyway.
+    With a token `limit` (truncation keeps at most that many tokens), the spans stop at the
+    first answer that starts past it, once its prefix is checked: rendering each turn's prefix
+    costs time quadratic in the turns, which a long agent trajectory or a 300-turn dump would
+    pay for turns that are cut away anyway. (A template that would turn out not prefix-stable
+    only at a later turn keeps its checked spans then, rather than being searched.)
     """
     template = chat_template_of(tokenizer, tools=bool(tools))
     full = _render(tokenizer, messages, template, False, tools)
@@ -77,8 +78,6 @@ def _render_spans_encoding(
         if message["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], template, True, tools)
-        if limit is not None and bisect_left(starts, len(prompt)) > limit:
-            break  # this answer (even a token straddling its start) is past the limit
         upto = _render(tokenizer, messages[: i + 1], template, False, tools)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             if any(m.get("tool_calls") for m in messages):
@@ -87,29 +86,45 @@ def _render_spans_encoding(
                     "their assistant turns",
                     "template_not_prefix_stable",
                 )
+            _check_tools_rendered(messages, tools, full, None)
             return full, _searched_spans(tokenizer, messages, template, full, enc), enc
+        # Only a prefix of `full` tells where the answer starts in it (checked just above).
+        if limit is not None and bisect_left(starts, len(prompt)) > limit:
+            break  # this answer (even a token straddling its start) is past the limit
         spans.append((len(prompt), len(upto)))
     _check_tools_rendered(messages, tools, full, spans)
     return full, spans, enc
 
 
 def _check_tools_rendered(
-    messages: list[dict], tools: list[dict] | None, full: str, spans: list[tuple[int, int]]
+    messages: list[dict],
+    tools: list[dict] | None,
+    full: str,
+    spans: list[tuple[int, int]] | None,
 ) -> None:
-    """Each call's function name in its assistant turn's span, each tool result's text and
-    each tool definition's name in the text: a template without tool support renders an
-    empty answer for a call (it would train the model to say nothing) and drops the rest.
-    Turns past the last span (cut away by truncation) are not checked."""
-    answers = iter(spans)
+    """Each call in its assistant turn's span (its function name there once more per call than
+    in the turn's own text), each tool result's text and each tool definition's name in the
+    text: a template without tool support renders an empty answer for a call (it would train
+    the model to say nothing) and drops the rest. Turns past the last span (cut away by
+    truncation) are not checked; without spans (a template that is not prefix-stable, where
+    rows with calls are rejected anyway) only results and definitions are."""
+    answers = iter(spans or ())
     for number, message in enumerate(messages, start=1):
         missing = None
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and spans is not None:
             span = next(answers, None)
             if span is None:
                 break
-            start, end = span
+            answer = full[span[0] : span[1]]
             names = [call["function"]["name"] for call in message.get("tool_calls") or ()]
-            missing = next((f"tool call {n!r}" for n in names if n not in full[start:end]), None)
+            missing = next(
+                (
+                    f"tool call {n!r}"
+                    for n in names
+                    if answer.count(n) < message["content"].count(n) + names.count(n)
+                ),
+                None,
+            )
         elif message["role"] == "tool" and not _rendered(message["content"].strip(), full):
             missing = "tool result"
         if missing:
@@ -266,9 +281,10 @@ def tokenize_conversation(
         _, spans, enc = _render_spans_encoding(tokenizer, messages, tools, limit)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
-    except (TemplateError, ValueError, TypeError) as exc:
-        # The template's own checks (Gemma: no system role), the tokenizer's input checks;
-        # a bug of ours (IndexError, KeyError, ...) is not passed off as a rejected row.
+    except (TemplateError, ValueError, TypeError, RecursionError) as exc:
+        # The template's own checks (Gemma: no system role), the tokenizer's input checks,
+        # arguments nested too deep for the template's JSON; a bug of ours (IndexError,
+        # KeyError, ...) is not passed off as a rejected row.
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise RowRejected(
             f"chat template or tokenizer failed: {type(exc).__name__}: {message}",
