@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from sftmix_ray.data.formats import FORMATS
 from sftmix_ray.errors import SftmixError
 
 # Commands beside the stages of `sftmix_ray.stages.STAGES`.
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Count valid and rejected rows of a corpus file, with reasons.",
     )
     v.add_argument("--data", required=True, metavar="FILE", help="JSON, JSONL, Parquet or HF id")
-    v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"])
+    v.add_argument("--format", default="auto", choices=list(FORMATS))
     v.add_argument(
         "--repair",
         default="standard",

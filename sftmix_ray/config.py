@@ -34,8 +34,8 @@ class DataConfig:
     """Where the corpus comes from and how it is tokenized."""
 
     path: str = "demo"  # file, directory, HF dataset id, or "demo" (the bundled generator)
-    # row format; auto detects alpaca, sharegpt or messages per file
-    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    # row format; auto detects alpaca, sharegpt, messages or xlam per file
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "xlam"] = "auto"
     hf_split: str = "train"  # split used when `path` is a Hugging Face dataset id
     eval_path: str | None = None  # held-out file; "demo" data brings its own held-out split
     eval_fraction: float = 0.0  # else hold out this fraction of `path` (by example id)

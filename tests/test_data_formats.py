@@ -39,7 +39,7 @@ def msgs(*turns: tuple[str, Any]) -> dict[str, Any]:
 
 
 def test_formats_constant() -> None:
-    assert FORMATS == ("auto", "alpaca", "sharegpt", "messages")
+    assert FORMATS == ("auto", "alpaca", "sharegpt", "messages", "xlam")
 
 
 # --- alpaca ---------------------------------------------------------------------------------

@@ -91,6 +91,14 @@ LLAMA_FACTORY = {  # sharegpt with function_call / observation turns, tools as J
 }
 
 
+XLAM = {  # Salesforce's xLAM function-calling rows: JSON text in every field
+    "id": 7,
+    "query": "Weather in Paris?",
+    "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+    "tools": json.dumps([WEATHER]),
+}
+
+
 def _without(messages: list[dict], *keys: str) -> list[dict]:
     """Messages with the ids and names some formats carry taken out (the rest must agree)."""
     out = []
@@ -111,6 +119,21 @@ def test_every_tool_format_reads_to_one_shape(row, fmt):
     assert _without(messages, "tool_call_id", "name") == CANONICAL
     assert tools == [{"type": "function", "function": WEATHER}]
     assert normalize_example(row, "auto")[:2] == (messages, tools)
+
+
+def test_xlam_rows_are_a_question_and_its_calls():
+    messages, tools, repairs = normalize_example(XLAM, "auto")
+    assert repairs == [] and tools == [{"type": "function", "function": WEATHER}]
+    assert messages == [CANONICAL[1], CANONICAL[2]]
+    for answers, reason in (
+        ("[]", "field 'answers' list is empty"),
+        ('[{"arguments": {}}]', "field 'answers' has no function name"),
+    ):
+        with pytest.raises(RowRejected) as info:
+            normalize_example({**XLAM, "answers": answers}, "xlam")
+        assert (info.value.kind, info.value.reason) == ("malformed_tool_call", reason)
+    with pytest.raises(RowRejected, match=r"missing field 'query' \(row looks like messages\)"):
+        normalize_example(OPENAI, "xlam")
 
 
 def test_ids_and_names_the_row_gives_are_kept():
@@ -436,3 +459,18 @@ def test_the_built_in_template_renders_plain_conversations_as_plain_chatml(token
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq\n<|im_end|>\n"
         f"<|im_start|>assistant\n a <|im_end|>{tail}\n"
     )
+
+
+def test_validate_data_reads_an_xlam_dump(tmp_path, capsys):
+    """`sftmix-ray validate-data` detects xLAM rows and counts a bad one by kind."""
+    from sftmix_ray.cli import main
+
+    path = tmp_path / "xlam.jsonl"
+    rows = [XLAM, {**XLAM, "answers": "[]"}, {**XLAM, "tools": "not json"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["validate-data", "--data", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["format"], report["total"], report["valid"]) == ("xlam", 3, 1)
+    assert {k: v["examples"] for k, v in report["by_kind"].items()} == {
+        "malformed_tool_call": [1], "malformed_tools": [2]
+    }  # fmt: skip

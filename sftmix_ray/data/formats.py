@@ -1,4 +1,4 @@
-"""Normalize one raw corpus row (alpaca, sharegpt or messages) to a list of chat messages.
+"""Normalize one raw corpus row (alpaca, sharegpt, messages or xlam) to a list of chat messages.
 
 The result is always `[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`
 with an optional leading system message, then user and assistant turns alternating, starting
@@ -26,6 +26,9 @@ Rules (the same for every format):
   top-level `system` field is the system prompt (sharegpt and messages rows);
 - alpaca: `instruction` and `input` (either may be empty, not both) make the user turn, and an
   optional `history` of `[instruction, response]` pairs (LLaMA-Factory's) the turns before it;
+- xlam (Salesforce's xLAM function-calling rows): `query` is the user turn, `answers` (a JSON
+  list of `{"name", "arguments"}`, as text or a list) the assistant's calls, `tools` their
+  definitions: single-turn data that teaches the calls themselves;
 - roles are known (aliases from real dumps are mapped, case-insensitively); tool calls come as
   OpenAI's `tool_calls` (or older `function_call`) on an assistant turn, or as LLaMA-Factory's
   `function_call` turn (a JSON call or list of calls); tool results as `tool`, `function`
@@ -53,7 +56,7 @@ from typing import Any
 
 from sftmix_ray.errors import DataError, RowRejected
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "xlam")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES: dict[str, str] = {
     "system": "system",
@@ -123,6 +126,8 @@ def row_format(row: Any) -> str | None:
         return "sharegpt"
     if "instruction" in row:
         return "alpaca"
+    if "query" in row and "answers" in row:
+        return "xlam"
     return None
 
 
@@ -134,7 +139,8 @@ def detect_format(rows: Iterable[Any]) -> str:
             return fmt
     raise DataError(
         "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
-        "'instruction' field; pass the format explicitly (alpaca, sharegpt or messages)"
+        "'instruction' field, or 'query' and 'answers'; pass the format explicitly (alpaca, "
+        "sharegpt, messages or xlam)"
     )
 
 
@@ -178,6 +184,8 @@ def normalize_example(
     text = _TextReader(repair == "standard", repairs)
     if fmt == "alpaca":
         messages = _normalize_alpaca(row, text)
+    elif fmt == "xlam":
+        messages = _normalize_xlam(row, text)
     else:
         messages = _normalize_conversation(row, fmt, text)
     return messages, normalize_tools(row), sorted(repairs)
@@ -247,6 +255,20 @@ def _normalize_alpaca(row: dict[str, Any], text: _TextReader) -> list[Message]:
     messages.extend(_alpaca_history(row.get("history"), text))
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": output})
+    return messages
+
+
+def _normalize_xlam(row: dict[str, Any], text: _TextReader) -> list[Message]:
+    """xLAM's single-turn function calling: `query` -> user, `answers` -> the assistant's calls
+    (an empty list, "call nothing", has no answer to learn: rejected); optional system first."""
+    query = _required_text(row, "query", "xlam", text)
+    if "answers" not in row:
+        raise RowRejected(f"missing field 'answers'{_looks_like(row, 'xlam')}", "missing_field")
+    calls = _parse_calls(row["answers"], 2, what="field 'answers'")
+    system = text.optional(row, "system")
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages.append({"role": "user", "content": query})
+    messages.append({"role": "assistant", "content": "", "tool_calls": calls})
     return messages
 
 
@@ -447,12 +469,12 @@ def _tool_result(turn: dict[str, Any], content_key: str, number: int, text: _Tex
     return message
 
 
-def _parse_calls(value: Any, number: int) -> list[dict[str, Any]]:
+def _parse_calls(value: Any, number: int, what: str = "") -> list[dict[str, Any]]:
     """Tool calls in the shape chat templates read (`{"type": "function", "function": {"name",
     "arguments": dict}}`, with the row's `id` when given) from OpenAI's `tool_calls` list, its
     older single `function_call`, or LLaMA-Factory's `function_call` turn (JSON text of a call
     or a list of calls); arguments given as JSON text are parsed."""
-    what = f"turn {number} tool call"
+    what = what or f"turn {number} tool call"
     value = _json_value(value, what, "malformed_tool_call")
     items = value if isinstance(value, list) else [value]
     if not items:
