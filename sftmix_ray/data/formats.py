@@ -266,7 +266,7 @@ def _normalize_xlam(row: dict[str, Any], text: _TextReader) -> list[Message]:
         raise RowRejected(f"missing field 'answers'{_looks_like(row, 'xlam')}", "missing_field")
     calls = _parse_calls(row["answers"], 2, what="field 'answers'")
     system = text.optional(row, "system")
-    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages: list[Message] = [{"role": "system", "content": system}] if system.strip() else []
     messages.append({"role": "user", "content": query})
     messages.append({"role": "assistant", "content": "", "tool_calls": calls})
     return messages
