@@ -402,6 +402,73 @@ def test_a_template_that_writes_results_through_tojson_is_accepted(tokenizer):
     assert '"temp_c"' not in supervised
 
 
+# Templates with tool support that are not prefix-stable, in the manner of three real ones:
+# Qwen3 (an empty thinking block on the last answer after the last user turn), Hermes-3's
+# tool_use (a newline after a result only when more follows), Mistral (the tool list before the
+# last user turn).
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- if tools %}{{ '<|im_start|>system\\n<tools>' }}{%- for t in tools %}"
+    "{{ '\\n' + (t | tojson) }}{%- endfor %}{{ '\\n</tools><|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{ m.content }}{%- for c in m.tool_calls or [] %}{{ '\\n<tool_call>\\n' + ({'name': "
+    "c.function.name, 'arguments': c.function.arguments} | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\\n' }}{%- elif m.role == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+HERMES_LIKE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n<tools> ' }}{%- for t in tools %}"
+    "{{ t.function.name + ' ' }}{%- endfor %}{{ '</tools><|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' and m.tool_calls is defined %}"
+    "{{ '<|im_start|>assistant' }}{%- for c in m.tool_calls %}{{ '\\n<tool_call>\\n' + "
+    "({'name': c.function.name, 'arguments': c.function.arguments} | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\\n' }}{%- elif m.role == 'tool' %}"
+    "{%- if loop.previtem and loop.previtem.role != 'tool' %}"
+    "{{ '<|im_start|>tool\\n' }}{%- endif %}"
+    "{{ '<tool_response>\\n' + m.content }}{%- if not loop.last %}{{ '\\n</tool_response>\\n' }}"
+    "{%- else %}{{ '\\n</tool_response>' }}{%- endif %}{%- if loop.last or loop.nextitem.role "
+    "!= 'tool' %}{{ '<|im_end|>' }}{%- endif %}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+MISTRAL_LIKE = (
+    "{%- set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- if tools and m == users[-1] %}"
+    "{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + '[/AVAILABLE_TOOLS]' }}{%- endif %}"
+    "{{ '[INST] ' + m.content + '[/INST]' }}{%- elif m.tool_calls is defined %}"
+    "{{ '[TOOL_CALLS] ' + (m.tool_calls | map(attribute='function') | list | tojson) + '</s>' }}"
+    "{%- elif m.role == 'tool' %}{{ '[TOOL_RESULTS] ' + m.content + '[/TOOL_RESULTS]' }}"
+    "{%- elif m.role == 'assistant' %}{{ ' ' + m.content + '</s>' }}{%- endif %}{%- endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "end"),
+    [(QWEN3_LIKE, "<|im_end|>\n"), (HERMES_LIKE, "<|im_end|>\n"), (MISTRAL_LIKE, "</s>")],
+)
+def test_templates_that_are_not_prefix_stable_align_calls_by_difference(tokenizer, template, end):
+    """Each answer is where the whole text changes when that answer alone is replaced: the
+    call and the final answer are trained on with their end-of-turn marker, nothing of the
+    results, the definitions or Qwen3's thinking block."""
+    tok = _with_template(tokenizer, template)
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "</s>"]})
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    messages[-2:] = [messages[-2], *messages[-2:]]  # two results: Hermes' newline differs
+    messages[-2] = {**messages[-3], "content": "21"}
+    messages[2]["tool_calls"] = messages[2]["tool_calls"] * 2
+    ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
+    supervised = _pieces(tok, ids, labels, True)
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert supervised.count(call) == 2 and supervised.endswith(f"It is 21 C in Paris.{end}")
+    assert supervised.count(end) == 2, supervised
+    for prompt_only in ("temp_c", "<think>", "[/INST]", "<tools>", "AVAILABLE_TOOLS", "user"):
+        assert prompt_only not in supervised
+
+
 def test_named_templates_use_tool_use_for_rows_with_tools(tokenizer):
     tok = _with_template(tokenizer, None)
     tok.chat_template = {"default": NO_TOOLS, "tool_use": LLAMA_LIKE}

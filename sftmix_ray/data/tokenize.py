@@ -81,11 +81,9 @@ def _render_spans_encoding(
         upto = _render(tokenizer, messages[: i + 1], template, False, tools)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             if any(m.get("tool_calls") for m in messages):
-                raise RowRejected(
-                    "chat template is not prefix-stable: tool calls cannot be aligned with "
-                    "their assistant turns",
-                    "template_not_prefix_stable",
-                )
+                spans = _diffed_spans(tokenizer, messages, template, full, tools)
+                _check_tools_rendered(messages, tools, full, spans)
+                return full, spans, enc
             _check_tools_rendered(messages, tools, full, None)
             return full, _searched_spans(tokenizer, messages, template, full, enc), enc
         # Only a prefix of `full` tells where the answer starts in it (checked just above).
@@ -94,6 +92,43 @@ def _render_spans_encoding(
         spans.append((len(prompt), len(upto)))
     _check_tools_rendered(messages, tools, full, spans)
     return full, spans, enc
+
+
+_PROBE_TURN = "\ue000"  # a private-use character: in no real answer
+
+
+def _diffed_spans(
+    tokenizer: Any, messages: list[dict], template: str, full: str, tools: list[dict] | None
+) -> list[tuple[int, int]]:
+    """Assistant spans of a template that is not prefix-stable, for rows with tool calls (whose
+    rendering cannot be searched for as text): each answer is where the whole text changes
+    when that answer alone is replaced by a one-character text answer, extended by the whole
+    tokens of the template's end-of-turn marker (`_answer_tail`) that follow it. The start is
+    where the renderings part (after the header the template writes either way: Qwen3's
+    thinking block, Hermes' `<|im_start|>assistant\\n`), the end where they meet again."""
+    tail, cuts = _answer_tail(tokenizer, template)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        probe = [*messages[:i], {"role": "assistant", "content": _PROBE_TURN}, *messages[i + 1 :]]
+        other = _render(tokenizer, probe, template, False, tools)
+        start = next((k for k, (a, b) in enumerate(zip(full, other)) if a != b), len(full))
+        rest, other_rest = full[start:], other[start:]
+        same = next(
+            (k for k, (a, b) in enumerate(zip(reversed(rest), reversed(other_rest))) if a != b),
+            min(len(rest), len(other_rest)),
+        )
+        end = len(full) - same
+        if end <= start or (spans and start < spans[-1][1]):
+            raise RowRejected(
+                f"chat template is not prefix-stable and turn {i + 1} (assistant) cannot be "
+                "located in the rendered text; cannot align its tool calls",
+                "template_not_prefix_stable",
+            )
+        end += max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
+        spans.append((start, end))
+    return spans
 
 
 def _check_tools_rendered(
