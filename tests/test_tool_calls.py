@@ -435,7 +435,11 @@ HERMES_LIKE = (
     "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-MISTRAL_LIKE = (
+MISTRAL_LIKE = (  # it also checks that its text turns alternate, as Mistral's does
+    "{%- for m in messages | rejectattr('role', 'equalto', 'tool') | rejectattr('role', "
+    "'equalto', 'system') | selectattr('tool_calls', 'undefined') %}"
+    "{%- if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{%- endif %}{%- endfor %}"
     "{%- set users = messages | selectattr('role', 'equalto', 'user') | list %}"
     "{%- for m in messages %}{%- if m.role == 'user' %}{%- if tools and m == users[-1] %}"
     "{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + '[/AVAILABLE_TOOLS]' }}{%- endif %}"
@@ -460,11 +464,13 @@ def test_templates_that_are_not_prefix_stable_align_calls_by_difference(tokenize
     messages[-2:] = [messages[-2], *messages[-2:]]  # two results: Hermes' newline differs
     messages[-2] = {**messages[-3], "content": "21"}
     messages[2]["tool_calls"] = messages[2]["tool_calls"] * 2
+    # A first exchange before: Mistral's tool list now moves with the last user turn.
+    messages[1:1] = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
     ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
     supervised = _pieces(tok, ids, labels, True)
     call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     assert supervised.count(call) == 2 and supervised.endswith(f"It is 21 C in Paris.{end}")
-    assert supervised.count(end) == 2, supervised
+    assert supervised.count(end) == 3 and supervised.count("Hello.") == 1, supervised
     for prompt_only in ("temp_c", "<think>", "[/INST]", "<tools>", "AVAILABLE_TOOLS", "user"):
         assert prompt_only not in supervised
 

@@ -103,7 +103,8 @@ def _diffed_spans(
     """Assistant spans of a template that is not prefix-stable, for rows with tool calls (whose
     rendering cannot be searched for as text): each answer is where the whole text changes
     when that answer alone is replaced by a one-character text answer, extended by the whole
-    tokens of the template's end-of-turn marker (`_answer_tail`) that follow it. The start is
+    tokens of the template's end-of-turn marker (`_answer_tail`) that follow it (or, where the
+    template refuses that replacement, when the answer is left out). The start is
     where the renderings part (after the header the template writes either way: Qwen3's
     thinking block, Hermes' `<|im_start|>assistant\\n`), the end where they meet again."""
     tail, cuts = _answer_tail(tokenizer, template)
@@ -112,7 +113,13 @@ def _diffed_spans(
         if message["role"] != "assistant":
             continue
         probe = [*messages[:i], {"role": "assistant", "content": _PROBE_TURN}, *messages[i + 1 :]]
-        other = _render(tokenizer, probe, template, False, tools)
+        try:
+            other = _render(tokenizer, probe, template, False, tools)
+        except TemplateError:
+            # A template that checks roles among text turns only (Mistral's: a text answer
+            # before tool results breaks its alternation): the answer left out instead, so its
+            # span also takes the header the template writes for it, if any.
+            other = _render(tokenizer, [*messages[:i], *messages[i + 1 :]], template, False, tools)
         start = next((k for k, (a, b) in enumerate(zip(full, other)) if a != b), len(full))
         rest, other_rest = full[start:], other[start:]
         same = next(
