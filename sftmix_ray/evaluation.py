@@ -251,7 +251,7 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         log.warning("eval: %s", skipped)
         if not (cfg.eval.lm_eval_tasks or cfg.eval.questions):
             run.eval_file.unlink(missing_ok=True)  # no earlier run's results in the report
-            return {"heldout_skipped": skipped, "models": {}}
+            return {"heldout_skipped": skipped, "models": {}, "lm_eval": None, "answers": None}
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
     offline = {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
     if offline:  # the driver's offline mode holds where the models load and lm-eval runs
@@ -283,10 +283,9 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         }
     }
     lm_eval = {k: r["lm_eval"] for k, r in results.items() if "lm_eval" in r}
-    if lm_eval:
-        summary["lm_eval"] = lm_eval
-    if answers:
-        summary["answers"] = answers
+    # Every key set, None when absent: summary.json merges a stage's keys into its old entry.
+    summary["lm_eval"] = lm_eval or None
+    summary["answers"] = answers or None
     summary["heldout_skipped"] = skipped  # None when measured (summary.json merges keys)
     return summary
 

@@ -175,7 +175,8 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     (
         {"text": "q"},
         "auto",
-        "row matches no format (no 'messages', 'conversations' or 'instruction' field)",
+        "row matches no format (no 'messages', 'conversations' or 'instruction' field, nor "
+        "'query' and 'answers')",
     ),
     # alpaca
     ({"output": "a"}, "alpaca", "missing field 'instruction'"),

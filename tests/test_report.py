@@ -77,11 +77,15 @@ def test_eval_without_a_held_out_split_skips_its_metrics_and_says_so(ray_local, 
         ModelConfig(tiny_hidden_size=64, tiny_num_layers=1), ["a b c"] * 5, run.model()
     )
     run.eval_file.write_text(json.dumps({"sftmix": {"response_nll": 9.0, "perplexity": 1.0}}))
+    stale = {"models": {"sftmix": {"response_nll": 9.0}}, "lm_eval": {"t": 1}, "answers": {"a": 1}}
+    update_stage(out, "eval", status="completed", **stale)  # an earlier run's results
     sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
     assert main(["eval", "--output-dir", str(out), *sets]) == 0
     result = json.loads(capsys.readouterr().out)
     assert "data.eval_fraction" in result["eval"]["heldout_skipped"]
     assert not run.eval_file.exists()
+    recorded = json.loads(run.summary.read_text())["stages"]["eval"]
+    assert recorded["models"] == {} and recorded["lm_eval"] is None and recorded["answers"] is None
     report = write_report(out).read_text()
     assert "## Held-out evaluation\n\nSkipped: no held-out split" in report
     assert "9.0" not in report

@@ -452,12 +452,14 @@ MISTRAL_LIKE = (  # it also checks that its text turns alternate, as Mistral's d
 
 @pytest.mark.parametrize(
     ("template", "end"),
-    [(QWEN3_LIKE, "<|im_end|>\n"), (HERMES_LIKE, "<|im_end|>\n"), (MISTRAL_LIKE, "</s>")],
+    [(QWEN3_LIKE, "<|im_end|>\n"), (HERMES_LIKE, "<|im_end|>\n"), (MISTRAL_LIKE, None)],
 )
 def test_templates_that_are_not_prefix_stable_align_calls_by_difference(tokenizer, template, end):
     """Each answer is where the whole text changes when that answer alone is replaced: the
     call and the final answer are trained on with their end-of-turn marker, nothing of the
-    results, the definitions or Qwen3's thinking block."""
+    results, the definitions or Qwen3's thinking block. Mistral's refuses a text answer there
+    (its alternation check) and, with the answer left out, `[TOOL_CALLS]` before
+    `[TOOL_RESULTS]` leaves its place ambiguous: rejected, not mislabelled."""
     tok = _with_template(tokenizer, template)
     tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "</s>"]})
     messages, tools, _ = normalize_example(OPENAI, "messages")
@@ -466,13 +468,38 @@ def test_templates_that_are_not_prefix_stable_align_calls_by_difference(tokenize
     messages[2]["tool_calls"] = messages[2]["tool_calls"] * 2
     # A first exchange before: Mistral's tool list now moves with the last user turn.
     messages[1:1] = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    if end is None:
+        with pytest.raises(RowRejected) as info:
+            tokenize_conversation(tok, messages, 4096, "drop", tools)
+        assert info.value.kind == "template_not_prefix_stable"
+        return
     ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
     supervised = _pieces(tok, ids, labels, True)
     call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     assert supervised.count(call) == 2 and supervised.endswith(f"It is 21 C in Paris.{end}")
     assert supervised.count(end) == 3 and supervised.count("Hello.") == 1, supervised
-    for prompt_only in ("temp_c", "<think>", "[/INST]", "<tools>", "AVAILABLE_TOOLS", "user"):
+    for prompt_only in ("temp_c", "<think>", "<tools>", "tool\n", "user", "<tool_response>"):
         assert prompt_only not in supervised
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [  # the tool list only when a call exists; the result's header naming the call
+        ("{%- if tools %}", "{%- if tools and messages | selectattr('tool_calls') | list %}"),
+        ("'<|im_start|>user\\n<tool_response>\\n'",
+         "'<|im_start|>tool (' + (loop.previtem.tool_calls[0].function.name "
+         "if loop.previtem.tool_calls else '') + ')\\n'"),
+    ],
+)  # fmt: skip
+def test_a_call_that_changes_text_elsewhere_rejects_the_row(tokenizer, old, new):
+    """The difference of the two renders must be the answer alone: else rejected, not a span
+    that takes in the tool list, the prompt or the next turn's header."""
+    assert old in QWEN3_LIKE
+    tok = _with_template(tokenizer, QWEN3_LIKE.replace(old, new))
+    messages, tools, _ = normalize_example(OPENAI, "messages")
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tok, messages, 4096, "drop", tools)
+    assert info.value.kind == "template_not_prefix_stable"
 
 
 def test_named_templates_use_tool_use_for_rows_with_tools(tokenizer):

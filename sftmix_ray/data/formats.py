@@ -176,7 +176,8 @@ def normalize_example(
         detected = row_format(row)
         if detected is None:
             raise RowRejected(
-                "row matches no format (no 'messages', 'conversations' or 'instruction' field)",
+                "row matches no format (no 'messages', 'conversations' or 'instruction' "
+                "field, nor 'query' and 'answers')",
                 "no_format",
             )
         fmt = detected

@@ -113,21 +113,26 @@ def _diffed_spans(
         if message["role"] != "assistant":
             continue
         probe = [*messages[:i], {"role": "assistant", "content": _PROBE_TURN}, *messages[i + 1 :]]
+        removed = False
         try:
             other = _render(tokenizer, probe, template, False, tools)
         except TemplateError:
             # A template that checks roles among text turns only (Mistral's: a text answer
-            # before tool results breaks its alternation): the answer left out instead, so its
-            # span also takes the header the template writes for it, if any.
+            # before tool results breaks its alternation): the answer left out instead.
             other = _render(tokenizer, [*messages[:i], *messages[i + 1 :]], template, False, tools)
-        start = next((k for k, (a, b) in enumerate(zip(full, other)) if a != b), len(full))
-        rest, other_rest = full[start:], other[start:]
-        same = next(
-            (k for k, (a, b) in enumerate(zip(reversed(rest), reversed(other_rest))) if a != b),
-            min(len(rest), len(other_rest)),
-        )
+            removed = True
+        start = _common_prefix(full, other)
+        same = _common_suffix(full[start:], other[start:])
         end = len(full) - same
-        if end <= start or (spans and start < spans[-1][1]):
+        # The renders must differ by this answer alone: where it was, the other render holds
+        # the probe and nothing else (a template that also writes the tool list only when a
+        # call exists, or names the call in the result's header, changes text elsewhere); with
+        # the answer left out, its place must not slide (the text after it starting like it,
+        # `[TOOL_CALLS]` before `[TOOL_RESULTS]`, would move the span into the result).
+        located = other[start : len(other) - same] == ("" if removed else _PROBE_TURN)
+        if removed:
+            located = located and len(other) - _common_suffix(full, other) == start
+        if not located or end <= start or (spans and start < spans[-1][1]):
             raise RowRejected(
                 f"chat template is not prefix-stable and turn {i + 1} (assistant) cannot be "
                 "located in the rendered text; cannot align its tool calls",
@@ -136,6 +141,14 @@ def _diffed_spans(
         end += max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
         spans.append((start, end))
     return spans
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _common_suffix(a: str, b: str) -> int:
+    return _common_prefix(a[::-1], b[::-1])
 
 
 def _check_tools_rendered(
