@@ -3,12 +3,12 @@
     python benchmarks/render_turns.py --json out.json          # or through benchmarks/run.py
 
 Labels come from rendering the conversation up to each answer (two renders per answer, each
-as long as its prefix), which grows with the square of the turns. With `data.truncation` at
-`turns` or `truncate`, answers past `data.max_length` are cut away, so their spans are not
-computed. The ratio `render_300_turns_limited_over_full` is the time per row of a 300-turn
-conversation (~100 tokens per exchange, the tiny preset's tokenizer, the built-in ChatML
-template) tokenized at `data.max_length` 2048 with `turns` truncation, over the same row's
-spans all computed (the path `drop` takes, as every mode did before). `details` has ms per row
+as long as its prefix), which grows with the square of the turns. Answers past
+`data.max_length` are cut away (`turns`, `truncate`) or the row is rejected (`drop`), so their
+spans are not computed. The ratio `render_300_turns_limited_over_full` is the time per row
+of a 300-turn conversation (~100 tokens per exchange, the tiny preset's tokenizer, the
+built-in ChatML template) tokenized at `data.max_length` 2048 with `turns` truncation, over
+the same row's spans all computed (as every mode did before). `details` has ms per row
 at 4, 100 and 300 turns on both paths.
 """
 

@@ -265,7 +265,7 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         layout, questions = read_questions(cfg.eval.questions)  # bad files fail before Ray work
     refs = {
         k: task.remote(
-            str(path), heldout and str(heldout), eval_cfg, cfg.train.bf16,
+            str(path), str(heldout) if heldout else None, eval_cfg, cfg.train.bf16,
             cfg.model.attn_implementation,
             base, questions, cfg.train.seed,
         )

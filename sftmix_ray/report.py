@@ -123,26 +123,24 @@ def write_report(out_dir: Path | RunDir) -> Path:
                 f"- steps {entry.get('steps')}, restarts {entry.get('restarts')}, "
                 f"final loss {_fmt(metrics.get('loss', float('nan')))}",
             ]
-    eval_path = run.eval_file
     skipped = stages.get("eval", {}).get("heldout_skipped")
+    results = json.loads(run.eval_file.read_text("utf-8")) if run.eval_file.exists() else {}
     if skipped:
         lines += ["", "## Held-out evaluation", "", f"Skipped: {skipped}."]
-    if eval_path.exists():
-        results = json.loads(eval_path.read_text(encoding="utf-8"))
-        if not skipped:
-            lines += [
-                "",
-                "## Held-out evaluation",
-                "",
-                "| model | response NLL | perplexity | exact match |",
-                "|---|---|---|---|",
-            ]
-            for model, r in results.items():
-                lines.append(
-                    f"| {model} | {_fmt(r['response_nll'])} | {_fmt(r['perplexity'])} | "
-                    f"{_fmt(r.get('exact_match', float('nan')))} |"
-                )
-        lines += _lm_eval_table(results)
+    elif results:
+        lines += [
+            "",
+            "## Held-out evaluation",
+            "",
+            "| model | response NLL | perplexity | exact match |",
+            "|---|---|---|---|",
+        ]
+        for model, r in results.items():
+            lines.append(
+                f"| {model} | {_fmt(r['response_nll'])} | {_fmt(r['perplexity'])} | "
+                f"{_fmt(r.get('exact_match', float('nan')))} |"
+            )
+    lines += _lm_eval_table(results)
     if plot_losses(_histories(run), run.loss_plot):
         lines += ["", "## Loss curves", "", f"![loss curves]({RunDir.LOSS_PLOT})"]
     path = run.report

@@ -328,3 +328,19 @@ def test_turns_past_the_limit_are_not_rendered(tokenizer, monkeypatch):
     # The whole text once, then two renders per kept answer and for the first cut one.
     assert calls[0] == len(chat) and len(calls) <= 1 + 2 * (answers + 1)
     assert max(calls[1:]) <= 2 * answers + 2
+
+
+def test_common_prefix_and_suffix_by_halving_match_their_definition():
+    """The difference alignment's slice-halving prefix and suffix lengths agree with the
+    character-by-character definition on every pair of short strings over two letters."""
+    from itertools import product
+
+    from sftmix_ray.data.tokenize import _common_prefix, _common_suffix
+
+    def prefix(a: str, b: str) -> int:
+        return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    words = ["".join(w) for n in range(6) for w in product("ab", repeat=n)]
+    for a, b in product(words, words):
+        assert _common_prefix(a, b) == prefix(a, b)
+        assert _common_suffix(a, b) == prefix(a[::-1], b[::-1])

@@ -299,9 +299,21 @@ def _pieces(tok, ids, labels, supervised: bool) -> str:
     return tok.decode([i for i, y in zip(ids, labels) if (y != IGNORE_INDEX) == supervised])
 
 
-def test_calls_and_answers_are_supervised_results_and_definitions_are_not(tokenizer):
+def _openai(tok, max_length: int = 4096, truncation: str = "drop"):
+    """The OpenAI example row tokenized: (ids, labels, truncated)."""
     messages, tools, _ = normalize_example(OPENAI, "messages")
-    ids, labels, truncated = tokenize_conversation(tokenizer, messages, 4096, "drop", tools)
+    return tokenize_conversation(tok, messages, max_length, truncation, tools)
+
+
+def _openai_rejected(tok) -> RowRejected:
+    """The rejection of the OpenAI example row under `tok`'s template."""
+    with pytest.raises(RowRejected) as info:
+        _openai(tok)
+    return info.value
+
+
+def test_calls_and_answers_are_supervised_results_and_definitions_are_not(tokenizer):
+    ids, labels, truncated = _openai(tokenizer)
     assert not truncated
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert _pieces(tokenizer, ids, labels, True) == (
@@ -318,11 +330,8 @@ def test_calls_and_answers_are_supervised_results_and_definitions_are_not(tokeni
 
 def test_turns_truncation_may_end_on_a_call(tokenizer):
     """`turns` keeps the longest prefix of whole assistant turns: here the call."""
-    messages, tools, _ = normalize_example(OPENAI, "messages")
-    full, _, _ = tokenize_conversation(tokenizer, messages, 4096, "drop", tools)
-    ids, labels, truncated = tokenize_conversation(
-        tokenizer, messages, len(full) - 1, "turns", tools
-    )
+    full, _, _ = _openai(tokenizer)
+    ids, labels, truncated = _openai(tokenizer, len(full) - 1, "turns")
     assert truncated and ids == full[: len(ids)]
     assert _pieces(tokenizer, ids, labels, True).endswith("</tool_call><|im_end|>\n")
 
@@ -354,13 +363,12 @@ def _with_template(tokenizer, template):
 def test_a_template_without_tool_support_rejects_the_row(tokenizer):
     """Its calls would render as empty answers: the model would learn to say nothing."""
     tok = _with_template(tokenizer, NO_TOOLS)
-    messages, tools, _ = normalize_example(OPENAI, "messages")
-    with pytest.raises(RowRejected) as info:
-        tokenize_conversation(tok, messages, 4096, "drop", tools)
-    assert info.value.kind == "template_no_tools" and "turn 3's tool call" in info.value.reason
+    rejected = _openai_rejected(tok)
+    assert rejected.kind == "template_no_tools" and "turn 3's tool call" in rejected.reason
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert tokenize_conversation(tok, plain, 4096, "drop")[0]  # rows without tools still fine
     # The answer's own text naming the function is not the call.
+    messages, tools, _ = normalize_example(OPENAI, "messages")
     messages[2]["content"] = "I will call get_weather."
     with pytest.raises(RowRejected) as info:
         tokenize_conversation(tok, messages, 4096, "drop", tools)
@@ -387,16 +395,12 @@ def test_a_template_that_is_not_prefix_stable_must_still_render_results(tokenize
     with pytest.raises(RowRejected) as info:
         tokenize_conversation(tok, hermes, 4096, "drop")
     assert info.value.kind == "template_no_tools" and "turn 3's tool result" in info.value.reason
-    messages, tools, _ = normalize_example(OPENAI, "messages")
-    with pytest.raises(RowRejected) as info:
-        tokenize_conversation(tok, messages, 4096, "drop", tools)
-    assert info.value.kind == "template_not_prefix_stable"
+    assert _openai_rejected(tok).kind == "template_not_prefix_stable"
 
 
 def test_a_template_that_writes_results_through_tojson_is_accepted(tokenizer):
     tok = _with_template(tokenizer, LLAMA_LIKE)
-    messages, tools, _ = normalize_example(OPENAI, "messages")
-    ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
+    ids, labels, _ = _openai(tok)
     supervised = _pieces(tok, ids, labels, True).lstrip()  # " {" straddles the span start
     assert supervised.startswith('{"name": "get_weather", "parameters": {"city": "Paris"}}</s>')
     assert '"temp_c"' not in supervised
@@ -496,17 +500,13 @@ def test_a_call_that_changes_text_elsewhere_rejects_the_row(tokenizer, old, new)
     that takes in the tool list, the prompt or the next turn's header."""
     assert old in QWEN3_LIKE
     tok = _with_template(tokenizer, QWEN3_LIKE.replace(old, new))
-    messages, tools, _ = normalize_example(OPENAI, "messages")
-    with pytest.raises(RowRejected) as info:
-        tokenize_conversation(tok, messages, 4096, "drop", tools)
-    assert info.value.kind == "template_not_prefix_stable"
+    assert _openai_rejected(tok).kind == "template_not_prefix_stable"
 
 
 def test_named_templates_use_tool_use_for_rows_with_tools(tokenizer):
     tok = _with_template(tokenizer, None)
     tok.chat_template = {"default": NO_TOOLS, "tool_use": LLAMA_LIKE}
-    messages, tools, _ = normalize_example(OPENAI, "messages")
-    ids, labels, _ = tokenize_conversation(tok, messages, 4096, "drop", tools)
+    ids, labels, _ = _openai(tok)
     assert '"parameters"' in _pieces(tok, ids, labels, True)
 
 

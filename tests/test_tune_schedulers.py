@@ -110,9 +110,10 @@ def test_worker_processes_on_another_node_are_waited_for_there(ray_local):
         now = time.time()
         assert pid_running(proc.pid, started_by=now) and pid_running(proc.pid)
         assert not pid_running(proc.pid, started_by=now - 3600)  # the pid of a later process
-        assert _exited_elsewhere(node, [(proc.pid, now)], timeout_s=0.5) == [proc.pid]
+        assert _exited_elsewhere({node: [(proc.pid, now)]}, timeout_s=0.5) == [proc.pid]
     finally:
         proc.kill()
         proc.wait()
-    assert _exited_elsewhere(node, [(proc.pid, now)], timeout_s=5) == []
-    assert _exited_elsewhere("ab" * 28, [(proc.pid, now)], timeout_s=5) == []  # no such node
+    assert _exited_elsewhere({node: [(proc.pid, now)]}, timeout_s=5) == []
+    gone = "ab" * 28  # no such node; asked together with a live one
+    assert _exited_elsewhere({gone: [(proc.pid, now)], node: [(1, None)]}, timeout_s=1) == [1]

@@ -10,6 +10,7 @@ load; a checkpoint written in that window outlived the removal (~96 GB at 8B).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -24,13 +25,20 @@ log = logging.getLogger(__name__)
 WORKERS_FILE = "workers.txt"  # the actor ids of a trial's workers, one per line
 
 
+@functools.cache
+def _boot_time() -> int:
+    """When this machine booted (seconds since the epoch), read once: the polls below ask
+    every 50 ms."""
+    with open("/proc/stat", encoding="utf-8") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+
+
 def _stat(pid: int) -> tuple[str, float] | None:
     """Process `pid`'s state letter and start time (seconds since the epoch), from /proc."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat", encoding="utf-8") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        boot = _boot_time()
     except (OSError, IndexError, ValueError, StopIteration):
         return None
     return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
@@ -67,23 +75,32 @@ def wait_for_pids(pids: list[tuple[int, float | None]], timeout_s: float) -> lis
 
 
 def _exited_elsewhere(
-    node_id: str, pids: list[tuple[int, float | None]], timeout_s: float
+    nodes: dict[str, list[tuple[int, float | None]]], timeout_s: float
 ) -> list[int]:
-    """`wait_for_pids` run on node `node_id`; a node that is gone has none of them running."""
+    """`wait_for_pids` run on each node of `nodes` (node id -> pids), all at once; returns
+    those still running. A node that is gone has none of them running."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote = ray.remote(num_cpus=0, max_retries=0)(wait_for_pids)
-    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    ref = remote.options(scheduling_strategy=strategy).remote(pids, timeout_s)
-    try:
-        running: list[int] = ray.get(ref, timeout=timeout_s + 60)
-        return running
-    except GetTimeoutError:
-        return [pid for pid, _ in pids]
-    except RayError:  # the node died (and its processes with it) or cannot be reached
-        return []
+    refs = {
+        node_id: remote.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ).remote(pids, timeout_s)
+        for node_id, pids in nodes.items()
+    }
+    deadline = time.monotonic() + timeout_s + 60
+    running: list[int] = []
+    for node_id, ref in refs.items():
+        try:
+            left: list[int] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            running += left
+        except GetTimeoutError:
+            running += [pid for pid, _ in nodes[node_id]]
+        except RayError:  # the node died (and its processes with it) or cannot be reached
+            pass
+    return running
 
 
 def wait_for_workers(trial_outs: Iterable[Path], timeout_s: float = 120.0) -> bool:
@@ -114,14 +131,10 @@ def wait_for_workers(trial_outs: Iterable[Path], timeout_s: float = 120.0) -> bo
             return False
         if pending:
             time.sleep(0.2)
-    here = ray.get_runtime_context().get_node_id() if processes else None
-    running = []
-    for node_id, pids in processes.items():
-        left = max(0.0, deadline - time.monotonic())
-        if node_id == here:
-            running += wait_for_pids(pids, left)
-        else:
-            running += _exited_elsewhere(node_id, pids, left)
+    here = ray.get_runtime_context().get_node_id() if processes else ""
+    elsewhere = {node: pids for node, pids in processes.items() if node != here}
+    running = _exited_elsewhere(elsewhere, max(0.0, deadline - time.monotonic()))
+    running += wait_for_pids(processes.get(here, []), max(0.0, deadline - time.monotonic()))
     if running:
         log.warning("trial worker process(es) %s still running after %.0f s", running, timeout_s)
     return not running

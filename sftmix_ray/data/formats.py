@@ -482,8 +482,7 @@ def _parse_calls(value: Any, number: int, what: str = "") -> list[dict[str, Any]
         raise RowRejected(f"{what} list is empty", "malformed_tool_call")
     calls = []
     for item in items:
-        function = item.get("function") if isinstance(item, dict) else None
-        function = function if isinstance(function, dict) else item
+        function = _function_of(item)
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise RowRejected(f"{what} has no function name", "malformed_tool_call")
@@ -509,6 +508,13 @@ def _parse_calls(value: Any, number: int, what: str = "") -> list[dict[str, Any]
             call["id"] = item["id"]
         calls.append(call)
     return calls
+
+
+def _function_of(item: Any) -> Any:
+    """The function of a call or a tool definition: OpenAI's `{"type": "function", "function":
+    {...}}` wraps it, LLaMA-Factory and xLAM give it bare."""
+    function = item.get("function") if isinstance(item, dict) else None
+    return function if isinstance(function, dict) else item
 
 
 def _json_value(value: Any, what: str, kind: str, dump: bool = False) -> Any:
@@ -550,8 +556,7 @@ def normalize_tools(row: Any) -> list[dict[str, Any]] | None:
     items = value if isinstance(value, list) else [value]
     tools = []
     for number, item in enumerate(items, start=1):
-        function = item.get("function") if isinstance(item, dict) else None
-        function = function if isinstance(function, dict) else item
+        function = _function_of(item)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise RowRejected(
                 f"field {key!r} item {number} is not a function definition with a name",

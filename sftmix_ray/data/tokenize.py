@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 from jinja2 import TemplateError
@@ -72,7 +73,11 @@ def _render_spans_encoding(
     template = chat_template_of(tokenizer, tools=bool(tools))
     full = _render(tokenizer, messages, template, False, tools)
     enc = _encode(tokenizer, full)
-    starts = [start for start, _ in enc["offset_mapping"]] if limit is not None else []
+    starts = [start for start, _ in enc["offset_mapping"]]
+
+    def past(char: int) -> bool:  # an answer starting at `char` is cut away by the limit
+        return limit is not None and bisect_left(starts, char) > limit
+
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -81,13 +86,13 @@ def _render_spans_encoding(
         upto = _render(tokenizer, messages[: i + 1], template, False, tools)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             if any(m.get("tool_calls") for m in messages):
-                spans = _diffed_spans(tokenizer, messages, template, full, tools)
+                spans = _diffed_spans(tokenizer, messages, template, full, tools, past)
                 _check_tools_rendered(messages, tools, full, spans)
                 return full, spans, enc
             _check_tools_rendered(messages, tools, full, None)
             return full, _searched_spans(tokenizer, messages, template, full, enc), enc
         # Only a prefix of `full` tells where the answer starts in it (checked just above).
-        if limit is not None and bisect_left(starts, len(prompt)) > limit:
+        if past(len(prompt)):
             break  # this answer (even a token straddling its start) is past the limit
         spans.append((len(prompt), len(upto)))
     _check_tools_rendered(messages, tools, full, spans)
@@ -98,7 +103,12 @@ _PROBE_TURN = "\ue000"  # a private-use character: in no real answer
 
 
 def _diffed_spans(
-    tokenizer: Any, messages: list[dict], template: str, full: str, tools: list[dict] | None
+    tokenizer: Any,
+    messages: list[dict],
+    template: str,
+    full: str,
+    tools: list[dict] | None,
+    past: Callable[[int], bool],
 ) -> list[tuple[int, int]]:
     """Assistant spans of a template that is not prefix-stable, for rows with tool calls (whose
     rendering cannot be searched for as text): each answer is where the whole text changes
@@ -106,7 +116,8 @@ def _diffed_spans(
     tokens of the template's end-of-turn marker (`_answer_tail`) that follow it (or, where the
     template refuses that replacement, when the answer is left out). The start is
     where the renderings part (after the header the template writes either way: Qwen3's
-    thinking block, Hermes' `<|im_start|>assistant\\n`), the end where they meet again."""
+    thinking block, Hermes' `<|im_start|>assistant\\n`), the end where they meet again. The
+    spans stop at the first answer that starts `past` the token limit, as on the prefix path."""
     tail, cuts = _answer_tail(tokenizer, template)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -138,13 +149,29 @@ def _diffed_spans(
                 "located in the rendered text; cannot align its tool calls",
                 "template_not_prefix_stable",
             )
-        end += max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
-        spans.append((start, end))
+        if past(start):
+            break
+        spans.append((start, _through_end_marker(full, end, tail, cuts)))
     return spans
 
 
+def _through_end_marker(full: str, end: int, tail: str, cuts: tuple[int, ...]) -> int:
+    """`end` moved past the longest run of whole tokens of the template's end-of-turn marker
+    (`_answer_tail`) that `full` has there."""
+    return end + max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
+
+
 def _common_prefix(a: str, b: str) -> int:
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    """Length of the common prefix of `a` and `b`, by halving with slice comparisons (C-speed
+    memcmp; a character loop in Python took seconds for a long agent trajectory's turns)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:  # a[:low] == b[:low] holds; find the largest such length
+        mid = (low + high + 1) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _common_suffix(a: str, b: str) -> int:
@@ -161,8 +188,8 @@ def _check_tools_rendered(
     in the turn's own text), each tool result's text and each tool definition's name in the
     text: a template without tool support renders an empty answer for a call (it would train
     the model to say nothing) and drops the rest. Turns past the last span (cut away by
-    truncation) are not checked; without spans (a template that is not prefix-stable, where
-    rows with calls are rejected anyway) only results and definitions are."""
+    truncation) are not checked; without spans (the search path of a template that is not
+    prefix-stable, taken only by rows without calls) only results and definitions are."""
     answers = iter(spans or ())
     for number, message in enumerate(messages, start=1):
         missing = None
@@ -241,7 +268,7 @@ def _searched_spans(
             )
         start, end = found
         if message["role"] == "assistant":
-            end += max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
+            end = _through_end_marker(full, end, tail, cuts)
             spans.append((start, end))
         position = end
     return spans
@@ -332,8 +359,8 @@ def tokenize_conversation(
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     try:
-        limit = None if truncation == "drop" else max_length
-        _, spans, enc = _render_spans_encoding(tokenizer, messages, tools, limit)
+        # Answers past max_length are cut away (`turns`, `truncate`) or the row goes (`drop`).
+        _, spans, enc = _render_spans_encoding(tokenizer, messages, tools, max_length)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
     except (TemplateError, ValueError, TypeError, RecursionError) as exc:
