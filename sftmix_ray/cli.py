@@ -86,15 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["standard", "none"],
         help="repair what real dumps break, as prepare does by default (data.repair)",
     )
+    v.add_argument(
+        "--column", dest="columns", action="append", default=[], metavar="FIELD=COLUMN",
+        help="read COLUMN as the format's FIELD, as data.columns does (repeatable)",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def _validate_data(args: argparse.Namespace) -> str:
+    from sftmix_ray.config import load_config
     from sftmix_ray.data.validation import format_report, validate_file
 
-    _, report = validate_file(args.data, args.format, repair=args.repair, keep_valid=False)
+    # Checked as data.columns is (a typo names the field it meant).
+    columns = load_config(None, [f"data.columns={','.join(args.columns)}"]).data.columns
+    _, report = validate_file(
+        args.data, args.format, repair=args.repair, keep_valid=False, columns=columns
+    )
     if args.json:
         return json.dumps(report.to_json())
     return format_report(report, args.data)

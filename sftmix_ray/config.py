@@ -13,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from sftmix_ray.data.columns import column_errors
 from sftmix_ray.errors import ConfigError
 
 
@@ -34,8 +35,11 @@ class DataConfig:
     """Where the corpus comes from and how it is tokenized."""
 
     path: str = "demo"  # file, directory, HF dataset id, or "demo" (the bundled generator)
-    # row format; auto detects alpaca, sharegpt, messages or xlam per file
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "xlam"] = "auto"
+    # row format; auto detects alpaca, sharegpt, messages, prompt_completion or xlam per file
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam"] = "auto"
+    # {field: corpus column}: read a column of another name as a format's field, e.g. Dolly's
+    # {input: context, output: response} (sftmix_ray/data/columns.py); renamed before detection
+    columns: dict[str, str] = field(default_factory=dict)
     hf_split: str = "train"  # split used when `path` is a Hugging Face dataset id
     eval_path: str | None = None  # held-out file; "demo" data brings its own held-out split
     eval_fraction: float = 0.0  # else hold out this fraction of `path` (by example id)
@@ -61,6 +65,8 @@ class DataConfig:
             "a number in [0, 1)",
         )
         _check(self.demo_train_size > 0, "data.demo_train_size", self.demo_train_size, "> 0")
+        problems = column_errors(self.columns)
+        _check(not problems, "data.columns", self.columns, "; ".join(problems))
         _check(
             self.tokenize_batch_size > 0,
             "data.tokenize_batch_size",
@@ -510,6 +516,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = get_args(tp)
         items = [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in value]
         return list(dict.fromkeys(items))
+    if origin is dict:
+        # A YAML mapping, or "a=b,c=d" from --set; "none" is the empty mapping.
+        if isinstance(value, str):
+            pairs = [p for p in value.split(",") if p.strip()]
+            if value.strip().lower() == "none":
+                pairs = []
+            if not all("=" in p for p in pairs):
+                raise ConfigError(
+                    f"config key '{key}' = {value!r} is invalid: expected key=value pairs"
+                )
+            value = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a mapping")
+        _, inner = get_args(tp)
+        return {str(k).strip(): _coerce(v.strip() if isinstance(v, str) else v, inner, key)
+                for k, v in value.items()}  # fmt: skip
     if origin is Literal:
         allowed = get_args(tp)
         for a in allowed:

@@ -39,7 +39,7 @@ def msgs(*turns: tuple[str, Any]) -> dict[str, Any]:
 
 
 def test_formats_constant() -> None:
-    assert FORMATS == ("auto", "alpaca", "sharegpt", "messages", "xlam")
+    assert FORMATS == ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam")
 
 
 # --- alpaca ---------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ REJECTIONS: list[tuple[Any, str, str]] = [
         {"text": "q"},
         "auto",
         "row matches no format (no 'messages', 'conversations' or 'instruction' field, nor "
-        "'query' and 'answers')",
+        "'prompt' and 'completion', nor 'query' and 'answers')",
     ),
     # alpaca
     ({"output": "a"}, "alpaca", "missing field 'instruction'"),

@@ -48,7 +48,7 @@ FILE_ERRORS: dict[str, tuple[str, bytes | None, str]] = {
     "unsupported_extension": ("c.csv", b"instruction,output\na,b\n", "unsupported file extension"),
     "corrupt_parquet": ("c.parquet", b"PAR1" + os.urandom(64) + b"PAR1",
                         "not a readable Parquet file"),
-    "no_format_detectable": ("c.jsonl", _jsonl({"prompt": "a", "completion": "b"}),
+    "no_format_detectable": ("c.jsonl", _jsonl({"text": "a", "label": "b"}),
                              "cannot detect the corpus format"),
     "array_of_nothing": ("c.json", b"[]", "contains no rows"),
 }

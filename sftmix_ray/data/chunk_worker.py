@@ -66,6 +66,7 @@ class ChunkJob:
     every: int = 0
     dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of Parquet parts
     rejection_dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of parts
+    columns: dict[str, str] = field(default_factory=dict)  # data.columns: {field: column}
 
     def side(self, example_id: int) -> str:
         if self.route == "by_id":
@@ -154,6 +155,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     (the file is unreadable at some line) stops the chunk and is returned, not raised, so the
     driver can report the first one in file order.
     """
+    from sftmix_ray.data.columns import rename_columns
     from sftmix_ray.data.formats import normalize_example
 
     stats = {side: SideStats() for side in SIDES}
@@ -167,6 +169,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                 index, side = int(raw["example_id"]), "train"
             else:
                 side = job.side(index)
+                raw = rename_columns(raw, job.columns)
             side_stats = stats[side]
             side_stats.input += 1
             applied: list[str] = []

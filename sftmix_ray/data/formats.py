@@ -1,4 +1,5 @@
-"""Normalize one raw corpus row (alpaca, sharegpt, messages or xlam) to a list of chat messages.
+"""Normalize one raw corpus row (alpaca, sharegpt, messages, prompt_completion or xlam) to a list
+of chat messages.
 
 The result is always `[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`
 with an optional leading system message, then user and assistant turns alternating, starting
@@ -26,6 +27,14 @@ Rules (the same for every format):
   top-level `system` field is the system prompt (sharegpt and messages rows);
 - alpaca: `instruction` and `input` (either may be empty, not both) make the user turn, and an
   optional `history` of `[instruction, response]` pairs (LLaMA-Factory's) the turns before it;
+- prompt_completion (TRL's): `prompt` is a string (one user turn) or a list of turns, and
+  `completion` a string (one assistant turn) or a list of turns; the turns are numbered on
+  from the prompt's into the completion's; the prompt's assistant turns are context, not
+  trained (TRL trains the completion only). Unlike TRL, a string pair is rendered with the
+  chat template like every other row (TRL concatenates the two texts);
+- an assistant turn marked `weight: 0` (Axolotl's and SlimOrca's, OpenHermes' sharegpt
+  dumps) or `train: false` (Axolotl's chat_template datasets) is context, not trained; a row
+  with no assistant turn left to train is rejected (`no_trained_turn`);
 - xlam (Salesforce's xLAM function-calling rows): `query` is the user turn, `answers` (a JSON
   list of `{"name", "arguments"}`, as text or a list) the assistant's calls, `tools` their
   definitions: single-turn data that teaches the calls themselves;
@@ -54,9 +63,10 @@ from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
 
+from sftmix_ray.data.columns import FIELDS
 from sftmix_ray.errors import DataError, RowRejected
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "xlam")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES: dict[str, str] = {
     "system": "system",
@@ -126,6 +136,8 @@ def row_format(row: Any) -> str | None:
         return "sharegpt"
     if "instruction" in row:
         return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
     if "query" in row and "answers" in row:
         return "xlam"
     return None
@@ -139,8 +151,9 @@ def detect_format(rows: Iterable[Any]) -> str:
             return fmt
     raise DataError(
         "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
-        "'instruction' field, or 'query' and 'answers'; pass the format explicitly (alpaca, "
-        "sharegpt, messages or xlam)"
+        "'instruction' field, 'prompt' and 'completion', or 'query' and 'answers'; pass the "
+        "format explicitly (alpaca, sharegpt, messages, prompt_completion or xlam) and map "
+        "columns of other names with data.columns"
     )
 
 
@@ -177,7 +190,7 @@ def normalize_example(
         if detected is None:
             raise RowRejected(
                 "row matches no format (no 'messages', 'conversations' or 'instruction' "
-                "field, nor 'query' and 'answers')",
+                "field, nor 'prompt' and 'completion', nor 'query' and 'answers')",
                 "no_format",
             )
         fmt = detected
@@ -187,6 +200,8 @@ def normalize_example(
         messages = _normalize_alpaca(row, text)
     elif fmt == "xlam":
         messages = _normalize_xlam(row, text)
+    elif fmt == "prompt_completion":
+        messages = _normalize_prompt_completion(row, text)
     else:
         messages = _normalize_conversation(row, fmt, text)
     return messages, normalize_tools(row), sorted(repairs)
@@ -273,6 +288,36 @@ def _normalize_xlam(row: dict[str, Any], text: _TextReader) -> list[Message]:
     return messages
 
 
+def _normalize_prompt_completion(row: dict[str, Any], text: _TextReader) -> list[Message]:
+    """TRL's prompt-completion row as one conversation: the prompt's turns (its assistant turns
+    not trained), then the completion's; a string is one user (prompt) or assistant
+    (completion) turn."""
+    turns: list[Any] = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        if key not in row:
+            raise RowRejected(
+                f"missing field {key!r}{_looks_like(row, 'prompt_completion')}", "missing_field"
+            )
+        value = row[key]
+        if isinstance(value, str):
+            turns.append({"role": role, "content": value})
+        elif isinstance(value, list):
+            context = key == "prompt"  # TRL never trains on the prompt
+            turns.extend(
+                {**t, "train": False} if context and isinstance(t, dict) else t for t in value
+            )
+        else:
+            raise RowRejected(
+                f"field {key!r} must be a string or a list of turns (got {json_type_name(value)})",
+                "wrong_type",
+            )
+    if not turns:
+        raise RowRejected("fields 'prompt' and 'completion' are both empty", "empty_conversation")
+    return _normalize_conversation(
+        {"messages": turns, "system": row.get("system")}, "messages", text
+    )
+
+
 def _alpaca_history(history: Any, text: _TextReader) -> list[Message]:
     """LLaMA-Factory's `history`: earlier `[instruction, response]` pairs, oldest first."""
     if history is None:
@@ -337,6 +382,11 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
     if repair:
         numbered = _repair_order(numbered, repairs)
     _check_order(numbered)
+    if all(m.get("train") is False for _, m in numbered if m["role"] == "assistant"):
+        raise RowRejected(
+            "no assistant turn is trained (every one is marked weight 0 or train false)",
+            "no_trained_turn",
+        )
     return _name_tool_results([message for _, message in numbered])
 
 
@@ -390,7 +440,10 @@ def _repair_order(
         ):
             repairs.add("same_role_merged")
             parts = [c for c in (previous["content"], message["content"]) if c]
-            merged[-1] = (merged[-1][0], {**message, "content": "\n\n".join(parts)})
+            joined = {**message, "content": "\n\n".join(parts)}
+            if previous.get("train") is not False:  # trained when either part was
+                joined.pop("train", None)
+            merged[-1] = (merged[-1][0], joined)
         else:
             merged.append((number, message))
     while len(merged) > 1 and merged[-1][1]["role"] in ("user", "tool"):
@@ -401,7 +454,30 @@ def _repair_order(
 
 def _parse_turn(turn: Any, number: int, fmt: str, text: _TextReader) -> tuple[Message | None, bool]:
     """Read one turn as (message with its canonical role, mapped by a repair); reject
-    malformed turns. The message is None for a null content that the repairs drop."""
+    malformed turns. The message is None for a null content that the repairs drop; an
+    assistant turn marked not to be trained carries `"train": False`."""
+    message, mapped = _read_turn(turn, number, fmt, text)
+    if message is not None and message["role"] == "assistant" and not _trains(turn, number):
+        message["train"] = False
+    return message, mapped
+
+
+def _trains(turn: dict[str, Any], number: int) -> bool:
+    """False for a turn marked context only: `weight` 0 (Axolotl's sharegpt, SlimOrca's and
+    OpenHermes' dumps; null or 1 train) or `train` false (Axolotl's chat_template)."""
+    weight, train = turn.get("weight"), turn.get("train")
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise RowRejected(f"turn {number} weight must be 0 or 1 (got {weight!r})", "malformed_turn")
+    if train is not None and not isinstance(train, bool):
+        raise RowRejected(
+            f"turn {number} train must be true or false (got {json_type_name(train)})",
+            "malformed_turn",
+        )
+    return weight != 0 and train is not False
+
+
+def _read_turn(turn: Any, number: int, fmt: str, text: _TextReader) -> tuple[Message | None, bool]:
+    """`_parse_turn` without the training mark."""
     if not isinstance(turn, dict):
         raise RowRejected(
             f"turn {number} is not an object (got {json_type_name(turn)})", "malformed_turn"
@@ -632,9 +708,13 @@ def _required_text(row: dict[str, Any], key: str, fmt: str, text: _TextReader) -
 
 
 def _looks_like(row: dict[str, Any], fmt: str) -> str:
-    """A hint when a row rejected as `fmt` has the keys of another format."""
+    """A hint when a row rejected as `fmt` has the keys of another format, or columns that no
+    format reads (Dolly's `response`: data.columns can map it)."""
     other = row_format(row)
-    return f" (row looks like {other})" if other is not None and other != fmt else ""
+    if other is not None and other != fmt:
+        return f" (row looks like {other})"
+    unread = [_show(str(k), 20) for k in row if k not in FIELDS][:4]
+    return f" (unmapped columns: {', '.join(unread)}; see data.columns)" if unread else ""
 
 
 def _show(value: str, limit: int = 40) -> str:

@@ -43,15 +43,20 @@ class CorpusPlan:
     total: int
 
 
-def resolve_format(path: str, fmt: str, hf_split: str) -> str:
-    """`fmt`, or for `auto` the format of the corpus' first row that matches one (streamed)."""
+def resolve_format(
+    path: str, fmt: str, hf_split: str, columns: dict[str, str] | None = None
+) -> str:
+    """`fmt`, or for `auto` the format of the corpus' first row that matches one (streamed),
+    its columns renamed by `columns` (`data.columns`)."""
+    from sftmix_ray.data.columns import rename_columns
     from sftmix_ray.data.formats import detect_format
     from sftmix_ray.data.readers import iter_records
 
     if fmt != "auto":
         return fmt
+    rows = iter_records(path, hf_split=hf_split)
     try:
-        return detect_format(iter_records(path, hf_split=hf_split))
+        return detect_format(rename_columns(row, columns) for row in rows)
     except DataError as exc:
         if str(exc).startswith("cannot detect"):  # detect_format's own error: name the corpus
             raise DataError(f"{path}: {exc}") from None
@@ -91,8 +96,9 @@ def plan_corpora(cfg: Config, run: RunDir, dirs: dict[str, str], rejection_dirs:
             specs.append((d.eval_path, d.eval_path, d.format, "heldout", 0))
     plans = []
     for number, (source, path, fmt, route, every) in enumerate(specs):
-        fmt = resolve_format(path, fmt, d.hf_split)
-        job = ChunkJob(source, fmt, d.repair, route, every, dirs, rejection_dirs)
+        columns = {} if d.path == DEMO else d.columns  # the demo is in the formats' names
+        fmt = resolve_format(path, fmt, d.hf_split, columns)
+        job = ChunkJob(source, fmt, d.repair, route, every, dirs, rejection_dirs, columns)
         chunks, total = plan_chunks(
             path, hf_split=d.hf_split, work_dir=work / f"source-{number}", parts=parts
         )
@@ -105,6 +111,7 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
     rows (in row order, held-out rows left out; at most TOKENIZER_SAMPLE_CHARS characters)
     and the role names."""
     from sftmix_ray.data.chunks import iter_chunk
+    from sftmix_ray.data.columns import rename_columns
     from sftmix_ray.data.formats import normalize_example
     from sftmix_ray.errors import RowRejected
 
@@ -115,7 +122,8 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
             if plan.job.side(index) != "train":
                 continue
             try:
-                messages, tools, _ = normalize_example(raw, plan.job.fmt, plan.job.repair)
+                row = rename_columns(raw, plan.job.columns)
+                messages, tools, _ = normalize_example(row, plan.job.fmt, plan.job.repair)
             except RowRejected:
                 continue
             row_texts = [m["content"] for m in messages]

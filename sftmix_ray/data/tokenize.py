@@ -348,7 +348,8 @@ def tokenize_conversation(
     truncation: str,
     tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int], bool]:
-    """Token ids and labels (-100 outside assistant spans); returns (ids, labels, truncated).
+    """Token ids and labels (-100 outside the spans of trained assistant turns); returns
+    (ids, labels, truncated).
 
     Longer than `max_length`: `turns` keeps the longest prefix of whole exchanges that fits,
     or, when the first exchange alone does not fit, cuts its response (at least one response
@@ -358,6 +359,11 @@ def tokenize_conversation(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    # Assistant turns marked `"train": False` (formats.py: weight 0, a TRL prompt's answers)
+    # are rendered like the others and left out of the labels; the mark is not the template's.
+    trained = [m.get("train") is not False for m in messages if m["role"] == "assistant"]
+    if not all(trained):
+        messages = [{k: v for k, v in m.items() if k != "train"} for m in messages]
     try:
         # Answers past max_length are cut away (`turns`, `truncate`) or the row goes (`drop`).
         _, spans, enc = _render_spans_encoding(tokenizer, messages, tools, max_length)
@@ -372,6 +378,8 @@ def tokenize_conversation(
             f"chat template or tokenizer failed: {type(exc).__name__}: {message}",
             "template_error",
         ) from None
+    # One span per assistant turn, in order (up to the limit): keep the trained turns'.
+    spans = [span for span, train in zip(spans, trained) if train]
     ids: list[int] = enc["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     span_idx = 0

@@ -123,13 +123,16 @@ def validate_file(
     hf_split: str = "train",
     repair: str = "standard",
     keep_valid: bool = True,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[ValidPair], ValidationReport]:
-    """Stream a corpus (file, directory, URI or HF dataset) and validate every row."""
+    """Stream a corpus (file, directory, URI or HF dataset) and validate every row, its
+    columns renamed by `columns` (`data.columns`) as prepare does."""
+    from sftmix_ray.data.columns import rename_columns
     from sftmix_ray.data.prepare import resolve_format
 
     source = os.fspath(path)
-    resolved = resolve_format(source, fmt, hf_split) if fmt in FORMATS else fmt
-    rows = iter_records(path, hf_split=hf_split)
+    resolved = resolve_format(source, fmt, hf_split, columns) if fmt in FORMATS else fmt
+    rows = (rename_columns(row, columns) for row in iter_records(path, hf_split=hf_split))
     return validate_rows(rows, resolved, source=source, repair=repair, keep_valid=keep_valid)
 
 

@@ -1,0 +1,248 @@
+"""Corpora as TRL, Axolotl and LLaMA-Factory users hold them: TRL's prompt-completion rows,
+turns marked not to be trained (`weight: 0`, `train: false`), and columns of other names
+(`data.columns`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+
+from sftmix_ray.cli import main
+from sftmix_ray.config import load_config
+from sftmix_ray.data.columns import rename_columns
+from sftmix_ray.data.formats import normalize_example, row_format
+from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from sftmix_ray.errors import ConfigError, RowRejected
+from sftmix_ray.modeling import train_tiny_tokenizer
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command
+
+
+def user(text: str, **extra) -> dict:
+    return {"role": "user", "content": text, **extra}
+
+
+def bot(text: str, **extra) -> dict:
+    return {"role": "assistant", "content": text, **extra}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["Name a colour.", "Red.", "Another one?", "Blue.", "Why?", "Because."] * 20
+    return train_tiny_tokenizer([*texts, "system user assistant"], 320)
+
+
+def supervised(tok, messages: list[dict], max_length: int = 512, truncation: str = "turns"):
+    ids, labels, _ = tokenize_conversation(tok, messages, max_length, truncation)
+    return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
+
+
+# --------------------------------------------------------------------------- prompt-completion
+
+
+def test_prompt_completion_rows_read_as_trl_writes_them():
+    """Standard (strings) and conversational (lists of turns) rows; the prompt's answers are
+    context (TRL trains the completion only); the completion may hold several turns."""
+    assert row_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
+    assert row_format({"prompt": "a", "completion": "b", "messages": []}) == "messages"
+    messages, tools, _ = normalize_example(
+        {"prompt": "Name a colour.", "completion": "Red."}, "auto"
+    )
+    assert messages == [user("Name a colour."), bot("Red.")] and tools is None
+    row = {
+        "prompt": [
+            {"role": "system", "content": "Be brief."}, user("Name a colour."), bot("Red."),
+            user("Another one?"),
+        ],
+        "completion": [bot("Blue."), user("Why?"), bot("Because.")],
+    }  # fmt: skip
+    messages, _, _ = normalize_example(row, "prompt_completion")
+    assert messages == [
+        {"role": "system", "content": "Be brief."}, user("Name a colour."),
+        bot("Red.", train=False), user("Another one?"), bot("Blue."), user("Why?"),
+        bot("Because."),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("row", "kind", "reason"),
+    [
+        ({"prompt": "q"}, "missing_field", "missing field 'completion'"),
+        ({"prompt": 3, "completion": "a"}, "wrong_type", "'prompt' must be a string or a list"),
+        ({"prompt": [], "completion": []}, "empty_conversation", "both empty"),
+        ({"prompt": "q", "completion": [user("again")]}, "no_assistant_turn", "no assistant"),
+        # Turns are numbered on from the prompt's into the completion's.
+        ({"prompt": [user("q")], "completion": [bot("a"), bot("b")]}, "repeated_role", "turn 3"),
+        # A prompt that already holds the only answer: nothing of the completion to learn.
+        ({"prompt": [user("q"), bot("a")], "completion": []}, "no_trained_turn", "no assistant"),
+    ],
+)
+def test_unusable_prompt_completion_rows_are_rejected_by_kind(row, kind, reason):
+    with pytest.raises(RowRejected, match=reason) as info:
+        normalize_example(row, "prompt_completion", "none")
+    assert info.value.kind == kind
+
+
+# ------------------------------------------------------------------------- untrained turns
+
+
+def test_weight_and_train_marks_leave_turns_out_of_training():
+    """SlimOrca/OpenHermes sharegpt turns carry `weight` (0, 1 or null), Axolotl's
+    chat_template rows `train`; only assistant turns read them."""
+    row = {
+        "conversations": [
+            {"from": "system", "value": "Be brief.", "weight": None},
+            {"from": "human", "value": "Name a colour.", "weight": 0},
+            {"from": "gpt", "value": "Red.", "weight": 0},
+            {"from": "human", "value": "Another one?", "weight": 0},
+            {"from": "gpt", "value": "Blue.", "weight": 1},
+        ]
+    }
+    messages, _, _ = normalize_example(row, "auto")
+    assert [m.get("train", True) for m in messages] == [True, True, False, True, True]
+    marked = {"messages": [user("q"), bot("a", train=False), user("q2"), bot("b", train=True)]}
+    assert [m.get("train", True) for m in normalize_example(marked, "auto")[0]] == [
+        True, False, True, True
+    ]  # fmt: skip
+    for turns, kind in [
+        ([user("q"), bot("a", weight=0)], "no_trained_turn"),
+        ([user("q"), bot("a", weight=0.5)], "malformed_turn"),
+        ([user("q"), bot("a", train="no")], "malformed_turn"),
+        ([user("q"), bot("a", weight=True)], "malformed_turn"),
+    ]:
+        with pytest.raises(RowRejected) as info:
+            normalize_example({"messages": turns}, "messages")
+        assert info.value.kind == kind, turns
+
+
+def test_a_merged_answer_is_trained_when_either_part_was():
+    """The standard repairs merge consecutive answers; a merged one keeps the training of
+    either part (data is kept, not dropped)."""
+    row = {"messages": [user("q"), bot("a", weight=0), bot("b"), user("q2"), bot("c", weight=0),
+                        bot("d", weight=0), user("q3"), bot("e")]}  # fmt: skip
+    messages, _, repairs = normalize_example(row, "messages")
+    assert repairs == ["same_role_merged"]
+    assert [(m["content"], m.get("train", True)) for m in messages if m["role"] == "assistant"] == [
+        ("a\n\nb", True), ("c\n\nd", False), ("e", True)
+    ]  # fmt: skip
+
+
+def test_untrained_answers_are_prompt_tokens(tokenizer):
+    """An untrained answer is rendered in place and left out of the labels, through the
+    stored messages too (OUT/data's messages_json, read back when another tokenizer
+    re-tokenizes); `turns` truncation keeps whole exchanges up to the last trained one."""
+    messages = [user("Name a colour."), bot("Red.", train=False), user("Another one?"),
+                bot("Blue.")]  # fmt: skip
+    assert supervised(tokenizer, messages) == "Blue.<|im_end|>\n"
+    plain = [{k: v for k, v in m.items() if k != "train"} for m in messages]
+    ids, _, _ = tokenize_conversation(tokenizer, messages, 512, "turns")
+    assert ids == tokenize_conversation(tokenizer, plain, 512, "turns")[0]  # same text
+    assert supervised(tokenizer, plain) == "Red.<|im_end|>\nBlue.<|im_end|>\n"
+    stored = json.loads(json.dumps(messages))
+    assert supervised(tokenizer, stored) == "Blue.<|im_end|>\n"
+    # The trained answer does not fit: what is before it is prompt, and the prompt is too long.
+    full = len(ids)
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tokenizer, messages, full - 4, "turns")
+    assert info.value.kind == "prompt_too_long"
+    # Untrained last answer: the cut is after the last trained exchange.
+    tail = [*plain, user("Why?"), bot("Because.", train=False)]
+    ids, labels, truncated = tokenize_conversation(tokenizer, tail, full + 2, "turns")
+    assert truncated and len(ids) == full
+    assert tokenizer.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == (
+        "Red.<|im_end|>\nBlue.<|im_end|>\n"
+    )
+
+
+# -------------------------------------------------------------------------------- columns
+
+
+def test_columns_are_renamed_and_checked():
+    dolly = {"instruction": "i", "context": "c", "response": "r", "category": "qa"}
+    columns = {"input": "context", "output": "response"}
+    renamed = rename_columns(dolly, columns)
+    assert renamed == {"instruction": "i", "input": "c", "output": "r", "category": "qa"}
+    assert dolly["response"] == "r"  # the row itself is unchanged
+    assert rename_columns({"instruction": "i", "output": "o"}, columns) == {
+        "instruction": "i", "output": "o"
+    }  # fmt: skip
+    messages, _, _ = normalize_example(renamed, "auto")
+    assert messages == [user("i\n\nc"), bot("r")]
+    assert load_config(None, ["data.columns=input=context,output=response"]).data.columns == (
+        columns
+    )
+    for bad, message in [
+        ("data.columns={inptu: context}", "did you mean 'input'"),
+        ("data.columns={input: x, output: x}", "'x' is mapped to more than one field"),
+        ("data.columns={input: ''}", "must name a column"),
+        ("data.columns=input", "expected key=value pairs"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])
+    with pytest.raises(RowRejected, match="unmapped columns: 'context', 'response'"):
+        normalize_example(dolly, "alpaca")
+
+
+# ---------------------------------------------------------------- through prepare's CLI
+
+ROWS = [
+    {"prompt": "Name a colour.", "response": "Red."},
+    {"prompt": [user("Name a colour."), bot("Red."), user("Another one?")], "response": "Blue."},
+    {"prompt": "Why?", "response": [bot("Because.", weight=0)]},  # nothing left to train
+    {"prompt": "Why?", "answer_text": "Because."},  # no completion column
+    {  # an agent trajectory as the completion; the answer before the call is context
+        "prompt": [user("Weather?")],
+        "response": [
+            bot("Let me check.", train=False),
+            user("Go on."),
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}]},
+            {"role": "tool", "content": "sunny"},
+            bot("Sunny."),
+        ],
+        "tools": [{"type": "function", "function": {"name": "w", "parameters": {}}}],
+    },
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, capsys):
+    """`sftmix-ray prepare` on a corpus whose completion column is `response`
+    (`data.columns`): detected as prompt-completion once mapped, the prompts' answers left
+    out of the labels, the rows with nothing to train rejected by kind; `validate-data
+    --column` says the same of the file."""
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+    mapped = "--set=data.columns={completion: response}"
+    code = main(["prepare", "--output-dir", str(out), *sets, f"--set=data.path={path}", mapped,
+                 "--set=data.max_length=128"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
+    assert train["input"] == 5 and train["written"] == 3 and train["rejected"] == 2
+    kinds = {k: v["examples"] for k, v in train["rejections_by_kind"].items()}
+    assert kinds == {"no_trained_turn": [2], "missing_field": [3]}
+    data = pq.read_table(out / "data").sort_by("example_id")
+    assert data.column("example_id").to_pylist() == [0, 1, 4]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "base_model")
+    answers = []
+    for ids, labels in zip(*(data.column(c).to_pylist() for c in ("input_ids", "labels"))):
+        answers.append(tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]))
+    call = '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call><|im_end|>\n'
+    assert answers == ["Red.<|im_end|>\n", "Blue.<|im_end|>\n", f"{call}Sunny.<|im_end|>\n"]
+    stored = [json.loads(m) for m in data.column("messages_json").to_pylist()]
+    assert stored[1][1] == bot("Red.", train=False)  # kept for re-tokenizing
+
+    proc = subprocess.run(
+        [*sftmix_command(), "validate-data", "--data", str(path), "--column",
+         "completion=response", "--json"],
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    report = result_json(proc)
+    assert report["format"] == "prompt_completion" and report["valid"] == 3
+    assert {k: v["examples"] for k, v in report["by_kind"].items()} == kinds
