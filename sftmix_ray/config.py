@@ -35,8 +35,10 @@ class DataConfig:
     """Where the corpus comes from and how it is tokenized."""
 
     path: str = "demo"  # file, directory, HF dataset id, or "demo" (the bundled generator)
-    # row format; auto detects alpaca, sharegpt, messages, prompt_completion or xlam per file
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam"] = "auto"
+    # row format; auto detects it per file (alpaca, sharegpt, messages, prompt_completion, ...)
+    format: Literal[
+        "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam", "glaive"
+    ] = "auto"
     # {field: corpus column}: read a column of another name as a format's field, e.g. Dolly's
     # {input: context, output: response} (sftmix_ray/data/columns.py); renamed before detection
     columns: dict[str, str] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Corpora as TRL, Axolotl and LLaMA-Factory users hold them: TRL's prompt-completion rows,
-turns marked not to be trained (`weight: 0`, `train: false`), and columns of other names
-(`data.columns`)."""
+turns marked not to be trained (`weight: 0`, `train: false`), columns of other names
+(`data.columns`), and glaive's original function-calling rows."""
 
 from __future__ import annotations
 
@@ -156,6 +156,75 @@ def test_untrained_answers_are_prompt_tokens(tokenizer):
     )
 
 
+# --------------------------------------------------------------------------------- glaive
+
+GLAIVE_SYSTEM = (
+    "SYSTEM: You are a helpful assistant with access to the following functions. Use them if "
+    'required -\n{\n    "name": "get_price",\n    "description": "A stock\'s price",\n'
+    '    "parameters": {\n        "type": "object",\n        "properties": {\n'
+    '            "symbol": {"type": "string"}\n        }\n    }\n}\n\n'
+    '{\n    "name": "calc",\n    "parameters": {}\n}\n'
+)
+GLAIVE_CHAT = (
+    "USER: What is Apple's price?\n\n\n"
+    'ASSISTANT: <functioncall> {"name": "get_price", "arguments": '
+    '\'{"symbol": "AAPL", "note": "it\'s"}\'} <|endoftext|>\n\n\n'
+    'FUNCTION RESPONSE: {"price": 150.75}\n\n\n'
+    "ASSISTANT: Apple is at $150.75. <|endoftext|>\n\n\n"
+    "USER: Thanks!\n\n\nASSISTANT: You're welcome! <|endoftext|>\n"
+)
+
+
+def test_glaive_rows_read_with_calls_results_and_definitions():
+    """glaive-function-calling-v2's texts: the definitions (pretty-printed JSON after the
+    preamble), single-quoted call arguments (not JSON as written; an apostrophe inside), the
+    function response as a tool result named after the call."""
+    messages, tools, repairs = normalize_example(
+        {"system": GLAIVE_SYSTEM, "chat": GLAIVE_CHAT}, "auto"
+    )
+    call = {"name": "get_price", "arguments": {"symbol": "AAPL", "note": "it's"}}
+    assert messages == [
+        user("What is Apple's price?"),
+        bot("", tool_calls=[{"type": "function", "function": call}]),
+        {"role": "tool", "content": '{"price": 150.75}', "name": "get_price"},
+        bot("Apple is at $150.75."), user("Thanks!"), bot("You're welcome!"),
+    ]  # fmt: skip
+    assert [t["function"]["name"] for t in tools] == ["get_price", "calc"] and repairs == []
+    assert tools[0]["function"]["parameters"]["properties"] == {"symbol": {"type": "string"}}
+    # No functions: the system prompt is kept (without glaive's label); text before a call too.
+    row = {
+        "system": "SYSTEM: You are a helpful assistant, with no access to external functions.",
+        "chat": "USER: hi\nASSISTANT: Let me see. <functioncall> "
+        '{"name": "calc", "arguments": {"x": 1}}\nFUNCTION RESPONSE: 2\nASSISTANT: 2',
+    }
+    messages, tools, _ = normalize_example(row, "glaive")
+    plain = "You are a helpful assistant, with no access to external functions."
+    assert tools is None and messages[0] == {"role": "system", "content": plain}
+    assert messages[2]["content"] == "Let me see." and messages[2]["tool_calls"][0]["function"] == {
+        "name": "calc", "arguments": {"x": 1}
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("row", "kind"),
+    [
+        ({"system": "", "chat": "hello there"}, "no_turns"),
+        ({"chat": "preamble\nUSER: q\nASSISTANT: a"}, "malformed_turn"),
+        ({"chat": "USER: q\nASSISTANT: <functioncall> {name: f}"}, "malformed_tool_call"),
+        ({"chat": "USER: q\nASSISTANT: <functioncall> {\"name\": \"f\", \"arguments\": 'x'}"},
+         "malformed_tool_call"),  # arguments text that is not JSON
+        ({"system": "SYSTEM: functions -\n{\"name\": \"f\",", "chat": "USER: q\nASSISTANT: a"},
+         "malformed_tools"),
+        ({"system": 3, "chat": "USER: q\nASSISTANT: a"}, "wrong_type"),
+        ({"chat": "USER: q\nFUNCTION RESPONSE: 1\nASSISTANT: a"}, "orphan_tool_result"),
+    ],
+)  # fmt: skip
+def test_unreadable_glaive_rows_are_rejected_by_kind(row, kind):
+    with pytest.raises(RowRejected) as info:
+        normalize_example(row, "glaive", "none")
+    assert info.value.kind == kind, info.value.reason
+
+
 # -------------------------------------------------------------------------------- columns
 
 
@@ -215,11 +284,14 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
     --column` says the same of the file."""
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    # The held-out file is glaive's (auto detects each file's format).
+    glaive = tmp_path / "glaive.jsonl"
+    glaive.write_text(json.dumps({"system": GLAIVE_SYSTEM, "chat": GLAIVE_CHAT}) + "\n")
     out = tmp_path / "out"
     sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
     mapped = "--set=data.columns={completion: response}"
     code = main(["prepare", "--output-dir", str(out), *sets, f"--set=data.path={path}", mapped,
-                 "--set=data.max_length=128"])  # fmt: skip
+                 f"--set=data.eval_path={glaive}", "--set=data.max_length=512"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
     assert train["input"] == 5 and train["written"] == 3 and train["rejected"] == 2
@@ -237,6 +309,15 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
     assert answers == ["Red.<|im_end|>\n", "Blue.<|im_end|>\n", f"{call}Sunny.<|im_end|>\n"]
     stored = [json.loads(m) for m in data.column("messages_json").to_pylist()]
     assert stored[1][1] == bot("Red.", train=False)  # kept for re-tokenizing
+    # The glaive row: its call and both answers trained, its definitions beside it.
+    heldout = pq.read_table(out / "heldout")
+    ids, labels = (heldout.column(c)[0].as_py() for c in ("input_ids", "labels"))
+    trained = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
+    assert trained == (
+        '<tool_call>\n{"name": "get_price", "arguments": {"symbol": "AAPL", "note": "it\'s"}}\n'
+        "</tool_call><|im_end|>\nApple is at $150.75.<|im_end|>\nYou're welcome!<|im_end|>\n"
+    )
+    assert len(json.loads(heldout.column("tools_json")[0].as_py())) == 2
 
     proc = subprocess.run(
         [*sftmix_command(), "validate-data", "--data", str(path), "--column",

@@ -39,7 +39,15 @@ def msgs(*turns: tuple[str, Any]) -> dict[str, Any]:
 
 
 def test_formats_constant() -> None:
-    assert FORMATS == ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam")
+    assert FORMATS == (
+        "auto",
+        "alpaca",
+        "sharegpt",
+        "messages",
+        "prompt_completion",
+        "xlam",
+        "glaive",
+    )
 
 
 # --- alpaca ---------------------------------------------------------------------------------
@@ -176,7 +184,7 @@ REJECTIONS: list[tuple[Any, str, str]] = [
         {"text": "q"},
         "auto",
         "row matches no format (no 'messages', 'conversations' or 'instruction' field, nor "
-        "'prompt' and 'completion', nor 'query' and 'answers')",
+        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' text)",
     ),
     # alpaca
     ({"output": "a"}, "alpaca", "missing field 'instruction'"),

@@ -20,6 +20,7 @@ FIELDS = (
     "conversations", "messages",  # sharegpt, messages
     "prompt", "completion",  # TRL's prompt-completion
     "query", "answers",  # xLAM
+    "chat",  # glaive's transcript (its `system` is the field above)
     "tools", "functions",  # tool definitions
     "answer",  # the expected final answer of a held-out row (eval's exact match)
 )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Normalize one raw corpus row (alpaca, sharegpt, messages, prompt_completion or xlam) to a list
-of chat messages.
+"""Normalize one raw corpus row (alpaca, sharegpt, messages, prompt_completion, xlam or glaive) to a
+list of chat messages.
 
 The result is always `[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`
 with an optional leading system message, then user and assistant turns alternating, starting
@@ -35,6 +35,8 @@ Rules (the same for every format):
 - an assistant turn marked `weight: 0` (Axolotl's and SlimOrca's, OpenHermes' sharegpt
   dumps) or `train: false` (Axolotl's chat_template datasets) is context, not trained; a row
   with no assistant turn left to train is rejected (`no_trained_turn`);
+- glaive (glaive-function-calling-v2's `system` and `chat` texts, read by glaive.py into turns
+  with calls, results and the definitions);
 - xlam (Salesforce's xLAM function-calling rows): `query` is the user turn, `answers` (a JSON
   list of `{"name", "arguments"}`, as text or a list) the assistant's calls, `tools` their
   definitions: single-turn data that teaches the calls themselves;
@@ -64,9 +66,10 @@ from itertools import pairwise
 from typing import Any
 
 from sftmix_ray.data.columns import FIELDS
+from sftmix_ray.data.glaive import glaive_row
 from sftmix_ray.errors import DataError, RowRejected
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam", "glaive")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES: dict[str, str] = {
     "system": "system",
@@ -140,6 +143,8 @@ def row_format(row: Any) -> str | None:
         return "prompt_completion"
     if "query" in row and "answers" in row:
         return "xlam"
+    if isinstance(row.get("chat"), str):
+        return "glaive"
     return None
 
 
@@ -151,9 +156,9 @@ def detect_format(rows: Iterable[Any]) -> str:
             return fmt
     raise DataError(
         "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
-        "'instruction' field, 'prompt' and 'completion', or 'query' and 'answers'; pass the "
-        "format explicitly (alpaca, sharegpt, messages, prompt_completion or xlam) and map "
-        "columns of other names with data.columns"
+        "'instruction' field, 'prompt' and 'completion', 'query' and 'answers', or a 'chat' "
+        "text; pass the format explicitly (alpaca, sharegpt, messages, prompt_completion, xlam "
+        "or glaive) and map columns of other names with data.columns"
     )
 
 
@@ -190,12 +195,15 @@ def normalize_example(
         if detected is None:
             raise RowRejected(
                 "row matches no format (no 'messages', 'conversations' or 'instruction' "
-                "field, nor 'prompt' and 'completion', nor 'query' and 'answers')",
+                "field, nor 'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' "
+                "text)",
                 "no_format",
             )
         fmt = detected
     repairs: set[str] = set()
     text = _TextReader(repair == "standard", repairs)
+    if fmt == "glaive":  # its texts read into a messages row, then the same rules
+        row, fmt = glaive_row(row), "messages"
     if fmt == "alpaca":
         messages = _normalize_alpaca(row, text)
     elif fmt == "xlam":

@@ -1,0 +1,113 @@
+"""Glaive's original function-calling rows (glaiveai/glaive-function-calling-v2, 113k rows).
+
+A row is two texts. `system`: "SYSTEM: You are a helpful assistant with access to the following
+functions. Use them if required -" then the function definitions as JSON objects (often
+pretty-printed over several lines), or a plain system prompt ("... with no access to external
+functions."). `chat`: the transcript, turns started by `USER:`, `ASSISTANT:` and `FUNCTION
+RESPONSE:` at the start of a line, each assistant turn ended by `<|endoftext|>`; an assistant
+turn that calls a function is `<functioncall> {"name": ..., "arguments": '{...}'}`, the
+arguments JSON text in single quotes (so the call is not JSON as written).
+
+`glaive_row` turns that into the OpenAI shape the formats read (turns with `tool_calls`, `tool`
+turns, a `tools` list); formats.py then applies the same rules and repairs as to every row.
+With definitions, glaive's preamble is left out: the chat template writes its own tool
+instructions around them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from sftmix_ray.errors import RowRejected
+
+_TURN = re.compile(r"(?:^|\n)[ \t]*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*")
+_ROLES = {"USER": "user", "ASSISTANT": "assistant", "FUNCTION RESPONSE": "tool"}
+_END = "<|endoftext|>"
+_CALL = "<functioncall>"
+# `{"name": "f", "arguments": '{...}'}`: the arguments' JSON text in single quotes.
+_QUOTED_CALL = re.compile(
+    r'^\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*\'(.*)\'\s*\}$', re.S
+)
+
+
+def glaive_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A glaive row as a `messages` row (with `system` and `tools` when it has them); raise
+    `RowRejected` when its texts cannot be read."""
+    chat = row.get("chat")
+    if not isinstance(chat, str):
+        kind = "missing_field" if chat is None else "wrong_type"
+        raise RowRejected("field 'chat' must be the transcript text", kind)
+    system, tools = _system(row.get("system"))
+    out: dict[str, Any] = {"messages": _turns(chat)}
+    if system:
+        out["system"] = system
+    if tools:
+        out["tools"] = tools
+    return out
+
+
+def _system(value: Any) -> tuple[str, list[Any]]:
+    """The system prompt (without glaive's `SYSTEM:` label) and the function definitions in
+    it; with definitions, the prompt is "" (it only introduces them)."""
+    if value is None:
+        return "", []
+    if not isinstance(value, str):
+        raise RowRejected("field 'system' must be a string", "wrong_type")
+    text = re.sub(r"^\s*SYSTEM\s*:\s*", "", value)
+    start = text.find("{")
+    if start < 0:
+        return text.strip(), []
+    decoder, tools, at = json.JSONDecoder(), [], start
+    while at < len(text):
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except ValueError:
+            raise RowRejected(
+                "field 'system' has function definitions that are not valid JSON",
+                "malformed_tools",
+            ) from None
+        tools.append(item)
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return "", tools
+
+
+def _turns(chat: str) -> list[dict[str, Any]]:
+    """The transcript's turns, in order."""
+    marks = list(_TURN.finditer(chat))
+    if not marks:
+        raise RowRejected("field 'chat' has no USER: or ASSISTANT: turn", "no_turns")
+    if chat[: marks[0].start()].strip():
+        raise RowRejected("field 'chat' has text before its first turn label", "malformed_turn")
+    turns = []
+    for number, (mark, after) in enumerate(zip(marks, [*marks[1:], None]), start=1):
+        content = chat[mark.end() : after.start() if after else len(chat)].strip()
+        role = _ROLES[mark.group(1)]
+        if role == "assistant":
+            content = content.removesuffix(_END).rstrip()
+            turns.append(_assistant(content, number))
+        else:
+            turns.append({"role": role, "content": content})
+    return turns
+
+
+def _assistant(content: str, number: int) -> dict[str, Any]:
+    """An assistant turn; `<functioncall> {...}` (after any text) is its call."""
+    at = content.find(_CALL)
+    if at < 0:
+        return {"role": "assistant", "content": content}
+    text, call = content[:at].strip(), content[at + len(_CALL) :].strip()
+    try:
+        parsed = json.loads(call)
+    except ValueError:
+        quoted = _QUOTED_CALL.match(call)
+        if quoted is None:
+            raise RowRejected(
+                f"turn {number} (assistant) has a function call that cannot be read",
+                "malformed_tool_call",
+            ) from None
+        # The name as JSON text; the arguments stay text (formats.py parses and checks them).
+        parsed = {"name": json.loads(quoted.group(1)), "arguments": quoted.group(2)}
+    return {"role": "assistant", "content": text, "function_call": parsed}
