@@ -519,7 +519,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         items = [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in value]
         return list(dict.fromkeys(items))
     if origin is dict:
-        # A YAML mapping, or "a=b,c=d" from --set; "none" is the empty mapping.
+        # A YAML mapping, or "a=b,c=d" from --set; "none" (or a YAML key left empty) is {}.
+        if value is None:
+            value = {}
         if isinstance(value, str):
             pairs = [p for p in value.split(",") if p.strip()]
             if value.strip().lower() == "none":

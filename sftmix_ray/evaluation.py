@@ -100,7 +100,8 @@ def exact_match(
 
     prompts = [
         tokenizer.apply_chat_template(
-            row["messages"][:-1],
+            # Without formats.py's training marks, as the prompt was rendered in training.
+            [{k: v for k, v in m.items() if k != "train"} for m in row["messages"][:-1]],
             tools=row.get("tools"),
             chat_template=chat_template_of(tokenizer, tools=bool(row.get("tools"))),
             tokenize=False,

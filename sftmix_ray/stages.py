@@ -65,6 +65,8 @@ def prepare_reads(cfg: Config) -> Reads:
     data = {f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}
     for k in ("data.tokenize_batch_size", "data.num_workers"):
         data.pop(k)
+    if not cfg.data.columns:  # no mapping: earlier runs keep their prints
+        data.pop("data.columns")
     model = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
     model.pop("model.attn_implementation")
     if cfg.model.name_or_path != "tiny":

@@ -73,15 +73,36 @@ def test_prompt_completion_rows_read_as_trl_writes_them():
         ({"prompt": 3, "completion": "a"}, "wrong_type", "'prompt' must be a string or a list"),
         ({"prompt": [], "completion": []}, "empty_conversation", "both empty"),
         ({"prompt": "q", "completion": [user("again")]}, "no_assistant_turn", "no assistant"),
-        # Turns are numbered on from the prompt's into the completion's.
-        ({"prompt": [user("q")], "completion": [bot("a"), bot("b")]}, "repeated_role", "turn 3"),
+        # Reasons name the side a turn is on.
+        (
+            {"prompt": [user("q")], "completion": [bot("a"), bot("b")]},
+            "repeated_role",
+            "completion turn 2 repeats",
+        ),
+        (
+            {"prompt": [user("q"), user("q")], "completion": "a"},
+            "repeated_role",
+            "prompt turn 2 repeats",
+        ),
+        # A prompt ending in an answer that the completion continues (TRL's prefill) would
+        # train the prompt's part once merged.
+        (
+            {"prompt": [user("q"), bot("Red")], "completion": " Blue."},
+            "mixed_training_turns",
+            "prompt turn 2 .assistant, context. runs on into completion turn 1",
+        ),
         # A prompt that already holds the only answer: nothing of the completion to learn.
-        ({"prompt": [user("q"), bot("a")], "completion": []}, "no_trained_turn", "no assistant"),
+        (
+            {"prompt": [user("q"), bot("a")], "completion": []},
+            "no_trained_turn",
+            "the completion has no assistant turn",
+        ),
     ],
 )
 def test_unusable_prompt_completion_rows_are_rejected_by_kind(row, kind, reason):
+    repair = "standard" if kind == "mixed_training_turns" else "none"
     with pytest.raises(RowRejected, match=reason) as info:
-        normalize_example(row, "prompt_completion", "none")
+        normalize_example(row, "prompt_completion", repair)
     assert info.value.kind == kind
 
 
@@ -117,16 +138,25 @@ def test_weight_and_train_marks_leave_turns_out_of_training():
         assert info.value.kind == kind, turns
 
 
-def test_a_merged_answer_is_trained_when_either_part_was():
-    """The standard repairs merge consecutive answers; a merged one keeps the training of
-    either part (data is kept, not dropped)."""
-    row = {"messages": [user("q"), bot("a", weight=0), bot("b"), user("q2"), bot("c", weight=0),
+def test_answers_merge_only_with_answers_trained_alike():
+    """The standard repairs merge consecutive answers of one kind (both trained, both
+    context); a context answer running on into a trained one is rejected, as one merged turn
+    would train the context or leave the trained part out."""
+    row = {"messages": [user("q"), bot("a"), bot("b"), user("q2"), bot("c", weight=0),
                         bot("d", weight=0), user("q3"), bot("e")]}  # fmt: skip
     messages, _, repairs = normalize_example(row, "messages")
     assert repairs == ["same_role_merged"]
     assert [(m["content"], m.get("train", True)) for m in messages if m["role"] == "assistant"] == [
         ("a\n\nb", True), ("c\n\nd", False), ("e", True)
     ]  # fmt: skip
+    for first, second in (({"weight": 0}, {}), ({}, {"train": False})):
+        mixed = {"messages": [user("q"), bot("a", **first), bot("b", **second)]}
+        with pytest.raises(RowRejected) as info:
+            normalize_example(mixed, "messages")
+        assert info.value.kind == "mixed_training_turns"
+    # A prompt's answers are context whatever weight they carry (it is not checked there).
+    row = {"prompt": [user("q"), bot("a", weight=0.5), user("q2")], "completion": "b"}
+    assert normalize_example(row, "prompt_completion")[0][1] == bot("a", train=False)
 
 
 def test_untrained_answers_are_prompt_tokens(tokenizer):
@@ -144,7 +174,7 @@ def test_untrained_answers_are_prompt_tokens(tokenizer):
     assert supervised(tokenizer, stored) == "Blue.<|im_end|>\n"
     # The trained answer does not fit: what is before it is prompt, and the prompt is too long.
     full = len(ids)
-    with pytest.raises(RowRejected) as info:
+    with pytest.raises(RowRejected, match="the first trained response starts") as info:
         tokenize_conversation(tokenizer, messages, full - 4, "turns")
     assert info.value.kind == "prompt_too_long"
     # Untrained last answer: the cut is after the last trained exchange.
@@ -242,9 +272,22 @@ def test_columns_are_renamed_and_checked():
     assert load_config(None, ["data.columns=input=context,output=response"]).data.columns == (
         columns
     )
+    assert load_config(None, ["data.columns=null"]).data.columns == {}  # a key left empty
+    # One column may fill two fields: GSM8K's answer is the output and eval's exact match.
+    gsm8k = rename_columns({"question": "q", "answer": "a"}, {"instruction": "question",
+                           "output": "answer", "answer": "answer"})  # fmt: skip
+    assert gsm8k == {"instruction": "q", "output": "a", "answer": "a"}
+    # The fingerprint of prepare names the mapping only when there is one (earlier runs keep
+    # their prints).
+    from sftmix_ray.stages import prepare_reads
+    from tests.conftest import tiny_config
+
+    assert "data.columns" not in prepare_reads(tiny_config())
+    assert prepare_reads(tiny_config("data.columns={input: context}"))["data.columns"] == {
+        "input": "context"
+    }  # fmt: skip
     for bad, message in [
         ("data.columns={inptu: context}", "did you mean 'input'"),
-        ("data.columns={input: x, output: x}", "'x' is mapped to more than one field"),
         ("data.columns={input: ''}", "must name a column"),
         ("data.columns=input", "expected key=value pairs"),
     ]:

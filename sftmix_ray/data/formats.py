@@ -321,9 +321,24 @@ def _normalize_prompt_completion(row: dict[str, Any], text: _TextReader) -> list
             )
     if not turns:
         raise RowRejected("fields 'prompt' and 'completion' are both empty", "empty_conversation")
-    return _normalize_conversation(
-        {"messages": turns, "system": row.get("system")}, "messages", text
-    )
+    in_prompt = 1 if isinstance(row["prompt"], str) else len(row["prompt"])
+    try:
+        return _normalize_conversation(
+            {"messages": turns, "system": row.get("system")}, "messages", text
+        )
+    except RowRejected as exc:
+        if exc.kind == "no_trained_turn":
+            raise RowRejected(
+                "the completion has no assistant turn to train (none, or each marked weight 0 "
+                "or train false)",
+                exc.kind,
+            ) from None
+
+        def side(match: re.Match[str]) -> str:  # the turns are numbered on across both sides
+            n = int(match.group(1))
+            return f"prompt turn {n}" if n <= in_prompt else f"completion turn {n - in_prompt}"
+
+        raise RowRejected(re.sub(r"\bturn (\d+)", side, exc.reason), exc.kind) from None
 
 
 def _alpaca_history(history: Any, text: _TextReader) -> list[Message]:
@@ -446,12 +461,20 @@ def _repair_order(
             and role in ("user", "assistant")
             and not previous.get("tool_calls")
         ):
+            if previous.get("train", True) != message.get("train", True):
+                # One merged turn would train the context part or leave the trained one out.
+                raise RowRejected(
+                    f"turn {merged[-1][0]} (assistant, "
+                    f"{'context' if previous.get('train') is False else 'trained'}) runs on "
+                    f"into turn {number} ("
+                    f"{'context' if message.get('train') is False else 'trained'}): a "
+                    "prefilled answer or a weight 0 and a weight 1 answer in a row, which "
+                    "cannot be merged without training the context",
+                    "mixed_training_turns",
+                )
             repairs.add("same_role_merged")
             parts = [c for c in (previous["content"], message["content"]) if c]
-            joined = {**message, "content": "\n\n".join(parts)}
-            if previous.get("train") is not False:  # trained when either part was
-                joined.pop("train", None)
-            merged[-1] = (merged[-1][0], joined)
+            merged[-1] = (merged[-1][0], {**message, "content": "\n\n".join(parts)})
         else:
             merged.append((number, message))
     while len(merged) > 1 and merged[-1][1]["role"] in ("user", "tool"):
@@ -474,6 +497,8 @@ def _trains(turn: dict[str, Any], number: int) -> bool:
     """False for a turn marked context only: `weight` 0 (Axolotl's sharegpt, SlimOrca's and
     OpenHermes' dumps; null or 1 train) or `train` false (Axolotl's chat_template)."""
     weight, train = turn.get("weight"), turn.get("train")
+    if train is False:  # context (a TRL prompt's answers are marked so): its weight is moot
+        return False
     if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
         raise RowRejected(f"turn {number} weight must be 0 or 1 (got {weight!r})", "malformed_turn")
     if train is not None and not isinstance(train, bool):

@@ -418,11 +418,11 @@ def _turns_cut(
     fitting = [end for end in ends if end <= limit]
     if fitting:
         return max(fitting)
-    first = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-    if first >= limit:
+    first = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if first is None or first >= limit:  # None: its span was past the limit, not rendered
+        where = f"starts at token {first}" if first is not None else "starts past it"
         raise RowRejected(
-            f"prompt too long: the first response starts at token {first} >= "
-            f"data.max_length={limit}",
+            f"prompt too long: the first trained response {where} (data.max_length={limit})",
             "prompt_too_long",
         )
     return limit
