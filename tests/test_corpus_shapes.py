@@ -13,9 +13,9 @@ import pytest
 from sftmix_ray.cli import main
 from sftmix_ray.config import load_config
 from sftmix_ray.data.columns import rename_columns
-from sftmix_ray.data.formats import normalize_example, row_format
+from sftmix_ray.data.formats import detect_format, normalize_example, row_format
 from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
-from sftmix_ray.errors import ConfigError, RowRejected
+from sftmix_ray.errors import ConfigError, DataError, RowRejected
 from sftmix_ray.modeling import train_tiny_tokenizer
 from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command
 
@@ -295,6 +295,13 @@ def test_columns_are_renamed_and_checked():
             load_config(None, [bad])
     with pytest.raises(RowRejected, match="unmapped columns: 'context', 'response'"):
         normalize_example(dolly, "alpaca")
+    # A corpus of no format says what its rows have (LMSYS-Chat-1M's `conversation`).
+    lmsys = {"conversation_id": "a", "conversation": [user("hi"), bot("hello")]}
+    with pytest.raises(RowRejected, match="unmapped columns: 'conversation_id', 'conversation'"):
+        normalize_example(lmsys, "auto")
+    with pytest.raises(DataError, match="its first row has 'conversation_id', 'conversation'"):
+        detect_format([lmsys])
+    assert detect_format([rename_columns(lmsys, {"messages": "conversation"})]) == "messages"
 
 
 # ---------------------------------------------------------------- through prepare's CLI

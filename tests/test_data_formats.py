@@ -184,7 +184,8 @@ REJECTIONS: list[tuple[Any, str, str]] = [
         {"text": "q"},
         "auto",
         "row matches no format (no 'messages', 'conversations' or 'instruction' field, nor "
-        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' text)",
+        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' text) (unmapped "
+        "columns: 'text'; see data.columns)",
     ),
     # alpaca
     ({"output": "a"}, "alpaca", "missing field 'instruction'"),

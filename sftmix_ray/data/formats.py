@@ -150,15 +150,20 @@ def row_format(row: Any) -> str | None:
 
 def detect_format(rows: Iterable[Any]) -> str:
     """The format of a corpus, from the keys of its first row that matches a known format."""
+    columns: list[str] | None = None  # the first row's, to say what the corpus has
     for row in rows:
         fmt = row_format(row)
         if fmt is not None:
             return fmt
+        if columns is None and isinstance(row, dict):
+            columns = [_show(str(k), 30) for k in row][:8]
+    has = f" (its first row has {', '.join(columns)})" if columns else ""
     raise DataError(
         "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
         "'instruction' field, 'prompt' and 'completion', 'query' and 'answers', or a 'chat' "
-        "text; pass the format explicitly (alpaca, sharegpt, messages, prompt_completion, xlam "
-        "or glaive) and map columns of other names with data.columns"
+        f"text{has}; pass the format explicitly (alpaca, sharegpt, messages, "
+        "prompt_completion, xlam or glaive) and map columns of other names with data.columns "
+        "(LMSYS-Chat-1M and WildChat: {messages: conversation})"
     )
 
 
@@ -196,7 +201,7 @@ def normalize_example(
             raise RowRejected(
                 "row matches no format (no 'messages', 'conversations' or 'instruction' "
                 "field, nor 'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' "
-                "text)",
+                f"text){_looks_like(row, '')}",
                 "no_format",
             )
         fmt = detected
