@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--column", dest="columns", action="append", default=[], metavar="FIELD=COLUMN",
         help="read COLUMN as the format's FIELD, as data.columns does (repeatable)",
     )  # fmt: skip
+    v.add_argument(
+        "--mask-history", action="store_true",
+        help="train only each row's last answer, as data.mask_history does",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -102,8 +106,9 @@ def _validate_data(args: argparse.Namespace) -> str:
     # Checked as data.columns is (a typo names the field it meant).
     columns = load_config(None, [f"data.columns={','.join(args.columns)}"]).data.columns
     _, report = validate_file(
-        args.data, args.format, repair=args.repair, keep_valid=False, columns=columns
-    )
+        args.data, args.format, repair=args.repair, keep_valid=False, columns=columns,
+        history_masked=args.mask_history,
+    )  # fmt: skip
     if args.json:
         return json.dumps(report.to_json())
     return format_report(report, args.data)

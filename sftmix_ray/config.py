@@ -49,6 +49,9 @@ class DataConfig:
     # standard: repair what real dumps break (leading assistant turns, a trailing user turn,
     # empty turns, runs of one role, bing/bard roles), counted by kind; none: strict.
     repair: Literal["standard", "none"] = "standard"
+    # true: train only each conversation's last answer, earlier ones are context
+    # (LLaMA-Factory's mask_history); a row whose last answer is marked weight 0 is rejected
+    mask_history: bool = False
     max_length: int = 512  # tokens per example
     # Longer examples: turns keeps the longest prefix of whole exchanges that fits (or cuts the
     # first response); truncate cuts at max_length; drop rejects the row.

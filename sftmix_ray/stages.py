@@ -67,6 +67,8 @@ def prepare_reads(cfg: Config) -> Reads:
         data.pop(k)
     if not cfg.data.columns:  # no mapping: earlier runs keep their prints
         data.pop("data.columns")
+    if not cfg.data.mask_history:  # the default: earlier runs keep their prints
+        data.pop("data.mask_history")
     model = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
     model.pop("model.attn_implementation")
     if cfg.model.name_or_path != "tiny":

@@ -186,6 +186,58 @@ def test_untrained_answers_are_prompt_tokens(tokenizer):
     )
 
 
+# --------------------------------------------------------------------------- mask_history
+
+HISTORY = [
+    {"messages": [user("Name a colour."), bot("Red."), user("Another one?"), bot("Blue.")]},
+    {"messages": [user("Name a colour."), bot("Red."), user("Another one?"),
+                  bot("Blue.", weight=0)]},  # its last answer is not to be trained
+    {"messages": [user("Why?"), bot("Because.")]},
+]  # fmt: skip
+
+
+def test_mask_history_trains_each_rows_last_answer_only(tokenizer, tmp_path):
+    """`data.mask_history` (LLaMA-Factory's): earlier answers are context. Through the
+    tokenization actors' own function (`process_chunk`, as `prepare` runs it) and
+    `validate-data --mask-history`: the same rows kept and rejected."""
+    from sftmix_ray.data.chunk_worker import ChunkJob, process_chunk
+    from sftmix_ray.data.chunks import plan_chunks
+
+    corpus = tmp_path / "history.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in HISTORY))
+    target = tmp_path / "data"
+    job = ChunkJob(str(corpus), "messages", "standard", "train", 0, {"train": str(target)},
+                   {"train": str(tmp_path / "rejections")}, mask_history=True)  # fmt: skip
+    (chunk,), _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path, parts=1)
+    stats = process_chunk(
+        job, 0, chunk, lambda m, t: tokenize_conversation(tokenizer, m, 512, "turns", t)
+    )
+    assert stats["train"]["written"] == 2 and stats["train"]["rejected"] == 1
+    data = pq.read_table(target)
+    answers = [
+        tokenizer.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
+        for ids, labels in zip(*(data.column(c).to_pylist() for c in ("input_ids", "labels")))
+    ]
+    assert answers == ["Blue.<|im_end|>\n", "Because.<|im_end|>\n"]
+    (line,) = (tmp_path / "rejections" / "part-00000.jsonl").read_text().splitlines()
+    assert json.loads(line)["kind"] == "no_trained_turn" and json.loads(line)["line"] == 2
+    # Without it, the first row trains both answers (and the second its first).
+    assert supervised(tokenizer, normalize_example(HISTORY[0], "messages")[0]) == (
+        "Red.<|im_end|>\nBlue.<|im_end|>\n"
+    )
+    proc = subprocess.run(
+        [*sftmix_command(), "validate-data", "--data", str(corpus), "--mask-history", "--json"],
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    report = result_json(proc)
+    assert report["valid"] == 2 and list(report["by_kind"]) == ["no_trained_turn"]
+    from sftmix_ray.stages import prepare_reads
+    from tests.conftest import tiny_config
+
+    assert "data.mask_history" not in prepare_reads(tiny_config())  # earlier runs keep theirs
+    assert prepare_reads(tiny_config("data.mask_history=true"))["data.mask_history"] is True
+
+
 # --------------------------------------------------------------------------------- glaive
 
 GLAIVE_SYSTEM = (

@@ -67,6 +67,7 @@ class ChunkJob:
     dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of Parquet parts
     rejection_dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of parts
     columns: dict[str, str] = field(default_factory=dict)  # data.columns: {field: column}
+    mask_history: bool = False  # data.mask_history: train each row's last answer only
 
     def side(self, example_id: int) -> str:
         if self.route == "by_id":
@@ -156,7 +157,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     driver can report the first one in file order.
     """
     from sftmix_ray.data.columns import rename_columns
-    from sftmix_ray.data.formats import normalize_example
+    from sftmix_ray.data.formats import mask_history, normalize_example
 
     stats = {side: SideStats() for side in SIDES}
     name = f"part-{chunk_no:05d}"
@@ -180,6 +181,8 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                     tools = json.loads(tools) if tools else None
                 else:
                     messages, tools, applied = normalize_example(raw, job.fmt, job.repair)
+                    if job.mask_history:
+                        messages = mask_history(messages)
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=True)
                 rejections[side].append(_rejection_line(index, where, exc))

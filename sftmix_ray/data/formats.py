@@ -418,6 +418,23 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: _TextReader) ->
     return _name_tool_results([message for _, message in numbered])
 
 
+def mask_history(messages: list[Message]) -> list[Message]:
+    """`data.mask_history`: every assistant turn but the last marked `"train": False` (the
+    earlier answers and calls are context, as LLaMA-Factory's mask_history trains only the
+    last turn); a row whose last answer is itself not trained is rejected."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if messages[last].get("train") is False:
+        raise RowRejected(
+            "the last assistant turn is marked not to train (weight 0 or train false) and "
+            "data.mask_history trains no other",
+            "no_trained_turn",
+        )
+    return [
+        {**m, "train": False} if m["role"] == "assistant" and i != last else m
+        for i, m in enumerate(messages)
+    ]
+
+
 def _name_tool_results(messages: list[Message]) -> list[Message]:
     """Give each tool result without a `name` the name of the call it answers (by
     `tool_call_id`, else by its place among the results after the call), as templates such as

@@ -98,7 +98,9 @@ def plan_corpora(cfg: Config, run: RunDir, dirs: dict[str, str], rejection_dirs:
     for number, (source, path, fmt, route, every) in enumerate(specs):
         columns = {} if d.path == DEMO else d.columns  # the demo is in the formats' names
         fmt = resolve_format(path, fmt, d.hf_split, columns)
-        job = ChunkJob(source, fmt, d.repair, route, every, dirs, rejection_dirs, columns)
+        job = ChunkJob(
+            source, fmt, d.repair, route, every, dirs, rejection_dirs, columns, d.mask_history
+        )
         chunks, total = plan_chunks(
             path, hf_split=d.hf_split, work_dir=work / f"source-{number}", parts=parts
         )

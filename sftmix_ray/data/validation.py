@@ -12,7 +12,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftmix_ray.data.formats import FORMATS, Message, detect_format, normalize_with_repairs
+from sftmix_ray.data.formats import (
+    FORMATS,
+    Message,
+    detect_format,
+    mask_history,
+    normalize_with_repairs,
+)
 from sftmix_ray.data.readers import iter_records
 from sftmix_ray.errors import DataError, RowRejected
 
@@ -76,6 +82,7 @@ def validate_rows(
     source: str | None = None,
     repair: str = "standard",
     keep_valid: bool = True,
+    history_masked: bool = False,
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Normalize every row; return the valid (row index, messages) pairs and the report.
 
@@ -98,6 +105,8 @@ def validate_rows(
         total += 1
         try:
             messages, applied = normalize_with_repairs(row, resolved, repair)
+            if history_masked:  # data.mask_history, as prepare applies it
+                messages = mask_history(messages)
         except RowRejected as exc:
             rejections.append(Rejection(index, exc.reason, exc.kind))
             continue
@@ -124,6 +133,7 @@ def validate_file(
     repair: str = "standard",
     keep_valid: bool = True,
     columns: dict[str, str] | None = None,
+    history_masked: bool = False,
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Stream a corpus (file, directory, URI or HF dataset) and validate every row, its
     columns renamed by `columns` (`data.columns`) as prepare does."""
@@ -133,7 +143,10 @@ def validate_file(
     source = os.fspath(path)
     resolved = resolve_format(source, fmt, hf_split, columns) if fmt in FORMATS else fmt
     rows = (rename_columns(row, columns) for row in iter_records(path, hf_split=hf_split))
-    return validate_rows(rows, resolved, source=source, repair=repair, keep_valid=keep_valid)
+    return validate_rows(
+        rows, resolved, source=source, repair=repair, keep_valid=keep_valid,
+        history_masked=history_masked,
+    )  # fmt: skip
 
 
 def format_report(
