@@ -276,8 +276,8 @@ def test_glaive_rows_read_with_calls_results_and_definitions():
     # No functions: the system prompt is kept (without glaive's label); text before a call too.
     row = {
         "system": "SYSTEM: You are a helpful assistant, with no access to external functions.",
-        "chat": "USER: hi\nASSISTANT: Let me see. <functioncall> "
-        '{"name": "calc", "arguments": {"x": 1}}\nFUNCTION RESPONSE: 2\nASSISTANT: 2',
+        "chat": "USER: hi\n\n\nASSISTANT: Let me see. <functioncall> "
+        '{"name": "calc", "arguments": {"x": 1}}\n\n\nFUNCTION RESPONSE: 2\n\n\nASSISTANT: 2',
     }
     messages, tools, _ = normalize_example(row, "glaive")
     plain = "You are a helpful assistant, with no access to external functions."
@@ -287,18 +287,53 @@ def test_glaive_rows_read_with_calls_results_and_definitions():
     }  # fmt: skip
 
 
+def test_glaive_quirks_are_read_as_the_dump_means_them():
+    """What the real dump does: an answer running on after `<|endoftext|>` on the same line
+    (merged into the call after it), a label on a line of its own inside a turn (text, not a
+    new turn: glaive separates turns with blank lines), `\\'` and raw newlines in quoted
+    arguments, definitions as a JSON list, braces in a plain system prompt, a preamble of
+    one's own (kept as the system prompt)."""
+    chat = (
+        "USER: Answer in this form:\nASSISTANT: <text>\n\n\n"
+        "ASSISTANT: Sure, one moment. <|endoftext|> ASSISTANT: <functioncall> "
+        '{"name": "f", "arguments": \'{"q": "it\\\'s\nfine"}\'} <|endoftext|>\n\n\n'
+        "FUNCTION RESPONSE: {}\n\n\nASSISTANT: Done. <|endoftext|>"
+    )
+    system = 'SYSTEM: You are Bob. Use these functions:\n[{"name": "f"}, {"name": "g"}]'
+    messages, tools, repairs = normalize_example({"system": system, "chat": chat}, "glaive")
+    assert messages[0] == {"role": "system", "content": "You are Bob. Use these functions:"}
+    assert messages[1] == user("Answer in this form:\nASSISTANT: <text>")
+    assert messages[2]["content"] == "Sure, one moment."
+    assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"q": "it's\nfine"}
+    assert [t["function"]["name"] for t in tools] == ["f", "g"]
+    assert repairs == ["same_role_merged"]
+    braces = {"system": 'SYSTEM: Reply as {"answer": ...}.', "chat": "USER: q\n\n\nASSISTANT: a"}
+    messages, tools, _ = normalize_example(braces, "glaive")
+    assert tools is None and messages[0]["content"] == 'Reply as {"answer": ...}.'
+
+
+DEEP = "[" * 100_000
+
+
 @pytest.mark.parametrize(
     ("row", "kind"),
     [
         ({"system": "", "chat": "hello there"}, "no_turns"),
-        ({"chat": "preamble\nUSER: q\nASSISTANT: a"}, "malformed_turn"),
-        ({"chat": "USER: q\nASSISTANT: <functioncall> {name: f}"}, "malformed_tool_call"),
-        ({"chat": "USER: q\nASSISTANT: <functioncall> {\"name\": \"f\", \"arguments\": 'x'}"},
+        ({"chat": "preamble\n\n\nUSER: q\n\n\nASSISTANT: a"}, "malformed_turn"),
+        ({"chat": "USER: q\n\n\nASSISTANT: <functioncall> {name: f}"}, "malformed_tool_call"),
+        ({"chat": "USER: q\n\n\nASSISTANT: <functioncall> {\"name\": \"f\", \"arguments\": 'x'}"},
          "malformed_tool_call"),  # arguments text that is not JSON
-        ({"system": "SYSTEM: functions -\n{\"name\": \"f\",", "chat": "USER: q\nASSISTANT: a"},
+        # A name that is not a JSON string, and calls and definitions nested too deep: each a
+        # rejected row, never an exception that stops prepare.
+        ({"chat": "USER: q\n\n\nASSISTANT: <functioncall> "
+                  "{\"name\": \"a\\qb\", \"arguments\": '{}'}"}, "malformed_tool_call"),
+        ({"chat": f"USER: q\n\n\nASSISTANT: <functioncall> {DEEP}"}, "malformed_tool_call"),
+        ({"system": f"SYSTEM: functions -\n{DEEP}", "chat": "USER: q\n\n\nASSISTANT: a"},
          "malformed_tools"),
-        ({"system": 3, "chat": "USER: q\nASSISTANT: a"}, "wrong_type"),
-        ({"chat": "USER: q\nFUNCTION RESPONSE: 1\nASSISTANT: a"}, "orphan_tool_result"),
+        ({"system": "SYSTEM: functions -\n{\"name\": \"f\",", "chat": "USER: q\n\n\nASSISTANT: a"},
+         "malformed_tools"),
+        ({"system": 3, "chat": "USER: q\n\n\nASSISTANT: a"}, "wrong_type"),
+        ({"chat": "USER: q\n\n\nFUNCTION RESPONSE: 1\n\n\nASSISTANT: a"}, "orphan_tool_result"),
     ],
 )  # fmt: skip
 def test_unreadable_glaive_rows_are_rejected_by_kind(row, kind):
@@ -349,8 +384,10 @@ def test_columns_are_renamed_and_checked():
         normalize_example(dolly, "alpaca")
     # A corpus of no format says what its rows have (LMSYS-Chat-1M's `conversation`).
     lmsys = {"conversation_id": "a", "conversation": [user("hi"), bot("hello")]}
-    with pytest.raises(RowRejected, match="unmapped columns: 'conversation_id', 'conversation'"):
+    with pytest.raises(RowRejected, match="its columns: 'conversation_id', 'conversation'"):
         normalize_example(lmsys, "auto")
+    with pytest.raises(RowRejected, match="its columns: 'chat', 'id'"):  # a chat not a text
+        normalize_example({"chat": [], "id": 1}, "auto")
     with pytest.raises(DataError, match="its first row has 'conversation_id', 'conversation'"):
         detect_format([lmsys])
     assert detect_format([rename_columns(lmsys, {"messages": "conversation"})]) == "messages"
@@ -384,8 +421,10 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
     (`data.columns`): detected as prompt-completion once mapped, the prompts' answers left
     out of the labels, the rows with nothing to train rejected by kind; `validate-data
     --column` says the same of the file."""
-    path = tmp_path / "pc.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    path = tmp_path / "corpus"  # with an alpaca file beside: `auto` reads each row in its own
+    path.mkdir()
+    (path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (path / "zz-alpaca.jsonl").write_text(json.dumps({"instruction": "Pet?", "output": "A dog."}))
     # The held-out file is glaive's (auto detects each file's format).
     glaive = tmp_path / "glaive.jsonl"
     glaive.write_text(json.dumps({"system": GLAIVE_SYSTEM, "chat": GLAIVE_CHAT}) + "\n")
@@ -396,11 +435,11 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
                  f"--set=data.eval_path={glaive}", "--set=data.max_length=512"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
-    assert train["input"] == 5 and train["written"] == 3 and train["rejected"] == 2
+    assert train["input"] == 6 and train["written"] == 4 and train["rejected"] == 2
     kinds = {k: v["examples"] for k, v in train["rejections_by_kind"].items()}
     assert kinds == {"no_trained_turn": [2], "missing_field": [3]}
     data = pq.read_table(out / "data").sort_by("example_id")
-    assert data.column("example_id").to_pylist() == [0, 1, 4]
+    assert data.column("example_id").to_pylist() == [0, 1, 4, 5]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "base_model")
@@ -408,7 +447,9 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
     for ids, labels in zip(*(data.column(c).to_pylist() for c in ("input_ids", "labels"))):
         answers.append(tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]))
     call = '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call><|im_end|>\n'
-    assert answers == ["Red.<|im_end|>\n", "Blue.<|im_end|>\n", f"{call}Sunny.<|im_end|>\n"]
+    assert answers == [
+        "Red.<|im_end|>\n", "Blue.<|im_end|>\n", f"{call}Sunny.<|im_end|>\n", "A dog.<|im_end|>\n"
+    ]  # fmt: skip
     stored = [json.loads(m) for m in data.column("messages_json").to_pylist()]
     assert stored[1][1] == bot("Red.", train=False)  # kept for re-tokenizing
     # The glaive row: its call and both answers trained, its definitions beside it.
@@ -427,5 +468,5 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
         capture_output=True, text=True, env=cli_env(), timeout=120,
     )  # fmt: skip
     report = result_json(proc)
-    assert report["format"] == "prompt_completion" and report["valid"] == 3
+    assert report["format"] == "mixed (alpaca 1, prompt_completion 3)" and report["valid"] == 4
     assert {k: v["examples"] for k, v in report["by_kind"].items()} == kinds

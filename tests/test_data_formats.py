@@ -184,8 +184,8 @@ REJECTIONS: list[tuple[Any, str, str]] = [
         {"text": "q"},
         "auto",
         "row matches no format (no 'messages', 'conversations' or 'instruction' field, nor "
-        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' text) (unmapped "
-        "columns: 'text'; see data.columns)",
+        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' text; its columns: "
+        "'text')",
     ),
     # alpaca
     ({"output": "a"}, "alpaca", "missing field 'instruction'"),
@@ -322,13 +322,18 @@ def mixed_rows() -> list[Any]:
 
 
 def test_validate_rows_keeps_every_valid_row_and_counts() -> None:
+    """`auto` reads each row in its own format (the sharegpt row among alpaca ones is kept), a
+    row of no format by the corpus' rules; an explicit format is strict."""
     valid, report = validate_rows(mixed_rows(), "auto")
-    assert [index for index, _ in valid] == [0, 3, 7]
+    assert [index for index, _ in valid] == [0, 3, 6, 7]
     assert all(messages == [user("q"), assistant("a")] for _, messages in valid)
-    assert (report.total, report.valid, report.rejected) == (8, 3, 5)
+    assert (report.total, report.valid, report.rejected) == (8, 4, 4)
     assert report.total == report.valid + report.rejected
-    assert report.format == "alpaca"
-    assert [r.index for r in report.rejections] == [1, 2, 4, 5, 6]
+    assert report.format == "mixed (alpaca 3, sharegpt 1)"
+    assert [r.index for r in report.rejections] == [1, 2, 4, 5]
+    assert report.rejections[-1].reason == "missing field 'output'"
+    valid, report = validate_rows(mixed_rows(), "alpaca")
+    assert [index for index, _ in valid] == [0, 3, 7] and report.format == "alpaca"
     assert report.rejections[-1].reason == "missing field 'instruction' (row looks like sharegpt)"
 
 
@@ -364,13 +369,15 @@ def test_format_report_groups_reasons() -> None:
     _, report = validate_rows(mixed_rows(), "auto")
     text = format_report(report, "corpus.jsonl", max_listed=3)
     lines = text.splitlines()
-    assert lines[0] == "corpus.jsonl: 8 rows, 3 valid, 5 rejected (format: alpaca)"
-    assert lines[1] == "rejected 5 rows by reason:"
+    assert lines[0] == (
+        "corpus.jsonl: 8 rows, 4 valid, 4 rejected (format: mixed (alpaca 3, sharegpt 1))"
+    )
+    assert lines[1] == "rejected 4 rows by reason:"
     assert lines[2] == "  2 x \"missing field 'output'\" (rows 2, 5)"
     assert '  1 x "row is not an object (got null)" (row 1)' in lines
     assert "  row 1: row is not an object (got null)" in lines
-    assert "  row 6: missing field 'instruction' (row looks like sharegpt)" not in lines
-    assert lines[-1] == "  ... and 2 more"
+    assert "  row 5: missing field 'output'" not in lines
+    assert lines[-1] == "  ... and 1 more"
 
 
 def test_format_report_without_rejections() -> None:

@@ -114,9 +114,9 @@ ROW_CASES: dict[str, tuple[str, bytes, list[int], dict[int, str]]] = {
         {1: "no assistant turn", 2: "no assistant turn"}),
     # The format is detected once per corpus (from its first recognisable row): rows in another
     # format are rejected with what they look like, so the user can split the file.
+    # `auto` reads each row in its own format: none is lost.
     "mixed_formats": ("c.jsonl", _jsonl(GOOD, CHAT, {"conversations": [
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}), [0],
-        {1: "(row looks like messages)", 2: "(row looks like sharegpt)"}),
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}), [0, 1, 2], {}),
     "bom_and_crlf": ("c.jsonl", b"\xef\xbb\xbf" + _jsonl(GOOD, GOOD).replace(b"\n", b"\r\n"),
                      [0, 1], {}),
     "blank_lines_are_not_rows": ("c.jsonl", b"\n\n" + _jsonl(GOOD) + b"\n  \n" + _jsonl(GOOD),

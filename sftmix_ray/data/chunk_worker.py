@@ -60,7 +60,7 @@ class ChunkJob:
     """How every chunk of one corpus is processed, and where its outputs go."""
 
     source: str  # the name in messages: the corpus path, "demo:train", ...
-    fmt: str  # a resolved row format, or PREPARED
+    fmt: str  # the corpus' row format, or PREPARED
     repair: str
     route: str  # "train", "heldout", or "by_id" (example_id % every == every - 1: held out)
     every: int = 0
@@ -68,6 +68,7 @@ class ChunkJob:
     rejection_dirs: dict[str, str] = field(default_factory=dict)  # side -> directory of parts
     columns: dict[str, str] = field(default_factory=dict)  # data.columns: {field: column}
     mask_history: bool = False  # data.mask_history: train each row's last answer only
+    per_row: bool = False  # data.format auto: a row of another known format is read in it
 
     def side(self, example_id: int) -> str:
         if self.route == "by_id":
@@ -157,7 +158,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     driver can report the first one in file order.
     """
     from sftmix_ray.data.columns import rename_columns
-    from sftmix_ray.data.formats import mask_history, normalize_example
+    from sftmix_ray.data.formats import format_of, mask_history, normalize_example
 
     stats = {side: SideStats() for side in SIDES}
     name = f"part-{chunk_no:05d}"
@@ -180,7 +181,8 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                     tools = raw.get("tools_json")  # absent from data prepared before tools
                     tools = json.loads(tools) if tools else None
                 else:
-                    messages, tools, applied = normalize_example(raw, job.fmt, job.repair)
+                    fmt = format_of(raw, job.fmt, job.per_row)
+                    messages, tools, applied = normalize_example(raw, fmt, job.repair)
                     if job.mask_history:
                         messages = mask_history(messages)
             except RowRejected as exc:

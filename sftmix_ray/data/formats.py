@@ -148,6 +148,13 @@ def row_format(row: Any) -> str | None:
     return None
 
 
+def format_of(row: Any, corpus_format: str, per_row: bool) -> str:
+    """The format to read `row` in: its own (`data.format: auto` reads each row in its own, so
+    a directory of alpaca and sharegpt files loses neither), else the corpus' (whose rules
+    then say precisely what the row lacks)."""
+    return (per_row and row_format(row)) or corpus_format
+
+
 def detect_format(rows: Iterable[Any]) -> str:
     """The format of a corpus, from the keys of its first row that matches a known format."""
     columns: list[str] | None = None  # the first row's, to say what the corpus has
@@ -201,7 +208,7 @@ def normalize_example(
             raise RowRejected(
                 "row matches no format (no 'messages', 'conversations' or 'instruction' "
                 "field, nor 'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' "
-                f"text){_looks_like(row, '')}",
+                f"text; its columns: {', '.join(_show(str(k), 20) for k in list(row)[:8])})",
                 "no_format",
             )
         fmt = detected
@@ -664,7 +671,7 @@ def _json_value(value: Any, what: str, kind: str, dump: bool = False) -> Any:
 
     try:
         if isinstance(value, str) and not dump:
-            value = json.loads(value)
+            value = json.loads(value, strict=False)  # raw newlines in strings, as dumps write
         value = strip(value)
         return json.dumps(value, ensure_ascii=False) if dump else value
     except RecursionError:

@@ -22,9 +22,15 @@ from typing import Any
 
 from sftmix_ray.errors import RowRejected
 
-_TURN = re.compile(r"(?:^|\n)[ \t]*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*")
+# A label starts a turn at the start of the text, after a blank line (glaive separates turns
+# with "\n\n\n"; a label on a line of its own inside a turn is text) or right after an
+# assistant turn's `<|endoftext|>` (the dump sometimes runs on on the same line).
+_TURN = re.compile(
+    r"(?:^|\n[ \t]*\n|<\|endoftext\|>)\s*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*"
+)
 _ROLES = {"USER": "user", "ASSISTANT": "assistant", "FUNCTION RESPONSE": "tool"}
 _END = "<|endoftext|>"
+_GLAIVE_PREAMBLE = "You are a helpful assistant with access to the following functions"
 _CALL = "<functioncall>"
 # `{"name": "f", "arguments": '{...}'}`: the arguments' JSON text in single quotes.
 _QUOTED_CALL = re.compile(
@@ -40,6 +46,7 @@ def glaive_row(row: dict[str, Any]) -> dict[str, Any]:
         kind = "missing_field" if chat is None else "wrong_type"
         raise RowRejected("field 'chat' must be the transcript text", kind)
     system, tools = _system(row.get("system"))
+    tools = tools or row.get("tools")  # a conversion that kept them in a column of their own
     out: dict[str, Any] = {"messages": _turns(chat)}
     if system:
         out["system"] = system
@@ -56,22 +63,24 @@ def _system(value: Any) -> tuple[str, list[Any]]:
     if not isinstance(value, str):
         raise RowRejected("field 'system' must be a string", "wrong_type")
     text = re.sub(r"^\s*SYSTEM\s*:\s*", "", value)
-    start = text.find("{")
-    if start < 0:
-        return text.strip(), []
-    decoder, tools, at = json.JSONDecoder(), [], start
+    start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+    preamble = text[: max(start, 0)].strip()
+    if start < 0 or "function" not in preamble.lower():
+        return text.strip(), []  # a plain prompt (braces in it are its own)
+    decoder, tools, at = json.JSONDecoder(strict=False), [], start
     while at < len(text):
         try:
             item, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RowRejected(
                 "field 'system' has function definitions that are not valid JSON",
                 "malformed_tools",
             ) from None
-        tools.append(item)
+        tools.extend(item if isinstance(item, list) else [item])
         while at < len(text) and text[at].isspace():
             at += 1
-    return "", tools
+    # glaive's own preamble only introduces the definitions; another one is the system prompt.
+    return ("" if preamble.startswith(_GLAIVE_PREAMBLE) else preamble), tools
 
 
 def _turns(chat: str) -> list[dict[str, Any]]:
@@ -99,15 +108,21 @@ def _assistant(content: str, number: int) -> dict[str, Any]:
     if at < 0:
         return {"role": "assistant", "content": content}
     text, call = content[:at].strip(), content[at + len(_CALL) :].strip()
+    unreadable = RowRejected(
+        f"turn {number} (assistant) has a function call that cannot be read",
+        "malformed_tool_call",
+    )
     try:
-        parsed = json.loads(call)
+        parsed = json.loads(call, strict=False)  # raw newlines in strings, as dumps have
+    except RecursionError:
+        raise unreadable from None
     except ValueError:
         quoted = _QUOTED_CALL.match(call)
         if quoted is None:
-            raise RowRejected(
-                f"turn {number} (assistant) has a function call that cannot be read",
-                "malformed_tool_call",
-            ) from None
-        # The name as JSON text; the arguments stay text (formats.py parses and checks them).
-        parsed = {"name": json.loads(quoted.group(1)), "arguments": quoted.group(2)}
+            raise unreadable from None
+        try:  # the name as JSON text; the arguments stay text (formats.py parses them)
+            name = json.loads(quoted.group(1), strict=False)
+        except ValueError:
+            raise unreadable from None
+        parsed = {"name": name, "arguments": quoted.group(2).replace("\\'", "'")}
     return {"role": "assistant", "content": text, "function_call": parsed}

@@ -97,10 +97,13 @@ def plan_corpora(cfg: Config, run: RunDir, dirs: dict[str, str], rejection_dirs:
     plans = []
     for number, (source, path, fmt, route, every) in enumerate(specs):
         columns = {} if d.path == DEMO else d.columns  # the demo is in the formats' names
+        # `auto` also reads each row in its own format (formats.format_of).
+        per_row = fmt == "auto"
         fmt = resolve_format(path, fmt, d.hf_split, columns)
         job = ChunkJob(
-            source, fmt, d.repair, route, every, dirs, rejection_dirs, columns, d.mask_history
-        )
+            source, fmt, d.repair, route, every, dirs, rejection_dirs, columns, d.mask_history,
+            per_row,
+        )  # fmt: skip
         chunks, total = plan_chunks(
             path, hf_split=d.hf_split, work_dir=work / f"source-{number}", parts=parts
         )
@@ -114,7 +117,7 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
     and the role names."""
     from sftmix_ray.data.chunks import iter_chunk
     from sftmix_ray.data.columns import rename_columns
-    from sftmix_ray.data.formats import normalize_example
+    from sftmix_ray.data.formats import format_of, normalize_example
     from sftmix_ray.errors import RowRejected
 
     texts: list[str] = []
@@ -125,7 +128,8 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
                 continue
             try:
                 row = rename_columns(raw, plan.job.columns)
-                messages, tools, _ = normalize_example(row, plan.job.fmt, plan.job.repair)
+                fmt = format_of(row, plan.job.fmt, plan.job.per_row)
+                messages, tools, _ = normalize_example(row, fmt, plan.job.repair)
             except RowRejected:
                 continue
             row_texts = [m["content"] for m in messages]

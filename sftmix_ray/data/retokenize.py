@@ -98,7 +98,8 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
         raise SftmixError(
             f"reference.model '{cfg.reference.model}': {stats.rejected} of {total} rows of "
             f"{source} cannot be tokenized with its tokenizer ({first}); raise data.max_length "
-            "or pick a reference model whose tokenizer covers the corpus"
+            "or pick a reference model whose tokenizer covers the corpus (with "
+            "data.mask_history the one trained answer is each row's last, the first to go)"
         )
     shutil.rmtree(rejections, ignore_errors=True)
     replace_dir(tmp, target)

@@ -16,6 +16,7 @@ from sftmix_ray.data.formats import (
     FORMATS,
     Message,
     detect_format,
+    format_of,
     mask_history,
     normalize_with_repairs,
 )
@@ -83,10 +84,14 @@ def validate_rows(
     repair: str = "standard",
     keep_valid: bool = True,
     history_masked: bool = False,
+    detected: str | None = None,
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Normalize every row; return the valid (row index, messages) pairs and the report.
 
-    `rows` may be a stream (one pass) unless `fmt` is `auto`, which reads it twice. `repair`
+    `auto` reads each row in its own format, as prepare does (the report's format is the one
+    format of the valid rows, or `mixed (alpaca 2, messages 1)`); the corpus must have a row of
+    a known format, found by reading `rows` twice unless the caller `detected` it.
+    `rows` may be a stream (one pass) unless `fmt` is `auto` without `detected`. `repair`
     is `data.repair` (`standard` repairs what real dumps break, counted per kind and row;
     `none` is strict). `source` (a file name) prefixes the DataError raised when `auto` cannot
     detect a format. `keep_valid=False` returns no pairs, so memory holds only the rejections.
@@ -94,9 +99,10 @@ def validate_rows(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     try:
-        resolved = detect_format(rows) if fmt == "auto" else fmt
+        resolved = detected or (detect_format(rows) if fmt == "auto" else fmt)
     except DataError as exc:
         raise DataError(f"{source}: {exc}" if source else str(exc)) from None
+    used: Counter[str] = Counter()  # the valid rows' formats
     valid: list[ValidPair] = []
     rejections: list[Rejection] = []
     repairs: Counter[str] = Counter()
@@ -104,13 +110,15 @@ def validate_rows(
     for index, row in enumerate(rows):
         total += 1
         try:
-            messages, applied = normalize_with_repairs(row, resolved, repair)
+            row_fmt = format_of(row, resolved, fmt == "auto")
+            messages, applied = normalize_with_repairs(row, row_fmt, repair)
             if history_masked:  # data.mask_history, as prepare applies it
                 messages = mask_history(messages)
         except RowRejected as exc:
             rejections.append(Rejection(index, exc.reason, exc.kind))
             continue
         n_valid += 1
+        used[row_fmt] += 1
         if keep_valid:
             valid.append((index, messages))
         repairs.update(applied)  # each kind once per row
@@ -119,7 +127,7 @@ def validate_rows(
         valid=n_valid,
         rejected=len(rejections),
         rejections=rejections,
-        format=resolved,
+        format=_format_used(used, resolved),
         repairs=dict(repairs.most_common()),
     )
     return valid, report
@@ -144,9 +152,17 @@ def validate_file(
     resolved = resolve_format(source, fmt, hf_split, columns) if fmt in FORMATS else fmt
     rows = (rename_columns(row, columns) for row in iter_records(path, hf_split=hf_split))
     return validate_rows(
-        rows, resolved, source=source, repair=repair, keep_valid=keep_valid,
-        history_masked=history_masked,
+        rows, fmt, source=source, repair=repair, keep_valid=keep_valid,
+        history_masked=history_masked, detected=resolved,
     )  # fmt: skip
+
+
+def _format_used(used: Counter[str], first: str) -> str:
+    """The valid rows' one format, or `mixed (...)` with the count of each; with no valid row,
+    the corpus' first detected format."""
+    if len(used) <= 1:
+        return next(iter(used), first)
+    return "mixed (" + ", ".join(f"{k} {n}" for k, n in sorted(used.items())) + ")"
 
 
 def format_report(
