@@ -45,8 +45,8 @@ def glaive_row(row: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(chat, str):
         kind = "missing_field" if chat is None else "wrong_type"
         raise RowRejected("field 'chat' must be the transcript text", kind)
-    system, tools = _system(row.get("system"))
-    tools = tools or row.get("tools")  # a conversion that kept them in a column of their own
+    system, defined = _system(row.get("system"))
+    tools: Any = defined or row.get("tools")  # a conversion may keep them in their own column
     out: dict[str, Any] = {"messages": _turns(chat)}
     if system:
         out["system"] = system
