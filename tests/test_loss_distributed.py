@@ -88,6 +88,19 @@ def run_single(name: str, micro_batches: int, global_counts: bool) -> tuple[floa
     return loss_sum, grad_vector(model)
 
 
+def _exit_without_teardown() -> None:
+    """End a spawned gloo worker that finished (results saved, process group destroyed)
+    without the interpreter's teardown. DeepSpeed's engine can leave a native thread that
+    aborts the process at teardown ("terminate called without an active exception", SIGABRT;
+    about 1 run in 3 while another gloo test runs beside it), and the FSDP2 worker did so once
+    in a fresh-clone CI run, after everything the test checks was written; mp.spawn would
+    report that as a failure. Every worker ends so. A worker that raised never gets here: its
+    exception still fails the test."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -111,6 +124,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save(results, os.path.join(out_dir, "ddp.pt"))
     finally:
         dist.destroy_process_group()
+    _exit_without_teardown()
 
 
 def assert_rel(actual: Tensor | float, expected: Tensor | float, tol: float = TOL) -> None:
@@ -218,6 +232,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save(results, os.path.join(out_dir, "fsdp.pt"))
     finally:
         dist.destroy_process_group()
+    _exit_without_teardown()
 
 
 @pytest.mark.slow
@@ -237,18 +252,6 @@ def test_wrapper_under_fsdp2_matches_one_process(tmp_path: Path) -> None:
         assert_rel(grads[name], param.grad)
     # Unequal token counts per rank + a head gathered per call would hang: refused up front.
     assert "own FSDP unit" in sharded[True]
-
-
-def _exit_without_teardown() -> None:
-    """End a spawned DeepSpeed worker that finished (results saved, process group destroyed)
-    without the interpreter's teardown. DeepSpeed's engine can leave a native thread that
-    aborts the process at teardown ("terminate called without an active exception", SIGABRT;
-    about 1 run in 3 while another gloo test runs beside it), after everything the test checks
-    was written; mp.spawn would report that as a failure. A worker that raised never gets
-    here: its exception still fails the test."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -465,6 +468,7 @@ def _meta_init_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -
         )  # fmt: skip
     finally:
         dist.destroy_process_group()
+    _exit_without_teardown()
 
 
 @pytest.mark.slow
@@ -628,6 +632,7 @@ def _async_save_worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save(results, out / "async.pt")
     finally:
         dist.destroy_process_group()
+    _exit_without_teardown()
 
 
 def _global_loss_tensor(strategy, rank: int) -> Tensor:
@@ -729,9 +734,7 @@ def _staged_save_worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save(results, Path(out_dir) / "staged.pt")
     finally:
         dist.destroy_process_group()
-    # Skip the interpreter's teardown: after ZeRO-3 steps on gloo it aborts now and then in a
-    # C++ destructor ("terminate called without an active exception"), results already saved.
-    os._exit(0)
+    _exit_without_teardown()
 
 
 @pytest.mark.slow
@@ -808,7 +811,7 @@ def _deepspeed_accumulation_worker(rank: int, init_file: str, out_dir: str) -> N
         torch.save(_bf16_loading(Path(out_dir), data, total), Path(out_dir) / "loading.pt")
     finally:
         dist.destroy_process_group()
-    os._exit(0)  # as in `_staged_save_worker`: skip DeepSpeed's teardown
+    _exit_without_teardown()
 
 
 def _bf16_loading(out_dir: Path, data: dict, total: torch.Tensor) -> dict:
