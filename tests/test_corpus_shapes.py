@@ -307,6 +307,13 @@ def test_glaive_quirks_are_read_as_the_dump_means_them():
     assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"q": "it's\nfine"}
     assert [t["function"]["name"] for t in tools] == ["f", "g"]
     assert repairs == ["same_role_merged"]
+    # A conversion that joined turns with single newlines: no blank line anywhere, so every
+    # label that starts a line starts a turn.
+    single = 'USER: q\nASSISTANT: <functioncall> {"name": "f", "arguments": \'{}\'}\n' + (
+        "FUNCTION RESPONSE: 1\nASSISTANT: one"
+    )
+    messages, _, _ = normalize_example({"chat": single}, "glaive")
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
     braces = {"system": 'SYSTEM: Reply as {"answer": ...}.', "chat": "USER: q\n\n\nASSISTANT: a"}
     messages, tools, _ = normalize_example(braces, "glaive")
     assert tools is None and messages[0]["content"] == 'Reply as {"answer": ...}.'

@@ -83,9 +83,18 @@ def _system(value: Any) -> tuple[str, list[Any]]:
     return ("" if preamble.startswith(_GLAIVE_PREAMBLE) else preamble), tools
 
 
+# A transcript with no blank line before any label but the first (a conversion that joined
+# turns with single newlines) is split at every label that starts a line.
+_LINE_TURN = re.compile(
+    r"(?:^|\n|<\|endoftext\|>)\s*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*"
+)
+
+
 def _turns(chat: str) -> list[dict[str, Any]]:
     """The transcript's turns, in order."""
     marks = list(_TURN.finditer(chat))
+    if len(marks) < 2:
+        marks = list(_LINE_TURN.finditer(chat))
     if not marks:
         raise RowRejected("field 'chat' has no USER: or ASSISTANT: turn", "no_turns")
     if chat[: marks[0].start()].strip():
