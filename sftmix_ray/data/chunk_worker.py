@@ -157,8 +157,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     (the file is unreadable at some line) stops the chunk and is returned, not raised, so the
     driver can report the first one in file order.
     """
-    from sftmix_ray.data.columns import rename_columns
-    from sftmix_ray.data.formats import format_of, mask_history, normalize_example
+    from sftmix_ray.data.formats import read_example
 
     stats = {side: SideStats() for side in SIDES}
     name = f"part-{chunk_no:05d}"
@@ -171,7 +170,6 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                 index, side = int(raw["example_id"]), "train"
             else:
                 side = job.side(index)
-                raw = rename_columns(raw, job.columns)
             side_stats = stats[side]
             side_stats.input += 1
             applied: list[str] = []
@@ -181,10 +179,10 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                     tools = raw.get("tools_json")  # absent from data prepared before tools
                     tools = json.loads(tools) if tools else None
                 else:
-                    fmt = format_of(raw, job.fmt, job.per_row)
-                    messages, tools, applied = normalize_example(raw, fmt, job.repair)
-                    if job.mask_history:
-                        messages = mask_history(messages)
+                    raw, messages, tools, applied = read_example(
+                        raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row,
+                        history_masked=job.mask_history,
+                    )  # fmt: skip
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=True)
                 rejections[side].append(_rejection_line(index, where, exc))

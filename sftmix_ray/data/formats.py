@@ -65,7 +65,7 @@ from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
 
-from sftmix_ray.data.columns import FIELDS
+from sftmix_ray.data.columns import FIELDS, rename_columns
 from sftmix_ray.data.glaive import glaive_row
 from sftmix_ray.errors import DataError, RowRejected
 
@@ -157,14 +157,14 @@ def format_of(row: Any, corpus_format: str, per_row: bool) -> str:
 
 def detect_format(rows: Iterable[Any]) -> str:
     """The format of a corpus, from the keys of its first row that matches a known format."""
-    columns: list[str] | None = None  # the first row's, to say what the corpus has
+    columns: str | None = None  # the first row's, to say what the corpus has
     for row in rows:
         fmt = row_format(row)
         if fmt is not None:
             return fmt
         if columns is None and isinstance(row, dict):
-            columns = [_show(str(k), 30) for k in row][:8]
-    has = f" (its first row has {', '.join(columns)})" if columns else ""
+            columns = _columns(row)
+    has = f" (its first row has {columns})" if columns else ""
     raise DataError(
         "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
         "'instruction' field, 'prompt' and 'completion', 'query' and 'answers', or a 'chat' "
@@ -177,6 +177,25 @@ def detect_format(rows: Iterable[Any]) -> str:
 def normalize_row(row: Any, fmt: str) -> list[Message]:
     """Normalize one raw row to chat messages, strictly (no repairs); raise `RowRejected`."""
     return normalize_with_repairs(row, fmt, "none")[0]
+
+
+def read_example(
+    raw: Any,
+    fmt: str,
+    repair: str = "standard",
+    *,
+    columns: dict[str, str] | None = None,
+    per_row: bool = False,
+    history_masked: bool = False,
+) -> tuple[Any, list[Message], list[dict[str, Any]] | None, list[str]]:
+    """A raw corpus row read as prepare reads it: its columns renamed (`data.columns`), in its
+    own format when `per_row` (`data.format: auto`) else `fmt`, normalized, its history masked
+    (`data.mask_history`). Returns the renamed row (for its `answer`), the messages, the tool
+    definitions and the repairs; raises `RowRejected`. The one reader of the tokenization
+    actors, the tiny tokenizer's sample and `validate-data`."""
+    row = rename_columns(raw, columns)
+    messages, tools, repairs = normalize_example(row, format_of(row, fmt, per_row), repair)
+    return row, mask_history(messages) if history_masked else messages, tools, repairs
 
 
 def normalize_with_repairs(
@@ -208,7 +227,7 @@ def normalize_example(
             raise RowRejected(
                 "row matches no format (no 'messages', 'conversations' or 'instruction' "
                 "field, nor 'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' "
-                f"text; its columns: {', '.join(_show(str(k), 20) for k in list(row)[:8])})",
+                f"text; its columns: {_columns(row)})",
                 "no_format",
             )
         fmt = detected
@@ -775,8 +794,13 @@ def _looks_like(row: dict[str, Any], fmt: str) -> str:
     other = row_format(row)
     if other is not None and other != fmt:
         return f" (row looks like {other})"
-    unread = [_show(str(k), 20) for k in row if k not in FIELDS][:4]
-    return f" (unmapped columns: {', '.join(unread)}; see data.columns)" if unread else ""
+    unread = _columns({k: None for k in row if k not in FIELDS}, 4)
+    return f" (unmapped columns: {unread}; see data.columns)" if unread else ""
+
+
+def _columns(row: dict[str, Any], limit: int = 8) -> str:
+    """The first `limit` column names of a row, shown for a reason ("" for none)."""
+    return ", ".join(_show(str(k), 20) for k in list(row)[:limit])
 
 
 def _show(value: str, limit: int = 40) -> str:

@@ -22,12 +22,18 @@ from typing import Any
 
 from sftmix_ray.errors import RowRejected
 
+
 # A label starts a turn at the start of the text, after a blank line (glaive separates turns
 # with "\n\n\n"; a label on a line of its own inside a turn is text) or right after an
 # assistant turn's `<|endoftext|>` (the dump sometimes runs on on the same line).
-_TURN = re.compile(
-    r"(?:^|\n[ \t]*\n|<\|endoftext\|>)\s*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*"
-)
+def _labels(separator: str) -> re.Pattern[str]:
+    """Turn labels at the start of the text, after `separator` or after `<|endoftext|>`."""
+    return re.compile(
+        rf"(?:^|{separator}|<\|endoftext\|>)\s*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*"
+    )
+
+
+_TURN = _labels(r"\n[ \t]*\n")
 _ROLES = {"USER": "user", "ASSISTANT": "assistant", "FUNCTION RESPONSE": "tool"}
 _END = "<|endoftext|>"
 _GLAIVE_PREAMBLE = "You are a helpful assistant with access to the following functions"
@@ -85,9 +91,7 @@ def _system(value: Any) -> tuple[str, list[Any]]:
 
 # A transcript with no blank line before any label but the first (a conversion that joined
 # turns with single newlines) is split at every label that starts a line.
-_LINE_TURN = re.compile(
-    r"(?:^|\n|<\|endoftext\|>)\s*(USER|ASSISTANT|FUNCTION RESPONSE)[ \t]*:[ \t]*"
-)
+_LINE_TURN = _labels(r"\n")
 
 
 def _turns(chat: str) -> list[dict[str, Any]]:

@@ -116,8 +116,7 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
     rows (in row order, held-out rows left out; at most TOKENIZER_SAMPLE_CHARS characters)
     and the role names."""
     from sftmix_ray.data.chunks import iter_chunk
-    from sftmix_ray.data.columns import rename_columns
-    from sftmix_ray.data.formats import format_of, normalize_example
+    from sftmix_ray.data.formats import read_example
     from sftmix_ray.errors import RowRejected
 
     texts: list[str] = []
@@ -127,9 +126,10 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
             if plan.job.side(index) != "train":
                 continue
             try:
-                row = rename_columns(raw, plan.job.columns)
-                fmt = format_of(row, plan.job.fmt, plan.job.per_row)
-                messages, tools, _ = normalize_example(row, fmt, plan.job.repair)
+                job = plan.job
+                _, messages, tools, _ = read_example(
+                    raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row
+                )
             except RowRejected:
                 continue
             row_texts = [m["content"] for m in messages]

@@ -17,8 +17,7 @@ from sftmix_ray.data.formats import (
     Message,
     detect_format,
     format_of,
-    mask_history,
-    normalize_with_repairs,
+    read_example,
 )
 from sftmix_ray.data.readers import iter_records
 from sftmix_ray.errors import DataError, RowRejected
@@ -110,10 +109,10 @@ def validate_rows(
     for index, row in enumerate(rows):
         total += 1
         try:
-            row_fmt = format_of(row, resolved, fmt == "auto")
-            messages, applied = normalize_with_repairs(row, row_fmt, repair)
-            if history_masked:  # data.mask_history, as prepare applies it
-                messages = mask_history(messages)
+            row_fmt = format_of(row, resolved, fmt == "auto")  # counted below
+            _, messages, _, applied = read_example(
+                row, row_fmt, repair, history_masked=history_masked
+            )
         except RowRejected as exc:
             rejections.append(Rejection(index, exc.reason, exc.kind))
             continue
