@@ -54,7 +54,8 @@ class DataConfig:
     mask_history: bool = False
     max_length: int = 512  # tokens per example
     # Longer examples: turns keeps the longest prefix of whole exchanges that fits (or cuts the
-    # first response); truncate cuts at max_length; drop rejects the row.
+    # first response; leading exchanges that train nothing, as under mask_history, go first);
+    # truncate cuts at max_length; drop rejects the row.
     truncation: Literal["turns", "truncate", "drop"] = "turns"
     demo_train_size: int = 4000  # rows of the bundled demo corpus (data.path: demo)
     demo_eval_size: int = 400  # held-out rows of the demo corpus

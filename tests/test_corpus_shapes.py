@@ -172,11 +172,10 @@ def test_untrained_answers_are_prompt_tokens(tokenizer):
     assert supervised(tokenizer, plain) == "Red.<|im_end|>\nBlue.<|im_end|>\n"
     stored = json.loads(json.dumps(messages))
     assert supervised(tokenizer, stored) == "Blue.<|im_end|>\n"
-    # The trained answer does not fit: what is before it is prompt, and the prompt is too long.
+    # The trained answer does not fit whole: the untrained exchange before it goes.
     full = len(ids)
-    with pytest.raises(RowRejected, match="the first trained response starts") as info:
-        tokenize_conversation(tokenizer, messages, full - 4, "turns")
-    assert info.value.kind == "prompt_too_long"
+    ids, labels, truncated = tokenize_conversation(tokenizer, messages, full - 4, "turns")
+    assert truncated and ids == tokenize_conversation(tokenizer, messages[2:], 512, "turns")[0]
     # Untrained last answer: the cut is after the last trained exchange.
     tail = [*plain, user("Why?"), bot("Because.", train=False)]
     ids, labels, truncated = tokenize_conversation(tokenizer, tail, full + 2, "turns")
@@ -184,6 +183,54 @@ def test_untrained_answers_are_prompt_tokens(tokenizer):
     assert tokenizer.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == (
         "Red.<|im_end|>\nBlue.<|im_end|>\n"
     )
+
+
+def test_turns_truncation_drops_the_earliest_untrained_history_first(tokenizer):
+    """Under `turns`, a row whose first trained answer does not end within max_length loses
+    its earliest exchanges that train nothing (LLaMA-Factory keeps the last turns under
+    mask_history), the fewest that make the answer fit; its system turn stays. When even the
+    last exchange alone does not fit, its answer is cut (at least one token trained), and a
+    prompt that alone fills the limit is rejected. Rows whose first answer is trained keep
+    today's prefix rule."""
+    system = {"role": "system", "content": "Name colours."}
+    q1, a1 = user("Name a colour."), bot("Red.", train=False)
+    q2, a2 = user("Another one?"), bot("Blue.", train=False)
+    q3, a3 = user("Why?"), bot("Because. " * 6)
+    chat = [system, q1, a1, q2, a2, q3, a3]
+
+    def ids_of(messages):
+        return tokenize_conversation(tokenizer, messages, 10_000, "turns")[0]
+
+    later, last = [system, q2, a2, q3, a3], [system, q3, a3]
+    full, one, two = (len(ids_of(m)) for m in (chat, later, last))
+    assert full > one > two
+    for limit, kept in [
+        (full, chat),
+        (full - 1, later),
+        (one, later),
+        (one - 1, last),
+        (two, last),
+    ]:
+        ids, labels, truncated = tokenize_conversation(tokenizer, chat, limit, "turns")
+        assert ids == ids_of(kept) and truncated == (limit < full), limit
+        assert supervised(tokenizer, chat, limit) == "Because. " * 6 + "<|im_end|>\n"
+    # The last exchange alone is too long: its answer is cut at the limit, as for one exchange.
+    text = tokenizer.apply_chat_template([system, q3], tokenize=False, add_generation_prompt=True)
+    prompt = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids, labels, truncated = tokenize_conversation(tokenizer, chat, prompt + 2, "turns")
+    assert truncated and ids == ids_of([system, q3, a3])[: prompt + 2]
+    assert sum(label != IGNORE_INDEX for label in labels) == 2
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tokenizer, chat, prompt - 1, "turns")
+    assert info.value.kind == "prompt_too_long"
+    # `truncate` and `drop` are unchanged: a cut at the limit (no trained token left here).
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(tokenizer, chat, full - 1, "drop")
+    assert info.value.kind == "too_long"
+    # Every answer trained: the longest prefix of whole exchanges that fits, as before.
+    plain = [{k: v for k, v in m.items() if k != "train"} for m in chat]
+    ids, _, truncated = tokenize_conversation(tokenizer, plain, full - 1, "turns")
+    assert truncated and ids == ids_of(plain[:5])
 
 
 # --------------------------------------------------------------------------- mask_history
@@ -221,6 +268,18 @@ def test_mask_history_trains_each_rows_last_answer_only(tokenizer, tmp_path):
     assert answers == ["Blue.<|im_end|>\n", "Because.<|im_end|>\n"]
     (line,) = (tmp_path / "rejections" / "part-00000.jsonl").read_text().splitlines()
     assert json.loads(line)["kind"] == "no_trained_turn" and json.loads(line)["line"] == 2
+    # A limit that holds the last exchange only: the history goes, the row stays (it was
+    # rejected as prompt_too_long before: its one trained answer started past the limit).
+    last = len(tokenize_conversation(tokenizer, HISTORY[0]["messages"][2:], 512, "turns")[0])
+    short = ChunkJob(str(corpus), "messages", "standard", "train", 0,
+                     {"train": str(tmp_path / "short")}, {"train": str(tmp_path / "short-rej")},
+                     mask_history=True)  # fmt: skip
+    stats = process_chunk(
+        short, 0, chunk, lambda m, t: tokenize_conversation(tokenizer, m, last, "turns", t)
+    )
+    assert (stats["train"]["written"], stats["train"]["truncated"]) == (2, 1)
+    kept = pq.read_table(tmp_path / "short").column("input_ids").to_pylist()
+    assert [len(ids) for ids in kept] == [last, len(data.column("input_ids")[1])]
     # Without it, the first row trains both answers (and the second its first).
     assert supervised(tokenizer, normalize_example(HISTORY[0], "messages")[0]) == (
         "Red.<|im_end|>\nBlue.<|im_end|>\n"
@@ -347,6 +406,94 @@ def test_unreadable_glaive_rows_are_rejected_by_kind(row, kind):
     with pytest.raises(RowRejected) as info:
         normalize_example(row, "glaive", "none")
     assert info.value.kind == kind, info.value.reason
+
+
+# ------------------------------------------------------------------------ real dumps' shapes
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+DUMP_SHAPES = {
+    # the turn wins over the row's field, as in LLaMA-Factory's sharegpt reader
+    "sharegpt system field and turn": (
+        {"system": "S1", "conversations": [{"from": "system", "value": "S2"},
+                                           {"from": "human", "value": "Q"},
+                                           {"from": "gpt", "value": "A"}]},
+        [("system", "S2"), ("user", "Q"), ("assistant", "A")], []),
+    "leading system turns": (
+        {"messages": [{"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
+                      {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        [("system", "S1\n\nS2"), ("user", "Q"), ("assistant", "A")], ["system_merged"]),
+    "turns as a JSON string (orca-agentinstruct)": (
+        {"messages": json.dumps([{"role": "user", "content": "Q"},
+                                 {"role": "assistant", "content": "A"}])},
+        [("user", "Q"), ("assistant", "A")], []),
+    "texts alone (LIMA)": (
+        {"conversations": ["Q1", "A1", "Q2", "A2"], "source": "stackexchange"},
+        [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")], []),
+    "OpenAI refusal": (
+        {"messages": [{"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": None, "refusal": "I can't."}]},
+        [("user", "Q"), ("assistant", "I can't.")], []),
+    "tool result parts with a union's keys": (
+        {"messages": [{"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                      {"role": "tool", "tool_call_id": "c1",
+                       "content": [{"type": "text", "text": "42", "image_url": None}]},
+                      {"role": "assistant", "content": "A"}]},
+        [("user", "Q"), ("assistant", ""), ("tool", "42"), ("assistant", "A")], []),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DUMP_SHAPES))
+def test_real_dump_shapes_read_as_peers_read_them(case):
+    """Shapes of real public dumps that peers read (found by an audit of ~120 rows copied from
+    their schemas): each read as its dump means it, repairs counted; the ones that need a
+    repair are rejected by `data.repair: none`."""
+    row, expected, repairs = DUMP_SHAPES[case]
+    fmt = row_format(row)
+    messages, _, applied = normalize_example(row, fmt)
+    assert [(m["role"], m["content"]) for m in messages] == expected and applied == repairs
+    if repairs:
+        with pytest.raises(RowRejected):
+            normalize_example(row, fmt, "none")
+
+
+def test_json_text_keeps_its_nulls_and_struct_nulls_go():
+    """A call's arguments and a tool schema given as JSON text keep their nulls (they mean
+    something); the null members of structured values (a Parquet union's padding) go."""
+    schema = {"name": "f", "parameters": {"x": {"type": "str", "default": None}}}
+    row = {"query": "Q", "answers": '[{"name": "f", "arguments": {"x": null}}]',
+           "tools": json.dumps([schema])}  # fmt: skip
+    messages, tools, _ = normalize_example(row, "xlam")
+    assert messages[-1]["tool_calls"][0]["function"]["arguments"] == {"x": None}
+    assert tools[0]["function"] == schema
+    struct = {**row, "answers": [{"name": "f", "arguments": {"x": 1, "y": None}}]}
+    messages, _, _ = normalize_example(struct, "xlam")
+    assert messages[-1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+
+
+def test_a_mixed_format_parquet_file_loses_no_row(tmp_path, capsys):
+    """One Parquet file of alpaca, sharegpt, messages and prompt-completion rows (as pandas or
+    `datasets` write a mixed corpus: every row every column, null where it has none): every
+    row read in its own format by `validate-data` (before, only the messages row was valid)."""
+    import pyarrow as pa
+
+    turns = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    sg = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+    rows = [
+        {"instruction": "Add 1 and 1.", "input": "", "output": "2"},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        {"prompt": "Say A.", "completion": "A"},
+    ]
+    schema = pa.schema([("instruction", pa.string()), ("input", pa.string()),
+                        ("output", pa.string()), ("conversations", sg), ("messages", turns),
+                        ("prompt", pa.string()), ("completion", pa.string())])  # fmt: skip
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    assert main(["validate-data", "--data", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["valid"], report["rejected"]) == (4, 0), report
+    assert report["format"].startswith("mixed")
 
 
 # -------------------------------------------------------------------------------- columns

@@ -221,7 +221,12 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     ),
     ({"conversations": "q"}, "sharegpt", "field 'conversations' must be a list (got string)"),
     ({"conversations": []}, "sharegpt", "field 'conversations' is empty"),
-    ({"conversations": ["q"]}, "sharegpt", "turn 1 is not an object (got string)"),
+    (
+        {"conversations": [{"from": "human", "value": "q"}, "a"]},
+        "sharegpt",
+        "turn 2 is not an object (got string)",
+    ),
+    ({"conversations": ["q"]}, "sharegpt", "no assistant turn"),  # LIMA's texts: a user turn
     ({"conversations": [{"value": "q"}]}, "sharegpt", "turn 1 has no 'from' field"),
     ({"conversations": [{"from": "human"}]}, "sharegpt", "turn 1 has no 'value' field"),
     (
@@ -261,11 +266,6 @@ REJECTIONS: list[tuple[Any, str, str]] = [
         sg(*OK_QA, ("human", "q2")),
         "sharegpt",
         "conversation ends with a user turn (turn 3) without a reply",
-    ),
-    (
-        sg(("system", "s"), *OK_QA, system="S"),
-        "sharegpt",
-        "row has both a 'system' field and a system turn (turn 1)",
     ),
     (sg(*OK_QA, system=5), "sharegpt", "field 'system' must be a string (got int)"),
     # messages
@@ -449,10 +449,6 @@ def test_real_corpus_shapes_are_read(case):
          "messages", "non_text_content", "turn 1 content part 1 is not text ('image_url')"),
         ({"instruction": "q", "output": "a", "history": [["only one"]]},
          "alpaca", "malformed_turn", "history item 1 is not an [instruction, response] pair"),
-        ({"system": "s", "conversations": [{"from": "system", "value": "t"},
-                                           {"from": "human", "value": "q"},
-                                           {"from": "gpt", "value": "a"}]},
-         "sharegpt", "system_conflict", "row has both a 'system' field and a system turn"),
     ],
 )  # fmt: skip
 def test_unsupported_shapes_are_rejected_by_name(row, fmt, kind, reason):

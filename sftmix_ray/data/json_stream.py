@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, Any
 
-from sftmix_ray.data.formats import json_type_name
+from sftmix_ray.data.turns import json_type_name
 from sftmix_ray.errors import DataError
 
 UTF8_BOM = b"\xef\xbb\xbf"

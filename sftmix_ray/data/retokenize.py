@@ -8,8 +8,9 @@ with the same `example_id`, and scoring reads it.
 Confidence is a per-example mean over response tokens, so scores made under one tokenizer rank
 the examples that training then reads under the other.
 
-Rows longer than `data.max_length` under the reference tokenizer are truncated (never dropped:
-every training example needs a score) and counted in the stage summary.
+Rows longer than `data.max_length` under the reference tokenizer are truncated as `turns` does
+(whole exchanges; never dropped: every training example needs a score; with `data.mask_history`
+the earliest history goes first) and counted in the stage summary.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
         parts=cfg.data.num_workers * CHUNKS_PER_WORKER,
     )  # fmt: skip
     stats = run_chunk_jobs([CorpusPlan(str(source), job, chunks, total)], tokenizer_path, cfg,
-                           "truncate")[0]["train"]  # fmt: skip
+                           "turns")[0]["train"]  # fmt: skip
     if stats.rejected:
         lost = [
             json.loads(line)
@@ -98,8 +99,7 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
         raise SftmixError(
             f"reference.model '{cfg.reference.model}': {stats.rejected} of {total} rows of "
             f"{source} cannot be tokenized with its tokenizer ({first}); raise data.max_length "
-            "or pick a reference model whose tokenizer covers the corpus (with "
-            "data.mask_history the one trained answer is each row's last, the first to go)"
+            "or pick a reference model whose tokenizer covers the corpus"
         )
     shutil.rmtree(rejections, ignore_errors=True)
     replace_dir(tmp, target)

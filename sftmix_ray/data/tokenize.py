@@ -355,10 +355,43 @@ def tokenize_conversation(
     or, when the first exchange alone does not fit, cuts its response (at least one response
     token stays supervised; a prompt that alone fills `max_length` is rejected as
     `prompt_too_long`); `truncate` cuts at `max_length` wherever that falls; `drop` rejects
-    the row (`too_long`).
+    the row (`too_long`). Under `turns`, when the first trained answer does not end within the
+    limit and exchanges that train nothing come before it (`data.mask_history`, where only the
+    last answer is trained; a TRL prompt's answers; `weight: 0` turns), the earliest of those
+    exchanges go first, as LLaMA-Factory keeps the last turns under `mask_history`: the row
+    keeps its system turn, its tool definitions and as much recent history as fits.
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    ids, labels, spans, enc = _labelled(tokenizer, messages, tools, max_length)
+    truncated = False
+    if len(ids) > max_length and truncation == "turns" and not _fits(spans, enc, max_length):
+        shorter = _without_early_history(tokenizer, messages, tools, max_length)
+        if shorter is not None:
+            (ids, labels, spans, enc), truncated = shorter, True
+    if len(ids) > max_length:
+        if truncation == "drop":
+            raise RowRejected(
+                f"too long: {len(ids)} tokens > data.max_length={max_length}", "too_long"
+            )
+        cut = max_length
+        if truncation == "turns":
+            cut = _turns_cut(enc["offset_mapping"], spans, labels, max_length)
+        ids, labels, truncated = ids[:cut], labels[:cut], True
+    if all(label == IGNORE_INDEX for label in labels):
+        reason = "no supervised tokens after truncation" if truncated else "no supervised tokens"
+        raise RowRejected(reason, "no_supervised_tokens")
+    return ids, labels, truncated
+
+
+_Labelled = tuple[list[int], list[int], list[tuple[int, int]], Any]
+
+
+def _labelled(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None, max_length: int
+) -> _Labelled:
+    """The whole conversation's ids, its labels, the character spans of its trained answers
+    (up to the first answer past `max_length`) and its encoding (character offsets)."""
     # Assistant turns marked `"train": False` (formats.py: weight 0, a TRL prompt's answers)
     # are rendered like the others and left out of the labels; the mark is not the template's.
     trained = [m.get("train") is not False for m in messages if m["role"] == "assistant"]
@@ -391,20 +424,54 @@ def tokenize_conversation(
             labels[t] = ids[t]
         elif span_idx < len(spans) and start < spans[span_idx][0] < end:
             labels[t] = ids[t]  # a token that straddles the span start belongs to the answer
-    truncated = False
-    if len(ids) > max_length:
-        if truncation == "drop":
-            raise RowRejected(
-                f"too long: {len(ids)} tokens > data.max_length={max_length}", "too_long"
-            )
-        cut = max_length
-        if truncation == "turns":
-            cut = _turns_cut(enc["offset_mapping"], spans, labels, max_length)
-        ids, labels, truncated = ids[:cut], labels[:cut], True
-    if all(label == IGNORE_INDEX for label in labels):
-        reason = "no supervised tokens after truncation" if truncated else "no supervised tokens"
-        raise RowRejected(reason, "no_supervised_tokens")
-    return ids, labels, truncated
+    return ids, labels, spans, enc
+
+
+def _fits(spans: list[tuple[int, int]], enc: Any, limit: int) -> bool:
+    """Whether the first trained answer ends (its end-of-turn included) within `limit` tokens."""
+    starts = [start for start, _ in enc["offset_mapping"]]
+    return bool(spans) and bisect_left(starts, spans[0][1]) <= limit
+
+
+def _without_early_history(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None, limit: int
+) -> _Labelled | None:
+    """`_labelled` of the conversation without its earliest exchanges (a user turn and the
+    turns up to the next user turn) that come before the first trained answer: the fewest
+    whose removal lets that answer end within `limit` tokens, else all of them (the answer is
+    then cut inside, or its prompt is too long). None when there is nothing to drop."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    first = next(
+        (
+            i
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m.get("train") is not False
+        ),
+        None,
+    )
+    if first is None or not users:
+        return None
+    # Exchanges may start at these user turns; the one holding the first trained answer stays.
+    starts = [i for i in users if i <= first][1:]
+    if not starts:
+        return None
+    head = messages[: users[0]]  # the system turn (a conversation starts with a user turn)
+
+    def attempt(k: int) -> _Labelled:
+        return _labelled(tokenizer, [*head, *messages[starts[k] :]], tools, limit)
+
+    low, high = 0, len(starts) - 1  # the fewest dropped: binary search on the start
+    best = attempt(high)
+    if not _fits(best[2], best[3], limit):
+        return best
+    while low < high:
+        mid = (low + high) // 2
+        tried = attempt(mid)
+        if _fits(tried[2], tried[3], limit):
+            best, high = tried, mid
+        else:
+            low = mid + 1
+    return best
 
 
 def _turns_cut(
