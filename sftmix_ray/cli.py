@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-history", action="store_true",
         help="train only each row's last answer, as data.mask_history does",
     )  # fmt: skip
+    v.add_argument(
+        "--reasoning", default="keep", choices=["keep", "drop"],
+        help="keep or drop each answer's reasoning, as data.reasoning does",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -107,7 +111,7 @@ def _validate_data(args: argparse.Namespace) -> str:
     columns = load_config(None, [f"data.columns={','.join(args.columns)}"]).data.columns
     _, report = validate_file(
         args.data, args.format, repair=args.repair, keep_valid=False, columns=columns,
-        history_masked=args.mask_history,
+        history_masked=args.mask_history, reasoning=args.reasoning,
     )  # fmt: skip
     if args.json:
         return json.dumps(report.to_json())

@@ -52,6 +52,9 @@ class DataConfig:
     # true: train only each conversation's last answer, earlier ones are context
     # (LLaMA-Factory's mask_history); a row whose last answer is marked weight 0 is rejected
     mask_history: bool = False
+    # An answer's reasoning (reasoning_content, reasoning, thinking): keep trains it (under the
+    # template's key, or inline in <think> tags); drop leaves it out (counted).
+    reasoning: Literal["keep", "drop"] = "keep"
     max_length: int = 512  # tokens per example
     # Longer examples: turns keeps the longest prefix of whole exchanges that fits (or cuts the
     # first response; leading exchanges that train nothing, as under mask_history, go first);

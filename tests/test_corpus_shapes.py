@@ -566,6 +566,7 @@ ROWS = [
         ],
         "tools": [{"type": "function", "function": {"name": "w", "parameters": {}}}],
     },
+    {"prompt": "2+2?", "response": [bot("4", reasoning_content="Two and two.")]},  # a trace
 ]  # fmt: skip
 
 
@@ -589,11 +590,11 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
                  f"--set=data.eval_path={glaive}", "--set=data.max_length=512"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     train = json.loads((out / "summary.json").read_text())["stages"]["prepare"]["train"]
-    assert train["input"] == 6 and train["written"] == 4 and train["rejected"] == 2
+    assert train["input"] == 7 and train["written"] == 5 and train["rejected"] == 2
     kinds = {k: v["examples"] for k, v in train["rejections_by_kind"].items()}
     assert kinds == {"no_trained_turn": [2], "missing_field": [3]}
     data = pq.read_table(out / "data").sort_by("example_id")
-    assert data.column("example_id").to_pylist() == [0, 1, 4, 5]
+    assert data.column("example_id").to_pylist() == [0, 1, 4, 5, 6]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "base_model")
@@ -601,11 +602,14 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
     for ids, labels in zip(*(data.column(c).to_pylist() for c in ("input_ids", "labels"))):
         answers.append(tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]))
     call = '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call><|im_end|>\n'
+    think = "<think>\nTwo and two.\n</think>\n\n4<|im_end|>\n"  # trained, inline (ChatML)
     assert answers == [
-        "Red.<|im_end|>\n", "Blue.<|im_end|>\n", f"{call}Sunny.<|im_end|>\n", "A dog.<|im_end|>\n"
+        "Red.<|im_end|>\n", "Blue.<|im_end|>\n", f"{call}Sunny.<|im_end|>\n", think,
+        "A dog.<|im_end|>\n",
     ]  # fmt: skip
     stored = [json.loads(m) for m in data.column("messages_json").to_pylist()]
     assert stored[1][1] == bot("Red.", train=False)  # kept for re-tokenizing
+    assert stored[3][1] == bot("4", reasoning="Two and two.")
     # The glaive row: its call and both answers trained, its definitions beside it.
     heldout = pq.read_table(out / "heldout")
     ids, labels = (heldout.column(c)[0].as_py() for c in ("input_ids", "labels"))
@@ -622,5 +626,5 @@ def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, ca
         capture_output=True, text=True, env=cli_env(), timeout=120,
     )  # fmt: skip
     report = result_json(proc)
-    assert report["format"] == "mixed (alpaca 1, prompt_completion 3)" and report["valid"] == 4
+    assert report["format"] == "mixed (alpaca 1, prompt_completion 4)" and report["valid"] == 5
     assert {k: v["examples"] for k, v in report["by_kind"].items()} == kinds

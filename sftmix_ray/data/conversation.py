@@ -20,6 +20,7 @@ REPAIRS = (
     "null_content_dropped",  # a turn whose content is null dropped (like an empty one)
     "trailing_tool_result_dropped",  # tool results at the end, no answer to learn from, dropped
     "system_merged",  # several leading system turns joined with a blank line
+    "reasoning_dropped",  # data.reasoning: drop left an answer's reasoning out
 )
 
 
@@ -88,8 +89,12 @@ def repair_order(
                     "mixed_training_turns",
                 )
             repairs.add("same_role_merged")
-            parts = [c for c in (previous["content"], message["content"]) if c]
-            merged[-1] = (merged[-1][0], {**message, "content": "\n\n".join(parts)})
+            joined = {**message}
+            for key in ("content", "reasoning"):  # an answer's reasoning goes with its text
+                parts = [m[key] for m in (previous, message) if m.get(key)]
+                if parts or key == "content":
+                    joined[key] = "\n\n".join(parts)
+            merged[-1] = (merged[-1][0], joined)
         else:
             merged.append((number, message))
     while len(merged) > 1 and merged[-1][1]["role"] in ("user", "tool"):

@@ -67,6 +67,8 @@ from typing import Any
 from sftmix_ray.data.columns import FIELDS, rename_columns
 from sftmix_ray.data.conversation import check_order, is_tool_turn, name_tool_results, repair_order
 from sftmix_ray.data.glaive import glaive_row
+from sftmix_ray.data.reasoning import REASONING_MODES
+from sftmix_ray.data.reasoning import drop as drop_reasoning
 from sftmix_ray.data.turns import (
     TURN_KEYS,
     Message,
@@ -150,14 +152,21 @@ def read_example(
     columns: dict[str, str] | None = None,
     per_row: bool = False,
     history_masked: bool = False,
+    reasoning: str = "keep",
 ) -> tuple[Any, list[Message], list[dict[str, Any]] | None, list[str]]:
     """A raw corpus row read as prepare reads it: its columns renamed (`data.columns`), in its
     own format when `per_row` (`data.format: auto`) else `fmt`, normalized, its history masked
-    (`data.mask_history`). Returns the renamed row (for its `answer`), the messages, the tool
-    definitions and the repairs; raises `RowRejected`. The one reader of the tokenization
-    actors, the tiny tokenizer's sample and `validate-data`."""
+    (`data.mask_history`), its reasoning left out when `reasoning` is `drop` (`data.reasoning`).
+    Returns the renamed row (for its `answer`), the messages, the tool definitions and the
+    repairs; raises `RowRejected`. The one reader of the tokenization actors, the tiny
+    tokenizer's sample and `validate-data`."""
+    if reasoning not in REASONING_MODES:
+        raise ValueError(f"unknown reasoning mode {reasoning!r}; choose one of {REASONING_MODES}")
     row = rename_columns(raw, columns)
     messages, tools, repairs = normalize_example(row, format_of(row, fmt, per_row), repair)
+    if reasoning == "drop":
+        messages, dropped = drop_reasoning(messages)
+        repairs = sorted({*repairs, "reasoning_dropped"}) if dropped else repairs
     return row, mask_history(messages) if history_masked else messages, tools, repairs
 
 

@@ -102,7 +102,7 @@ def plan_corpora(cfg: Config, run: RunDir, dirs: dict[str, str], rejection_dirs:
         fmt = resolve_format(path, fmt, d.hf_split, columns)
         job = ChunkJob(
             source, fmt, d.repair, route, every, dirs, rejection_dirs, columns, d.mask_history,
-            per_row,
+            per_row, d.reasoning,
         )  # fmt: skip
         chunks, total = plan_chunks(
             path, hf_split=d.hf_split, work_dir=work / f"source-{number}", parts=parts
@@ -128,11 +128,13 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
             try:
                 job = plan.job
                 _, messages, tools, _ = read_example(
-                    raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row
-                )
+                    raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row,
+                    reasoning=job.reasoning,
+                )  # fmt: skip
             except RowRejected:
                 continue
             row_texts = [m["content"] for m in messages]
+            row_texts += [m["reasoning"] for m in messages if m.get("reasoning")]
             row_texts += [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
             row_texts += [json.dumps(tools)] if tools else []
             texts.extend(row_texts)

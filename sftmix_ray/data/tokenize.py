@@ -10,6 +10,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from sftmix_ray.data import reasoning
 from sftmix_ray.errors import RowRejected, SftmixError
 from sftmix_ray.loss_kernels import IGNORE_INDEX
 from sftmix_ray.modeling import chat_template_of
@@ -247,16 +248,25 @@ def _searched_spans(
     markup = _special_token_spans(tokenizer, enc)
     header = _answer_header(tokenizer, template)
     tail, cuts = _answer_tail(tokenizer, template)
+    thought_key = reasoning.template_key(template)
     spans: list[tuple[int, int]] = []
     position = 0
     for i, message in enumerate(messages):
         if message["role"] == "system":
             continue  # some templates move it (Mistral v0.3: into the last user turn)
         content = message["content"]
+        answer_start = None  # where the template's answer header ends
         if message["role"] == "assistant":
             at = full.find(header, position) if header else -1
             if at >= 0:
-                position = at + len(header)
+                position = answer_start = at + len(header)
+            thought = message.get(thought_key) if thought_key else None
+            found_thought = _find_content(full, thought, position, markup) if thought else None
+            if found_thought is not None:  # rendered (Qwen3: after the last user turn only)
+                answer_start = found_thought[0] if answer_start is None else answer_start
+                position = found_thought[1]
+            else:
+                answer_start = None
         found = _find_content(full, content, position, markup)
         if found is None:
             if message["role"] != "assistant":
@@ -268,6 +278,8 @@ def _searched_spans(
             )
         start, end = found
         if message["role"] == "assistant":
+            # A rendered reasoning is the answer's from the header on (`<think>` included).
+            start = start if answer_start is None else answer_start
             end = _through_end_marker(full, end, tail, cuts)
             spans.append((start, end))
         position = end
@@ -398,8 +410,11 @@ def _labelled(
     if not all(trained):
         messages = [{k: v for k, v in m.items() if k != "train"} for m in messages]
     try:
+        # An answer's reasoning under the template's key, or inline (reasoning.py).
+        rendered = reasoning.for_template(messages, chat_template_of(tokenizer, tools=bool(tools)))
         # Answers past max_length are cut away (`turns`, `truncate`) or the row goes (`drop`).
-        _, spans, enc = _render_spans_encoding(tokenizer, messages, tools, max_length)
+        full, spans, enc = _render_spans_encoding(tokenizer, rendered, tools, max_length)
+        reasoning.check_rendered(messages, full)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
     except (TemplateError, ValueError, TypeError, RecursionError) as exc:

@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+from sftmix_ray.data.reasoning import ROW_KEYS
 from sftmix_ray.errors import RowRejected
 
 ROLE_ALIASES: dict[str, str] = {
@@ -162,18 +163,47 @@ def _read_turn(turn: Any, number: int, fmt: str, text: TextReader) -> tuple[Mess
     if content_key not in turn and not raw_calls:
         raise RowRejected(f"turn {number} has no {content_key!r} field", "malformed_turn")
     content = turn.get(content_key)
+    extra: Message = {}  # an answer's reasoning (reasoning.py)
+    if role == "assistant":
+        content, thought = _reasoning_of(turn, content, number, text)
+        if thought.strip():
+            extra["reasoning"] = thought
     if raw_calls:
         text_ = "" if content is None else text(content, f"turn {number} content", parts=True)
         return {
             "role": role,
             "content": text_,
             "tool_calls": parse_calls(raw_calls, number),
+            **extra,
         }, mapped
     if content is None and role == "assistant" and isinstance(turn.get("refusal"), str):
         content = turn["refusal"]  # OpenAI's refusal: the answer's text, content left null
     if content is None and text.repair:
         return None, mapped
-    return {"role": role, "content": text(content, f"turn {number} content", parts=True)}, mapped
+    content = text(content, f"turn {number} content", parts=True)
+    return {"role": role, "content": content, **extra}, mapped
+
+
+def _reasoning_of(
+    turn: dict[str, Any], content: Any, number: int, text: TextReader
+) -> tuple[Any, str]:
+    """An answer's content without its thinking parts (Anthropic's `{"type": "thinking"}`),
+    and its reasoning: the first of the turn's reasoning fields that is set, else those
+    parts' text ("" for none)."""
+    thoughts: list[str] = []
+    if isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") == "thinking" for p in content
+    ):
+        thoughts = [
+            text(p.get("thinking"), f"turn {number} thinking part")
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "thinking"
+        ]
+        content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "thinking")]
+    for key in ROW_KEYS:  # text only: a flag (`"thinking": false`) is not a trace
+        if isinstance(turn.get(key), str | list) and turn[key]:
+            return content, text(turn[key], f"turn {number} {key}", parts=True)
+    return content, "\n\n".join(thoughts)
 
 
 def _tool_result(turn: dict[str, Any], content_key: str, number: int, text: TextReader) -> Message:

@@ -83,6 +83,7 @@ def validate_rows(
     repair: str = "standard",
     keep_valid: bool = True,
     history_masked: bool = False,
+    reasoning: str = "keep",
     detected: str | None = None,
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Normalize every row; return the valid (row index, messages) pairs and the report.
@@ -111,7 +112,7 @@ def validate_rows(
         try:
             row_fmt = format_of(row, resolved, fmt == "auto")  # counted below
             _, messages, _, applied = read_example(
-                row, row_fmt, repair, history_masked=history_masked
+                row, row_fmt, repair, history_masked=history_masked, reasoning=reasoning
             )
         except RowRejected as exc:
             rejections.append(Rejection(index, exc.reason, exc.kind))
@@ -141,6 +142,7 @@ def validate_file(
     keep_valid: bool = True,
     columns: dict[str, str] | None = None,
     history_masked: bool = False,
+    reasoning: str = "keep",
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Stream a corpus (file, directory, URI or HF dataset) and validate every row, its
     columns renamed by `columns` (`data.columns`) as prepare does."""
@@ -152,7 +154,7 @@ def validate_file(
     rows = (rename_columns(row, columns) for row in iter_records(path, hf_split=hf_split))
     return validate_rows(
         rows, fmt, source=source, repair=repair, keep_valid=keep_valid,
-        history_masked=history_masked, detected=resolved,
+        history_masked=history_masked, reasoning=reasoning, detected=resolved,
     )  # fmt: skip
 
 
