@@ -572,14 +572,19 @@ ROWS = [
 
 @pytest.mark.slow
 def test_prepare_reads_a_mapped_prompt_completion_corpus(ray_local, tmp_path, capsys):
-    """`sftmix-ray prepare` on a corpus whose completion column is `response`
+    """`sftmix-ray prepare` on a corpus (a .jsonl.gz file and a .csv one) whose completion
+    column is `response`
     (`data.columns`): detected as prompt-completion once mapped, the prompts' answers left
     out of the labels, the rows with nothing to train rejected by kind; `validate-data
     --column` says the same of the file."""
+    import gzip
+
     path = tmp_path / "corpus"  # with an alpaca file beside: `auto` reads each row in its own
-    path.mkdir()
-    (path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (path / "zz-alpaca.jsonl").write_text(json.dumps({"instruction": "Pet?", "output": "A dog."}))
+    path.mkdir()  # a gzipped JSON Lines file and a CSV sheet, as `datasets` reads them
+    (path / "pc.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    )
+    (path / "zz-alpaca.csv").write_text('instruction,output\nPet?,"A dog."\n')
     # The held-out file is glaive's (auto detects each file's format).
     glaive = tmp_path / "glaive.jsonl"
     glaive.write_text(json.dumps({"system": GLAIVE_SYSTEM, "chat": GLAIVE_CHAT}) + "\n")

@@ -130,8 +130,8 @@ def test_directory_reads_json_shards_and_names_the_files_it_cannot_read(
     write(tmp_path / "c.json", '[{"instruction": "d", "output": "w"},')
     data_error(tmp_path, "c.json", "Expecting value")
     (tmp_path / "c.json").unlink()
-    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(jsonl(rows).encode()))
-    data_error(tmp_path, "holds files that cannot be read (d.jsonl.gz)", "decompress")
+    (tmp_path / "d.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    data_error(tmp_path, "holds files that cannot be read (d.parquet.gz)", "decompress")
 
 
 # --- file-level errors ----------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_missing_relative_path_is_not_a_hub_id() -> None:
 
 def test_directory_without_data_files(tmp_path: Path) -> None:
     write(tmp_path / "notes.txt", "x")
-    data_error(tmp_path, "directory without .parquet, .jsonl, .ndjson or .json files")
+    data_error(tmp_path, "directory without .parquet, .jsonl, .ndjson, .json, .csv or .tsv")
 
 
 def test_not_utf8_reports_byte_offset_and_line(tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_empty_array_has_no_rows(tmp_path: Path) -> None:
     data_error(write(tmp_path / "c.json", "[]"), "contains no rows")
 
 
-@pytest.mark.parametrize("name", ["c.csv", "c.txt", "corpus"])
+@pytest.mark.parametrize("name", ["c.txt", "corpus", "c.parquet.gz", "c.jsonl.zip"])
 def test_unsupported_extension(tmp_path: Path, name: str) -> None:
     data_error(write(tmp_path / name, "a,b\n"), "unsupported file extension")
 
@@ -315,3 +315,82 @@ def test_validate_file_undetectable_format_names_file(tmp_path: Path) -> None:
         validate_file(path)
     _, report = validate_file(path, "alpaca")
     assert (report.total, report.rejected) == (2, 2)
+
+
+# --- compressed files, CSV and TSV ----------------------------------------------------------
+
+PLAIN = [
+    {"instruction": "Say hi", "input": "", "output": 'Hi,\nthere "you"'},  # a multi-line cell
+    {"instruction": "Add", "input": "1\t2", "output": "3"},  # a number stays text
+    {"instruction": "", "input": "", "output": "x"},  # invalid: rejected by validation, kept here
+]
+
+
+def _delimited(rows: list[dict], delimiter: str) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), delimiter=delimiter)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _compressed(name: str, text: str) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    codec = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+    suffix = Path(name).suffix
+    return codec[suffix](text.encode()) if suffix in codec else text.encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "unit"),
+    [
+        ("c.jsonl.gz", jsonl(PLAIN), "line"),
+        ("c.json.bz2", json.dumps(PLAIN), "element"),
+        ("c.ndjson.xz", jsonl(PLAIN), "line"),
+        ("c.csv", _delimited(PLAIN, ","), "row"),
+        ("c.tsv.gz", _delimited(PLAIN, "\t"), "row"),
+    ],
+)
+def test_compressed_and_delimited_files_read_like_plain_json(tmp_path, name, text, unit) -> None:
+    """What `datasets`' json and csv builders read (Axolotl, TRL and LLaMA-Factory users hold
+    .jsonl.gz dumps and CSV sheets): the same rows as the plain file, through the reader
+    (validate-data's) and the chunk planner (prepare's, which cuts a decompressed copy or a
+    Parquet rewrite), rows located in the file as named; every CSV cell is text."""
+    from sftmix_ray.data.chunks import iter_chunk_located, plan_chunks
+
+    path = write(tmp_path / name, _compressed(name, text))
+    assert read_records(path) == PLAIN
+    chunks, total = plan_chunks(str(path), hf_split="train", work_dir=tmp_path / "w", parts=3)
+    located = [(row, where) for c in chunks for _, row, where in iter_chunk_located(c)]
+    assert total == 3 and [row for row, _ in located] == PLAIN
+    assert [where for _, where in located] == [{"file": str(path), unit: n} for n in (1, 2, 3)]
+    _, report = validate_file(path)
+    assert (report.total, report.valid, report.rejected) == (3, 2, 1)
+    assert report.rejections[0].index == 2
+
+
+def test_csv_and_compression_problems_are_clear_errors(tmp_path) -> None:
+    import gzip
+
+    write(tmp_path / "dup.csv", "instruction,instruction\na,b\n")
+    data_error(tmp_path / "dup.csv", "the header names a column twice")
+    write(tmp_path / "ragged.csv", "instruction,output\na,b\nc,d,e\n")
+    data_error(tmp_path / "ragged.csv", "not readable as CSV", "Expected 2 columns, got 3")
+    write(tmp_path / "junk.jsonl.gz", b"not gzip at all")
+    data_error(tmp_path / "junk.jsonl.gz", "cannot decompress")
+    from sftmix_ray.data.chunks import plan_chunks
+
+    write(tmp_path / "cut.jsonl.gz", gzip.compress(jsonl(PLAIN).encode())[:-12])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: cannot decompress"):
+        plan_chunks(str(tmp_path / "cut.jsonl.gz"), hf_split="train", work_dir=tmp_path, parts=1)
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        write(tmp_path / "c.jsonl.zst", b"(\xb5/\xfd")
+        data_error(tmp_path / "c.jsonl.zst", "needs the zstandard package")

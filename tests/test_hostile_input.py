@@ -4,6 +4,7 @@ row lost. Plus output directories that cannot be written or fill up."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
@@ -45,7 +46,9 @@ FILE_ERRORS: dict[str, tuple[str, bytes | None, str]] = {
     "jsonl_holding_an_array": ("c.jsonl", b"[\n" + json.dumps(GOOD).encode() + b"\n]\n",
                                "a JSON array? name the file .json"),
     "nested_too_deeply": ("c.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    "unsupported_extension": ("c.csv", b"instruction,output\na,b\n", "unsupported file extension"),
+    "unsupported_extension": ("c.txt", b"instruction,output\na,b\n", "unsupported file extension"),
+    "truncated_gzip": ("c.jsonl.gz", gzip.compress(_jsonl(GOOD, GOOD))[:-9], "cannot decompress"),
+    "csv_without_header": ("c.csv", b"\n", "no header row"),
     "corrupt_parquet": ("c.parquet", b"PAR1" + os.urandom(64) + b"PAR1",
                         "not a readable Parquet file"),
     "no_format_detectable": ("c.jsonl", _jsonl({"text": "a", "label": "b"}),
@@ -75,7 +78,8 @@ def test_missing_path_and_empty_directory_are_clear_errors(tmp_path, capsys):
     (tmp_path / "shards" / "README.txt").write_text("not data")
     assert main(["validate-data", "--data", str(tmp_path / "shards")]) == 1
     assert (
-        "is a directory without .parquet, .jsonl, .ndjson or .json files" in capsys.readouterr().err
+        "is a directory without .parquet, .jsonl, .ndjson, .json, .csv or .tsv"
+        in capsys.readouterr().err
     )
     dangling = tmp_path / "link.jsonl"
     dangling.symlink_to(tmp_path / "gone.jsonl")

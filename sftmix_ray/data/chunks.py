@@ -1,8 +1,9 @@
 """Split a corpus into chunks that workers read on their own, numbered so row ids stay global.
 
 The driver plans: it lists the files, scans JSON Lines once line by line (counting rows and
-checking UTF-8, never parsing or keeping them), reads Parquet footers, and turns a JSON array
-or a Hub dataset into a file it can cut (JSON Lines / Parquet under `work_dir`, streamed).
+checking UTF-8, never parsing or keeping them), reads Parquet footers, and turns a JSON array,
+a compressed JSON (Lines) file, a CSV or TSV file or a Hub dataset into a file it can cut (JSON
+Lines / Parquet under `work_dir`, streamed; rows keep the positions of the file as named).
 Each `Chunk` knows the corpus index of its first row, so `example_id`s are the same as a
 whole-file read gives, however many chunks or workers there are. Workers read a chunk with
 `iter_chunk`; JSON syntax errors are found there and still name the file, line and column.
@@ -22,16 +23,19 @@ from sftmix_ray.data.readers import (
     corpus_files,
     file_kind,
     is_uri,
+    iter_delimited_batches,
     iter_file,
     iter_parquet_rows,
     load_hub_dataset,
     open_binary,
     parquet_file,
+    split_compression,
 )
 from sftmix_ray.errors import DataError
 
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 64 << 20
+PARQUET_ROW_GROUP = 4096  # rows per row group of a rewritten CSV: chunks cut between them
 
 
 @dataclass(frozen=True)
@@ -98,11 +102,17 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
     for number, file in enumerate(files):
         kind = file_kind(file)
         named = {"source": f"{path} ({hf_split} split)"} if hub else {}
+        if kind in ("csv", "tsv"):  # its rows numbered from 1 after the header
+            named = {"source": file, "unit": "row"}
+            file, kind = _delimited_to_parquet(file, work_dir / f"{number:05d}.parquet"), "parquet"
+        elif split_compression(file)[1] is not None:  # cut by byte ranges: decompressed first
+            named = {"source": file}
+            file = _decompressed(file, work_dir / f"{number:05d}.{kind}")
         if kind == "json":
             with open_binary(file) as f:
                 kind = json_file_kind(f, file)
             if kind == "array":  # one element per line: line n is element n
-                named = {"source": file, "unit": "element"}
+                named = {"source": named.get("source", file), "unit": "element"}
                 file = _array_to_jsonl(file, work_dir / f"{number:05d}.jsonl")
                 kind = "jsonl"
         planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
@@ -167,6 +177,35 @@ def _array_to_jsonl(path: str, target: Path) -> str:
     with open(target, "w", encoding="utf-8") as out:
         for row in iter_file(path):
             out.write(json.dumps(row) + "\n")  # ASCII: lone surrogates survive
+    return str(target)
+
+
+def _decompressed(path: str, target: Path) -> str:
+    """Write a compressed file's text under `work_dir`, streaming."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open_binary(path) as f, open(target, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)  # a corrupt archive: open_binary's DataError
+    return str(target)
+
+
+def _delimited_to_parquet(path: str, target: Path) -> str:
+    """Write a CSV or TSV file (every column text) as Parquet under `work_dir`, streaming."""
+    import pyarrow.parquet as pq
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        for batch in iter_delimited_batches(path):
+            if writer is None:
+                writer = pq.ParquetWriter(target, batch.schema)
+            writer.write_batch(batch, row_group_size=PARQUET_ROW_GROUP)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise DataError(f"{path}: contains no rows")
     return str(target)
 
 

@@ -11,16 +11,26 @@ Decisions worth knowing:
 - A `.json` file is a JSON array, or JSON Lines (one value per line, as `Dataset.to_json` writes).
   A single top-level object is an error: it is usually a wrapper such as `{"data": [...]}`.
 - A file or directory without any rows is an error: there is nothing to train on.
-- A directory is read non-recursively: its `.parquet`, `.jsonl` and `.ndjson` files, sorted by
-  name, so a HF-style `train/` folder of shards reads in shard order.
+- A directory is read non-recursively: its `.parquet`, `.jsonl`, `.ndjson`, `.json`, `.csv`
+  and `.tsv` files, sorted by name, so a HF-style `train/` folder of shards reads in shard order.
+- JSON, JSON Lines, CSV and TSV may be compressed (`.gz`, `.bz2`, `.xz`; `.zst` where the
+  `zstandard` package is installed), as `datasets`' json and csv builders read them; they are
+  decompressed as they stream. Row positions are those of the decompressed text.
+- CSV and TSV (as LLaMA-Factory and Axolotl read them): a header row names the columns, every
+  cell is read as text (an empty cell as ""), quoted cells may hold newlines; rows are numbered
+  from 1 after the header.
 - A path with a scheme (`s3://bucket/corpus.jsonl`, `gs://...`, `file:///...`) is opened
   through `pyarrow.fs`, so any filesystem pyarrow can open works, directories included.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
 import io
 import logging
+import lzma
 import os
 import re
 from collections.abc import Iterator
@@ -41,17 +51,21 @@ log = logging.getLogger(__name__)
 JSON_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-DIRECTORY_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
-# Shards a directory may hold that cannot be read: compressed data files and HF's Arrow
-# files, named in an error, since skipping them would lose their rows without a word (other
-# files, README.md or a backup.zip, are ignored as before).
-_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
-UNREAD_SUFFIXES = (
-    *(data + c for data in JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES for c in _COMPRESSED),
-    ".arrow",
+DELIMITED = {".csv": ",", ".tsv": "\t"}  # suffix -> delimiter
+_TEXT_SUFFIXES = JSON_SUFFIXES + JSONL_SUFFIXES + tuple(DELIMITED)
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+SUPPORTED_SUFFIXES = (
+    *_TEXT_SUFFIXES,
+    *PARQUET_SUFFIXES,
+    *(text + c for text in _TEXT_SUFFIXES for c in COMPRESSED),
 )
-SUPPORTED_SUFFIXES = JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+DIRECTORY_SUFFIXES = SUPPORTED_SUFFIXES
+# Shards a directory may hold that cannot be read: compressed Parquet and HF's Arrow files,
+# named in an error, since skipping them would lose their rows without a word (other files,
+# README.md or a backup.zip, are ignored as before).
+UNREAD_SUFFIXES = (*(p + c for p in PARQUET_SUFFIXES for c in COMPRESSED), ".arrow")
 PARQUET_BATCH = 1024
+CSV_BLOCK = 4 << 20  # bytes per CSV block (a block holds whole rows, multi-line cells too)
 
 # `org/name` as on the Hugging Face Hub; a local-looking path (with a data suffix) never matches.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -124,21 +138,21 @@ def _shards(directory: str, names: list[str]) -> list[str]:
         more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
         raise DataError(
             f"{directory}: holds files that cannot be read ({shown}{more}): a corpus directory "
-            "holds .parquet, .jsonl, .ndjson or .json files; decompress or convert these, or "
-            "move them out"
+            f"holds {_KINDS} files; decompress or convert these, or move them out"
         )
     files = [n for n in names if n.lower().endswith(DIRECTORY_SUFFIXES) and _holds_rows(n)]
     if not files:
-        raise DataError(
-            f"{directory}: is a directory without .parquet, .jsonl, .ndjson or .json files"
-        )
+        raise DataError(f"{directory}: is a directory without {_KINDS} files")
     return files
+
+
+_KINDS = ".parquet, .jsonl, .ndjson, .json, .csv or .tsv (the text ones also compressed)"
 
 
 def _holds_rows(path: str) -> bool:
     """False for a `.json` file in a directory of shards that holds one object, not rows (the
     dataset_info.json or stats.json beside the shards: skipped, and named in a warning)."""
-    if not path.lower().endswith(JSON_SUFFIXES):
+    if not split_compression(path)[0].lower().endswith(JSON_SUFFIXES):
         return True
     with open_binary(path) as f:
         try:
@@ -150,32 +164,112 @@ def _holds_rows(path: str) -> bool:
 
 
 def open_binary(path: str) -> IO[bytes]:
-    """A seekable binary file for a local path or a `pyarrow.fs` URI."""
+    """A seekable binary file for a local path or a `pyarrow.fs` URI, decompressed as it is
+    read when its name ends with a compression suffix."""
     if not is_uri(path):
         try:
-            return open(path, "rb")
+            raw: IO[bytes] = open(path, "rb")  # noqa: SIM115 (the caller closes it)
         except OSError as exc:
             raise DataError(f"{path}: cannot read file: {exc.strerror}") from None
-    import pyarrow.fs as pafs
+    else:
+        import pyarrow.fs as pafs
 
-    try:
-        fs, inner = pafs.FileSystem.from_uri(path)
-        return io.BufferedReader(fs.open_input_file(inner))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read file: {str(exc).splitlines()[0]}") from None
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+            raw = io.BufferedReader(fs.open_input_file(inner))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read file: {str(exc).splitlines()[0]}") from None
+    codec = split_compression(path)[1]
+    return raw if codec is None else _decompressing(raw, codec, path)
+
+
+def split_compression(path: str) -> tuple[str, str | None]:
+    """`path` without its compression suffix, and that suffix (None when uncompressed)."""
+    root, suffix = os.path.splitext(path)
+    return (root, suffix.lower()) if suffix.lower() in COMPRESSED else (path, None)
+
+
+def _decompressing(raw: IO[bytes], codec: str, path: str) -> IO[bytes]:
+    """`raw` read through its codec (seeking back rewinds and decompresses again: done only
+    to read a JSON file's first bytes twice); a corrupt or truncated archive is a DataError
+    naming the file, wherever the reading finds it."""
+    if codec == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raw.close()
+            raise DataError(
+                f"{path}: reading .zst files needs the zstandard package (pip install "
+                "zstandard), or decompress it first"
+            ) from None
+        stream: Any = zstandard.ZstdDecompressor().stream_reader(raw)
+    elif codec == ".gz":
+        stream = gzip.GzipFile(fileobj=raw)
+    else:
+        stream = (bz2.BZ2File if codec == ".bz2" else lzma.LZMAFile)(raw)
+    return io.BufferedReader(_Decompressed(stream, raw, path), 1 << 20)
+
+
+class _Decompressed(io.RawIOBase):
+    """A decompressing stream as a raw file: closes the compressed file with it, and turns
+    the codecs' errors (OSError, EOFError, LZMAError, zstandard's) into one DataError."""
+
+    def __init__(self, stream: Any, raw: IO[bytes], path: str) -> None:
+        super().__init__()
+        self._stream, self._raw, self._path = stream, raw, path
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._stream.read(len(buffer))
+        except Exception as exc:  # each codec raises its own kind for a corrupt archive
+            detail = str(exc) or type(exc).__name__
+            raise DataError(f"{self._path}: cannot decompress: {detail}") from None
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return int(self._stream.seek(offset, whence))
+        except Exception as exc:  # a codec that cannot go back (zstandard's reader)
+            raise DataError(f"{self._path}: cannot reread the compressed stream: {exc}") from None
+
+    def tell(self) -> int:
+        return int(self._stream.tell())
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._stream.close()
+            finally:
+                self._raw.close()
+        super().close()
 
 
 def file_kind(path: str) -> str:
-    """ "parquet", "jsonl" or "json" from the file's extension; an error for anything else."""
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix in PARQUET_SUFFIXES:
+    """ "parquet", "jsonl", "json", "csv" or "tsv" from the file's extension (a compression
+    suffix after it is looked through); an error for anything else."""
+    name, codec = split_compression(path)
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in PARQUET_SUFFIXES and codec is None:
         return "parquet"
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
     if suffix in JSON_SUFFIXES:
         return "json"
-    supported = ", ".join(SUPPORTED_SUFFIXES)
-    raise DataError(f"{path}: unsupported file extension {suffix or '(none)'!r}; use {supported}")
+    if suffix in DELIMITED:
+        return suffix[1:]
+    shown = suffix + (codec or "")
+    supported = ", ".join((*_TEXT_SUFFIXES, *PARQUET_SUFFIXES))
+    raise DataError(
+        f"{path}: unsupported file extension {shown or '(none)'!r}; use {supported} (the text "
+        f"ones may be compressed: {', '.join(COMPRESSED)})"
+    )
 
 
 def iter_file(path: str) -> Iterator[Any]:
@@ -183,6 +277,8 @@ def iter_file(path: str) -> Iterator[Any]:
     kind = file_kind(path)
     if kind == "parquet":
         rows = iter_parquet_rows(path)
+    elif kind in ("csv", "tsv"):
+        rows = (row for batch in iter_delimited_batches(path) for row in batch.to_pylist())
     elif kind == "json":
         with open_binary(path) as f:
             kind = json_file_kind(f, path)
@@ -196,6 +292,43 @@ def iter_file(path: str) -> Iterator[Any]:
     if empty:
         problem = "file is empty" if kind == "jsonl" else "contains no rows"
         raise DataError(f"{path}: {problem}")
+
+
+def iter_delimited_batches(path: str) -> Iterator[Any]:
+    """Record batches of a CSV or TSV file (compressed or not), every column read as text."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    delimiter = DELIMITED["." + file_kind(path)]
+    with open_binary(path) as f:  # the header alone, for the column names
+        head = f.readline().decode("utf-8-sig", errors="replace")
+    names = next(csv.reader([head], delimiter=delimiter), [])
+    if not any(name.strip() for name in names):
+        raise DataError(f"{path}: no header row (the first line names the columns)")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: the header names a column twice ({', '.join(names)})")
+    options = {
+        "read_options": pacsv.ReadOptions(block_size=CSV_BLOCK),
+        "parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in names}, strings_can_be_null=False
+        ),
+    }
+    f, rows = open_binary(path), 0
+    try:
+        reader = pacsv.open_csv(f, **options)
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            rows += batch.num_rows
+            yield batch
+    except (pa.ArrowException, UnicodeDecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not readable as CSV after data row {rows}: {detail}") from None
+    finally:
+        f.close()
 
 
 def _iter_jsonl(path: str) -> Iterator[Any]:
