@@ -394,3 +394,31 @@ def test_csv_and_compression_problems_are_clear_errors(tmp_path) -> None:
     except ImportError:
         write(tmp_path / "c.jsonl.zst", b"(\xb5/\xfd")
         data_error(tmp_path / "c.jsonl.zst", "needs the zstandard package")
+
+
+def test_a_save_to_disk_directory_reads_like_a_hub_dataset(tmp_path) -> None:
+    """`Dataset.save_to_disk` / `DatasetDict.save_to_disk` directories (LLaMA-Factory and
+    Axolotl read them): read with `load_from_disk`, a DatasetDict at `data.hf_split`, through
+    the reader and the chunk planner; a missing split names the ones there."""
+    import datasets
+
+    from sftmix_ray.data.chunks import iter_chunk_located, plan_chunks
+
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    splits = {"train_sft": rows[:3], "test_sft": rows[3:]}
+    datasets.DatasetDict(
+        {k: datasets.Dataset.from_list(v) for k, v in splits.items()}
+    ).save_to_disk(str(tmp_path / "dict"))
+    assert read_records(tmp_path / "one") == rows
+    assert read_records(tmp_path / "dict", hf_split="test_sft") == rows[3:]
+    chunks, total = plan_chunks(
+        str(tmp_path / "dict"), hf_split="train_sft", work_dir=tmp_path / "w", parts=2
+    )
+    located = [(row, where) for c in chunks for _, row, where in iter_chunk_located(c)]
+    assert total == 3 and [row for row, _ in located] == rows[:3]
+    assert located[2][1] == {"file": f"{tmp_path / 'dict'} (train_sft split)", "row": 3}
+    message = data_error(tmp_path / "dict", "saved dataset has no split 'train'")
+    assert "train_sft, test_sft" in message
+    _, report = validate_file(tmp_path / "one")
+    assert (report.valid, report.rejected) == (5, 0)

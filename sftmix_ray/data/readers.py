@@ -21,6 +21,8 @@ Decisions worth knowing:
   from 1 after the header.
 - A path with a scheme (`s3://bucket/corpus.jsonl`, `gs://...`, `file:///...`) is opened
   through `pyarrow.fs`, so any filesystem pyarrow can open works, directories included.
+- A directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict read at
+  `data.hf_split`) is read with `load_from_disk`, as a Hub dataset is.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def corpus_files(path: str | os.PathLike[str]) -> list[str] | None:
     if is_uri(name):
         return _uri_files(name)
     local = Path(name)
+    if is_saved_dataset(local):
+        return None  # read by `datasets`, as a Hub dataset is
     if local.is_dir():
         names = sorted(str(p) for p in local.iterdir() if p.is_file())
         return _shards(str(local), names)
@@ -368,6 +372,12 @@ def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterato
         raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a directory written by `datasets`' `save_to_disk` (a Dataset, with
+    its `state.json`, or a DatasetDict, with its `dataset_dict.json` and one folder a split)."""
+    return path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json"))
+
+
 def looks_like_hub_id(name: str) -> bool:
     """Whether `name` reads as a Hub dataset id (`org/name`) rather than a local file path."""
     return bool(_HUB_ID.match(name)) and not name.lower().endswith(SUPPORTED_SUFFIXES)
@@ -383,14 +393,29 @@ def load_hub_dataset(name: str, split: str) -> Any:
             f"{name}: no such local file, and the `datasets` package needed to load it "
             "from the Hugging Face Hub is not installed"
         ) from None
+    saved = is_saved_dataset(Path(name))
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        if saved:  # `save_to_disk`'s directory: memory-mapped Arrow, as the Hub's cache
+            dataset = datasets.load_from_disk(name)
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise DataError(
+                        f"{name}: saved dataset has no split {split!r} (it has "
+                        f"{', '.join(dataset)}); set data.hf_split"
+                    )
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(name, split=split)
+    except DataError:
+        raise
     except Exception as exc:  # the Hub raises many types: report them, never a traceback
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"{name}: no such local file, and the Hugging Face dataset (split {split!r}) "
-            f"cannot be loaded: {detail}"
-        ) from None
+        what = (
+            "the dataset saved there"
+            if saved
+            else "no such local file, and the Hugging Face dataset"
+        )
+        raise DataError(f"{name}: {what} (split {split!r}) cannot be loaded: {detail}") from None
     if len(dataset) == 0:
         raise DataError(f"{name}: Hugging Face dataset split {split!r} contains no rows")
     return dataset
