@@ -169,3 +169,50 @@ def _stdout(entry, args) -> str:
     with contextlib.redirect_stdout(buffer):
         assert entry(args) == 0
     return buffer.getvalue()
+
+
+# Qwen3's tool-calling template, reduced: the reasoning block (or an empty one on the last
+# answer) only after the last user turn, so a row whose first answer is a call is not
+# prefix-stable and its answers are located by rendering each one replaced by a probe.
+QWEN3_TOOLS = (
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- if tools %}{{ '<|im_start|>system\\n<tools>' }}{%- for t in tools %}"
+    "{{ '\\n' + (t | tojson) }}{%- endfor %}{{ '\\n</tools><|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last and m.reasoning_content %}"
+    "{{ '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- elif loop.index0 > ns.last and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{ m.content }}{%- for c in m.tool_calls or [] %}{{ '<tool_call>' + ({'name': "
+    "c.function.name, 'arguments': c.function.arguments} | tojson) + '</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\\n' }}{%- elif m.role == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>' + m.content + '</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_reasoning_with_tool_calls_on_a_template_that_is_not_prefix_stable(tokenizer):
+    """The probe that locates an answer has no reasoning, so the renders part after the
+    block's `<think>\\n`; the span goes back to the answer's header: the model learns to open
+    its block, as on the other paths."""
+    call = {"type": "function", "function": {"name": "w", "arguments": {}}}
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "4"},
+                        {"role": "assistant", "content": "4", "reasoning": THOUGHT}],
+           "tools": [{"type": "function", "function": {"name": "w"}}]}  # fmt: skip
+    messages, tools, _ = normalize_example(row, "messages")
+    tok = _with_template(tokenizer, QWEN3_TOOLS)
+    ids, labels, _ = tokenize_conversation(tok, messages, 1024, "turns", tools)
+    runs, run = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs, run = [*runs, tok.decode(run)], []
+    runs += [tok.decode(run)] if run else []
+    assert runs == [
+        '<tool_call>{"name": "w", "arguments": {}}</tool_call><|im_end|>\n',
+        f"<think>\n{THOUGHT}\n</think>\n\n4<|im_end|>\n",
+    ]

@@ -67,7 +67,7 @@ DIRECTORY_SUFFIXES = SUPPORTED_SUFFIXES
 # README.md or a backup.zip, are ignored as before).
 UNREAD_SUFFIXES = (*(p + c for p in PARQUET_SUFFIXES for c in COMPRESSED), ".arrow")
 PARQUET_BATCH = 1024
-CSV_BLOCK = 4 << 20  # bytes per CSV block (a block holds whole rows, multi-line cells too)
+CSV_BLOCK = 16 << 20  # bytes per CSV block: a row (multi-line cells too) must fit in one
 
 # `org/name` as on the Hugging Face Hub; a local-looking path (with a data suffix) never matches.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

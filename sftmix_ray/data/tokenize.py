@@ -101,6 +101,7 @@ def _render_spans_encoding(
 
 
 _PROBE_TURN = "\ue000"  # a private-use character: in no real answer
+_PROBE_THOUGHT = "\ue001"  # the probe's reasoning, likewise
 
 
 def _diffed_spans(
@@ -120,11 +121,19 @@ def _diffed_spans(
     thinking block, Hermes' `<|im_start|>assistant\\n`), the end where they meet again. The
     spans stop at the first answer that starts `past` the token limit, as on the prefix path."""
     tail, cuts = _answer_tail(tokenizer, template)
+    header = _answer_header(tokenizer, template)
+    thought_key = reasoning.template_key(template)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        probe = [*messages[:i], {"role": "assistant", "content": _PROBE_TURN}, *messages[i + 1 :]]
+        thinks = bool(thought_key and message.get(thought_key))
+        # An answer with reasoning gets a probe with reasoning: a template that writes an
+        # empty block for an answer without one (Qwen3's last) would change more text.
+        replacement = {"role": "assistant", "content": _PROBE_TURN}
+        if thinks:
+            replacement[str(thought_key)] = _PROBE_THOUGHT
+        probe = [*messages[:i], replacement, *messages[i + 1 :]]
         removed = False
         try:
             other = _render(tokenizer, probe, template, False, tools)
@@ -141,7 +150,18 @@ def _diffed_spans(
         # call exists, or names the call in the result's header, changes text elsewhere); with
         # the answer left out, its place must not slide (the text after it starting like it,
         # `[TOOL_CALLS]` before `[TOOL_RESULTS]`, would move the span into the result).
-        located = other[start : len(other) - same] == ("" if removed else _PROBE_TURN)
+        middle = other[start : len(other) - same]
+        located = middle == ("" if removed else _PROBE_TURN)
+        if thinks and not removed and not located:
+            # The probe's reasoning, the template's markup between it and the answer (as the
+            # real answer has it), then the probe's answer.
+            between = middle[len(_PROBE_THOUGHT) : len(middle) - len(_PROBE_TURN)]
+            located = (
+                middle.startswith(_PROBE_THOUGHT)
+                and middle.endswith(_PROBE_TURN)
+                and len(between) <= _MAX_BLOCK_OPENING
+                and between in full[start:end]
+            )
         if removed:
             located = located and len(other) - _common_suffix(full, other) == start
         if not located or end <= start or (spans and start < spans[-1][1]):
@@ -152,8 +172,22 @@ def _diffed_spans(
             )
         if past(start):
             break
+        if thinks:
+            # The renders part after the block's opening (Qwen3's `<think>\n`, which the
+            # model must learn to write): the answer starts back at its header.
+            start = _after_header(full, start, header)
         spans.append((start, _through_end_marker(full, end, tail, cuts)))
     return spans
+
+
+_MAX_BLOCK_OPENING = 32  # characters of markup a template writes between header and reasoning
+
+
+def _after_header(full: str, start: int, header: str) -> int:
+    """Where the answer header that ends shortly before `start` ends (`start` if none)."""
+    at = full.rfind(header, 0, start) if header else -1
+    end = at + len(header)
+    return end if at >= 0 and 0 <= start - end <= _MAX_BLOCK_OPENING else start
 
 
 def _through_end_marker(full: str, end: int, tail: str, cuts: tuple[int, ...]) -> int:
