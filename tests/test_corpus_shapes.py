@@ -440,6 +440,17 @@ DUMP_SHAPES = {
                        "content": [{"type": "text", "text": "42", "image_url": None}]},
                       {"role": "assistant", "content": "A"}]},
         [("user", "Q"), ("assistant", ""), ("tool", "42"), ("assistant", "A")], []),
+    "tool result parts with a null type": (
+        {"messages": [{"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                      {"role": "tool", "tool_call_id": "c1",
+                       "content": [{"type": None, "text": "42", "cache_control": None}]},
+                      {"role": "assistant", "content": "A"}]},
+        [("user", "Q"), ("assistant", ""), ("tool", "42"), ("assistant", "A")], []),
+    "turns as JSON text with a raw newline": (
+        {"messages": '[{"role": "user", "content": "Q\nR"}, '
+                     '{"role": "assistant", "content": "A"}]'},
+        [("user", "Q\nR"), ("assistant", "A")], []),
 }  # fmt: skip
 
 
@@ -455,6 +466,12 @@ def test_real_dump_shapes_read_as_peers_read_them(case):
     if repairs:
         with pytest.raises(RowRejected):
             normalize_example(row, fmt, "none")
+
+
+def test_turns_as_json_text_nested_too_deeply_are_a_rejection():
+    with pytest.raises(RowRejected) as info:
+        normalize_example({"messages": "[" * 100_000}, "messages")
+    assert info.value.kind == "malformed_turn" and "nested too deeply" in info.value.reason
 
 
 def test_json_text_keeps_its_nulls_and_struct_nulls_go():

@@ -422,3 +422,27 @@ def test_a_save_to_disk_directory_reads_like_a_hub_dataset(tmp_path) -> None:
     assert "train_sft, test_sft" in message
     _, report = validate_file(tmp_path / "one")
     assert (report.valid, report.rejected) == (5, 0)
+
+
+def test_csv_empty_cells_are_absent_lists(tmp_path) -> None:
+    """Found in review: a CSV sheet has no nulls; an empty `history` cell is no history (a
+    JSON-text one is read), and an empty `messages` cell does not make an alpaca row a
+    messages one."""
+    history = json.dumps([["Hi", "Hello"]])
+    sheet = _delimited([
+        {"instruction": "q1", "input": "", "output": "a1", "history": "", "messages": ""},
+        {"instruction": "q2", "input": "", "output": "a2", "history": history, "messages": ""},
+        {"instruction": "", "input": "", "output": "", "history": "",
+         "messages": json.dumps([{"role": "user", "content": "q3"},
+                                 {"role": "assistant", "content": "a3"}])},
+    ], ",")  # fmt: skip
+    valid, report = validate_file(write(tmp_path / "mixed.csv", sheet))
+    assert (report.valid, report.rejected) == (3, 0), report.rejections
+    assert [len(messages) for _, messages in valid] == [2, 4, 2]
+
+
+def test_a_shard_folder_with_some_state_json_is_not_a_saved_dataset(tmp_path) -> None:
+    """Found in review: only `save_to_disk`'s own files make a saved dataset."""
+    write(tmp_path / "part-0.jsonl", jsonl([{"instruction": "q", "output": "a"}]))
+    write(tmp_path / "state.json", json.dumps({"step": 3}))
+    assert read_records(tmp_path) == [{"instruction": "q", "output": "a"}]

@@ -216,3 +216,39 @@ def test_reasoning_with_tool_calls_on_a_template_that_is_not_prefix_stable(token
         '<tool_call>{"name": "w", "arguments": {}}</tool_call><|im_end|>\n',
         f"<think>\n{THOUGHT}\n</think>\n\n4<|im_end|>\n",
     ]
+
+
+def test_earlier_answers_reasoning_is_the_templates_to_leave_out(tokenizer):
+    """Found in review: Qwen3 leaves the reasoning of an answer before the last user turn out;
+    the same words in a later user turn are not taken for it (that trained the user turn),
+    and a row whose last answer has none is not rejected for its earlier one's. DeepSeek-R1's
+    template, which leaves every block out, is treated alike."""
+
+    def row(last: dict) -> list[dict]:
+        return normalize_example({"messages": [
+            {"role": "user", "content": "Why?"},
+            {"role": "assistant", "content": "Because.", "reasoning": "Hm."},
+            {"role": "user", "content": "You said Hm. and then Because. Why?"},
+            {"role": "assistant", "content": "4", **last}]}, "messages")[0]  # fmt: skip
+
+    assert trained(tokenizer, row({"reasoning": THOUGHT}), QWEN3_REASONING) == [
+        "Because.<|im_end|>\n",
+        f"<think>\n{THOUGHT}\n</think>\n\n4<|im_end|>\n",
+    ]
+    assert trained(tokenizer, row({}), QWEN3_REASONING) == ["Because.<|im_end|>\n", "4<|im_end|>\n"]
+    # R1's template cuts the inline block at `</think>`, leaving its blank line, as at inference.
+    assert trained(tokenizer, row({}), R1_LIKE) == ["\n\nBecause.<|im_end|>\n", "4<|im_end|>\n"]
+
+
+def test_a_reasoning_naming_the_call_does_not_pass_for_the_call(tokenizer):
+    """Found in review: a template without tool support renders no call; a reasoning that
+    names the function must not make the call look rendered (the row trained an empty
+    answer)."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {}}}
+    messages = normalize_example({"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call],
+         "reasoning": "I should call get_weather for Paris."}]}, "messages")[0]  # fmt: skip
+    with pytest.raises(RowRejected) as info:
+        trained(tokenizer, messages, QWEN3_REASONING)
+    assert info.value.kind == "template_no_tools"

@@ -86,6 +86,7 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam"
 ROLES = ("system", "user", "assistant")
 REPAIR_MODES = ("standard", "none")
 _LIST_FIELD = {"sharegpt": "conversations", "messages": "messages"}
+_LIST_FIELDS = frozenset(_LIST_FIELD.values())
 
 
 def row_format(row: Any) -> str | None:
@@ -95,8 +96,11 @@ def row_format(row: Any) -> str | None:
     if not isinstance(row, dict):
         return None
 
-    def has(*keys: str) -> bool:
-        return all(row.get(key) is not None for key in keys)
+    def has(*keys: str) -> bool:  # a CSV sheet's empty cell is "", not null: no turns either
+        return all(
+            row.get(key) is not None and not (key in _LIST_FIELDS and row[key] == "")
+            for key in keys
+        )
 
     if has("messages"):
         return "messages"
@@ -299,11 +303,13 @@ def _normalize_prompt_completion(row: dict[str, Any], text: TextReader) -> list[
 
 
 def _alpaca_history(history: Any, text: TextReader) -> list[Message]:
-    """LLaMA-Factory's `history`: earlier `[instruction, response]` pairs, oldest first."""
-    if history is None:
+    """LLaMA-Factory's `history`: earlier `[instruction, response]` pairs, oldest first (as a
+    list, or its JSON text as a CSV sheet holds it; an empty cell is no history)."""
+    if history is None or history == "":
         return []
     turns: list[Message] = []
-    for number, pair in enumerate(typed(history, list, "field 'history'"), start=1):
+    pairs = _json_list(history, "field 'history'")
+    for number, pair in enumerate(typed(pairs, list, "field 'history'"), start=1):
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
             raise RowRejected(
                 f"history item {number} is not an [instruction, response] pair", "malformed_turn"
@@ -321,7 +327,7 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
     field = _LIST_FIELD[fmt]
     if field not in row:
         raise RowRejected(f"missing field {field!r}{_looks_like(row, fmt)}", "missing_field")
-    turns = typed(_json_list(row[field]), list, f"field {field!r}")
+    turns = typed(_json_list(row[field], f"field {field!r}"), list, f"field {field!r}")
     if not turns:
         raise RowRejected(f"field {field!r} is empty", "empty_conversation")
     if all(isinstance(turn, str) for turn in turns):
@@ -373,14 +379,16 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
     return name_tool_results([message for _, message in numbered])
 
 
-def _json_list(value: Any) -> Any:
+def _json_list(value: Any, what: str) -> Any:
     """The list that a text holds as JSON (orca-agentinstruct and some exports store the turns
-    as one JSON string column), else `value` as it is."""
+    as one JSON string column, a CSV sheet every list), else `value` as it is."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
-            return json.loads(value)
+            return json.loads(value, strict=False)  # raw newlines in strings, as dumps write
         except ValueError:
-            return value  # not JSON: rejected as text where turns belong
+            return value  # not JSON: rejected as text where a list belongs
+        except RecursionError:
+            raise RowRejected(f"{what} is nested too deeply", "malformed_turn") from None
     return value
 
 

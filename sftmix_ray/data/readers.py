@@ -373,9 +373,16 @@ def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterato
 
 
 def is_saved_dataset(path: Path) -> bool:
-    """Whether `path` is a directory written by `datasets`' `save_to_disk` (a Dataset, with
-    its `state.json`, or a DatasetDict, with its `dataset_dict.json` and one folder a split)."""
-    return path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json"))
+    """Whether `path` is a directory written by `datasets`' `save_to_disk`: a Dataset (its
+    `state.json` and `dataset_info.json` beside `.arrow` files) or a DatasetDict (its
+    `dataset_dict.json`, one folder a split). A folder of shards with some other `state.json`
+    is not one."""
+    if not path.is_dir():
+        return False
+    if (path / "dataset_dict.json").is_file():
+        return True
+    marks = all((path / n).is_file() for n in ("state.json", "dataset_info.json"))
+    return marks and any(path.glob("*.arrow"))
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -23,10 +23,13 @@ from sftmix_ray.errors import RowRejected
 
 ROW_KEYS = ("reasoning_content", "reasoning", "thinking")  # as rows carry it, first set wins
 REASONING_MODES = ("keep", "drop")
-_TEMPLATE_KEYS = (  # the key a template reads, by how its source names it
+_TEMPLATE_KEYS = (  # the key a template reads, by how its source names it (first found wins)
     ("reasoning_content", re.compile(r"reasoning_content")),
     ("thinking", re.compile(r"""\.thinking\b|\[\s*['"]thinking['"]\s*\]""")),
 )
+
+
+TEMPLATE_KEYS = tuple(key for key, _ in _TEMPLATE_KEYS)
 
 
 def template_key(template: str) -> str | None:
@@ -52,9 +55,17 @@ def for_template(messages: list[dict[str, Any]], template: str) -> list[dict[str
 
 
 def check_rendered(messages: list[dict[str, Any]], full: str) -> None:
-    """Reject a row whose last reasoning the template did not render."""
-    last = next((m["reasoning"] for m in reversed(messages) if m.get("reasoning")), None)
-    if last is not None and last.strip() not in full:
+    """Reject a row with an answer after its last user turn (the answer being trained for,
+    with its calls) whose reasoning the template did not render. Earlier answers' reasoning is
+    the template's to keep or leave out (Qwen3, gpt-oss and DeepSeek-R1 leave it out, as at
+    inference)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    missing = [
+        m
+        for m in messages[last_user + 1 :]
+        if m["role"] == "assistant" and m.get("reasoning") and m["reasoning"].strip() not in full
+    ]
+    if missing:
         raise RowRejected(
             "chat template does not render the answer's reasoning (it drops the thinking "
             "trace); use a template that renders it, or set data.reasoning: drop to train "

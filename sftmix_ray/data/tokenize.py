@@ -238,7 +238,7 @@ def _check_tools_rendered(
                 (
                     f"tool call {n!r}"
                     for n in names
-                    if answer.count(n) < message["content"].count(n) + names.count(n)
+                    if answer.count(n) < _written(message, n) + names.count(n)
                 ),
                 None,
             )
@@ -257,6 +257,13 @@ def _check_tools_rendered(
                 " it has no tool support (use a model whose template has, or leave tool rows out)",
                 "template_no_tools",
             )
+
+
+def _written(message: dict, name: str) -> int:
+    """How often `name` is in a message's own text: its content and a reasoning the template
+    renders ("I should call get_weather" is not the call)."""
+    keys = ("content", *reasoning.TEMPLATE_KEYS)
+    return sum(message[k].count(name) for k in keys if isinstance(message.get(k), str))
 
 
 def _rendered(text: str, full: str) -> bool:
@@ -296,8 +303,13 @@ def _searched_spans(
                 position = answer_start = at + len(header)
             thought = message.get(thought_key) if thought_key else None
             found_thought = _find_content(full, thought, position, markup) if thought else None
-            if found_thought is not None:  # rendered (Qwen3: after the last user turn only)
-                answer_start = found_thought[0] if answer_start is None else answer_start
+            # Rendered (Qwen3: after the last user turn only) when it opens this answer, a
+            # little markup (`<think>\n`) after its header: not the same words in a later turn.
+            if (
+                found_thought is not None
+                and answer_start is not None
+                and found_thought[0] - answer_start <= _MAX_BLOCK_OPENING
+            ):
                 position = found_thought[1]
             else:
                 answer_start = None

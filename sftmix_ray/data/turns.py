@@ -92,7 +92,7 @@ def _join_text_parts(parts: list[Any], what: str) -> str:
     """OpenAI-style content parts: the text parts joined with newlines; other parts reject."""
     texts = []
     for number, part in enumerate(parts, start=1):
-        if isinstance(part, dict) and part.get("type", "text") == "text":
+        if isinstance(part, dict) and part.get("type") in (None, "text"):  # null: a union's
             texts.append(typed(part.get("text"), str, f"{what} part {number} text"))
         else:
             kind = part.get("type") if isinstance(part, dict) else json_type_name(part)
