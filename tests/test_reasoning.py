@@ -29,11 +29,11 @@ def tokenizer():
     return train_tiny_tokenizer([*texts, "system user assistant"], 360)
 
 
-def trained(tok, messages, template: str | None = None) -> list[str]:
+def trained(tok, messages, template: str | None = None, tools=None) -> list[str]:
     """The trained text of each answer (runs of supervised tokens), under `template`."""
     if template is not None:
         tok = _with_template(tok, template)
-    ids, labels, _ = tokenize_conversation(tok, messages, 1024, "turns")
+    ids, labels, _ = tokenize_conversation(tok, messages, 1024, "turns", tools)
     runs, run = [], []
     for token, label in zip(ids, labels):
         if label != IGNORE_INDEX:
@@ -203,16 +203,7 @@ def test_reasoning_with_tool_calls_on_a_template_that_is_not_prefix_stable(token
                         {"role": "assistant", "content": "4", "reasoning": THOUGHT}],
            "tools": [{"type": "function", "function": {"name": "w"}}]}  # fmt: skip
     messages, tools, _ = normalize_example(row, "messages")
-    tok = _with_template(tokenizer, QWEN3_TOOLS)
-    ids, labels, _ = tokenize_conversation(tok, messages, 1024, "turns", tools)
-    runs, run = [], []
-    for token, label in zip(ids, labels):
-        if label != IGNORE_INDEX:
-            run.append(token)
-        elif run:
-            runs, run = [*runs, tok.decode(run)], []
-    runs += [tok.decode(run)] if run else []
-    assert runs == [
+    assert trained(tokenizer, messages, QWEN3_TOOLS, tools) == [
         '<tool_call>{"name": "w", "arguments": {}}</tool_call><|im_end|>\n',
         f"<think>\n{THOUGHT}\n</think>\n\n4<|im_end|>\n",
     ]
