@@ -226,7 +226,10 @@ def test_earlier_answers_reasoning_is_the_templates_to_leave_out(tokenizer):
         "Because.<|im_end|>\n",
         f"<think>\n{THOUGHT}\n</think>\n\n4<|im_end|>\n",
     ]
-    assert trained(tokenizer, row({}), QWEN3_REASONING) == ["Because.<|im_end|>\n", "4<|im_end|>\n"]
+    assert trained(tokenizer, row({}), QWEN3_REASONING) == [
+        "Because.<|im_end|>\n",
+        "<think>\n\n</think>\n\n4<|im_end|>\n",  # its empty block, as in a one-turn row
+    ]
     # R1's template cuts the inline block at `</think>`, leaving its blank line, as at inference.
     assert trained(tokenizer, row({}), R1_LIKE) == ["\n\nBecause.<|im_end|>\n", "4<|im_end|>\n"]
 

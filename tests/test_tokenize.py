@@ -118,7 +118,8 @@ def _templated(template: str) -> object:
     ("template", "convo", "expected"),
     [
         (PHI3, TWO_TURNS, "hello there<|end|>\ngeneral<|end|>\n<|endoftext|>"),
-        (QWEN3, TWO_TURNS, "hello there<|im_end|>\ngeneral<|im_end|>\n"),
+        # The last answer's empty thinking block is the answer's, as a one-turn row's is.
+        (QWEN3, TWO_TURNS, "hello there<|im_end|>\n<think>\n\n</think>\n\ngeneral<|im_end|>\n"),
         (MISTRAL_V03, [{"role": "system", "content": "Be brief."}, *TWO_TURNS],
          "hello there<|endoftext|>general<|endoftext|>"),
     ],
@@ -140,7 +141,7 @@ SHORT = [  # one-letter answers: each letter is also in the templates' markup
     ("template", "convo", "expected"),
     [
         (PHI3, SHORT, "a<|end|>\nd<|end|>\n<|endoftext|>"),
-        (QWEN3, SHORT, "a<|im_end|>\nd<|im_end|>\n"),
+        (QWEN3, SHORT, "a<|im_end|>\n<think>\n\n</think>\n\nd<|im_end|>\n"),
         (MISTRAL_V03, [{"role": "system", "content": "Be brief."},
                        {"role": "user", "content": "true?"}, {"role": "assistant", "content": "T"}],
          "T<|endoftext|>"),

@@ -120,7 +120,7 @@ def _diffed_spans(
     where the renderings part (after the header the template writes either way: Qwen3's
     thinking block, Hermes' `<|im_start|>assistant\\n`), the end where they meet again. The
     spans stop at the first answer that starts `past` the token limit, as on the prefix path."""
-    tail, cuts = _answer_tail(tokenizer, template)
+    tails = _answer_tails(tokenizer, template)
     header = _answer_header(tokenizer, template)
     thought_key = reasoning.template_key(template)
     spans: list[tuple[int, int]] = []
@@ -140,7 +140,12 @@ def _diffed_spans(
         except TemplateError:
             # A template that checks roles among text turns only (Mistral's: a text answer
             # before tool results breaks its alternation): the answer left out instead.
-            other = _render(tokenizer, [*messages[:i], *messages[i + 1 :]], template, False, tools)
+            try:
+                other = _render(
+                    tokenizer, [*messages[:i], *messages[i + 1 :]], template, False, tools
+                )
+            except TemplateError:  # gpt-oss: a result must follow a call
+                other = full  # nothing differs: not located, below
             removed = True
         start = _common_prefix(full, other)
         same = _common_suffix(full[start:], other[start:])
@@ -176,7 +181,7 @@ def _diffed_spans(
             # The renders part after the block's opening (Qwen3's `<think>\n`, which the
             # model must learn to write): the answer starts back at its header.
             start = _after_header(full, start, header)
-        spans.append((start, _through_end_marker(full, end, tail, cuts)))
+        spans.append((start, _through_end_marker(full, end, tails)))
     return spans
 
 
@@ -190,10 +195,11 @@ def _after_header(full: str, start: int, header: str) -> int:
     return end if at >= 0 and 0 <= start - end <= _MAX_BLOCK_OPENING else start
 
 
-def _through_end_marker(full: str, end: int, tail: str, cuts: tuple[int, ...]) -> int:
-    """`end` moved past the longest run of whole tokens of the template's end-of-turn marker
-    (`_answer_tail`) that `full` has there."""
-    return end + max((cut for cut in cuts if full.startswith(tail[:cut], end)), default=0)
+def _through_end_marker(full: str, end: int, tails: tuple[_Tail, ...]) -> int:
+    """`end` moved past the longest run of whole tokens of one of the template's end-of-turn
+    markers (`_answer_tails`) that `full` has there."""
+    runs = (cut for tail, cuts in tails for cut in cuts if full.startswith(tail[:cut], end))
+    return end + max(runs, default=0)
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -279,76 +285,149 @@ def _searched_spans(
 ) -> list[tuple[int, int]]:
     """Assistant spans of a template that is not prefix-stable: each turn's content is found
     in `full` in order (user turns too, so that an answer repeating the question is not found
-    in the question), each answer after the header the template writes before an answer (its
-    generation prompt, e.g. `<|assistant|>\\n`) and never inside the template's special tokens
-    (a one-letter answer "a" is in `<|assistant|>`), then extended by the longest run of whole
-    tokens of what the template writes after an answer that ends a conversation (its
-    end-of-turn marker, `_answer_tail`) that `full` also has there. Whole tokens: `<|end|>` of
+    in the question), never inside the template's special tokens (a one-letter answer "a" is
+    in `<|assistant|>`). An answer's span starts where the header the template writes before
+    an answer (its generation prompt, e.g. `<|assistant|>\n`) ends, when that header is right
+    before it (a little markup between: gpt-oss' `<|channel|>final<|message|>`, Qwen3's empty
+    thinking block, or a rendered reasoning), as the prefix path's spans do, else where its
+    content starts; it is extended by the longest run of whole tokens of an end-of-turn marker
+    (`_answer_tails`) that `full` also has there. Whole tokens: `<|end|>` of
     `<|end|><|endoftext|>` matches before `<|user|>`, and the `<|` of `<|user|>` must not be
-    taken for a start of `<|endoftext|>`."""
+    taken for a start of `<|endoftext|>`. A template that cuts an inline reasoning away at
+    `</think>` (DeepSeek-R1's) leaves the answer after it to be found."""
     markup = _special_token_spans(tokenizer, enc)
     header = _answer_header(tokenizer, template)
-    tail, cuts = _answer_tail(tokenizer, template)
+    tails = _answer_tails(tokenizer, template)
     thought_key = reasoning.template_key(template)
     spans: list[tuple[int, int]] = []
     position = 0
     for i, message in enumerate(messages):
         if message["role"] == "system":
             continue  # some templates move it (Mistral v0.3: into the last user turn)
-        content = message["content"]
-        answer_start = None  # where the template's answer header ends
-        if message["role"] == "assistant":
-            at = full.find(header, position) if header else -1
-            if at >= 0:
+        assistant = message["role"] == "assistant"
+        needles = [message["content"]]
+        if assistant and "</think>" in needles[0]:
+            needles.append(needles[0].rsplit("</think>", 1)[1])  # what R1's template keeps
+        answer_start = None  # where this answer's header ends
+        straddling = None  # the answer found across the header's end
+        if assistant and header:
+            ahead = _find_any(full, needles, position, markup)
+            at = full.find(header, position)
+            # Only this answer's own header, not a later one with the answer before it:
+            # Nemotron's (with `<think>\n`) is the last answer's. (The answer "a" may be found
+            # in the header's `assistant`: that is not before it.)
+            if at >= 0 and (ahead is None or ahead[0] >= at):
                 position = answer_start = at + len(header)
-            thought = message.get(thought_key) if thought_key else None
-            found_thought = _find_content(full, thought, position, markup) if thought else None
-            # Rendered (Qwen3: after the last user turn only) when it opens this answer, a
-            # little markup (`<think>\n`) after its header: not the same words in a later turn.
-            if (
-                found_thought is not None
-                and answer_start is not None
-                and found_thought[0] - answer_start <= _MAX_BLOCK_OPENING
-            ):
-                position = found_thought[1]
-            else:
-                answer_start = None
-        found = _find_content(full, content, position, markup)
+                if ahead is not None and ahead[0] < answer_start < ahead[1]:
+                    # QwQ's generation prompt ends with `<think>\n`, which the inline
+                    # reasoning also starts with: the answer is the rest.
+                    straddling = ahead
+        opened = False  # a rendered reasoning opens the answer
+        thought = message.get(thought_key) if assistant and thought_key else None
+        if thought and answer_start is not None:
+            found_thought = _find_content(full, thought, position, markup)
+            # Qwen3 renders it after the last user turn only: the same words in a later turn
+            # are not it.
+            if found_thought and found_thought[0] - answer_start <= _MAX_BLOCK_OPENING:
+                position, opened = found_thought[1], True
+        found = straddling or _find_any(full, needles, position, markup)
         if found is None:
-            if message["role"] != "assistant":
+            if not assistant:
                 continue  # a template may rewrite user turns; answers are what must be found
             raise RowRejected(
-                f"chat template is not prefix-stable and turn {i} (assistant) is not found in "
-                "the rendered text; cannot align assistant labels",
+                f"chat template is not prefix-stable and turn {i + 1} (assistant) is not found "
+                "in the rendered text; cannot align assistant labels",
                 "template_not_prefix_stable",
             )
         start, end = found
-        if message["role"] == "assistant":
-            # A rendered reasoning is the answer's from the header on (`<think>` included).
-            start = start if answer_start is None else answer_start
-            end = _through_end_marker(full, end, tail, cuts)
+        if assistant:
+            if answer_start is not None and (opened or start - answer_start <= _MAX_BLOCK_OPENING):
+                start = answer_start
+            end = _through_end_marker(full, end, tails)
             spans.append((start, end))
         position = end
     return spans
 
 
+def _find_any(
+    text: str, needles: list[str], position: int, markup: list[tuple[int, int]]
+) -> tuple[int, int] | None:
+    """`_find_content` of the first of `needles` that is found."""
+    return next(
+        (found for n in needles if (found := _find_content(text, n, position, markup))), None
+    )
+
+
 _PROBE = "sftmix-probe-answer"
+_PROBE_QUESTION = "sftmix-probe-question"
+
+_Tail = tuple[str, tuple[int, ...]]  # a marker's text, and where each of its tokens ends
+
+
+def _probe_render(
+    tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool
+) -> str:
+    """A probe conversation rendered without tools, or with an empty list of them for a
+    template that iterates over `tools` unchecked (Hermes' and Command-R's tool_use)."""
+    try:
+        return _render(tokenizer, messages, template, generation_prompt)
+    except (TemplateError, TypeError):
+        return _render(tokenizer, messages, template, generation_prompt, [])
 
 
 @functools.lru_cache(maxsize=8)
-def _answer_tail(tokenizer: Any, template: str) -> tuple[str, tuple[int, ...]]:
-    """What the template writes after an answer that ends a conversation (`<|end|>\\n` then
-    the EOS for Phi-3), from a probe conversation (the same for every row), and where its
-    tokens end: a run of whole tokens of it is what an answer's span takes."""
-    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}]
-    text = _render(tokenizer, probe, template, generation_prompt=False)
-    at = text.rfind(_PROBE)
-    tail = text[at + len(_PROBE) :] if at >= 0 else ""
-    if not tail:
-        return "", ()
-    offsets = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
-    # Prefixes of one string: the longest that `full` has after an answer is its run.
-    return tail, tuple(end for _, end in offsets["offset_mapping"])
+def _answer_tails(tokenizer: Any, template: str) -> tuple[_Tail, ...]:
+    """What the template writes after an answer (its end-of-turn marker), from probe
+    conversations (the same for every row): after the last answer (`<|end|>\n` then the EOS
+    for Phi-3, `<|return|>` for gpt-oss) and after an answer that a user turn follows (gpt-oss'
+    `<|end|>`), neither with the next turn's header (`_turn_header_start`). A run of whole
+    tokens of one of them is what an answer's span takes."""
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}
+    last = _probe_render(tokenizer, [user, answer], template, False)
+    tails = []
+    if (at := last.rfind(_PROBE)) >= 0:
+        tails.append(_tail(tokenizer, last[at + len(_PROBE) :], ""))
+    try:
+        question = {"role": "user", "content": _PROBE_QUESTION}
+        more = _probe_render(tokenizer, [user, answer, question], template, False)
+        alone = _probe_render(tokenizer, [question], template, False)
+    except (TemplateError, TypeError, ValueError):
+        more = alone = ""  # a template that refuses a conversation ending with a user turn
+    if _PROBE in more and _PROBE_QUESTION in more and _PROBE_QUESTION in alone:
+        at = more.index(_PROBE) + len(_PROBE)
+        gap = more[at : more.index(_PROBE_QUESTION, at)]
+        tails.append(_tail(tokenizer, gap, alone[: alone.index(_PROBE_QUESTION)]))
+    return tuple(dict.fromkeys(tail for tail in tails if tail[0]))
+
+
+_TURN_START_NAMES = ("start", "begin", "user")  # in the special token that opens a turn
+
+
+def _tail(tokenizer: Any, gap: str, before_user: str) -> _Tail:
+    """The end-of-turn marker at the head of `gap` (what a template writes after an answer),
+    without the next turn's header: that starts at the first special token of the gap naming
+    a start or the user role (`<|im_start|>`, `<|start_header_id|>`, `<start_of_turn>`,
+    `<|start|>`, Phi-3's `<|user|>`) within what the gap ends with in common with the text
+    before a first user turn (`before_user`: Mistral's `[INST]`, no such token), else where
+    that common end begins. Returns the marker and where each of its tokens ends."""
+    enc = tokenizer(gap, add_special_tokens=False, return_offsets_mapping=True)
+    spans = enc["offset_mapping"]
+    common = len(gap) - _common_suffix(gap, before_user) if before_user else len(gap)
+    special = _special_ids(tokenizer)
+    cut = next(
+        (
+            begin
+            for token, (begin, _) in zip(enc["input_ids"], spans)
+            if token in special
+            and (not before_user or begin >= common)
+            and any(
+                n in str(tokenizer.convert_ids_to_tokens(token)).lower() for n in _TURN_START_NAMES
+            )
+        ),
+        common,
+    )
+    cut = next((begin for begin, _ in spans if begin >= cut), len(gap))  # a token boundary
+    return gap[:cut], tuple(end for _, end in spans if end <= cut)
 
 
 @functools.lru_cache(maxsize=8)
@@ -357,8 +436,8 @@ def _answer_header(tokenizer: Any, template: str) -> str:
     between rendering a probe question with and without it ("" if it has none); the same
     for every row, like `_answer_tail`."""
     question = [{"role": "user", "content": "q"}]
-    prompt = _render(tokenizer, question, template, generation_prompt=True)
-    plain = _render(tokenizer, question, template, generation_prompt=False)
+    prompt = _probe_render(tokenizer, question, template, generation_prompt=True)
+    plain = _probe_render(tokenizer, question, template, generation_prompt=False)
     same = next((k for k, (a, b) in enumerate(zip(prompt, plain)) if a != b), len(plain))
     return prompt[same:]
 
@@ -383,14 +462,15 @@ def _find_content(
     text: str, content: str, position: int, markup: list[tuple[int, int]]
 ) -> tuple[int, int] | None:
     """Where `content` (or its stripped form, as templates that trim write it) first is in
-    `text` from `position` on, overlapping no `markup` span, as (start, end)."""
+    `text` from `position` on, cutting through no `markup` span (a special token wholly inside
+    it is its own: an inline `<think>` that the tokenizer has as a token), as (start, end)."""
     for needle in (content, content.strip()):
         if not needle:
             continue
         at = text.find(needle, position)
         while at >= 0:
             end = at + len(needle)
-            if not any(a < end and at < b for a, b in markup):
+            if not any(a < end and at < b and not at <= a < b <= end for a, b in markup):
                 return at, end
             at = text.find(needle, at + 1)
     return None
@@ -459,7 +539,14 @@ def _labelled(
         # An answer's reasoning under the template's key, or inline (reasoning.py).
         rendered = reasoning.for_template(messages, chat_template_of(tokenizer, tools=bool(tools)))
         # Answers past max_length are cut away (`turns`, `truncate`) or the row goes (`drop`).
-        full, spans, enc = _render_spans_encoding(tokenizer, rendered, tools, max_length)
+        try:
+            full, spans, enc = _render_spans_encoding(tokenizer, rendered, tools, max_length)
+        except TypeError:
+            if not any(m.get("tool_calls") for m in rendered):
+                raise
+            # A template that writes a call's arguments as text (DeepSeek-V3.1's `+`): JSON.
+            rendered = _arguments_as_text(rendered)
+            full, spans, enc = _render_spans_encoding(tokenizer, rendered, tools, max_length)
         reasoning.check_rendered(messages, full)
     except (RowRejected, SftmixError):
         raise  # a row's own rejection, or the tokenizer's template unusable for every row
@@ -486,6 +573,24 @@ def _labelled(
         elif span_idx < len(spans) and start < spans[span_idx][0] < end:
             labels[t] = ids[t]  # a token that straddles the span start belongs to the answer
     return ids, labels, spans, enc
+
+
+def _arguments_as_text(messages: list[dict]) -> list[dict]:
+    """`messages` with each call's arguments as their JSON text."""
+
+    def text(call: dict) -> dict:
+        return {
+            **call,
+            "function": {
+                **call["function"],
+                "arguments": json.dumps(call["function"]["arguments"]),
+            },
+        }
+
+    return [
+        {**m, "tool_calls": [text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+        for m in messages
+    ]
 
 
 def _fits(spans: list[tuple[int, int]], enc: Any, limit: int) -> bool:
