@@ -341,15 +341,19 @@ def console_main() -> None:
 
     Once `main` has written the result (or the failure's last line), nothing that runs at
     interpreter exit (atexit hooks of libraries, late threads) may print after it: both output
-    descriptors go to /dev/null for the rest of the process.
+    descriptors go to /dev/null, and the process ends without the interpreter's teardown,
+    where a native thread that outlived the command (a reader's I/O pool, a library's
+    background thread) could abort it: once, `validate-data` exited with SIGABRT after
+    printing its result. Ray is shut down and every output of ours closed by then.
     """
     code = main(restore_stdout=False, exit_grace_s=EXIT_GRACE_S)
+    logging.shutdown()  # flush and close the handlers: the teardown that would is skipped
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    sys.exit(code)
+    os._exit(code)
 
 
 def _describe(exc: BaseException) -> str:

@@ -381,7 +381,9 @@ def test_csv_and_compression_problems_are_clear_errors(tmp_path) -> None:
     write(tmp_path / "dup.csv", "instruction,instruction\na,b\n")
     data_error(tmp_path / "dup.csv", "the header names a column twice")
     write(tmp_path / "ragged.csv", "instruction,output\na,b\nc,d,e\n")
-    data_error(tmp_path / "ragged.csv", "not readable as CSV", "Expected 2 columns, got 3")
+    data_error(tmp_path / "ragged.csv", "data row 2 (line 3) has 3 fields, the header 2")
+    write(tmp_path / "bad.csv", b"instruction,output\na,\xff\n")
+    data_error(tmp_path / "bad.csv", "not readable as CSV after data row 0", "can't decode")
     write(tmp_path / "junk.jsonl.gz", b"not gzip at all")
     data_error(tmp_path / "junk.jsonl.gz", "cannot decompress")
     from sftmix_ray.data.chunks import plan_chunks

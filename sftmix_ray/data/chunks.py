@@ -11,6 +11,7 @@ whole-file read gives, however many chunks or workers there are. Workers read a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from sftmix_ray.data.readers import (
     corpus_files,
     file_kind,
     is_uri,
-    iter_delimited_batches,
+    iter_delimited_rows,
     iter_file,
     iter_parquet_rows,
     load_hub_dataset,
@@ -192,15 +193,21 @@ def _decompressed(path: str, target: Path) -> str:
 
 def _delimited_to_parquet(path: str, target: Path) -> str:
     """Write a CSV or TSV file (every column text) as Parquet under `work_dir`, streaming."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
+    writer, batch = None, []
     try:
-        for batch in iter_delimited_batches(path):
-            if writer is None:
-                writer = pq.ParquetWriter(target, batch.schema)
-            writer.write_batch(batch, row_group_size=PARQUET_ROW_GROUP)
+        for row in itertools.chain(iter_delimited_rows(path), [None]):
+            if row is not None:
+                batch.append(row)
+            if batch and (row is None or len(batch) == PARQUET_ROW_GROUP):
+                if writer is None:
+                    schema = pa.schema([(name, pa.string()) for name in batch[0]])
+                    writer = pq.ParquetWriter(target, schema)
+                writer.write_table(pa.Table.from_pylist(batch, schema=writer.schema))
+                batch = []
     finally:
         if writer is not None:
             writer.close()

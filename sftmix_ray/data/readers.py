@@ -67,7 +67,7 @@ DIRECTORY_SUFFIXES = SUPPORTED_SUFFIXES
 # README.md or a backup.zip, are ignored as before).
 UNREAD_SUFFIXES = (*(p + c for p in PARQUET_SUFFIXES for c in COMPRESSED), ".arrow")
 PARQUET_BATCH = 1024
-CSV_BLOCK = 16 << 20  # bytes per CSV block: a row (multi-line cells too) must fit in one
+MAX_CELL_CHARS = 256 << 20  # a CSV cell may be as long as a JSON row
 
 # `org/name` as on the Hugging Face Hub; a local-looking path (with a data suffix) never matches.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -282,7 +282,7 @@ def iter_file(path: str) -> Iterator[Any]:
     if kind == "parquet":
         rows = iter_parquet_rows(path)
     elif kind in ("csv", "tsv"):
-        rows = (row for batch in iter_delimited_batches(path) for row in batch.to_pylist())
+        rows = iter_delimited_rows(path)
     elif kind == "json":
         with open_binary(path) as f:
             kind = json_file_kind(f, path)
@@ -298,41 +298,39 @@ def iter_file(path: str) -> Iterator[Any]:
         raise DataError(f"{path}: {problem}")
 
 
-def iter_delimited_batches(path: str) -> Iterator[Any]:
-    """Record batches of a CSV or TSV file (compressed or not), every column read as text."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
+def iter_delimited_rows(path: str) -> Iterator[dict[str, str]]:
+    """The rows of a CSV or TSV file (compressed or not) as {column: text}, streaming.
 
+    Python's own `csv` module on the calling thread: pyarrow's streaming CSV reader read the
+    Python file object from its own threads, and a process that had read a sheet aborted at
+    exit now and then (SIGABRT after printing its result)."""
     delimiter = DELIMITED["." + file_kind(path)]
-    with open_binary(path) as f:  # the header alone, for the column names
-        head = f.readline().decode("utf-8-sig", errors="replace")
-    names = next(csv.reader([head], delimiter=delimiter), [])
-    if not any(name.strip() for name in names):
-        raise DataError(f"{path}: no header row (the first line names the columns)")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: the header names a column twice ({', '.join(names)})")
-    options = {
-        "read_options": pacsv.ReadOptions(block_size=CSV_BLOCK),
-        "parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        "convert_options": pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in names}, strings_can_be_null=False
-        ),
-    }
-    f, rows = open_binary(path), 0
-    try:
-        reader = pacsv.open_csv(f, **options)
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            rows += batch.num_rows
-            yield batch
-    except (pa.ArrowException, UnicodeDecodeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not readable as CSV after data row {rows}: {detail}") from None
-    finally:
-        f.close()
+    csv.field_size_limit(MAX_CELL_CHARS)  # the default (128 KiB) rejects a long answer
+    rows = 0
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            names = next(reader, [])
+            if not any(name.strip() for name in names):
+                raise DataError(f"{path}: no header row (the first line names the columns)")
+            if len(set(names)) != len(names):
+                raise DataError(f"{path}: the header names a column twice ({', '.join(names)})")
+            for cells in reader:
+                rows += 1
+                if len(cells) != len(names):
+                    if not any(cells):
+                        rows -= 1  # a blank line is not a row
+                        continue
+                    raise DataError(
+                        f"{path}: data row {rows} (line {reader.line_num}) has {len(cells)} "
+                        f"fields, the header {len(names)}"
+                    )
+                yield dict(zip(names, cells))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"{path}: not readable as CSV after data row {rows}: {detail}"
+            ) from None
 
 
 def _iter_jsonl(path: str) -> Iterator[Any]:
