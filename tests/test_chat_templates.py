@@ -133,6 +133,11 @@ def test_a_tool_template_that_iterates_tools_unchecked(tokenizer):
     assert unchecked != HERMES_LIKE
     runs = trained(tokenizer, unchecked, CALL_ROW)
     assert runs[-1] == "It is sunny.<|im_end|>\n" and "get_weather" in runs[0]
+    # Set as a tokenizer's only template, it also renders the rows without tools.
+    assert trained(tokenizer, unchecked, TWO) == [
+        "Hello! How can I help?<|im_end|>\n",
+        "Why not?<|im_end|>\n",
+    ]
 
 
 # DeepSeek-V3.1 writes a call's arguments with `+`, as text.

@@ -23,13 +23,23 @@ def _render(
     generation_prompt: bool,
     tools: list[dict] | None = None,
 ) -> str:
-    return tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=generation_prompt,
-    )
+    def render(tools: list[dict] | None) -> str:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+
+    try:
+        return render(tools)
+    except TypeError:
+        if tools is not None:
+            raise
+        # A template that loops over `tools` unchecked (Hermes' and Command-R's tool_use, set
+        # as a tokenizer's only template): a row without tools has an empty list of them.
+        return render([])
 
 
 def render_with_spans(
