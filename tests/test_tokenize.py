@@ -175,16 +175,22 @@ def _check_answers_found(template: str, convo: list[dict], expected: str) -> Non
 
 
 def test_a_template_error_rejects_the_row_with_its_reason():
-    """Gemma's template raises on a system turn: that row is rejected and counted (it stopped
-    the whole prepare); the others are kept."""
+    """A template's own error rejects that row, counted (it stopped the whole prepare); the
+    others are kept. Gemma-2's refusal of a system turn is met instead: the system prompt goes
+    before the first user turn's text (as Gemma-3's template and LLaMA-Factory do; every row
+    of a corpus with system prompts, SlimOrca's, was rejected, and a Gemma reference model's
+    re-tokenizing failed its stage)."""
     tok = _templated(GEMMA)
-    with pytest.raises(RowRejected, match="System role not supported") as info:
-        tokenize_conversation(
-            tok, [{"role": "system", "content": "Be brief."}, *TWO_TURNS], 512, "drop"
-        )
-    assert info.value.kind == "template_error"
+    system = [{"role": "system", "content": "Be brief."}, *TWO_TURNS]
+    ids, labels, _ = tokenize_conversation(tok, system, 512, "drop")
+    assert _supervised_text(tok, ids, labels) == "hello there<end_of_turn>\ngeneral<end_of_turn>\n"
+    assert tok.decode(ids).startswith("<start_of_turn>user\nBe brief.\n\nhello<end_of_turn>")
     ids, labels, _ = tokenize_conversation(tok, TWO_TURNS, 512, "drop")
     assert _supervised_text(tok, ids, labels) == "hello there<end_of_turn>\ngeneral<end_of_turn>\n"
+    strict = _templated(GEMMA.replace("System role not supported", "Roles must alternate"))
+    with pytest.raises(RowRejected, match="Roles must alternate") as info:
+        tokenize_conversation(strict, system, 512, "drop")
+    assert info.value.kind == "template_error"
 
 
 def test_a_tokenizer_without_template_or_chatml_tokens_learns_to_stop_at_eos(tmp_path):

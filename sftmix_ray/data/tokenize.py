@@ -551,6 +551,13 @@ def _labelled(
         # Answers past max_length are cut away (`turns`, `truncate`) or the row goes (`drop`).
         try:
             full, spans, enc = _render_spans_encoding(tokenizer, rendered, tools, max_length)
+        except TemplateError as exc:
+            if rendered[0]["role"] != "system" or "system" not in str(exc).lower():
+                raise
+            # Gemma-2's template refuses a system turn; its system prompt goes before the first
+            # user turn's text, as Gemma-3's template and LLaMA-Factory's gemma template do.
+            rendered = _system_in_first_user_turn(rendered)
+            full, spans, enc = _render_spans_encoding(tokenizer, rendered, tools, max_length)
         except TypeError:
             if not any(m.get("tool_calls") for m in rendered):
                 raise
@@ -583,6 +590,16 @@ def _labelled(
         elif span_idx < len(spans) and start < spans[span_idx][0] < end:
             labels[t] = ids[t]  # a token that straddles the span start belongs to the answer
     return ids, labels, spans, enc
+
+
+def _system_in_first_user_turn(messages: list[dict]) -> list[dict]:
+    """`messages` without their system turn, its text before the first user turn's."""
+    system, rest = messages[0], list(messages[1:])
+    at = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if at is None:
+        return rest
+    rest[at] = {**rest[at], "content": f"{system['content']}\n\n{rest[at]['content']}"}
+    return rest
 
 
 def _arguments_as_text(messages: list[dict]) -> list[dict]:
