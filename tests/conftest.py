@@ -97,6 +97,19 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """Each run of consecutive supervised tokens, decoded on its own (an answer's labels)."""
+    from sftmix_ray.loss_kernels import IGNORE_INDEX
+
+    runs, run = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs, run = [*runs, tok.decode(run)], []
+    return [*runs, tok.decode(run)] if run else runs
+
+
 def result_json(proc: subprocess.CompletedProcess) -> dict:
     """The CLI's stdout as one JSON document: stdout must hold nothing else."""
     assert proc.returncode == 0, proc.stderr[-4000:]

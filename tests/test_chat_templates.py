@@ -10,8 +10,9 @@ import copy
 import pytest
 
 from sftmix_ray.data.formats import normalize_example
-from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from sftmix_ray.data.tokenize import tokenize_conversation
 from sftmix_ray.modeling import train_tiny_tokenizer
+from tests.conftest import trained_runs
 from tests.test_tool_calls import HERMES_LIKE
 
 MARKUP = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<SPECIAL_11>",
@@ -32,13 +33,7 @@ def trained(tok, template: str, row: dict, max_length: int = 1024) -> list[str]:
     tok.chat_template = template
     messages, tools, _ = normalize_example(copy.deepcopy(row), "messages")
     ids, labels, _ = tokenize_conversation(tok, messages, max_length, "turns", tools)
-    runs, run = [], []
-    for token, label in zip(ids, labels):
-        if label != IGNORE_INDEX:
-            run.append(token)
-        elif run:
-            runs, run = [*runs, tok.decode(run)], []
-    return [*runs, tok.decode(run)] if run else runs
+    return trained_runs(tok, ids, labels)
 
 
 TWO = {"messages": [{"role": "user", "content": "Hi."},

@@ -11,9 +11,10 @@ import pytest
 from sftmix_ray.cli import main
 from sftmix_ray.data.formats import normalize_example, read_example
 from sftmix_ray.data.reasoning import template_key
-from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from sftmix_ray.data.tokenize import tokenize_conversation
 from sftmix_ray.errors import RowRejected
 from sftmix_ray.modeling import train_tiny_tokenizer
+from tests.conftest import trained_runs
 
 THOUGHT = "Two and two make four."
 
@@ -34,13 +35,7 @@ def trained(tok, messages, template: str | None = None, tools=None) -> list[str]
     if template is not None:
         tok = _with_template(tok, template)
     ids, labels, _ = tokenize_conversation(tok, messages, 1024, "turns", tools)
-    runs, run = [], []
-    for token, label in zip(ids, labels):
-        if label != IGNORE_INDEX:
-            run.append(token)
-        elif run:
-            runs, run = [*runs, tok.decode(run)], []
-    return [*runs, tok.decode(run)] if run else runs
+    return trained_runs(tok, ids, labels)
 
 
 def _with_template(tok, template: str):
