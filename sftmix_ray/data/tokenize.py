@@ -320,8 +320,9 @@ def _searched_spans(
             needles.append(needles[0].rsplit("</think>", 1)[1])  # what R1's template keeps
         answer_start = None  # where this answer's header ends
         straddling = None  # the answer found across the header's end
+        ahead, searched = None, False  # the answer found from `position` (without a header)
         if assistant and header:
-            ahead = _find_any(full, needles, position, markup)
+            ahead, searched = _find_any(full, needles, position, markup), True
             at = full.find(header, position)
             # Only this answer's own header, not a later one with the answer before it:
             # Nemotron's (with `<think>\n`) is the last answer's. (The answer "a" may be found
@@ -340,7 +341,10 @@ def _searched_spans(
             # are not it.
             if found_thought and found_thought[0] - answer_start <= _MAX_BLOCK_OPENING:
                 position, opened = found_thought[1], True
-        found = straddling or _find_any(full, needles, position, markup)
+        if straddling or (searched and answer_start is None):  # `position` has not moved
+            found = straddling or ahead
+        else:
+            found = _find_any(full, needles, position, markup)
         if found is None:
             if not assistant:
                 continue  # a template may rewrite user turns; answers are what must be found
@@ -378,10 +382,10 @@ def _probe_render(
     tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool
 ) -> str:
     """A probe conversation rendered without tools, or with an empty list of them for a
-    template that iterates over `tools` unchecked (Hermes' and Command-R's tool_use)."""
+    template that refuses to render without (a loop over `tools` unchecked is `_render`'s)."""
     try:
         return _render(tokenizer, messages, template, generation_prompt)
-    except (TemplateError, TypeError):
+    except TemplateError:
         return _render(tokenizer, messages, template, generation_prompt, [])
 
 
