@@ -258,6 +258,9 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # fraction of steps of linear warm-up
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    # Optimizer steps whose gradient norm is inf or NaN are skipped (no update, counted, their
+    # rows named); more than this many stops the run with an error (-1 = no limit)
+    max_skipped_steps: int = 10
     num_train_epochs: float = 1.0  # passes over the larger stream (max_steps > 0 wins)
     max_steps: int = -1  # > 0 overrides num_train_epochs
     max_failures: int = 0  # Ray Train FailureConfig(max_failures)
@@ -323,6 +326,7 @@ class TrainConfig:
             gradient_accumulation_steps=1,
             max_failures=-1,
             max_grad_norm=0,
+            max_skipped_steps=-1,
             logging_steps=1,
             save_steps=0,
             save_total_limit=1,

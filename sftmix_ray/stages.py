@@ -17,18 +17,19 @@ from sftmix_ray.layout import RunDir
 Reads = dict[str, Any]  # dotted config key -> the value the stage uses
 
 # Train settings that leave the trained weights as they are: logging and metric sinks, eval and
-# checkpoint cadence, storage, timeouts, retries, placement, the loss's chunking, activation
-# recomputation, the token cache. Strategy, worker count, micro-batch and accumulation are
-# replaced by the global batch they make (test_train.py: every strategy on 2 workers matches 1
-# worker at equal global batch). Their changes rerun nothing and resume the same Ray Train run.
+# checkpoint cadence, storage, timeouts, retries and the skipped-step limit, placement, the
+# loss's chunking, activation recomputation, the token cache. Strategy, worker count, micro-batch
+# and accumulation are replaced by the global batch they make (test_train.py: every strategy on
+# 2 workers matches 1 worker at equal global batch). Their changes rerun nothing and resume the
+# same Ray Train run.
 TRAIN_NEUTRAL = frozenset(
     {
         "logging_steps", "report_to", "mlflow_tracking_uri", "mlflow_experiment",
         "wandb_project", "wandb_entity", "wandb_tags", "wandb_mode",
         "progress_bar", "eval_steps", "save_steps", "save_total_limit", "async_checkpoint",
         "keep_resume_checkpoints", "storage_path",
-        "collective_timeout_s", "max_failures", "placement_strategy", "loss_chunk_size",
-        "loss_chunk_mb", "token_cache_gb", "token_cache_dir",
+        "collective_timeout_s", "max_failures", "max_skipped_steps", "placement_strategy",
+        "loss_chunk_size", "loss_chunk_mb", "token_cache_gb", "token_cache_dir",
         "fsdp_defer_grad_sync", "gradient_checkpointing", "strategy", "num_workers",
         "per_device_train_batch_size", "gradient_accumulation_steps", "deepspeed_stage",
     }

@@ -3,11 +3,11 @@
 Every Python process of these runs prints from a thread and at exit (`cli_env` in conftest),
 and Ray's log deduplication is on (its default), so Ray forwards the workers' lines to the
 driver, folds the repeats and prints its deduplication notice while shutting down. `prepare`
-here starts its own local Ray cluster (no `--address`), so the shutdown happens in the CLI
-process itself. The subcommands that join a running cluster are checked the same way where they
-run (`eval`: below; `score`, `split`: test_scoring.py; `reference`: test_cross_tokenizer.py;
-`tune`: test_tune.py; `pipeline`: test_job_submit.py); `train` starts its own cluster in
-test_train.py (checkpoints in S3).
+(with Ray Data's progress bars on) and `eval` join the session's cluster below; the other
+subcommands are checked the same way where they run (`score`, `split`: test_scoring.py;
+`reference`: test_cross_tokenizer.py; `tune`: test_tune.py; `pipeline`: test_job_submit.py).
+`train` starts its own local cluster in test_train.py (checkpoints in S3), so there the whole
+shutdown happens in the CLI process itself.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
-def test_prepare_on_its_own_cluster_prints_only_json(tmp_path: Path):
+def test_prepare_joined_to_a_cluster_prints_only_json(ray_local, tmp_path: Path):
     out = tmp_path / "out"
-    prepare = _run("prepare", "--output-dir", str(out))
+    address = ray_local.get_runtime_context().gcs_address
+    prepare = _run("prepare", "--output-dir", str(out), "--address", address)
     result = result_json(prepare)["prepare"]["train"]
     assert result["written"] == 200 and result["rejected"] == 0
     # The noise happened (workers' lines reached the driver), and all of it went to stderr.

@@ -361,10 +361,13 @@ def test_killed_worker_resumes_from_checkpoint_in_s3(single, base_out, tmp_path,
         capture_output=True, text=True, timeout=600,
         env=cli_env(**env, **{FAULT_ENV: f"3:{after}"}),
     )  # fmt: skip
-    # stdout is only the result JSON; the raylet's note on the killed worker went to stderr.
+    # stdout is only the result JSON: the raylet's note on the killed worker, the lines every
+    # process printed (`cli_env`) and Ray's log deduplication notice at the shutdown of the
+    # CLI's own cluster went to stderr.
     stage = result_json(proc)["train"]
     assert after.exists(), "the fault was injected"
     assert "A worker died or was killed" in proc.stderr
+    assert "noisy-process" in proc.stderr and "noisy-process" not in proc.stdout
     assert stage["steps"] == STEPS and stage["restarts"] == 1
     assert read_summary(out)["stages"]["train"]["restarts"] == 1
     assert stage["storage_path"] == f"s3://{BUCKET}/runs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
@@ -265,6 +266,10 @@ def _fit(trainer: Any, mode: str) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
+def _last_step(history: dict) -> int:
+    return int(history["history"][-1]["step"]) if history["history"] else 0
+
+
 def run_training(
     cfg: Config,
     out_dir: Path | RunDir,
@@ -351,6 +356,11 @@ def run_training(
         ),
     )
     result = _fit(trainer, mode)
+    history = json.loads(Path(spec.history_path).read_text(encoding="utf-8"))
+    if history.get("stopped"):  # its resume checkpoints stay: a rerun goes on from the last
+        raise SftmixError(
+            f"{mode} training stopped at step {_last_step(history)}: {history['stopped']}"
+        )
     removed = 0
     if mode == "reference" or not cfg.train.keep_resume_checkpoints:
         # Its HF checkpoints or model are exported: the resume state (optimizer included,
@@ -358,16 +368,22 @@ def run_training(
         from sftmix_ray.train.checkpointing import delete_checkpoints
 
         removed = delete_checkpoints(str(storage), name)
-    history = json.loads(Path(spec.history_path).read_text(encoding="utf-8"))
     last = history["history"][-1] if history["history"] else {}
     summary: dict[str, Any] = {
         "steps": int(last.get("step", 0)),
         "restarts": history["restarts"],
         "nodes": history["nodes"],
-        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)},
+        # JSON has no NaN: a non-finite value (a skipped step's norm, no held-out rows) is null.
+        "metrics": {
+            k: v if math.isfinite(v) else None
+            for k, v in (result.metrics or {}).items()
+            if isinstance(v, float)
+        },
         "run_name": name,
         "storage_path": str(storage),
         "resume_checkpoints_removed": removed,
+        # Steps whose gradient was not finite: not applied; each with its rows' example_ids.
+        "skipped_steps": history.get("skipped_steps", []),
     }
     if wandb:
         summary["wandb_run_id"] = wandb["id"]

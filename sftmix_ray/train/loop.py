@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sftmix_ray.batching import collate
+from sftmix_ray.config import TrainConfig
 from sftmix_ray.train.checkpointing import CheckpointReporter, remove_orphans
 from sftmix_ray.train.collectives import all_reduce_sum
 from sftmix_ray.train.forward import OnHost
@@ -24,7 +25,7 @@ from sftmix_ray.train.meta_init import rank_zero_weights
 from sftmix_ray.train.reporting import MetricSinks
 from sftmix_ray.train.sampling import BatchPlan
 from sftmix_ray.train.spec import RunSpec
-from sftmix_ray.train.token_rows import open_token_rows
+from sftmix_ray.train.token_rows import TokenRows, open_token_rows
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,20 @@ def checkpoint_steps(total: int, count: int, per_epoch: int | None = None) -> li
     return sorted({max(1, round(total * (k + 1) / count)) for k in range(count)})
 
 
+def batch_plan(train: TrainConfig, streams: list[TokenRows], world: int) -> BatchPlan:
+    """Which rows of `streams` every rank trains at every step (the same on all ranks)."""
+    return BatchPlan(
+        sizes=tuple(len(s) for s in streams),
+        rows_per_device=train.per_device_train_batch_size,
+        world_size=world,
+        grad_accum=train.gradient_accumulation_steps,
+        seed=train.seed,
+        lengths=None if train.group_by_length == "none" else tuple(s.lengths() for s in streams),
+        window_steps=train.length_group_steps,
+        group="rows" if train.group_by_length == "rows" else "pairs",
+    )
+
+
 class TrainWorker:
     """One worker's training run."""
 
@@ -107,18 +122,7 @@ class TrainWorker:
         self.heldout = None
         if spec.heldout_source:
             self.heldout = open_token_rows(Path(spec.heldout_source), None, cache, budget)
-        self.plan = BatchPlan(
-            sizes=tuple(len(s) for s in self.streams),
-            rows_per_device=train.per_device_train_batch_size,
-            world_size=self.world,
-            grad_accum=train.gradient_accumulation_steps,
-            seed=train.seed,
-            lengths=None
-            if train.group_by_length == "none"
-            else tuple(s.lengths() for s in self.streams),
-            window_steps=train.length_group_steps,
-            group="rows" if train.group_by_length == "rows" else "pairs",
-        )
+        self.plan = batch_plan(train, self.streams, self.world)
         self.total_steps = total_steps(self.plan, spec.num_train_epochs, spec.max_steps)
         self.tokenizer = load_tokenizer(
             spec.tokenizer_path, trust_remote_code=spec.trust_remote_code
@@ -146,6 +150,7 @@ class TrainWorker:
         self.step = 0
         self.restarts = 0
         self.history: list[dict[str, float]] = []
+        self.skipped: list[dict[str, Any]] = []  # steps with a non-finite gradient, their rows
 
     def _rank_zero_source(self, spec: RunSpec) -> torch.nn.Module | None:
         """The model as rank 0 trains it (LoRA adapters included), on the CPU: what it
@@ -170,6 +175,18 @@ class TrainWorker:
         inputs, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         pad = self.tokenizer.pad_token_id
         return collate(inputs, labels, pad if pad is not None else 0, self.device)
+
+    def step_example_ids(self, step: int) -> list[int]:
+        """example_id of every row of optimizer step `step` (0-based), on every rank and
+        micro-batch: the plan is the same on all ranks, so no collective is needed."""
+        ids = [stream.ids() for stream in self.streams]
+        return sorted(
+            int(ids[s][i])
+            for micro in range(self.train_cfg.gradient_accumulation_steps)
+            for rank in range(self.world)
+            for s, rows in enumerate(self.plan.rows(step, micro, rank))
+            for i in rows
+        )
 
     def _lambda(self, step: int, micro: int) -> torch.Tensor | None:
         """This micro-batch's slice of the step's Mixup weights, drawn for the global batch.
@@ -220,6 +237,8 @@ class TrainWorker:
                     on_host[k] = on_host.get(k, 0.0) + float(v)
         grad_norm = self.strategy.step()
         lr = self.strategy.lr()
+        if not self.strategy.step_applied:
+            self._skip(grad_norm)
         self.step += 1
         # Loss terms are each micro-batch's share of the global mean (summed over micro-batches,
         # averaged over ranks); token counts add up; anything else is a mean over calls.
@@ -238,7 +257,39 @@ class TrainWorker:
             else:
                 out[k] = v / (self.world * accum)
         out.update({"grad_norm": grad_norm, "lr": lr, "tokens": float(tokens)})
+        if not self.strategy.step_applied:
+            out["skipped"] = 1.0
         return out
+
+    def _skip(self, grad_norm: float) -> None:
+        """Record a step whose update was skipped (its gradient norm is not finite)."""
+        ids = self.step_example_ids(self.step)
+        self.skipped.append(
+            {"step": self.step + 1, "grad_norm": str(grad_norm), "example_ids": ids}
+        )
+        if self.rank == 0:
+            log.warning(
+                "step %d: gradient norm %s, the update was skipped (%d so far, at most %d: "
+                "train.max_skipped_steps); the step's rows by example_id: %s",
+                self.step + 1, grad_norm, len(self.skipped), self.train_cfg.max_skipped_steps,
+                _some(ids),
+            )  # fmt: skip
+
+    def over_skip_limit(self) -> str | None:
+        """Why the run must stop (more skipped steps than `train.max_skipped_steps`), or None."""
+        limit = self.train_cfg.max_skipped_steps
+        if limit < 0 or len(self.skipped) <= limit:
+            return None
+        last = self.skipped[-1]
+        return (
+            f"{len(self.skipped)} optimizer steps had a non-finite gradient norm (inf or NaN), "
+            f"more than train.max_skipped_steps={limit}: steps "
+            f"{_some([s['step'] for s in self.skipped])}; step {last['step']}'s rows by "
+            f"example_id: {_some(last['example_ids'])} (every skipped step's rows: "
+            f"skipped_steps in {self.spec.history_path}). Lower train.learning_rate, look at "
+            "those rows, or raise train.max_skipped_steps; a rerun goes on from the last resume "
+            "checkpoint (train.save_steps), if there is one"
+        )
 
     def _autocast(self) -> Any:
         if self.train_cfg.bf16 and self.device.type == "cuda":
@@ -302,7 +353,7 @@ class TrainWorker:
     def _write_state(self, directory: Path) -> None:
         """Step and history beside the strategy's files (rank 0)."""
         if self.rank == 0:
-            state = {"step": self.step, "history": self.history}
+            state = {"step": self.step, "history": self.history, "skipped": self.skipped}
             (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 
     def save_checkpoint_async(self, directory: Path) -> Future:
@@ -316,6 +367,7 @@ class TrainWorker:
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
         self.step = int(state["step"])
         self.history = state["history"]
+        self.skipped = state.get("skipped", [])
 
     def export_hf(self, target: str | None, adapter: str | None = None) -> None:
         """Gather the weights (collective) and save, from rank 0, the HF model to `target` and,
@@ -458,6 +510,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     if spec.export_count:
         per_epoch = trainer.plan.steps_per_epoch() if spec.export_at == "epochs" else None
         export_steps = set(checkpoint_steps(trainer.total_steps, spec.export_count, per_epoch))
+    stopped = None
     log_every = spec.train.logging_steps
     eval_every = spec.train.eval_steps
     sinks = MetricSinks(spec, trainer.rank, trainer.step, trainer.total_steps)
@@ -485,6 +538,9 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         metrics["restarts"] = float(trainer.restarts)
         trainer.history.append({k: round(v, 6) for k, v in metrics.items()})
         sinks.log(step, metrics)
+        stopped = trainer.over_skip_limit()  # the same on every rank: the norm is global
+        if stopped:
+            break
         if step in export_steps:
             trainer.export_hf(str(Path(spec.export_dir) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
@@ -496,7 +552,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
             log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
     reporter.close()
     sinks.close()
-    if spec.final_export or spec.adapter_export:
+    if (spec.final_export or spec.adapter_export) and not stopped:
         trainer.export_hf(spec.final_export, spec.adapter_export)
     if trainer.rank == 0:
         from sftmix_ray.io_utils import atomic_write_json
@@ -511,8 +567,16 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
                 "async_checkpoints_registered": reporter.async_registered,
                 "export_steps": sorted(export_steps),
                 "orphan_checkpoints_removed": orphans,
+                "skipped_steps": trainer.skipped,
+                "stopped": stopped,
             },
         )
+
+
+def _some(values: list[int], shown: int = 16) -> str:
+    """The first `shown` values, comma-separated, and how many more there are."""
+    text = ", ".join(map(str, values[:shown]))
+    return text + (f" (+{len(values) - shown} more)" if len(values) > shown else "")
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -86,6 +86,7 @@ class TorchStrategy:
         # ("Some tensors share memory"), and loading the parameter restores it under both.
         self.not_saved = self.frozen | _tied_aliases(wrapper)
         self._writer: BackgroundWriter | None = None  # DDP's background saves (first use)
+        self.step_applied = True  # whether the last `step` updated the weights
         self.module = self._wrap(wrapper)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
@@ -114,15 +115,26 @@ class TorchStrategy:
         loss.backward()
 
     def step(self) -> float:
-        """Clip, step optimizer and scheduler, zero grads; returns the pre-clip grad norm."""
+        """Clip, step optimizer and scheduler, zero grads; returns the pre-clip grad norm.
+
+        A gradient whose norm is not finite (inf or NaN: a bf16 overflow, a poisoned row)
+        updates nothing: the optimizer and the schedule stay where they were and the gradient
+        is dropped, as DeepSpeed's ZeRO optimizers do (`step_applied` is then False). The norm
+        is the global one (DDP's gradients are all-reduced, FSDP2's norm is gathered), so every
+        rank takes the same decision. Without the check, clipping by a NaN norm and one AdamW
+        step turn every weight into NaN and the run goes on to export a NaN model.
+        """
         max_norm = self.train.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        value = float(norm)
+        self.step_applied = math.isfinite(value)
+        if self.step_applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return value
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
@@ -315,6 +327,7 @@ class DeepSpeedStrategy:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, warmup, train.lr_scheduler_type)
         )
+        self.step_applied = True  # whether the last `step` updated the weights
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper,
             optimizer=optimizer,
@@ -343,6 +356,9 @@ class DeepSpeedStrategy:
         self.module.step()  # an optimizer step only at DeepSpeed's accumulation boundary
 
     def step(self) -> float:
+        """The step's grad norm; DeepSpeed's ZeRO optimizers already skipped the update of a
+        non-finite gradient (engine `was_step_applied`), its schedule included."""
+        self.step_applied = bool(self.module.was_step_applied())
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
