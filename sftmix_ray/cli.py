@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--reasoning", default="keep", choices=["keep", "drop"],
         help="keep or drop each answer's reasoning, as data.reasoning does",
     )  # fmt: skip
+    v.add_argument(
+        "--response-template", metavar="TEXT",
+        help="text rows: train only what follows TEXT, as data.response_template does",
+    )  # fmt: skip
+    v.add_argument(
+        "--instruction-template", metavar="TEXT",
+        help="text rows: a human turn starts at TEXT, as data.instruction_template does",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -107,11 +116,16 @@ def _validate_data(args: argparse.Namespace) -> str:
     from sftmix_ray.config import load_config
     from sftmix_ray.data.validation import format_report, validate_file
 
-    # Checked as data.columns is (a typo names the field it meant).
-    columns = load_config(None, [f"data.columns={','.join(args.columns)}"]).data.columns
+    # Checked as the config's keys are (a typo names the field it meant; an instruction
+    # template needs a response template).
+    data = load_config(None, [f"data.columns={','.join(args.columns)}"]).data
+    templates = (args.response_template, args.instruction_template)
+    data = dataclasses.replace(
+        data, response_template=templates[0], instruction_template=templates[1]
+    )
     _, report = validate_file(
-        args.data, args.format, repair=args.repair, keep_valid=False, columns=columns,
-        history_masked=args.mask_history, reasoning=args.reasoning,
+        args.data, args.format, repair=args.repair, keep_valid=False, columns=data.columns,
+        history_masked=args.mask_history, reasoning=args.reasoning, templates=templates,
     )  # fmt: skip
     if args.json:
         return json.dumps(report.to_json())

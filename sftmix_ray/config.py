@@ -37,7 +37,7 @@ class DataConfig:
     path: str = "demo"  # file, directory, HF dataset id, or "demo" (the bundled generator)
     # row format; auto detects it per file (alpaca, sharegpt, messages, prompt_completion, ...)
     format: Literal[
-        "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam", "glaive"
+        "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam", "glaive", "text"
     ] = "auto"
     # {field: corpus column}: read a column of another name as a format's field, e.g. Dolly's
     # {input: context, output: response} (sftmix_ray/data/columns.py); renamed before detection
@@ -55,6 +55,12 @@ class DataConfig:
     # An answer's reasoning (reasoning_content, reasoning, thinking): keep trains it (under the
     # template's key, or inline in <think> tags); drop leaves it out (counted).
     reasoning: Literal["keep", "drop"] = "keep"
+    # Format text (one `text` field, trained as written, no chat template): train only what
+    # follows this marker, e.g. "### Assistant:" (TRL's response_template); unset: every token
+    response_template: str | None = None
+    # Format text, with response_template: where a human turn starts ("### Human:"); from it to
+    # the next response marker is context, so every answer of a transcript is trained
+    instruction_template: str | None = None
     max_length: int = 512  # tokens per example
     # Longer examples: turns keeps the longest prefix of whole exchanges that fits (or cuts the
     # first response; leading exchanges that train nothing, as under mask_history, go first);
@@ -74,6 +80,15 @@ class DataConfig:
             "a number in [0, 1)",
         )
         _check(self.demo_train_size > 0, "data.demo_train_size", self.demo_train_size, "> 0")
+        for key in ("response_template", "instruction_template"):
+            value = getattr(self, key)
+            _check(value is None or value.strip() != "", f"data.{key}", value, "unset or text")
+        _check(
+            self.instruction_template is None or self.response_template is not None,
+            "data.instruction_template",
+            self.instruction_template,
+            "unset unless data.response_template is set (it marks where answers start)",
+        )
         problems = column_errors(self.columns)
         _check(not problems, "data.columns", self.columns, "; ".join(problems))
         _check(
@@ -642,6 +657,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
+    if value is None and raw_value.strip() not in ("null", "Null", "NULL", "~"):
+        value = raw_value  # YAML reads "### Human:" as a comment, null: the text was meant
     return key, value
 
 

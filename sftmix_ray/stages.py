@@ -65,6 +65,8 @@ _LATER_DATA_KEYS: dict[str, Any] = {
     "data.columns": {},
     "data.mask_history": False,
     "data.reasoning": "keep",
+    "data.response_template": None,
+    "data.instruction_template": None,
 }
 
 

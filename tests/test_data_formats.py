@@ -47,6 +47,7 @@ def test_formats_constant() -> None:
         "prompt_completion",
         "xlam",
         "glaive",
+        "text",
     )
 
 
@@ -152,7 +153,7 @@ def test_messages_extra_keys_are_ignored() -> None:
 )
 def test_auto_per_row_and_detect_format(row: dict[str, Any], fmt: str) -> None:
     assert normalize_row(row, "auto") == [user("q"), assistant("a")]
-    assert detect_format([None, {"text": "x"}, row]) == fmt
+    assert detect_format([None, {"body": "x"}, row]) == fmt
 
 
 def test_detect_format_uses_first_matching_row() -> None:
@@ -162,7 +163,7 @@ def test_detect_format_uses_first_matching_row() -> None:
 
 def test_detect_format_without_any_known_row() -> None:
     with pytest.raises(DataError, match="cannot detect the corpus format"):
-        detect_format([None, 5, {"text": "hello"}])
+        detect_format([None, 5, {"body": "hello"}])
 
 
 def test_unknown_format_name() -> None:
@@ -181,11 +182,11 @@ REJECTIONS: list[tuple[Any, str, str]] = [
     ([1, 2], "sharegpt", "row is not an object (got list)"),
     (True, "alpaca", "row is not an object (got bool)"),
     (
-        {"text": "q"},
+        {"body": "q"},
         "auto",
         "row matches no format (no 'messages', 'conversations' or 'instruction' field, nor "
-        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' text; its columns: "
-        "'text')",
+        "'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' or 'text' text; "
+        "its columns: 'body')",
     ),
     # alpaca
     ({"output": "a"}, "alpaca", "missing field 'instruction'"),
@@ -387,7 +388,7 @@ def test_format_report_without_rejections() -> None:
 
 def test_validate_rows_names_the_source_when_detection_fails() -> None:
     with pytest.raises(DataError, match=r"^corpus\.jsonl: cannot detect the corpus format"):
-        validate_rows([{"text": "a"}], "auto", source="corpus.jsonl")
+        validate_rows([{"body": "a"}], "auto", source="corpus.jsonl")
 
 
 # Shapes real corpora have that peers (TRL, LLaMA-Factory) read; all were rejected or lost.

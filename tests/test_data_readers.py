@@ -310,7 +310,7 @@ def test_validate_file_mixed_jsonl(tmp_path: Path) -> None:
 
 
 def test_validate_file_undetectable_format_names_file(tmp_path: Path) -> None:
-    path = write(tmp_path / "plain.jsonl", jsonl([{"text": "a"}, {"text": "b"}]))
+    path = write(tmp_path / "plain.jsonl", jsonl([{"body": "a"}, {"body": "b"}]))
     with pytest.raises(DataError, match=r"plain\.jsonl: cannot detect the corpus format"):
         validate_file(path)
     _, report = validate_file(path, "alpaca")

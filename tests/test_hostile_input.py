@@ -51,7 +51,7 @@ FILE_ERRORS: dict[str, tuple[str, bytes | None, str]] = {
     "csv_without_header": ("c.csv", b"\n", "no header row"),
     "corrupt_parquet": ("c.parquet", b"PAR1" + os.urandom(64) + b"PAR1",
                         "not a readable Parquet file"),
-    "no_format_detectable": ("c.jsonl", _jsonl({"text": "a", "label": "b"}),
+    "no_format_detectable": ("c.jsonl", _jsonl({"body": "a", "label": "b"}),
                              "cannot detect the corpus format"),
     "array_of_nothing": ("c.json", b"[]", "contains no rows"),
 }

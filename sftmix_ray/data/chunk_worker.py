@@ -70,6 +70,8 @@ class ChunkJob:
     mask_history: bool = False  # data.mask_history: train each row's last answer only
     per_row: bool = False  # data.format auto: a row of another known format is read in it
     reasoning: str = "keep"  # data.reasoning: keep or drop each answer's reasoning
+    # text rows: data.response_template, data.instruction_template
+    templates: tuple[str | None, str | None] = (None, None)
 
     def side(self, example_id: int) -> str:
         if self.route == "by_id":
@@ -183,6 +185,7 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                     raw, messages, tools, applied = read_example(
                         raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row,
                         history_masked=job.mask_history, reasoning=job.reasoning,
+                        templates=job.templates,
                     )  # fmt: skip
             except RowRejected as exc:
                 side_stats.reject(index, exc, invalid=True)

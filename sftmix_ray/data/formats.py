@@ -1,5 +1,5 @@
-"""Normalize one raw corpus row (alpaca, sharegpt, messages, prompt_completion, xlam or glaive) to a
-list of chat messages.
+"""Normalize one raw corpus row (alpaca, sharegpt, messages, prompt_completion, xlam, glaive or
+text) to a list of chat messages.
 
 The result is always `[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`
 with an optional leading system message, then user and assistant turns alternating, starting
@@ -35,6 +35,9 @@ Rules (the same for every format):
 - an assistant turn marked `weight: 0` (Axolotl's and SlimOrca's, OpenHermes' sharegpt
   dumps) or `train: false` (Axolotl's chat_template datasets) is context, not trained; a row
   with no assistant turn left to train is rejected (`no_trained_turn`);
+- text (TRL's language-modeling rows: one `text` field, no chat template): read by
+  text_rows.py into `text` segments, trained or not (`data.response_template`), instead of
+  chat turns; the rules below are about chat turns and do not apply;
 - glaive (glaive-function-calling-v2's `system` and `chat` texts, read by glaive.py into turns
   with calls, results and the definitions);
 - xlam (Salesforce's xLAM function-calling rows): `query` is the user turn, `answers` (a JSON
@@ -69,6 +72,7 @@ from sftmix_ray.data.conversation import check_order, is_tool_turn, name_tool_re
 from sftmix_ray.data.glaive import glaive_row
 from sftmix_ray.data.reasoning import REASONING_MODES
 from sftmix_ray.data.reasoning import drop as drop_reasoning
+from sftmix_ray.data.text_rows import is_text_row, text_segments
 from sftmix_ray.data.turns import (
     TURN_KEYS,
     Message,
@@ -82,7 +86,9 @@ from sftmix_ray.data.turns import (
 )
 from sftmix_ray.errors import DataError, RowRejected
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam", "glaive")
+FORMATS = (
+    "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "xlam", "glaive", "text",
+)  # fmt: skip
 ROLES = ("system", "user", "assistant")
 REPAIR_MODES = ("standard", "none")
 _LIST_FIELD = {"sharegpt": "conversations", "messages": "messages"}
@@ -114,6 +120,8 @@ def row_format(row: Any) -> str | None:
         return "xlam"
     if isinstance(row.get("chat"), str):
         return "glaive"
+    if isinstance(row.get("text"), str):  # last: other formats' rows may carry a text column
+        return "text"
     return None
 
 
@@ -136,10 +144,10 @@ def detect_format(rows: Iterable[Any]) -> str:
     has = f" (its first row has {columns})" if columns else ""
     raise DataError(
         "cannot detect the corpus format: no row has a 'messages', 'conversations' or "
-        "'instruction' field, 'prompt' and 'completion', 'query' and 'answers', or a 'chat' "
-        f"text{has}; pass the format explicitly (alpaca, sharegpt, messages, "
-        "prompt_completion, xlam or glaive) and map columns of other names with data.columns "
-        "(LMSYS-Chat-1M and WildChat: {messages: conversation})"
+        "'instruction' field, 'prompt' and 'completion', 'query' and 'answers', a 'chat' or a "
+        f"'text' text{has}; pass the format explicitly (alpaca, sharegpt, messages, "
+        "prompt_completion, xlam, glaive or text) and map columns of other names with "
+        "data.columns (LMSYS-Chat-1M and WildChat: {messages: conversation})"
     )
 
 
@@ -157,17 +165,21 @@ def read_example(
     per_row: bool = False,
     history_masked: bool = False,
     reasoning: str = "keep",
+    templates: tuple[str | None, str | None] = (None, None),
 ) -> tuple[Any, list[Message], list[dict[str, Any]] | None, list[str]]:
     """A raw corpus row read as prepare reads it: its columns renamed (`data.columns`), in its
     own format when `per_row` (`data.format: auto`) else `fmt`, normalized, its history masked
-    (`data.mask_history`), its reasoning left out when `reasoning` is `drop` (`data.reasoning`).
-    Returns the renamed row (for its `answer`), the messages, the tool definitions and the
-    repairs; raises `RowRejected`. The one reader of the tokenization actors, the tiny
-    tokenizer's sample and `validate-data`."""
+    (`data.mask_history`), its reasoning left out when `reasoning` is `drop` (`data.reasoning`);
+    a text row's response and instruction markers are `templates` (`data.response_template`,
+    `data.instruction_template`). Returns the renamed row (for its `answer`), the messages,
+    the tool definitions and the repairs; raises `RowRejected`. The one reader of the
+    tokenization actors, the tiny tokenizer's sample and `validate-data`."""
     if reasoning not in REASONING_MODES:
         raise ValueError(f"unknown reasoning mode {reasoning!r}; choose one of {REASONING_MODES}")
     row = rename_columns(raw, columns)
-    messages, tools, repairs = normalize_example(row, format_of(row, fmt, per_row), repair)
+    messages, tools, repairs = normalize_example(
+        row, format_of(row, fmt, per_row), repair, templates
+    )
     if reasoning == "drop":
         messages, dropped = drop_reasoning(messages)
         repairs = sorted({*repairs, "reasoning_dropped"}) if dropped else repairs
@@ -187,7 +199,10 @@ def normalize_with_repairs(
 
 
 def normalize_example(
-    row: Any, fmt: str, repair: str = "standard"
+    row: Any,
+    fmt: str,
+    repair: str = "standard",
+    templates: tuple[str | None, str | None] = (None, None),
 ) -> tuple[list[Message], list[dict[str, Any]] | None, list[str]]:
     """Normalize one raw row; return its messages, its tool definitions (None without) and
     the repairs applied (kinds, each once). Raise `RowRejected` when the row is invalid."""
@@ -203,7 +218,7 @@ def normalize_example(
             raise RowRejected(
                 "row matches no format (no 'messages', 'conversations' or 'instruction' "
                 "field, nor 'prompt' and 'completion', nor 'query' and 'answers', nor a 'chat' "
-                f"text; its columns: {_columns(row)})",
+                f"or 'text' text; its columns: {_columns(row)})",
                 "no_format",
             )
         fmt = detected
@@ -211,6 +226,9 @@ def normalize_example(
     text = TextReader(repair == "standard", repairs)
     if fmt == "glaive":  # its texts read into a messages row, then the same rules
         row, fmt = glaive_row(row), "messages"
+    if fmt == "text":
+        segments = text_segments(_required_text(row, "text", fmt, text), *templates)
+        return segments, None, sorted(repairs)
     if fmt == "alpaca":
         messages = _normalize_alpaca(row, text)
     elif fmt == "xlam":
@@ -395,7 +413,10 @@ def _json_list(value: Any, what: str) -> Any:
 def mask_history(messages: list[Message]) -> list[Message]:
     """`data.mask_history`: every assistant turn but the last marked `"train": False` (the
     earlier answers and calls are context, as LLaMA-Factory's mask_history trains only the
-    last turn); a row whose last answer is itself not trained is rejected."""
+    last turn); a row whose last answer is itself not trained is rejected. A text row has no
+    turns: it is left as it is."""
+    if is_text_row(messages):
+        return messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if messages[last].get("train") is False:
         raise RowRejected(

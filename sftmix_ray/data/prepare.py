@@ -102,7 +102,7 @@ def plan_corpora(cfg: Config, run: RunDir, dirs: dict[str, str], rejection_dirs:
         fmt = resolve_format(path, fmt, d.hf_split, columns)
         job = ChunkJob(
             source, fmt, d.repair, route, every, dirs, rejection_dirs, columns, d.mask_history,
-            per_row, d.reasoning,
+            per_row, d.reasoning, (d.response_template, d.instruction_template),
         )  # fmt: skip
         chunks, total = plan_chunks(
             path, hf_split=d.hf_split, work_dir=work / f"source-{number}", parts=parts
@@ -129,7 +129,7 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
                 job = plan.job
                 _, messages, tools, _ = read_example(
                     raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row,
-                    reasoning=job.reasoning,
+                    reasoning=job.reasoning, templates=job.templates,
                 )  # fmt: skip
             except RowRejected:
                 continue

@@ -11,6 +11,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from sftmix_ray.data import reasoning
+from sftmix_ray.data.text_rows import is_text_row, tokenize_text
 from sftmix_ray.errors import RowRejected, SftmixError
 from sftmix_ray.loss_kernels import IGNORE_INDEX
 from sftmix_ray.modeling import chat_template_of
@@ -515,6 +516,8 @@ def tokenize_conversation(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    if is_text_row(messages):  # format `text`: no chat template
+        return tokenize_text(tokenizer, messages, max_length, truncation)
     ids, labels, spans, enc = _labelled(tokenizer, messages, tools, max_length)
     truncated = False
     if len(ids) > max_length and truncation == "turns" and not _fits(spans, enc, max_length):

@@ -84,6 +84,7 @@ def validate_rows(
     keep_valid: bool = True,
     history_masked: bool = False,
     reasoning: str = "keep",
+    templates: tuple[str | None, str | None] = (None, None),
     detected: str | None = None,
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Normalize every row; return the valid (row index, messages) pairs and the report.
@@ -93,8 +94,10 @@ def validate_rows(
     a known format, found by reading `rows` twice unless the caller `detected` it.
     `rows` may be a stream (one pass) unless `fmt` is `auto` without `detected`. `repair`
     is `data.repair` (`standard` repairs what real dumps break, counted per kind and row;
-    `none` is strict). `source` (a file name) prefixes the DataError raised when `auto` cannot
-    detect a format. `keep_valid=False` returns no pairs, so memory holds only the rejections.
+    `none` is strict); `templates` are a text row's markers (`data.response_template`,
+    `data.instruction_template`). `source` (a file name) prefixes the DataError raised when
+    `auto` cannot detect a format. `keep_valid=False` returns no pairs, so memory holds only
+    the rejections.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -112,8 +115,9 @@ def validate_rows(
         try:
             row_fmt = format_of(row, resolved, fmt == "auto")  # counted below
             _, messages, _, applied = read_example(
-                row, row_fmt, repair, history_masked=history_masked, reasoning=reasoning
-            )
+                row, row_fmt, repair, history_masked=history_masked, reasoning=reasoning,
+                templates=templates,
+            )  # fmt: skip
         except RowRejected as exc:
             rejections.append(Rejection(index, exc.reason, exc.kind))
             continue
@@ -143,6 +147,7 @@ def validate_file(
     columns: dict[str, str] | None = None,
     history_masked: bool = False,
     reasoning: str = "keep",
+    templates: tuple[str | None, str | None] = (None, None),
 ) -> tuple[list[ValidPair], ValidationReport]:
     """Stream a corpus (file, directory, URI or HF dataset) and validate every row, its
     columns renamed by `columns` (`data.columns`) as prepare does."""
@@ -154,7 +159,8 @@ def validate_file(
     rows = (rename_columns(row, columns) for row in iter_records(path, hf_split=hf_split))
     return validate_rows(
         rows, fmt, source=source, repair=repair, keep_valid=keep_valid,
-        history_masked=history_masked, reasoning=reasoning, detected=resolved,
+        history_masked=history_masked, reasoning=reasoning, templates=templates,
+        detected=resolved,
     )  # fmt: skip
 
 
