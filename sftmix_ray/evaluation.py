@@ -184,6 +184,8 @@ def heldout_metrics(model: Any, tokenizer: Any, heldout_dir: str, eval_cfg: dict
     """Response NLL and perplexity on the held-out split, and exact match where it has answers."""
     import pyarrow.parquet as pq
 
+    from sftmix_ray.data.text_rows import is_text_row
+
     table = pq.read_table(heldout_dir).slice(0, eval_cfg["max_examples"])
     result = response_nll(
         model, table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
@@ -195,13 +197,14 @@ def heldout_metrics(model: Any, tokenizer: Any, heldout_dir: str, eval_cfg: dict
             else [None] * table.num_rows
         )
         rows = [
-            {"messages": json.loads(m), "answer": a, "tools": json.loads(t) if t else None}
+            {"messages": messages, "answer": a, "tools": json.loads(t) if t else None}
             for m, a, t in zip(
                 table.column("messages_json").to_pylist(),
                 table.column("answer").to_pylist(),
                 tools,
             )
-            if a is not None
+            # A text row has no turns to prompt with (format text): its NLL is measured above.
+            if a is not None and not is_text_row(messages := json.loads(m))
         ]
         if rows:
             result.update(exact_match(model, tokenizer, rows, eval_cfg["max_new_tokens"]))

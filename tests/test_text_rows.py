@@ -158,3 +158,32 @@ def test_prepare_and_validate_data_read_a_guanaco_corpus(ray_local, tmp_path, ca
     report = result_json(proc)
     assert (report["format"], report["valid"], report["rejected"]) == ("text", 30, 1)
     assert report["by_kind"] == {"no_response_marker": {"count": 1, "examples": [7]}}
+
+
+def test_eval_measures_a_text_rows_nll_and_leaves_it_out_of_exact_match(tok, tmp_path):
+    """A held-out text row with an `answer` column has no turns to prompt with: its NLL counts,
+    exact match takes only the chat rows."""
+    import pyarrow as pa
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftmix_ray.evaluation import heldout_metrics
+
+    chat = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]
+    text = text_segments(GUANACO, BOT, HUMAN)
+    rows = []
+    for messages in (chat, text):
+        ids, labels, _ = tokenize_conversation(tok, messages, 512, "turns")
+        rows.append({"messages_json": json.dumps(messages), "answer": "5", "input_ids": ids,
+                     "labels": labels})  # fmt: skip
+    (tmp_path / "heldout").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "heldout" / "part-00000.parquet")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    cfg = {"max_examples": 10, "exact_match": True, "max_new_tokens": 2}
+    result = heldout_metrics(model, tok, str(tmp_path / "heldout"), cfg)
+    assert result["exact_match_rows"] == 1
+    tokens = sum(label != IGNORE_INDEX for r in rows for label in r["labels"][1:])
+    assert result["response_tokens"] == tokens and result["response_nll"] > 0
