@@ -645,14 +645,23 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys whose `--set` value is text as written (markers such as "[/INST]" or "Assistant:" read
+# as YAML would be a list or a mapping); quoted, it is unquoted as YAML reads it.
+TEXT_KEYS = frozenset({"data.response_template", "data.instruction_template"})
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one `--set key=value`; the value is read as YAML (so 0.5, true, null work)."""
+    """Parse one `--set key=value`; the value is read as YAML (so 0.5, true, null work),
+    except for TEXT_KEYS."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw_value = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"--set expects key=value, got {text!r}")
+    quoted = len(raw_value) > 1 and raw_value[0] == raw_value[-1] and raw_value[0] in "'\""
+    if key in TEXT_KEYS and not quoted and raw_value.strip() not in ("null", "Null", "NULL", "~"):
+        return key, raw_value
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:

@@ -37,11 +37,12 @@ def tok():
 def test_segments_follow_trls_completion_only_rules():
     # No template: the whole text is trained (TRL's language modeling).
     assert text_segments(GUANACO) == [{"role": "text", "content": GUANACO}]
-    # A response template alone: everything after its first occurrence, later turns included.
-    first = text_segments(GUANACO, BOT)
-    assert [(m["content"], m.get("train", True)) for m in first] == [
-        (f"{HUMAN} What is 2+3?{BOT}", False),
-        (f" It is 5.{HUMAN} And 2+4?{BOT} It is 6.", True),
+    # A response template alone: what follows its last occurrence (TRL's collator keeps the
+    # last match), so a transcript trains its last answer.
+    last = text_segments(GUANACO, BOT)
+    assert [(m["content"], m.get("train", True)) for m in last] == [
+        (f"{HUMAN} What is 2+3?{BOT} It is 5.{HUMAN} And 2+4?{BOT}", False),
+        (" It is 6.", True),
     ]
     # With the instruction template: each answer, up to the next human turn.
     turns = text_segments(GUANACO, BOT, HUMAN)
@@ -66,11 +67,19 @@ def test_a_text_row_is_detected_last_and_read_with_its_templates():
     chat = {"messages": [{"role": "user", "content": "q"}], "text": "q"}
     assert row_format(chat) == "messages"
     _, messages, tools, _ = read_example({"text": GUANACO}, "auto", per_row=True,
-                                         templates=(BOT, HUMAN), history_masked=True)  # fmt: skip
+                                         templates=(BOT, HUMAN))  # fmt: skip
     assert tools is None and [m.get("train", True) for m in messages] == [False, True] * 2
+    # data.mask_history: the last answer alone; a column of another name is mapped to `text`.
+    _, masked, _, _ = read_example({"body": GUANACO}, "auto", per_row=True,
+                                   templates=(BOT, HUMAN), history_masked=True,
+                                   columns={"text": "body"})  # fmt: skip
+    assert [m.get("train", True) for m in masked] == [False, False, False, True]
+    assert "".join(m["content"] for m in masked) == GUANACO
     # `--set data.instruction_template=### Human:` is that text (YAML alone reads a comment),
     # and an instruction template needs a response template.
-    assert tiny_config(f"data.response_template={BOT}").data.response_template == BOT
+    for marker in (BOT, "[/INST]", "Assistant:"):  # not a comment, a list, a mapping
+        assert tiny_config(f"data.response_template={marker}").data.response_template == marker
+    assert tiny_config('data.response_template=" A: "').data.response_template == " A: "
     with pytest.raises(ConfigError, match=r"data\.instruction_template.*needs|unless"):
         tiny_config(f"data.instruction_template={HUMAN}")
 
@@ -93,6 +102,26 @@ def test_labels_are_the_answers_and_eos_only(tok):
     # The reference re-tokenizes the stored messages_json: the same ids and labels.
     again = tokenize_conversation(tok, json.loads(json.dumps(messages)), 512, "turns")
     assert again[:2] == tokenize_conversation(tok, messages, 512, "turns")[:2]
+
+
+def test_a_tokenizers_own_bos_and_eos(tok, tmp_path):
+    """A tokenizer that adds BOS and EOS itself (Llama-2's, with add_eos_token): the EOS is
+    trained with the last answer, and a dump that writes its own "<s>" gets one BOS."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok.save_pretrained(tmp_path / "base")
+    own = PreTrainedTokenizerFast.from_pretrained(tmp_path / "base")
+    own.add_special_tokens({"bos_token": "<s>"})
+    bos, eos = own.bos_token_id, own.eos_token_id
+    own.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"<s> $A {own.eos_token}", special_tokens=[("<s>", bos), (own.eos_token, eos)]
+    )
+    ids, labels, _ = tokenize_conversation(own, text_segments(GUANACO), 512, "turns")
+    assert ids[0] == bos and ids[-1] == eos and ids.count(eos) == 1
+    assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]  # every token, its EOS too
+    ids, labels, _ = tokenize_conversation(own, text_segments(f"<s>{GUANACO}", BOT), 512, "turns")
+    assert ids[:2] != [bos, bos] and ids[0] == bos and labels[-1] == eos
 
 
 def test_truncation_of_a_text_row(tok):

@@ -21,6 +21,7 @@ FIELDS = (
     "prompt", "completion",  # TRL's prompt-completion
     "query", "answers",  # xLAM
     "chat",  # glaive's transcript (its `system` is the field above)
+    "text",  # TRL's language-modeling rows (format text)
     "tools", "functions",  # tool definitions
     "answer",  # the expected final answer of a held-out row (eval's exact match)
 )  # fmt: skip

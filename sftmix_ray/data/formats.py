@@ -413,10 +413,11 @@ def _json_list(value: Any, what: str) -> Any:
 def mask_history(messages: list[Message]) -> list[Message]:
     """`data.mask_history`: every assistant turn but the last marked `"train": False` (the
     earlier answers and calls are context, as LLaMA-Factory's mask_history trains only the
-    last turn); a row whose last answer is itself not trained is rejected. A text row has no
-    turns: it is left as it is."""
+    last turn); a row whose last answer is itself not trained is rejected. A text row's last
+    trained segment alone stays trained."""
     if is_text_row(messages):
-        return messages
+        last = max(i for i, m in enumerate(messages) if m.get("train") is not False)
+        return [{**m, "train": False} if i < last else m for i, m in enumerate(messages)]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if messages[last].get("train") is False:
         raise RowRejected(

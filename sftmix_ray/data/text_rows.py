@@ -8,7 +8,9 @@ False`), so that its `messages_json` re-tokenizes like any other row. By default
 is trained. With `data.response_template` (TRL's older DataCollatorForCompletionOnlyLM) only
 the text after that marker is: after its first occurrence to the end, or, with
 `data.instruction_template` too, after each response marker up to the next instruction marker
-(multi-turn transcripts: the human turns are context). The markers themselves are never
+(multi-turn transcripts: the human turns are context). Without the instruction template, what
+follows the *last* response marker is trained, as TRL's collator does (it keeps the last
+match), so a transcript trains its last answer only. The markers themselves are never
 trained. A row with a response template but no marker in it is rejected (`no_response_marker`:
 TRL ignores such a row with a warning).
 """
@@ -35,7 +37,7 @@ def text_segments(
         return [{"role": TEXT_ROLE, "content": text}]
     segments: list[tuple[str, bool]] = []
     start = 0  # where the current context segment began
-    at = text.find(response)
+    at = text.find(response) if instruction else text.rfind(response)
     if at < 0:
         raise RowRejected(
             f"no response marker {response!r} in the text (data.response_template)",
@@ -77,17 +79,23 @@ def tokenize_text(
             spans.append((position, end))
         position = end
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos] and text.startswith(str(tokenizer.bos_token)):
+        ids, offsets = ids[1:], offsets[1:]  # a dump written with its own "<s>" (Llama-2's)
     # A token is trained when any of its characters is: a token that straddles a marker's edge
     # (BPE merges "." with a following "###") keeps the answer's characters in training.
     labels = [
         token if start < stop and any(start < b and a < stop for a, b in spans) else IGNORE_INDEX
-        for token, (start, stop) in zip(ids, enc["offset_mapping"])
+        for token, (start, stop) in zip(ids, offsets)
     ]
     eos = tokenizer.eos_token_id
+    ends_trained = bool(spans) and spans[-1][1] == len(text)
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
-        labels.append(eos if spans and spans[-1][1] == len(text) else IGNORE_INDEX)
+        labels.append(eos if ends_trained else IGNORE_INDEX)
+    elif eos is not None and offsets[-1][0] == offsets[-1][1]:  # the tokenizer's own EOS
+        labels[-1] = eos if ends_trained else IGNORE_INDEX
     truncated = len(ids) > max_length
     if truncated:
         if truncation == "drop":

@@ -357,8 +357,10 @@ class DeepSpeedStrategy:
 
     def step(self) -> float:
         """The step's grad norm; DeepSpeed's ZeRO optimizers already skipped the update of a
-        non-finite gradient (engine `was_step_applied`), its schedule included."""
-        self.step_applied = bool(self.module.was_step_applied())
+        non-finite gradient (engine `was_step_applied`), its schedule included. Under fp16 (a
+        user's DeepSpeed JSON) such a skip is the dynamic loss scaler's routine overflow, not
+        counted as a skipped step (DeepSpeed logs it and lowers the scale)."""
+        self.step_applied = bool(self.module.was_step_applied()) or self.module.fp16_enabled()
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
