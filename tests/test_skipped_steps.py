@@ -119,6 +119,8 @@ SETTINGS = [
     f"train.max_steps={STEPS}", "train.learning_rate=0.01", "train.warmup_ratio=0",
     "train.save_steps=1", "train.num_workers=2", "train.per_device_train_batch_size=4",
     "train.max_skipped_steps=1", "train.keep_resume_checkpoints=true",
+    # Saved in the background: step 3's save is still in flight when step 4 stops the run.
+    "train.async_checkpoint=true",
 ]  # fmt: skip
 
 
@@ -175,7 +177,8 @@ def test_train_skips_nan_steps_names_their_rows_and_stops_past_the_limit(prepare
     `train.max_skipped_steps=1` step 2 is skipped (step 3 trains on finite weights) and step 4
     stops the run: an error naming the steps and rows, no export. Rerun with the limit raised
     (a setting that changes no result: the same Ray Train run), it goes on from its step-3
-    checkpoint, skips step 4 and exports."""
+    checkpoint (saved in the background and registered as the run stopped), skips step 4 and
+    exports."""
     from sftmix_ray.pipeline import run_stage
 
     out = make_train_base(prepared_out, tmp_path / "out")

@@ -133,6 +133,15 @@ class CheckpointReporter:
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
 
+    def settle(self, metrics: dict[str, Any]) -> None:
+        """Register a save still in flight, once written, with a last report (every rank): a
+        run that stops early (too many skipped steps) keeps its newest checkpoint to resume
+        from, where `close` would remove it."""
+        finished = self._finished(wait=True)
+        if finished is not None:
+            self._report_direct(metrics, finished.target)
+            self.async_registered.append(finished.step)
+
     def close(self) -> None:
         """Wait for a save still in flight (a run that ends without a final report)."""
         finished = self._finished(wait=True)

@@ -540,6 +540,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         sinks.log(step, metrics)
         stopped = trainer.over_skip_limit()  # the same on every rank: the norm is global
         if stopped:
+            reporter.settle(metrics)  # a background save in flight stays to resume from
             break
         if step in export_steps:
             trainer.export_hf(str(Path(spec.export_dir) / f"checkpoint-{step}"))
