@@ -666,8 +666,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
-    if value is None and raw_value.strip() not in ("null", "Null", "NULL", "~"):
-        value = raw_value  # YAML reads "### Human:" as a comment, null: the text was meant
     return key, value
 
 

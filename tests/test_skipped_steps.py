@@ -126,7 +126,7 @@ SETTINGS = [
 
 def _plan_rows(out: Path, cfg, cache: Path) -> list[list[int]]:
     """example_ids of each step's rows, as the workers plan them."""
-    from sftmix_ray.train.loop import batch_plan
+    from sftmix_ray.train.loop import batch_plan, step_example_ids
     from sftmix_ray.train.token_rows import open_token_rows
 
     streams = [
@@ -134,16 +134,7 @@ def _plan_rows(out: Path, cfg, cache: Path) -> list[list[int]]:
         for side in ("confident", "unconfident")
     ]
     plan = batch_plan(cfg.train, streams, cfg.train.num_workers)
-    ids = [s.ids() for s in streams]
-    return [
-        sorted(
-            int(ids[s][i])
-            for rank in range(cfg.train.num_workers)
-            for s, rows in enumerate(plan.rows(step, 0, rank))
-            for i in rows
-        )
-        for step in range(STEPS)
-    ]
+    return [step_example_ids(plan, streams, step) for step in range(STEPS)]
 
 
 def _poison(out: Path, rows: list[int]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from bisect import bisect_left
 
 import pyarrow.parquet as pq
 import pytest
@@ -134,6 +135,16 @@ def test_truncation_of_a_text_row(tok):
     for mode in ("turns", "truncate"):
         cut_ids, cut_labels, truncated = tokenize_conversation(tok, messages, first + 1, mode)
         assert truncated and cut_ids == ids[: first + 1] and cut_labels[-1] != IGNORE_INDEX
+    # `turns` keeps whole answers where one fits: a limit inside the second human turn cuts
+    # after the first answer (its last token), `truncate` at the limit.
+    starts = [start for start, _ in tok(GUANACO, return_offsets_mapping=True)["offset_mapping"]]
+    end_of_first = bisect_left(starts, GUANACO.index(HUMAN, 1))
+    whole, _, _ = tokenize_conversation(tok, messages, end_of_first + 2, "turns")
+    assert whole == ids[:end_of_first] and " is 5." in tok.decode(whole[-3:])
+    assert (
+        tokenize_conversation(tok, messages, end_of_first + 2, "truncate")[0]
+        == ids[: end_of_first + 2]
+    )
     with pytest.raises(RowRejected) as prompt:
         tokenize_conversation(tok, messages, first, "turns")
     assert prompt.value.kind == "prompt_too_long"

@@ -11,7 +11,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from sftmix_ray.data import reasoning
-from sftmix_ray.data.text_rows import is_text_row, tokenize_text
+from sftmix_ray.data.text_rows import is_text_row, labelled_text
 from sftmix_ray.errors import RowRejected, SftmixError
 from sftmix_ray.loss_kernels import IGNORE_INDEX
 from sftmix_ray.modeling import chat_template_of
@@ -516,14 +516,16 @@ def tokenize_conversation(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    if is_text_row(messages):  # format `text`: no chat template
-        return tokenize_text(tokenizer, messages, max_length, truncation)
-    ids, labels, spans, enc = _labelled(tokenizer, messages, tools, max_length)
     truncated = False
-    if len(ids) > max_length and truncation == "turns" and not _fits(spans, enc, max_length):
-        shorter = _without_early_history(tokenizer, messages, tools, max_length)
-        if shorter is not None:
-            (ids, labels, spans, enc), truncated = shorter, True
+    if is_text_row(messages):  # format `text`: no chat template, cut like a conversation
+        ids, labels, spans, offsets = labelled_text(tokenizer, messages)
+    else:
+        ids, labels, spans, enc = _labelled(tokenizer, messages, tools, max_length)
+        if len(ids) > max_length and truncation == "turns" and not _fits(spans, enc, max_length):
+            shorter = _without_early_history(tokenizer, messages, tools, max_length)
+            if shorter is not None:
+                (ids, labels, spans, enc), truncated = shorter, True
+        offsets = enc["offset_mapping"]
     if len(ids) > max_length:
         if truncation == "drop":
             raise RowRejected(
@@ -531,7 +533,7 @@ def tokenize_conversation(
             )
         cut = max_length
         if truncation == "turns":
-            cut = _turns_cut(enc["offset_mapping"], spans, labels, max_length)
+            cut = _turns_cut(offsets, spans, labels, max_length)
         ids, labels, truncated = ids[:cut], labels[:cut], True
     if all(label == IGNORE_INDEX for label in labels):
         reason = "no supervised tokens after truncation" if truncated else "no supervised tokens"

@@ -266,10 +266,6 @@ def _fit(trainer: Any, mode: str) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def _last_step(history: dict) -> int:
-    return int(history["history"][-1]["step"]) if history["history"] else 0
-
-
 def run_training(
     cfg: Config,
     out_dir: Path | RunDir,
@@ -357,9 +353,10 @@ def run_training(
     )
     result = _fit(trainer, mode)
     history = json.loads(Path(spec.history_path).read_text(encoding="utf-8"))
+    last = history["history"][-1] if history["history"] else {}
     if history.get("stopped"):  # its resume checkpoints stay: a rerun goes on from the last
         raise SftmixError(
-            f"{mode} training stopped at step {_last_step(history)}: {history['stopped']}"
+            f"{mode} training stopped at step {int(last.get('step', 0))}: {history['stopped']}"
         )
     removed = 0
     if mode == "reference" or not cfg.train.keep_resume_checkpoints:
@@ -368,7 +365,6 @@ def run_training(
         from sftmix_ray.train.checkpointing import delete_checkpoints
 
         removed = delete_checkpoints(str(storage), name)
-    last = history["history"][-1] if history["history"] else {}
     summary: dict[str, Any] = {
         "steps": int(last.get("step", 0)),
         "restarts": history["restarts"],

@@ -90,6 +90,18 @@ def batch_plan(train: TrainConfig, streams: list[TokenRows], world: int) -> Batc
     )
 
 
+def step_example_ids(plan: BatchPlan, streams: list[TokenRows], step: int) -> list[int]:
+    """example_id of every row of optimizer step `step` (0-based), on every rank and
+    micro-batch: the plan is the same on all ranks, so no collective is needed."""
+    return sorted(
+        streams[s].example_id_of(i)
+        for micro in range(plan.grad_accum)
+        for rank in range(plan.world_size)
+        for s, rows in enumerate(plan.rows(step, micro, rank))
+        for i in rows
+    )
+
+
 class TrainWorker:
     """One worker's training run."""
 
@@ -176,18 +188,6 @@ class TrainWorker:
         pad = self.tokenizer.pad_token_id
         return collate(inputs, labels, pad if pad is not None else 0, self.device)
 
-    def step_example_ids(self, step: int) -> list[int]:
-        """example_id of every row of optimizer step `step` (0-based), on every rank and
-        micro-batch: the plan is the same on all ranks, so no collective is needed."""
-        ids = [stream.ids() for stream in self.streams]
-        return sorted(
-            int(ids[s][i])
-            for micro in range(self.train_cfg.gradient_accumulation_steps)
-            for rank in range(self.world)
-            for s, rows in enumerate(self.plan.rows(step, micro, rank))
-            for i in rows
-        )
-
     def _lambda(self, step: int, micro: int) -> torch.Tensor | None:
         """This micro-batch's slice of the step's Mixup weights, drawn for the global batch.
 
@@ -263,7 +263,7 @@ class TrainWorker:
 
     def _skip(self, grad_norm: float) -> None:
         """Record a step whose update was skipped (its gradient norm is not finite)."""
-        ids = self.step_example_ids(self.step)
+        ids = step_example_ids(self.plan, self.streams, self.step)
         self.skipped.append(
             {"step": self.step + 1, "grad_norm": str(grad_norm), "example_ids": ids}
         )

@@ -76,6 +76,10 @@ class TokenRows:
         start, end = self.offsets[j], self.offsets[j + 1]
         return self.input_ids[start:end], self.labels[start:end]
 
+    def example_id_of(self, i: int) -> int:
+        """example_id of the i-th row by example_id."""
+        return int(self.example_id[self.order[i]])
+
     def lengths(self) -> np.ndarray:
         """Tokens per row, in example_id order."""
         return np.diff(self.offsets)[self.order]
