@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from sftmix_ray.data.formats import FORMATS
+# Nothing heavy at import: the console script points stdout away (`ResultStdout`) as the first
+# thing `main` does, and everything imported before that runs with the real stdout
+# (`tests/test_cli_stdout.py` checks that importing this module loads no torch, Ray or
+# transformers). The stages import what they need.
 from sftmix_ray.errors import SftmixError
 
 # Commands beside the stages of `sftmix_ray.stages.STAGES`.
@@ -40,12 +45,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one subcommand per stage plus validate-data."""
-    parser = argparse.ArgumentParser(
-        prog="sftmix-ray", description="SFTMix instruction tuning on Ray."
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its help text handed to `help_to` (the command's result, see
+    `ResultStdout`) instead of printed to `sys.stdout`: fd 1 is elsewhere by then, and
+    swapping `sys.stdout` for the parse would also catch every other thread's prints."""
+
+    def __init__(self, *args, help_to: Callable[[str], None] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_to = help_to
+
+    def print_help(self, file=None) -> None:
+        if file is None and self._help_to is not None:
+            self._help_to(self.format_help())
+        else:
+            super().print_help(file)
+
+
+def build_parser(help_to: Callable[[str], None] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per stage plus validate-data; `--help` hands
+    its text to `help_to` where given."""
+    parser = _Parser(
+        prog="sftmix-ray", description="SFTMix instruction tuning on Ray.", help_to=help_to
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(_Parser, help_to=help_to),
+    )
+    from sftmix_ray.data.formats import FORMATS
     from sftmix_ray.stages import STAGES
 
     commands = {**{s.name: s.help for s in STAGES}, **COMMAND_HELP}
@@ -246,6 +274,11 @@ class ResultStdout:
         """Keep the result; `close` writes it."""
         self._result = text
 
+    def parse_args(self, argv: list[str] | None) -> argparse.Namespace:
+        """The command line, parsed with fd 1 already away: building the parser imports the
+        stages (torch among them, seconds on a slow host). Help text is kept as the result."""
+        return build_parser(help_to=lambda text: self.write(text.rstrip("\n"))).parse_args(argv)
+
     def close(self, *, restore: bool) -> None:
         """Write the result to the real stdout; `restore` points fd 1 back (in-process use,
         where the result goes through `sys.stdout`, which a caller may have replaced)."""
@@ -283,16 +316,21 @@ def main(
 
     On success stdout holds exactly the result (one JSON document for every command that runs
     a stage, and for `validate-data --json`); on failure stdout is empty and stderr's last
-    line names the problem. `--help` and usage errors are argparse's, before any of this.
+    line names the problem. `--help` prints argparse's help as the result; usage errors are
+    argparse's, on stderr with status 2.
     With `exit_grace_s` (the console script), an interrupted run that has not cleaned up within
     that many seconds exits at once with its status and line.
     """
-    args = build_parser().parse_args(argv)
+    stdout = ResultStdout()  # first: whatever runs from here on cannot print to stdout
+    try:
+        args = stdout.parse_args(argv)
+    except SystemExit:  # `--help` (its text is the result) or a usage error (on stderr)
+        stdout.close(restore=restore_stdout)
+        raise
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    stdout = ResultStdout()
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, _on_signal) for sig in handled}
     caller_ray = _ray_running()  # an in-process caller's Ray session is not ours to stop
@@ -358,9 +396,13 @@ def console_main() -> None:
     descriptors go to /dev/null, and the process ends without the interpreter's teardown,
     where a native thread that outlived the command (a reader's I/O pool, a library's
     background thread) could abort it: once, `validate-data` exited with SIGABRT after
-    printing its result. Ray is shut down and every output of ours closed by then.
+    printing its result. Ray is shut down and every output of ours closed by then. `--help`
+    and usage errors end the same way, with argparse's status.
     """
-    code = main(restore_stdout=False, exit_grace_s=EXIT_GRACE_S)
+    try:
+        code = main(restore_stdout=False, exit_grace_s=EXIT_GRACE_S)
+    except SystemExit as exc:  # argparse's: `--help` (0) or a usage error (2), already printed
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     logging.shutdown()  # flush and close the handlers: the teardown that would is skipped
     sys.stdout.flush()
     sys.stderr.flush()

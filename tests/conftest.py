@@ -70,12 +70,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 # Data actors) through PYTHONPATH: each prints the same lines to stdout at start, from a thread
 # and at exit, so Ray forwards and deduplicates them ("[repeated Nx across cluster]", with its
 # log-deduplication notice at shutdown), exactly the output that must never reach the CLI's
-# stdout. The driver's own first print is delayed past the CLI's start-up.
+# stdout. The driver's own first print comes 1 s after the interpreter starts: the console
+# script points stdout away within about 0.1 s (nothing heavy is imported before), and what
+# prints before a program's first line cannot be kept out by any program.
 NOISY_SITECUSTOMIZE = """
 import atexit, os, sys, threading, time
 if os.environ.get("SFTMIX_TEST_NOISY") == "1":
     def _tick():
-        time.sleep(2.0)
+        time.sleep(float(os.environ.get("SFTMIX_TEST_NOISY_DELAY", "1.0")))
         for _ in range(3):
             print("noisy-process: tick from a thread", flush=True)
             time.sleep(1.0)
