@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,8 +54,22 @@ def atomic_write_parquet(path: Path, table: Any) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (sorted keys, indented, trailing newline)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write JSON atomically (sorted keys, indented, trailing newline). Strict JSON: a
+    non-finite float (a skipped step's gradient norm, the exact match of no rows) is written
+    as null; Python's `NaN` literal breaks `jq`, JavaScript and most JSON parsers."""
+    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every non-finite float in it (nested in dicts, lists, tuples) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(value) for value in obj]
+    return obj
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -46,6 +46,8 @@ def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Pat
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # a non-finite value, as the JSON files write it
+        return "nan"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return str(value)

@@ -89,3 +89,35 @@ def test_eval_without_a_held_out_split_skips_its_metrics_and_says_so(ray_local, 
     report = write_report(out).read_text()
     assert "## Held-out evaluation\n\nSkipped: no held-out split" in report
     assert "9.0" not in report
+
+
+def test_json_outputs_are_strict_and_the_report_reads_their_nulls(tmp_path: Path):
+    """Non-finite values (a skipped step's loss and norm, no rows to match) are written as
+    null, never Python's `NaN` literal, and the report shows them as nan."""
+    import math
+
+    from sftmix_ray.io_utils import atomic_write_json
+
+    def strict(path: Path) -> dict:
+        def refuse(constant: str) -> None:
+            raise AssertionError(f"{path.name}: {constant} is not JSON")
+
+        return json.loads(path.read_text(), parse_constant=refuse)
+
+    nan, inf = float("nan"), float("inf")
+    rows = [{"step": 1.0, "loss": 3.0}, {"step": 2.0, "loss": nan, "grad_norm": -inf}]
+    rows.append({"step": 3.0, "loss": 2.5, "pair": (1.0, nan)})
+    (tmp_path / "logs").mkdir()
+    atomic_write_json(tmp_path / "logs" / "train-model-history.json", {"history": rows})
+    history = strict(tmp_path / "logs" / "train-model-history.json")["history"]
+    assert history[1] == {"step": 2.0, "loss": None, "grad_norm": None}
+    assert history[2]["pair"] == [1.0, None] and math.isnan(rows[1]["loss"])  # input untouched
+    update_stage(tmp_path, "train", status="completed", steps=3, metrics={"loss": nan})
+    assert strict(tmp_path / "summary.json")["stages"]["train"]["metrics"] == {"loss": None}
+    atomic_write_json(
+        tmp_path / "eval.json",
+        {"sftmix": {"response_nll": 2.0, "perplexity": 7.39, "exact_match": nan}},
+    )
+    report = write_report(tmp_path).read_text()
+    assert "final loss nan" in report and "| sftmix | 2 | 7.39 | nan |" in report
+    assert (tmp_path / LOSS_PLOT).read_bytes().startswith(PNG_MAGIC)

@@ -137,6 +137,10 @@ def _plan_rows(out: Path, cfg, cache: Path) -> list[list[int]]:
     return [step_example_ids(plan, streams, step) for step in range(STEPS)]
 
 
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON (jq and JavaScript refuse it)")
+
+
 def _poison(out: Path, rows: list[int]) -> int:
     """Give `rows` a token no other row holds and make its embedding NaN; returns the token."""
     files = sorted((out / "data").glob("*.parquet"))
@@ -189,12 +193,12 @@ def test_train_skips_nan_steps_names_their_rows_and_stops_past_the_limit(prepare
     assert f"step 4's rows by example_id: {', '.join(map(str, steps[3]))} " in message
     history_path = out / "logs" / "train-model-history.json"
     assert str(history_path) in message
-    record = json.loads(history_path.read_text())
+    record = json.loads(history_path.read_text(), parse_constant=_not_json)  # strict JSON
     history = record["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert [h.get("skipped", 0.0) for h in history] == [0.0, 1.0, 0.0, 1.0]
     assert np.isfinite([history[0]["loss"], history[2]["loss"]]).all()  # step 3: finite weights
-    assert not math.isfinite(history[1]["grad_norm"]) and math.isfinite(history[2]["grad_norm"])
+    assert history[1]["grad_norm"] is None and math.isfinite(history[2]["grad_norm"])  # NaN
     assert [(s["step"], s["example_ids"]) for s in record["skipped_steps"]] == [
         (2, steps[1]),
         (4, steps[3]),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import signal
 import threading
@@ -14,6 +13,7 @@ from typing import Any
 
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.io_utils import finite_or_null
 from sftmix_ray.layout import RunDir
 from sftmix_ray.train.spec import LossSpec, RunSpec
 
@@ -370,11 +370,9 @@ def run_training(
         "restarts": history["restarts"],
         "nodes": history["nodes"],
         # JSON has no NaN: a non-finite value (a skipped step's norm, no held-out rows) is null.
-        "metrics": {
-            k: v if math.isfinite(v) else None
-            for k, v in (result.metrics or {}).items()
-            if isinstance(v, float)
-        },
+        "metrics": finite_or_null(
+            {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)}
+        ),
         "run_name": name,
         "storage_path": str(storage),
         "resume_checkpoints_removed": removed,
