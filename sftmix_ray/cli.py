@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 # Nothing heavy at import: the console script points stdout away (`ResultStdout`) as the first
 # thing `main` does, and everything imported before that runs with the real stdout
@@ -71,7 +72,8 @@ def build_parser(help_to: Callable[[str], None] | None = None) -> argparse.Argum
         dest="command",
         required=True,
         metavar="COMMAND",
-        parser_class=functools.partial(_Parser, help_to=help_to),
+        # argparse calls it as the class, with the subcommand's keyword arguments.
+        parser_class=cast(type[_Parser], functools.partial(_Parser, help_to=help_to)),
     )
     from sftmix_ray.data.formats import FORMATS
     from sftmix_ray.stages import STAGES
