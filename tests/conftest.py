@@ -77,7 +77,7 @@ NOISY_SITECUSTOMIZE = """
 import atexit, os, sys, threading, time
 if os.environ.get("SFTMIX_TEST_NOISY") == "1":
     def _tick():
-        time.sleep(float(os.environ.get("SFTMIX_TEST_NOISY_DELAY", "1.0")))
+        time.sleep(1.0)
         for _ in range(3):
             print("noisy-process: tick from a thread", flush=True)
             time.sleep(1.0)

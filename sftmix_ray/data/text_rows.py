@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from sftmix_ray.errors import RowRejected
-from sftmix_ray.loss_kernels import IGNORE_INDEX
+from sftmix_ray.labels import IGNORE_INDEX
 
 TEXT_ROLE = "text"
 

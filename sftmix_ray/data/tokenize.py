@@ -13,7 +13,7 @@ from jinja2 import TemplateError
 from sftmix_ray.data import reasoning
 from sftmix_ray.data.text_rows import is_text_row, labelled_text
 from sftmix_ray.errors import RowRejected, SftmixError
-from sftmix_ray.loss_kernels import IGNORE_INDEX
+from sftmix_ray.labels import IGNORE_INDEX
 from sftmix_ray.modeling import chat_template_of
 
 
