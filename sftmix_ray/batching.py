@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sftmix_ray.loss_kernels import IGNORE_INDEX
+from sftmix_ray.labels import IGNORE_INDEX
 
 
 def collate(

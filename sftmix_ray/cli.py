@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from typing import cast
 # (`tests/test_cli_stdout.py` checks that importing this module loads no torch, Ray or
 # transformers). The stages import what they need.
 from sftmix_ray.errors import SftmixError
+from sftmix_ray.io_utils import strict_json
 
 # Commands beside the stages of `sftmix_ray.stages.STAGES`.
 COMMAND_HELP = {
@@ -158,7 +158,7 @@ def _validate_data(args: argparse.Namespace) -> str:
         history_masked=args.mask_history, reasoning=args.reasoning, templates=templates,
     )  # fmt: skip
     if args.json:
-        return json.dumps(report.to_json())
+        return strict_json(report.to_json())
     return format_report(report, args.data)
 
 
@@ -167,7 +167,7 @@ def _show_config(args: argparse.Namespace) -> str:
     from sftmix_ray.config_doc import describe, format_rows
 
     rows = describe(load_config(args.config, args.overrides))
-    return json.dumps(rows, indent=2, default=str) if args.json else format_rows(rows)
+    return strict_json(rows, indent=2, default=str) if args.json else format_rows(rows)
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> str:
         result = run_tune(cfg, out)
     else:
         result = run_stage(args.command, cfg, out)
-    return json.dumps({args.command: _brief(result)}, indent=2, default=str)
+    return strict_json({args.command: _brief(result)}, indent=2, default=str)
 
 
 def _brief(result: object) -> object:
@@ -276,11 +276,6 @@ class ResultStdout:
         """Keep the result; `close` writes it."""
         self._result = text
 
-    def parse_args(self, argv: list[str] | None) -> argparse.Namespace:
-        """The command line, parsed with fd 1 already away: building the parser imports the
-        stages (torch among them, seconds on a slow host). Help text is kept as the result."""
-        return build_parser(help_to=lambda text: self.write(text.rstrip("\n"))).parse_args(argv)
-
     def close(self, *, restore: bool) -> None:
         """Write the result to the real stdout; `restore` points fd 1 back (in-process use,
         where the result goes through `sys.stdout`, which a caller may have replaced)."""
@@ -324,8 +319,8 @@ def main(
     that many seconds exits at once with its status and line.
     """
     stdout = ResultStdout()  # first: whatever runs from here on cannot print to stdout
-    try:
-        args = stdout.parse_args(argv)
+    try:  # `--help`'s text is the result
+        args = build_parser(help_to=lambda text: stdout.write(text.rstrip("\n"))).parse_args(argv)
     except SystemExit:  # `--help` (its text is the result) or a usage error (on stderr)
         stdout.close(restore=restore_stdout)
         raise

@@ -54,21 +54,26 @@ def atomic_write_parquet(path: Path, table: Any) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (sorted keys, indented, trailing newline). Strict JSON: a
-    non-finite float (a skipped step's gradient norm, the exact match of no rows) is written
-    as null; Python's `NaN` literal breaks `jq`, JavaScript and most JSON parsers."""
-    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
-    atomic_write_text(path, text + "\n")
+    """Write `obj` as strict JSON (`strict_json`) atomically: sorted keys, indented, trailing
+    newline."""
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True) + "\n")
 
 
-def finite_or_null(obj: Any) -> Any:
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps(obj, **kwargs)` as strict JSON: a non-finite float (a skipped step's loss
+    and gradient norm, the exact match of no rows) is null, not Python's `NaN` literal, which
+    `jq`, JavaScript and most JSON parsers refuse. Every file and every stdout result here."""
+    return json.dumps(_finite_or_null(obj), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(obj: Any) -> Any:
     """`obj` with every non-finite float in it (nested in dicts, lists, tuples) as None."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {key: finite_or_null(value) for key, value in obj.items()}
+        return {key: _finite_or_null(value) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
-        return [finite_or_null(value) for value in obj]
+        return [_finite_or_null(value) for value in obj]
     return obj
 
 

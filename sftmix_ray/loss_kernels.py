@@ -12,8 +12,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from sftmix_ray.labels import IGNORE_INDEX as IGNORE_INDEX  # re-exported for the losses' callers
-
 # fp32 logits per loss chunk when no fixed chunk size is given: 261 positions at Llama-3's
 # 128256-row vocabulary, 1024 at Mistral's 32768 (each chunk's logits, and in backward their
 # gradient, exist once at a time).

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sftmix_ray.labels import IGNORE_INDEX
 from sftmix_ray.loss_kernels import (
     DEFAULT_CHUNK_MB,
-    IGNORE_INDEX,
     chunk_positions,
     chunked_soft_ce,
     head_vocab,

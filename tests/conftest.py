@@ -102,7 +102,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
     """Each run of consecutive supervised tokens, decoded on its own (an answer's labels)."""
-    from sftmix_ray.loss_kernels import IGNORE_INDEX
+    from sftmix_ray.labels import IGNORE_INDEX
 
     runs, run = [], []
     for token, label in zip(ids, labels):

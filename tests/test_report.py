@@ -96,7 +96,7 @@ def test_json_outputs_are_strict_and_the_report_reads_their_nulls(tmp_path: Path
     null, never Python's `NaN` literal, and the report shows them as nan."""
     import math
 
-    from sftmix_ray.io_utils import atomic_write_json
+    from sftmix_ray.io_utils import atomic_write_json, strict_json
 
     def strict(path: Path) -> dict:
         def refuse(constant: str) -> None:
@@ -105,6 +105,10 @@ def test_json_outputs_are_strict_and_the_report_reads_their_nulls(tmp_path: Path
         return json.loads(path.read_text(), parse_constant=refuse)
 
     nan, inf = float("nan"), float("inf")
+    # The CLI's stdout results go through the same function as the files.
+    assert strict_json({"train": {"metrics": {"loss": nan, "n": [inf, 1.5]}}}) == (
+        '{"train": {"metrics": {"loss": null, "n": [null, 1.5]}}}'
+    )
     rows = [{"step": 1.0, "loss": 3.0}, {"step": 2.0, "loss": nan, "grad_norm": -inf}]
     rows.append({"step": 3.0, "loss": 2.5, "pair": (1.0, nan)})
     (tmp_path / "logs").mkdir()

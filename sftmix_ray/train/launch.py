@@ -13,7 +13,6 @@ from typing import Any
 
 from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
-from sftmix_ray.io_utils import finite_or_null
 from sftmix_ray.layout import RunDir
 from sftmix_ray.train.spec import LossSpec, RunSpec
 
@@ -369,10 +368,8 @@ def run_training(
         "steps": int(last.get("step", 0)),
         "restarts": history["restarts"],
         "nodes": history["nodes"],
-        # JSON has no NaN: a non-finite value (a skipped step's norm, no held-out rows) is null.
-        "metrics": finite_or_null(
-            {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)}
-        ),
+        # A non-finite value (a skipped step's norm, no held-out rows) is written as null.
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, float)},
         "run_name": name,
         "storage_path": str(storage),
         "resume_checkpoints_removed": removed,
