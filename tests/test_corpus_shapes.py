@@ -5,6 +5,7 @@ turns marked not to be trained (`weight: 0`, `train: false`), columns of other n
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pyarrow.parquet as pq
@@ -511,6 +512,59 @@ def test_a_mixed_format_parquet_file_loses_no_row(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["valid"], report["rejected"]) == (4, 0), report
     assert report["format"].startswith("mixed")
+
+
+def test_capybara_exchanges_read_as_turns(tmp_path, capsys, tokenizer):
+    """Capybara's rows (LDJnr's sets: `conversation`, a list of `{input, output}` exchanges),
+    mapped as LMSYS' are (`data.columns: {messages: conversation}`), from JSON Lines and from
+    Parquet (a list of structs): each exchange a user and an assistant turn, every output
+    trained; an exchange with no answer is repaired away, a row mixing exchanges and turns
+    rejected; unmapped, the detection error says how to map it."""
+    import pyarrow as pa
+
+    rows = [
+        {"source": "Airoboros", "conversation": [
+            {"input": "Name a colour.", "output": "Red."},
+            {"input": "Another one?", "output": "Blue."}]},
+        {"source": "Dove", "conversation": [  # the last question was never answered
+            {"input": "Why?", "output": "Because."}, {"input": "Another one?", "output": ""}]},
+        {"source": "GPT4LLM", "conversation": [  # an exchange beside a turn: no known shape
+            {"input": "Why?", "output": "Because."}, {"role": "user", "content": "Why?"}]},
+    ]  # fmt: skip
+    jsonl = tmp_path / "capybara.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exchange = pa.struct([("input", pa.string()), ("output", pa.string())])
+    schema = pa.schema([("source", pa.string()), ("conversation", pa.list_(exchange))])
+    parquet = tmp_path / "capybara.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:2], schema=schema), parquet)
+    for path, total in ((jsonl, 3), (parquet, 2)):
+        code = main(["validate-data", "--data", str(path), "--column", "messages=conversation",
+                     "--json"])  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0 and report["format"] == "messages", report
+        assert (report["total"], report["valid"]) == (total, 2), report
+        assert report["repairs"] == {"empty_turn_dropped": 1, "trailing_user_dropped": 1}
+        assert [r["index"] for r in report["rejections"]] == ([2] if total == 3 else [])
+    (first, _), (second, _) = (
+        normalize_example(rename_columns(r, {"messages": "conversation"}), "auto")[:2]
+        for r in rows[:2]
+    )
+    assert [(m["role"], m["content"]) for m in first] == [
+        ("user", "Name a colour."), ("assistant", "Red."),
+        ("user", "Another one?"), ("assistant", "Blue."),
+    ]  # fmt: skip
+    assert [(m["role"], m["content"]) for m in second] == [
+        ("user", "Why?"),
+        ("assistant", "Because."),
+    ]
+    assert supervised(tokenizer, first) == supervised(
+        tokenizer, [user("Name a colour."), bot("Red."), user("Another one?"), bot("Blue.")]
+    )
+    with pytest.raises(RowRejected) as info:
+        normalize_example(rename_columns(rows[2], {"messages": "conversation"}), "auto")
+    assert (info.value.kind, info.value.reason) == ("malformed_turn", "turn 1 has no 'role' field")
+    with pytest.raises(DataError, match=re.escape("Capybara: {messages: conversation}")):
+        detect_format(rows)
 
 
 # -------------------------------------------------------------------------------- columns

@@ -147,7 +147,7 @@ def detect_format(rows: Iterable[Any]) -> str:
         "'instruction' field, 'prompt' and 'completion', 'query' and 'answers', a 'chat' or a "
         f"'text' text{has}; pass the format explicitly (alpaca, sharegpt, messages, "
         "prompt_completion, xlam, glaive or text) and map columns of other names with "
-        "data.columns (LMSYS-Chat-1M and WildChat: {messages: conversation})"
+        "data.columns (LMSYS-Chat-1M, WildChat and Capybara: {messages: conversation})"
     )
 
 
@@ -355,6 +355,15 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
             {role_key: "user" if i % 2 == 0 else "assistant", content_key: turn}
             for i, turn in enumerate(turns)
         ]
+    elif all(_is_exchange(turn) for turn in turns):
+        # Capybara's shape (LDJnr's sets): each item one exchange, its `input` asked and its
+        # `output` answered; read as a user turn and an assistant turn, numbered on as turns.
+        role_key, content_key = TURN_KEYS[fmt][0]
+        turns = [
+            {role_key: role, content_key: turn[key]}
+            for turn in turns
+            for role, key in (("user", "input"), ("assistant", "output"))
+        ]
 
     numbered: list[tuple[int, Message]] = []  # (turn number, message)
     repair, repairs = text.repair, text.repairs
@@ -395,6 +404,16 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
             "no_trained_turn",
         )
     return name_tool_results([message for _, message in numbered])
+
+
+def _is_exchange(turn: Any) -> bool:
+    """An `{input, output}` exchange (Capybara), not a turn (a union's null role keys aside)."""
+    return (
+        isinstance(turn, dict)
+        and "input" in turn
+        and "output" in turn
+        and all(turn.get(key) is None for pairs in TURN_KEYS.values() for p in pairs for key in p)
+    )
 
 
 def _json_list(value: Any, what: str) -> Any:
