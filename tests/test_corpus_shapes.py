@@ -4,6 +4,7 @@ turns marked not to be trained (`weight: 0`, `train: false`), columns of other n
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -18,7 +19,7 @@ from sftmix_ray.data.formats import detect_format, normalize_example, row_format
 from sftmix_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
 from sftmix_ray.errors import ConfigError, DataError, RowRejected
 from sftmix_ray.modeling import train_tiny_tokenizer
-from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command
+from tests.conftest import TINY_OVERRIDES, cli_env, result_json, sftmix_command, trained_runs
 
 
 def user(text: str, **extra) -> dict:
@@ -232,6 +233,53 @@ def test_turns_truncation_drops_the_earliest_untrained_history_first(tokenizer):
     plain = [{k: v for k, v in m.items() if k != "train"} for m in chat]
     ids, _, truncated = tokenize_conversation(tokenizer, plain, full - 1, "turns")
     assert truncated and ids == ids_of(plain[:5])
+
+
+def test_system_turns_in_the_conversation_are_rendered_where_they_are(tokenizer, capsys, tmp_path):
+    """A system turn later in a conversation (an instruction for what follows) is kept where
+    it is and rendered there by the chat template, untrained, as TRL and Axolotl render it
+    (it was rejected as `system_not_first`, as LLaMA-Factory does); a sharegpt row's `system`
+    field stays its system prompt beside it. `turns` truncation drops the instruction with
+    the exchange it comes before, never apart from it. A template that refuses it rejects the
+    row, counted."""
+    system = {"role": "system", "content": "Name colours."}
+    french = {"role": "system", "content": "Answer in French."}
+    q1, a1, q2, a2 = user("Name a colour."), bot("Red."), user("Another one?"), bot("Bleu.")
+    row = {"system": "Name colours.", "conversations": [
+        {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."},
+        {"from": "system", "value": "Answer in French."},
+        {"from": "human", "value": "Another one?"}, {"from": "gpt", "value": "Bleu."}]}  # fmt: skip
+    messages, _, repairs = normalize_example(row, "sharegpt", "none")
+    assert messages == [system, q1, a1, french, q2, a2] and repairs == []
+    ids, labels, _ = tokenize_conversation(tokenizer, messages, 10_000, "turns")
+    text = tokenizer.decode(ids)
+    assert "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nAnother" in text
+    assert trained_runs(tokenizer, ids, labels) == ["Red.<|im_end|>\n", "Bleu.<|im_end|>\n"]
+    # Truncation: the first answer is context, so earlier exchanges go first; the second
+    # exchange keeps its instruction.
+    chat = [system, q1, {**a1, "train": False}, french, q2, a2]
+    kept = [system, french, q2, a2]
+    full = len(tokenize_conversation(tokenizer, chat, 10_000, "turns")[0])
+    ids, _, truncated = tokenize_conversation(tokenizer, chat, full - 1, "turns")
+    assert truncated and ids == tokenize_conversation(tokenizer, kept, 10_000, "turns")[0]
+    # A template that refuses system turns past the first (as Gemma's and Mistral's do).
+    strict = tokenizer.chat_template.replace(
+        "{% for message in messages %}",
+        "{% for message in messages %}{% if message['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}",
+    )
+    assert strict != tokenizer.chat_template
+    refusing = copy.deepcopy(tokenizer)
+    refusing.chat_template = strict
+    with pytest.raises(RowRejected) as info:
+        tokenize_conversation(refusing, messages, 10_000, "turns")
+    assert info.value.kind == "template_error" and "System role not supported" in str(info.value)
+    # Through validate-data: such a row is valid.
+    path = tmp_path / "instructions.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert main(["validate-data", "--data", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["valid"], report["rejected"]) == (1, 0), report
 
 
 # --------------------------------------------------------------------------- mask_history

@@ -247,11 +247,17 @@ REJECTIONS: list[tuple[Any, str, str]] = [
         "sharegpt",
         "conversation must start with a user turn (turn 1 is assistant)",
     ),
-    (sg(*OK_QA, ("system", "s")), "sharegpt", "system message must come first (turn 3)"),
+    (
+        sg(*OK_QA, ("system", "s"), ("system", "t"), ("human", "q"), ("gpt", "a")),
+        "sharegpt",
+        "turn 4 repeats role 'system' (one system turn at a time; data.repair: standard joins "
+        "them)",
+    ),
     (
         sg(("system", "s1"), ("system", "s2"), *OK_QA),
         "sharegpt",
-        "system message must come first (turn 2)",
+        "turn 2 repeats role 'system' (one system turn at a time; data.repair: standard joins "
+        "them)",
     ),
     (
         sg(("human", "q"), ("human", "q"), ("gpt", "a")),

@@ -65,6 +65,13 @@ REPAIRED = {
         ["same_role_merged"],
         [("user", "q"), ("assistant", "Let me look."), ("tool", "r"), ("assistant", "found r")],
     ),
+    "two_instructions_in_a_row": (  # system turns later in the conversation are joined too
+        [turn("human", "q"), turn("gpt", "a"), turn("system", "s1"), turn("system", "s2"),
+         turn("human", "q2"), turn("gpt", "a2")],
+        ["same_role_merged"],
+        [("user", "q"), ("assistant", "a"), ("system", "s1\n\ns2"), ("user", "q2"),
+         ("assistant", "a2")],
+    ),
     "cut_emoji": (  # a dump cut an emoji in half: a lone surrogate, which no tokenizer takes
         [turn("human", "cut \ud83d here"), turn("gpt", "ok \udc00")],
         ["invalid_unicode_replaced"],
@@ -93,9 +100,10 @@ UNREPAIRABLE = {
         "orphan_tool_result",
     ),
     "unknown_role": ([turn("human", "q"), turn("narrator", "x")], "unknown_role"),
-    "system_in_middle": (
-        [turn("human", "q"), turn("system", "s"), turn("gpt", "a")],
-        "system_not_first",
+    # An instruction between two user turns leaves them in a row (it is not merged across).
+    "system_between_user_turns": (
+        [turn("human", "q"), turn("system", "s"), turn("human", "q2"), turn("gpt", "a")],
+        "repeated_role",
     ),
 }
 

@@ -69,12 +69,13 @@ def repair_order(
     for number, message in body:
         role = message["role"]
         previous = merged[-1][1] if merged else None
-        # Text turns of one role merge; an assistant text turn also merges into the
-        # tool-calling turn right after it ("Let me look that up." + the call).
+        # Text turns of one role merge (system turns in the conversation too); an assistant
+        # text turn also merges into the tool-calling turn right after it ("Let me look that
+        # up." + the call).
         if (
             previous is not None
             and previous["role"] == role
-            and role in ("user", "assistant")
+            and role in ("user", "assistant", "system")
             and not previous.get("tool_calls")
         ):
             if previous.get("train", True) != message.get("train", True):
@@ -104,11 +105,18 @@ def repair_order(
 
 
 def check_order(numbered: list[tuple[int, Message]]) -> None:
-    """System first; then user/assistant alternating, from user to assistant, with tool
-    results between an assistant turn that calls tools and the next assistant turn."""
-    for position, (number, message) in enumerate(numbered):
-        if message["role"] == "system" and position > 0:
-            raise RowRejected(f"system message must come first (turn {number})", "system_not_first")
+    """User/assistant alternating, from user to assistant, with tool results between an
+    assistant turn that calls tools and the next assistant turn. System turns stand apart from
+    that order: the system prompt before the first user turn, and instructions given later in
+    the conversation (rendered where they are, as TRL and Axolotl render them; a template that
+    refuses them rejects the row), never two in a row."""
+    for (_, previous), (number, message) in pairwise(numbered):
+        if message["role"] == previous["role"] == "system":
+            raise RowRejected(
+                f"turn {number} repeats role 'system' (one system turn at a time; "
+                "data.repair: standard joins them)",
+                "repeated_role",
+            )
     body = [(number, message) for number, message in numbered if message["role"] != "system"]
     if not body:
         raise RowRejected("no user or assistant turn", "no_turns")

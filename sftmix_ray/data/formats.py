@@ -3,12 +3,13 @@ text) to a list of chat messages.
 
 The result is always `[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`
 with an optional leading system message, then user and assistant turns alternating, starting
-with a user turn and ending with an assistant turn; an assistant turn may call tools
-(`"tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}]`, its
-content then possibly ""), and its calls are answered by one or more `tool` turns (the
-results) before the next assistant turn. The tool definitions of a row (`tools`, or OpenAI's
-older `functions`) are read by `normalize_tools`. A row that cannot be normalized raises
-`RowRejected` with a precise reason; turns are numbered from 1 as they appear in the row.
+with a user turn and ending with an assistant turn (system turns may stand between them); an
+assistant turn may call tools (`"tool_calls": [{"type": "function", "function": {"name": str,
+"arguments": dict}}]`, its content then possibly ""), and its calls are answered by one or
+more `tool` turns (the results) before the next assistant turn. The tool definitions of a
+row (`tools`, or OpenAI's older `functions`) are read by `normalize_tools`. A row that cannot
+be normalized raises `RowRejected` with a precise reason; turns are numbered from 1 as they
+appear in the row.
 
 Real dumps break these rules in a few recurring ways. With `repair="standard"` (the default of
 `data.repair`) those are repaired and counted by kind (`conversation.REPAIRS`) instead of rejected:
@@ -49,7 +50,11 @@ Rules (the same for every format):
   (OpenAI's older name), `ipython` (Llama 3.1's), `observation` (LLaMA-Factory's),
   `tool_response` or `function_response` turns (hyphens read as underscores); a call's
   arguments are a JSON object (or its text);
-- a system message may only come first; at least one assistant turn; the conversation
+- a system turn is the system prompt before the first user turn, or an instruction later in
+  the conversation (kept where it is and rendered there by the chat template, as TRL and
+  Axolotl do; a template that refuses it, such as Gemma's or Mistral's, rejects the row as
+  `template_error`); never two in a row (the repairs join them); at least one assistant
+  turn; the conversation
   starts with a user turn, alternates, and ends with an assistant turn (a trailing user turn
   would have no response to learn from, and chat templates reject non-alternating roles);
   tool results follow an assistant turn (one that calls tools, or one whose text holds the
@@ -390,8 +395,9 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
                 repairs.add("empty_turn_dropped")
                 continue
             raise RowRejected(f"turn {number} content is empty", "empty_turn")
-        if role == "system" and system.strip():
-            # The turn wins over the field (LLaMA-Factory's sharegpt reader does the same).
+        if role == "system" and system.strip() and all(m["role"] == "system" for _, m in numbered):
+            # A system prompt turn wins over the field (LLaMA-Factory's sharegpt reader does
+            # the same); a system turn later in the conversation is an instruction of its own.
             numbered = [t for t in numbered if t[0] != 0]
             system = ""
         numbered.append((number, message))

@@ -653,8 +653,9 @@ def _without_early_history(
     )
     if first is None or not users:
         return None
-    # Exchanges may start at these user turns; the one holding the first trained answer stays.
-    starts = [i for i in users if i <= first][1:]
+    # Exchanges may start at these user turns (with the system turns right before one: an
+    # instruction given for it); the one holding the first trained answer stays.
+    starts = [_after_instructions(messages, i) for i in users if i <= first][1:]
     if not starts:
         return None
     head = messages[: users[0]]  # the system turn (a conversation starts with a user turn)
@@ -674,6 +675,14 @@ def _without_early_history(
         else:
             low = mid + 1
     return best
+
+
+def _after_instructions(messages: list[dict], user: int) -> int:
+    """Where the exchange of the user turn at `user` starts: at the system turns right before
+    it, if any."""
+    while user > 0 and messages[user - 1]["role"] == "system":
+        user -= 1
+    return user
 
 
 def _turns_cut(
