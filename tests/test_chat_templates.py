@@ -13,6 +13,7 @@ from sftmix_ray.data.formats import normalize_example
 from sftmix_ray.data.tokenize import tokenize_conversation
 from sftmix_ray.modeling import train_tiny_tokenizer
 from tests.conftest import trained_runs
+from tests.test_tokenize import PHI3
 from tests.test_tool_calls import HERMES_LIKE
 
 MARKUP = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<SPECIAL_11>",
@@ -153,3 +154,17 @@ def test_a_template_that_writes_arguments_as_text_gets_json_text(tokenizer):
         '<tool_call>get_weather:{"city": "Paris"}</tool_call><|im_end|>\n',
         "It is sunny.<|im_end|>\n",
     ]
+
+
+def test_an_answers_words_in_a_later_system_turn_are_not_the_answer(tokenizer):
+    """Under a template that is not prefix-stable (Phi-3's: EOS only at the very end) the
+    answers are searched for in the whole text; a system turn later in the conversation
+    ("Reply with one letter: A, B or C.") is searched past like a user turn, so the answer
+    "B" is not found inside it (it was, and the system text was trained)."""
+    row = {"messages": [
+        {"role": "user", "content": "Which is a colour? A) dog B) red C) sky"},
+        {"role": "system", "content": "Reply with one letter: A, B or C."},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Why not?"}]}  # fmt: skip
+    assert trained(tokenizer, PHI3, row) == ["B<|end|>\n", "Why not?<|end|>\n<|im_end|>"]

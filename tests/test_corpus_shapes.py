@@ -274,6 +274,24 @@ def test_system_turns_in_the_conversation_are_rendered_where_they_are(tokenizer,
     with pytest.raises(RowRejected) as info:
         tokenize_conversation(refusing, messages, 10_000, "turns")
     assert info.value.kind == "template_error" and "System role not supported" in str(info.value)
+    # Nothing follows a system turn after the last answer: dropped by the repairs, rejected
+    # strictly; a system turn cannot stand between a call and its result.
+    trailing = {"messages": [q1, a1, french]}
+    assert normalize_example(trailing, "messages")[0] == [q1, a1]
+    assert normalize_example(trailing, "messages")[2] == ["trailing_system_dropped"]
+    with pytest.raises(RowRejected) as info:
+        normalize_example(trailing, "messages", "none")
+    assert info.value.kind == "ends_with_system"
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {}}}]}  # fmt: skip
+    result = {"role": "tool", "content": "r"}
+    for turns, kind in [
+        ([q1, call, french, result, a2], "unanswered_tool_call"),
+        ([q1, call, result, french, result, a2], "orphan_tool_result"),
+    ]:
+        with pytest.raises(RowRejected) as info:
+            normalize_example({"messages": turns}, "messages")
+        assert info.value.kind == kind
     # Through validate-data: such a row is valid.
     path = tmp_path / "instructions.jsonl"
     path.write_text(json.dumps(row) + "\n")
@@ -610,7 +628,17 @@ def test_capybara_exchanges_read_as_turns(tmp_path, capsys, tokenizer):
     )
     with pytest.raises(RowRejected) as info:
         normalize_example(rename_columns(rows[2], {"messages": "conversation"}), "auto")
-    assert (info.value.kind, info.value.reason) == ("malformed_turn", "turn 1 has no 'role' field")
+    assert (info.value.kind, info.value.reason) == (
+        "malformed_turn",
+        "turn 1 is an {input, output} exchange among turns with roles (a row holds one or the "
+        "other)",
+    )
+    # An exchange's weight-0 mark stays on its answer (context, not trained).
+    marked = {
+        "messages": [{"input": "Why?", "output": "Because.", "weight": 0}, *rows[0]["conversation"]]
+    }
+    messages = normalize_example(marked, "messages")[0]
+    assert [m.get("train") for m in messages if m["role"] == "assistant"] == [False, None, None]
     with pytest.raises(DataError, match=re.escape("Capybara: {messages: conversation}")):
         detect_format(rows)
 

@@ -20,6 +20,7 @@ REPAIRS = (
     "null_content_dropped",  # a turn whose content is null dropped (like an empty one)
     "trailing_tool_result_dropped",  # tool results at the end, no answer to learn from, dropped
     "system_merged",  # several leading system turns joined with a blank line
+    "trailing_system_dropped",  # a system turn after the last answer (nothing follows) dropped
     "reasoning_dropped",  # data.reasoning: drop left an answer's reasoning out
 )
 
@@ -98,9 +99,13 @@ def repair_order(
             merged[-1] = (merged[-1][0], joined)
         else:
             merged.append((number, message))
-    while len(merged) > 1 and merged[-1][1]["role"] in ("user", "tool"):
-        role = merged.pop()[1]["role"]
-        repairs.add("trailing_user_dropped" if role == "user" else "trailing_tool_result_dropped")
+    dropped = {
+        "user": "trailing_user_dropped",
+        "tool": "trailing_tool_result_dropped",
+        "system": "trailing_system_dropped",
+    }
+    while len(merged) > 1 and merged[-1][1]["role"] in dropped:
+        repairs.add(dropped[merged.pop()[1]["role"]])
     return head + merged
 
 
@@ -117,6 +122,22 @@ def check_order(numbered: list[tuple[int, Message]]) -> None:
                 "data.repair: standard joins them)",
                 "repeated_role",
             )
+        if message["role"] == "system" and previous.get("tool_calls"):
+            raise RowRejected(
+                f"turn {number} (system) follows a tool call that has no result",
+                "unanswered_tool_call",
+            )
+        if message["role"] == "tool" and previous["role"] == "system":
+            raise RowRejected(
+                f"turn {number} is a tool result after a system turn (results follow the "
+                "call they answer)",
+                "orphan_tool_result",
+            )
+    if len(numbered) > 1 and numbered[-1][1]["role"] == "system":
+        raise RowRejected(
+            f"conversation ends with a system turn (turn {numbered[-1][0]}) without a reply",
+            "ends_with_system",
+        )
     body = [(number, message) for number, message in numbered if message["role"] != "system"]
     if not body:
         raise RowRejected("no user or assistant turn", "no_turns")

@@ -362,18 +362,27 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
         ]
     elif all(_is_exchange(turn) for turn in turns):
         # Capybara's shape (LDJnr's sets): each item one exchange, its `input` asked and its
-        # `output` answered; read as a user turn and an assistant turn, numbered on as turns.
+        # `output` answered; read as a user turn and an assistant turn (with the exchange's
+        # `weight`/`train` mark, if any), numbered on as turns.
         role_key, content_key = TURN_KEYS[fmt][0]
-        turns = [
-            {role_key: role, content_key: turn[key]}
-            for turn in turns
-            for role, key in (("user", "input"), ("assistant", "output"))
-        ]
+        expanded: list[Any] = []
+        for turn in turns:
+            marks = {k: turn[k] for k in ("weight", "train") if turn.get(k) is not None}
+            expanded.append({role_key: "user", content_key: turn["input"]})
+            expanded.append({role_key: "assistant", content_key: turn["output"], **marks})
+        turns = expanded
+    elif any(_is_exchange(turn) for turn in turns):
+        number = next(i for i, turn in enumerate(turns, start=1) if _is_exchange(turn))
+        raise RowRejected(
+            f"turn {number} is an {{input, output}} exchange among turns with roles "
+            "(a row holds one or the other)",
+            "malformed_turn",
+        )
 
     numbered: list[tuple[int, Message]] = []  # (turn number, message)
     repair, repairs = text.repair, text.repairs
     # sharegpt rows carry their system prompt in this field; for messages rows it is a
-    # fallback, used (when a string) only if no turn is a system one, as before it was read.
+    # fallback, used (when a string) only if no system turn comes before the first user turn.
     if fmt == "sharegpt" or isinstance(row.get("system"), str):
         system = text.optional(row, "system")
     else:

@@ -313,8 +313,10 @@ def _searched_spans(
     spans: list[tuple[int, int]] = []
     position = 0
     for i, message in enumerate(messages):
-        if message["role"] == "system":
-            continue  # some templates move it (Mistral v0.3: into the last user turn)
+        if message["role"] == "system" and i == 0:
+            continue  # templates may move the system prompt (Mistral v0.3: to the last user turn)
+        # A later system turn is searched like a user turn: an answer's words in it ("Reply
+        # with one letter: A, B or C.") are not the answer.
         assistant = message["role"] == "assistant"
         needles = [message["content"]]
         if assistant and "</think>" in needles[0]:
