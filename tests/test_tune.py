@@ -274,11 +274,12 @@ def test_random_search_over_choices_draws_different_points():
     assert len({tuple(p.values()) for p in drawn}) == 5 and all(len(p) == 12 for p in drawn)
 
 
-def test_asha_counts_optimizer_steps_and_grid_counts_trials():
+def test_asha_counts_optimizer_steps_and_grid_counts_trials(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
 
     asha = _scheduler(
-        tiny_config("tune.scheduler=asha", "train.eval_steps=5", "train.max_steps=50")
+        tiny_config("tune.scheduler=asha", "train.eval_steps=5", "train.max_steps=50"),
+        tmp_path / "asha_state.json",
     )
     assert isinstance(asha, ASHAScheduler)
     # Rungs at grace_period * reduction_factor**k optimizer steps, below max_t.

@@ -12,14 +12,18 @@ import pytest
 
 from tests.conftest import tiny_config
 from tests.test_tune import SWEEP, _copy_base, _history
-from tuning.sweep import run_tune
+from tests.test_tune_sweeps import InterruptOnce
+from tuning.sweep import SweepInterrupted, run_tune
 
 # ---------------------------------------------------------------------------------------------
-# ASHA stops a trial that is worse at its first rung
+# ASHA stops a trial that is worse at its first rung, across a resumed sweep
 
 
 @pytest.mark.slow
 def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tmp_path):
+    """The sweep is interrupted once its first trial has finished and then resumed: the
+    rungs that trial set are read back (Tune restores the searcher, not the scheduler: the
+    resumed ASHA had no rungs and let the worse trial train to the end)."""
     out = _copy_base(scored_base, tmp_path / "out")
     space = tmp_path / "space.yaml"
     # Grid order, one trial at a time: the sane learning rate sets rung 1 (step 1), then a
@@ -30,7 +34,14 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(scored_base, ray_local, tm
         "train.save_steps=1",
         "tune.search=grid", "tune.num_samples=1", "tune.scheduler=asha", "tune.grace_period=1",
     )  # fmt: skip
+    marker = tmp_path / "interrupted"
+    with pytest.raises(SweepInterrupted):
+        run_tune(cfg, out, callbacks=[InterruptOnce(str(marker))])
+    partial = pd.read_csv(out / "tune" / "results.csv").set_index("train.learning_rate")
+    assert partial.loc[0.01, "status"] == "TERMINATED" and partial.loc[0.01, "reports"] == 3
+    assert (partial["status"] == "TERMINATED").sum() == 1  # the wrecked one had not reported
     result = run_tune(cfg, out)
+    assert result["resumed"]
     table = pd.read_csv(out / "tune" / "results.csv").set_index("train.learning_rate")
     assert set(table["status"]) == {"TERMINATED"} and result["terminated"] == 2
     sane, wrecked = table.loc[0.01], table.loc[0.5]

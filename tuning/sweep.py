@@ -35,6 +35,7 @@ from tuning.results import (
     results_frame,
     trial_rows,
 )
+from tuning.schedulers import ResumableASHA, clear_state
 from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
     RESULT_FILE,
@@ -53,6 +54,7 @@ RESULTS = "results"  # results.csv and results.parquet
 BEST_CONFIG = "best_config.yaml"
 PLOT = "metric_vs_params.png"
 SWEEP_FILE = "sweep.json"  # what the sweep in OUT/tune/ray was started with
+ASHA_STATE = "asha_state.json"  # ASHA's rungs, read back by a resumed sweep (schedulers.py)
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for a 0-CPU driver (Ray needs some resource)
 IDENTITY_KEYS = ("search", "scheduler", "metric", "mode", "num_samples", "seed")  # tune.*
 
@@ -84,8 +86,9 @@ def _search_alg(cfg: Config, points: list[dict[str, Any]] | None) -> Any:
         ) from None
 
 
-def _scheduler(cfg: Config) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(cfg: Config, state_path: Path) -> Any:
+    """FIFO, or ASHA keeping its rungs in `state_path` for a resumed sweep (schedulers.py)."""
+    from ray.tune.schedulers import FIFOScheduler
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
@@ -95,7 +98,8 @@ def _scheduler(cfg: Config) -> Any:
     max_t = cfg.train.max_steps if cfg.train.max_steps > 0 else 10**9
     # A trial that reaches max_t finishes on its own (stop_last_trials=False): stopping it at
     # its last report would kill it before it exports its model.
-    return ASHAScheduler(
+    return ResumableASHA(
+        str(state_path),
         time_attr="step",
         max_t=max_t,
         grace_period=min(grace, max_t),
@@ -270,6 +274,7 @@ def _build_tuner(
         )
         return tuner, True
     points = random_points(cfg, domains)
+    clear_state(run.tune / ASHA_STATE)  # an earlier sweep's rungs, if its experiment was removed
     tuner = tune.Tuner(
         trainable,
         param_space={d.key: d.to_tune(cfg.tune.search) for d in domains},
@@ -277,7 +282,7 @@ def _build_tuner(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             search_alg=_search_alg(cfg, points),
-            scheduler=_scheduler(cfg),
+            scheduler=_scheduler(cfg, run.tune / ASHA_STATE),
             # Samples (each a whole grid under grid search); the distinct points, when drawn.
             num_samples=len(points) if points is not None else cfg.tune.num_samples,
             # Optuna is wrapped in a ConcurrencyLimiter; the generator limits itself.
