@@ -65,8 +65,3 @@ class ResumableASHA(ASHAScheduler):
             ]
         self._trial_info = {t: self._brackets[i] for t, i in saved["trial_bracket"].items()}
         self._num_stopped = saved["num_stopped"]
-
-
-def clear_state(state_path: Path) -> None:
-    """Forget the rungs of an earlier sweep (a new sweep starts with none)."""
-    state_path.unlink(missing_ok=True)

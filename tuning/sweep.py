@@ -35,7 +35,7 @@ from tuning.results import (
     results_frame,
     trial_rows,
 )
-from tuning.schedulers import ResumableASHA, clear_state
+from tuning.schedulers import ResumableASHA
 from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
     RESULT_FILE,
@@ -274,7 +274,8 @@ def _build_tuner(
         )
         return tuner, True
     points = random_points(cfg, domains)
-    clear_state(run.tune / ASHA_STATE)  # an earlier sweep's rungs, if its experiment was removed
+    asha_state = run.tune / ASHA_STATE
+    asha_state.unlink(missing_ok=True)  # an earlier sweep's rungs, if its experiment was removed
     tuner = tune.Tuner(
         trainable,
         param_space={d.key: d.to_tune(cfg.tune.search) for d in domains},
@@ -282,7 +283,7 @@ def _build_tuner(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             search_alg=_search_alg(cfg, points),
-            scheduler=_scheduler(cfg, run.tune / ASHA_STATE),
+            scheduler=_scheduler(cfg, asha_state),
             # Samples (each a whole grid under grid search); the distinct points, when drawn.
             num_samples=len(points) if points is not None else cfg.tune.num_samples,
             # Optuna is wrapped in a ConcurrencyLimiter; the generator limits itself.

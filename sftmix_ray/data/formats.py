@@ -360,7 +360,7 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
             {role_key: "user" if i % 2 == 0 else "assistant", content_key: turn}
             for i, turn in enumerate(turns)
         ]
-    elif all(_is_exchange(turn) for turn in turns):
+    elif all(exchanges := [_is_exchange(turn) for turn in turns]):
         # Capybara's shape (LDJnr's sets): each item one exchange, its `input` asked and its
         # `output` answered; read as a user turn and an assistant turn (with the exchange's
         # `weight`/`train` mark, if any), numbered on as turns.
@@ -371,8 +371,8 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
             expanded.append({role_key: "user", content_key: turn["input"]})
             expanded.append({role_key: "assistant", content_key: turn["output"], **marks})
         turns = expanded
-    elif any(_is_exchange(turn) for turn in turns):
-        number = next(i for i, turn in enumerate(turns, start=1) if _is_exchange(turn))
+    elif True in exchanges:
+        number = exchanges.index(True) + 1
         raise RowRejected(
             f"turn {number} is an {{input, output}} exchange among turns with roles "
             "(a row holds one or the other)",
@@ -421,13 +421,16 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
     return name_tool_results([message for _, message in numbered])
 
 
+_TURN_FIELDS = frozenset(key for pairs in TURN_KEYS.values() for pair in pairs for key in pair)
+
+
 def _is_exchange(turn: Any) -> bool:
     """An `{input, output}` exchange (Capybara), not a turn (a union's null role keys aside)."""
     return (
         isinstance(turn, dict)
         and "input" in turn
         and "output" in turn
-        and all(turn.get(key) is None for pairs in TURN_KEYS.values() for p in pairs for key in p)
+        and all(turn.get(key) is None for key in _TURN_FIELDS)
     )
 
 
