@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +156,7 @@ def materialize_tiny(cfg: ModelConfig, texts: Iterable[str], target: Path) -> Pa
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = fresh_tmp_dir(target)
     tokenizer.save_pretrained(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_pretrained(model, tmp)
     replace_dir(tmp, target)
     return target
 
@@ -225,12 +227,46 @@ def load_model(
         raise SftmixError(f"cannot load model '{name_or_path}': {exc}") from None
 
 
+@contextmanager
+def _deepspeed_probe_only_once_imported() -> Iterator[None]:
+    """`save_pretrained` unwraps the model with accelerate's `extract_model_from_parallel`,
+    which imports DeepSpeed whenever it is installed, only to test `isinstance(model,
+    DeepSpeedEngine)`; DeepSpeed imports MLflow in turn. That cost rank 0 about 2 s of CPU and
+    a few hundred MB at each export of a DDP or FSDP run. A model can be wrapped in a
+    DeepSpeedEngine only once DeepSpeed is imported, so until then the probe answers False.
+    The stand-in asks again on every call (it stays correct if another thread imports DeepSpeed
+    meanwhile, or if two saves restore out of order)."""
+    try:
+        from accelerate.utils import other
+    except ImportError:  # transformers without accelerate unwraps by `.module` alone
+        yield
+        return
+    original = other.is_deepspeed_available
+    real = getattr(original, "__wrapped__", original)
+
+    def probe() -> bool:
+        return "deepspeed" in sys.modules and real()
+
+    probe.__wrapped__ = real  # type: ignore[attr-defined]
+    other.is_deepspeed_available = probe
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = original
+
+
+def save_pretrained(model: Any, target: Path) -> None:
+    """`model.save_pretrained` as safetensors, without importing DeepSpeed for it."""
+    with _deepspeed_probe_only_once_imported():
+        model.save_pretrained(target, safe_serialization=True)
+
+
 def save_hf(model: Any, tokenizer: Any, target: Path) -> Path:
     """Save a plain HF model + tokenizer as a loadable directory, atomically (safetensors)."""
     from sftmix_ray.io_utils import fresh_tmp_dir, replace_dir
 
     tmp = fresh_tmp_dir(Path(target))
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_pretrained(model, tmp)
     if tokenizer is not None:
         if not tokenizer.chat_template:  # the template it was trained with goes along
             tokenizer.chat_template = chat_template_of(tokenizer)

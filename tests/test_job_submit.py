@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,8 +68,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start_head(log: Path) -> tuple[subprocess.Popen, int, int]:
-    """`ray start --head --block` on free loopback ports; returns (process, GCS, dashboard)."""
+def _start_head(log: Path, temp_dir: str) -> tuple[subprocess.Popen, int, int]:
+    """`ray start --head --block` on free loopback ports; returns (process, GCS, dashboard).
+
+    The head gets a temp dir of its own: a job's driver is given the address Ray reads from
+    `<temp dir>/ray_current_cluster` ("auto"), which in the shared /tmp/ray names whichever
+    cluster started last on the machine (the other pytest worker's, seen with 3 workers: the
+    job's driver then knocked on that cluster without its token and failed)."""
     gcs, dashboard = free_port(), free_port()
     with log.open("ab") as sink:
         proc = subprocess.Popen(
@@ -84,7 +90,7 @@ def _start_head(log: Path) -> tuple[subprocess.Popen, int, int]:
                 f"--runtime-env-agent-port={free_port()}",
                 f"--metrics-export-port={free_port()}",
                 f"--ray-client-server-port={free_port()}",
-                "--num-cpus=2", "--disable-usage-stats",
+                "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
             ],
             env=_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -114,7 +120,9 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
     log = tmp_path_factory.mktemp("head") / "ray-start.log"
     TOKEN_FILE.write_text(secrets.token_hex(32))
     TOKEN_FILE.chmod(0o600)
-    proc, gcs, dashboard = _start_head(log)
+    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    proc, gcs, dashboard = _start_head(log, temp_dir)
     starts = 1
     try:
         deadline = time.monotonic() + 300
@@ -133,7 +141,7 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
             if proc.poll() is not None:
                 head_log = log.read_text(errors="replace")[-3000:]
                 assert starts < 3, f"ray start --head exited {starts} times:\n{head_log}"
-                proc, gcs, dashboard = _start_head(log)
+                proc, gcs, dashboard = _start_head(log, temp_dir)
                 starts += 1
                 continue
             tail = (probe.stdout + probe.stderr).decode(errors="replace")[-2000:]
@@ -143,6 +151,7 @@ def head(tmp_path_factory) -> Iterator[dict[str, str]]:
     finally:
         _stop_head(proc)
         TOKEN_FILE.unlink(missing_ok=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
