@@ -138,6 +138,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# What every rank of the torch.distributed tests imports: loaded once per pytest worker by the
+# fork server that `spawn_ranks` starts its ranks from (a spawned rank imported them again, about
+# 5 CPU-s each, some twenty ranks in the suite).
+RANK_PRELOAD = [
+    "torch", "torch.distributed.fsdp", "transformers.modeling_utils", "deepspeed",
+    "sftmix_ray.train.strategies", "sftmix_ray.train.loop", "tests.test_loss_distributed",
+    "tests.test_skipped_steps",
+]  # fmt: skip
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
+    """`torch.multiprocessing.spawn` of `fn(rank, *args)` on `nprocs` ranks, joined; the ranks
+    fork from a fork server (a fresh single-threaded interpreter, no parent state), not a new
+    interpreter each. Ranks set their own environment (the server's is the session's)."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # no effect once the server runs
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 def tiny_config(*extra: str):
     """The tiny test config with extra `key=value` overrides."""
     from sftmix_ray.config import load_config

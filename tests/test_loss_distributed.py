@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from sftmix_ray.losses import NTPLoss, SFTMixLoss
+from tests.conftest import spawn_ranks
 
 V, D, L, PAIRS, WORLD = 53, 16, 9, 4, 2
 TOL = 1e-5
@@ -140,7 +140,7 @@ def rel_diff(actual: Tensor | float, expected: Tensor | float) -> float:
 
 @pytest.mark.slow
 def test_loss_and_grads_invariant_to_workers_and_accumulation(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_ddp_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
     ddp = torch.load(tmp_path / "ddp.pt")
     for name in ("ntp", "sftmix"):
         ref_loss, ref_grad = run_single(name, micro_batches=1, global_counts=True)
@@ -240,7 +240,7 @@ def test_wrapper_under_fsdp2_matches_one_process(tmp_path: Path) -> None:
     """FSDP2 shards the head's weight; the wrapper still sees it whole, recompute included."""
     from sftmix_ray.train.forward import CausalLMWithLoss
 
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_fsdp_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
     wrapper = CausalLMWithLoss(_tiny_llama(), SFTMixLoss(mu=0.3, chunk_size=3))
     data = _llama_batch()
     ref_loss, _ = wrapper(data["ids"], data["mask"], data["labels"], lam=data["lam"])
@@ -385,7 +385,7 @@ def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> No
     pytest.importorskip("deepspeed")
     from sftmix_ray.train.forward import CausalLMWithLoss
 
-    mp.spawn(_zero3_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_zero3_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
     wrapper = CausalLMWithLoss(_tiny_llama(), SFTMixLoss(mu=0.3, chunk_size=3))
     data = _llama_batch()
     ref_loss, _ = wrapper(data["ids"], data["mask"], data["labels"], lam=data["lam"])
@@ -483,7 +483,7 @@ def test_fsdp2_meta_init_loads_the_checkpoint_into_the_shards(tmp_path: Path) ->
     model = _tiny_llama()
     model.save_pretrained(tmp_path / "ckpt")
     spawn_args = (str(tmp_path / "pg"), str(tmp_path), str(tmp_path / "ckpt"))
-    mp.spawn(_meta_init_worker, args=spawn_args, nprocs=WORLD, join=True)
+    spawn_ranks(_meta_init_worker, spawn_args, WORLD)
     ranks = [torch.load(tmp_path / f"meta-{r}.pt") for r in range(WORLD)]
     saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     full = ranks[0]["full"]
@@ -546,7 +546,7 @@ def test_zero3_builds_the_model_partitioned_and_loads_the_checkpoint(tmp_path: P
     model = _tiny_llama()
     model.save_pretrained(tmp_path / "ckpt")
     spawn_args = (str(tmp_path / "pg"), str(tmp_path), str(tmp_path / "ckpt"))
-    mp.spawn(_zero3_loading_worker, args=spawn_args, nprocs=WORLD, join=True)
+    spawn_ranks(_zero3_loading_worker, spawn_args, WORLD)
     ranks = [torch.load(tmp_path / f"zero3-load-{r}.pt") for r in range(WORLD)]
     for rank in ranks:
         assert rank["partitioned"] and rank["local"] <= 0.55 * rank["total"]
@@ -655,7 +655,7 @@ def test_fsdp2_async_save_holds_the_state_of_its_step(tmp_path: Path) -> None:
     """`train.async_checkpoint`: FSDP2 saves in the background on a gloo group of its own
     while training goes on; the checkpoint holds the weights, Adam moments and schedule of the
     step it was started at, not those of the steps trained while it was written."""
-    mp.spawn(_async_save_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD)
+    spawn_ranks(_async_save_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
     results = torch.load(tmp_path / "async.pt")
     at_save, after = results["at_save"], results["after"]
     fresh, restored = results["fresh"], results["restored"]
@@ -746,7 +746,7 @@ def test_ddp_and_deepspeed_background_saves_hold_the_state_of_their_step(tmp_pat
     while it was written. The ranks' rows have different numbers of loss chunks: ZeRO-3 failed
     at its second step on that (its recorded module calls differed across ranks); all three
     strategies now train the same three steps."""
-    mp.spawn(_staged_save_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD)
+    spawn_ranks(_staged_save_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
     results = torch.load(tmp_path / "staged.pt")
     assert results.keys() == STAGED.keys()
     for name in ("zero2", "zero3"):  # the same trajectory as DDP (fp32; reduction order only)
@@ -860,7 +860,7 @@ def test_deepspeed_accumulation_does_not_divide_the_gradient_again(tmp_path: Pat
     engine divided it by the accumulation steps a second time (norm 0.90 instead of 1.80).
     In the same process: under ZeRO-2 with bf16 the worker loads the model in bf16 (half the
     host memory per rank) and trains exactly as from the fp32 load it made before."""
-    mp.spawn(_deepspeed_accumulation_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=1)
+    spawn_ranks(_deepspeed_accumulation_worker, (str(tmp_path / "pg"), str(tmp_path)), 1)
     norms = torch.load(tmp_path / "norms.pt")
     assert norms["zero2/2"] == pytest.approx(norms["zero2/1"], rel=1e-5)
     assert norms["zero1-bf16/2"] == pytest.approx(norms["zero1-bf16/1"], rel=2e-2)  # bf16

@@ -20,12 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.summary import read_summary
-from tests.conftest import tiny_config
+from tests.conftest import spawn_ranks, tiny_config
 from tests.test_loss_distributed import (
     WORLD,
     _copy,
@@ -90,7 +89,7 @@ def _skip_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_every_strategy_skips_a_non_finite_step_on_every_rank(tmp_path: Path) -> None:
-    mp.spawn(_skip_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD)
+    spawn_ranks(_skip_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"skip-{r}.pt", weights_only=False) for r in range(WORLD)]
     for name in STRATEGIES:
         for rank in ranks:  # both ranks decide alike; only rank 1's loss was NaN
