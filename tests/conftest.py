@@ -150,8 +150,9 @@ RANK_PRELOAD = [
 
 def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
     """`torch.multiprocessing.spawn` of `fn(rank, *args)` on `nprocs` ranks, joined; the ranks
-    fork from a fork server (a fresh single-threaded interpreter, no parent state), not a new
-    interpreter each. Ranks set their own environment (the server's is the session's)."""
+    fork from a fork server (a fresh interpreter with no test's state), not a new interpreter
+    each. The server keeps the environment of the first call (conftest's settings): a rank sets
+    what else it needs itself (RANK, WORLD_SIZE, ...), never through monkeypatch.setenv."""
     import multiprocessing
 
     import torch.multiprocessing as mp
