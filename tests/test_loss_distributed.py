@@ -93,7 +93,7 @@ def _exit_without_teardown() -> None:
     without the interpreter's teardown. DeepSpeed's engine can leave a native thread that
     aborts the process at teardown ("terminate called without an active exception", SIGABRT;
     about 1 run in 3 while another gloo test runs beside it), and the FSDP2 worker did so once
-    in a fresh-clone CI run, after everything the test checks was written; mp.spawn would
+    in a fresh-clone CI run, after everything the test checks was written; spawn_ranks would
     report that as a failure. Every worker ends so. A worker that raised never gets here: its
     exception still fails the test."""
     sys.stdout.flush()
