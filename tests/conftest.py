@@ -140,25 +140,36 @@ def free_port() -> int:
 
 # What every rank of the torch.distributed tests imports: loaded once per pytest worker by the
 # fork server that `spawn_ranks` starts its ranks from (a spawned rank imported them again, about
-# 5 CPU-s each, some twenty ranks in the suite).
+# 5 CPU-s each, some twenty ranks in the suite), with the module of the first rank function.
 RANK_PRELOAD = [
     "torch", "torch.distributed.fsdp", "transformers.modeling_utils", "deepspeed",
-    "sftmix_ray.train.strategies", "sftmix_ray.train.loop", "tests.test_loss_distributed",
-    "tests.test_skipped_steps",
+    "sftmix_ray.train.strategies", "sftmix_ray.train.loop",
 ]  # fmt: skip
+
+
+def _rank_main(rank: int, fn, env: dict[str, str], *args) -> None:
+    """A forked rank: the caller's environment (the server has the one it started with), then
+    `fn(rank, *args)`."""
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
 
 
 def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
     """`torch.multiprocessing.spawn` of `fn(rank, *args)` on `nprocs` ranks, joined; the ranks
     fork from a fork server (a fresh interpreter with no test's state), not a new interpreter
-    each. The server keeps the environment of the first call (conftest's settings): a rank sets
-    what else it needs itself (RANK, WORLD_SIZE, ...), never through monkeypatch.setenv."""
+    each. Each rank gets the caller's environment; what the preloaded modules read at import
+    time is the session's (conftest's settings)."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # no effect once the server runs
-    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+    # No effect once this process's server runs (a later caller's module is imported per rank).
+    multiprocessing.set_forkserver_preload([*RANK_PRELOAD, fn.__module__])
+    mp.start_processes(
+        _rank_main, args=(fn, dict(os.environ), *args), nprocs=nprocs, join=True,
+        start_method="forkserver",
+    )  # fmt: skip
 
 
 def tiny_config(*extra: str):

@@ -138,6 +138,22 @@ def rel_diff(actual: Tensor | float, expected: Tensor | float) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
+def _env_worker(rank: int, out_dir: str) -> None:
+    Path(out_dir, f"env-{rank}").write_text(os.environ.get("SFTMIX_RANK_ENV_CHECK", "<unset>"))
+
+
+@pytest.mark.slow
+def test_ranks_get_the_callers_environment(tmp_path: Path, monkeypatch) -> None:
+    """`spawn_ranks` forks from a server started once per pytest worker; each rank still sees
+    the environment of its caller, a variable set after the server started included."""
+    read = lambda: [(tmp_path / f"env-{r}").read_text() for r in range(WORLD)]  # noqa: E731
+    spawn_ranks(_env_worker, (str(tmp_path),), WORLD)
+    assert read() == ["<unset>"] * WORLD
+    monkeypatch.setenv("SFTMIX_RANK_ENV_CHECK", "set after the server started")
+    spawn_ranks(_env_worker, (str(tmp_path),), WORLD)
+    assert read() == ["set after the server started"] * WORLD
+
+
 @pytest.mark.slow
 def test_loss_and_grads_invariant_to_workers_and_accumulation(tmp_path: Path) -> None:
     spawn_ranks(_ddp_worker, (str(tmp_path / "pg"), str(tmp_path)), WORLD)
