@@ -47,8 +47,8 @@ TINY_OVERRIDES = [
 HEAVY_FIRST = [  # by their time in a suite run, longest first (longest-processing-time order)
     "test_train.py", "test_job_submit.py", "test_gpu_path.py", "test_lora.py",
     "test_multinode.py", "test_cross_tokenizer.py", "test_skipped_steps.py",
-    "test_tune_sweeps.py", "test_tune.py", "test_tune_schedulers.py", "test_cli_stdout.py",
-    "test_scoring.py",
+    "test_tune_schedulers.py", "test_tune.py", "test_scoring.py", "test_tune_sweeps.py",
+    "test_cli_stdout.py",
     "test_loss_distributed.py", "test_hostile_input.py", "test_repairs.py",
 ]  # fmt: skip
 
