@@ -317,11 +317,12 @@ def fsdp_worker(small: bool, out_file: str) -> None:
         from transformers import AutoModelForCausalLM
 
         assert state is not None
-        target = Path(tempfile.mkdtemp(prefix="gpu-smoke-export-"))
-        cpu_model = _llama(shape, torch.device("meta"))
-        cpu_model.load_state_dict(state, strict=True, assign=True)
-        cpu_model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
-        reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
+        # Removed afterwards: at full size the export is GBs, and /tmp outlives the run.
+        with tempfile.TemporaryDirectory(prefix="gpu-smoke-export-") as target:
+            cpu_model = _llama(shape, torch.device("meta"))
+            cpu_model.load_state_dict(state, strict=True, assign=True)
+            cpu_model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
+            reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
         key = "model.layers.0.mlp.down_proj.weight"
         export_ok = bool(torch.equal(reloaded.state_dict()[key], state[key].to(torch.bfloat16)))
         result["export_seconds"] = round(time.perf_counter() - start, 2)

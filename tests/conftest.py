@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,6 +91,7 @@ if os.environ.get("SFTMIX_TEST_NOISY") == "1":
 @functools.cache
 def _noisy_site_dir() -> str:
     path = Path(tempfile.mkdtemp(prefix="sftmix-noisy-site-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)  # when this pytest process ends
     (path / "sitecustomize.py").write_text(NOISY_SITECUSTOMIZE)
     return str(path)
 
@@ -225,8 +228,6 @@ def prepared_out(ray_local, tmp_path_factory, worker_id) -> Path:
 @pytest.fixture(scope="session")
 def reference_out(prepared_out: Path, tmp_path_factory, worker_id) -> Path:
     """A copy of `prepared_out` plus two reference checkpoints (3 NTP steps)."""
-    import shutil
-
     from sftmix_ray.pipeline import run_stage
 
     def build(out: Path) -> None:
@@ -246,8 +247,6 @@ def scored_base(prepared_out: Path, tmp_path_factory, worker_id) -> Path:
 
 
 def _write_scored_base(prepared_out: Path, out: Path) -> None:
-    import shutil
-
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq

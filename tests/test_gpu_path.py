@@ -209,10 +209,12 @@ def test_gpu_smoke_runs_every_part_on_cpu_at_toy_size(tmp_path):
     idle = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert idle.returncode == 0 and idle.stdout == "" and "no CUDA GPU" in idle.stderr
     out = tmp_path / "smoke.jsonl"
+    scratch = tmp_path / "scratch"  # the ranks' temp dir (TMPDIR)
+    scratch.mkdir()
     proc = subprocess.run(
         [sys.executable, str(script), "--allow-cpu", "--small", "--json", str(out),
          "--parts", "losses,fsdp2,generate"],  # pipeline: the test below
-        capture_output=True, text=True, env=env, timeout=400,
+        capture_output=True, text=True, env={**env, "TMPDIR": str(scratch)}, timeout=400,
     )  # fmt: skip
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -221,6 +223,9 @@ def test_gpu_smoke_runs_every_part_on_cpu_at_toy_size(tmp_path):
     assert all(line["ok"] for line in lines)
     assert parts["losses"]["ntp_rel_err"]["loss"] <= 1e-5
     assert parts["fsdp2"]["world_size"] == 2
+    # The export was written, reloaded equal and removed (GBs at full size; it was left).
+    assert parts["fsdp2"]["checks"]["export_reloads_equal"]
+    assert not list(scratch.glob("gpu-smoke-export-*"))
     assert parts["fsdp2"]["loss_inputs_dtype"] == {
         "lam": "torch.float32",
         "normalizers": "torch.float32",
