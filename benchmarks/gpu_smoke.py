@@ -323,8 +323,8 @@ def fsdp_worker(small: bool, out_file: str) -> None:
             cpu_model.load_state_dict(state, strict=True, assign=True)
             cpu_model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
             reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
-        key = "model.layers.0.mlp.down_proj.weight"
-        export_ok = bool(torch.equal(reloaded.state_dict()[key], state[key].to(torch.bfloat16)))
+            key = "model.layers.0.mlp.down_proj.weight"  # compared while the files exist
+            export_ok = bool(torch.equal(reloaded.state_dict()[key], state[key].to(torch.bfloat16)))
         result["export_seconds"] = round(time.perf_counter() - start, 2)
     dist.barrier()
     on, off = result["checkpointing_on"], result["checkpointing_off"]
