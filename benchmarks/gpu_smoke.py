@@ -205,6 +205,7 @@ def fsdp_worker(small: bool, out_file: str) -> None:
 
     from sftmix_ray.config import TrainConfig
     from sftmix_ray.losses import SFTMixLoss
+    from sftmix_ray.modeling import set_activation_checkpointing
     from sftmix_ray.train.collectives import all_reduce_sum
     from sftmix_ray.train.forward import CausalLMWithLoss
     from sftmix_ray.train.strategies import FSDPStrategy
@@ -219,7 +220,7 @@ def fsdp_worker(small: bool, out_file: str) -> None:
     shape = SMALL if small else FULL
     rows, length = (4, 64) if small else (4, 2048)
     model = _llama(shape, device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, True)
     model.train()
     loss = SFTMixLoss(alpha=0.5, mu=0.2, chunk_size=1024)
     wrapper = CausalLMWithLoss(model, loss)
@@ -275,12 +276,7 @@ def fsdp_worker(small: bool, out_file: str) -> None:
     step(0)  # warm-up: kernels, allocator, optimizer state
 
     def checkpointing(on: bool) -> None:
-        if on:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        else:
-            model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, on)
 
     probes = {}
     for on in (True, False):  # the same weights and batch: only checkpointing differs

@@ -227,6 +227,24 @@ def load_model(
         raise SftmixError(f"cannot load model '{name_or_path}': {exc}") from None
 
 
+def set_activation_checkpointing(model: Any, on: bool) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints), or
+    stop. transformers 5 calls it activation checkpointing and keeps the `gradient_checkpointing_*`
+    methods as deprecated aliases, to be removed in v6; older releases (>= 4.56 is allowed) have
+    only those."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 @contextmanager
 def _deepspeed_probe_only_once_imported() -> Iterator[None]:
     """`save_pretrained` unwraps the model with accelerate's `extract_model_from_parallel`,

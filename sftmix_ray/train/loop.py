@@ -39,7 +39,7 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
     a checkpointed layer only when `self.training`, so without `train()` checkpointing does
     nothing and every layer's activations stay in memory.
     """
-    from sftmix_ray.modeling import load_model
+    from sftmix_ray.modeling import load_model, set_activation_checkpointing
     from sftmix_ray.train.lora import apply_lora, quantized_base_kwargs
     from sftmix_ray.train.meta_init import meta_model
     from sftmix_ray.train.strategies import load_dtype
@@ -54,7 +54,7 @@ def training_model(spec: RunSpec, *, meta: bool = False) -> torch.nn.Module:
         dtype = load_dtype(spec.train)  # DeepSpeed bf16 below ZeRO-3: bf16, else fp32
         model = load_model(spec.model_path, **_load_options(spec), dtype=dtype, **quantized)
     if spec.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     if lora.r > 0:
         model = apply_lora(model, lora, spec.train.seed)
     model.train()
