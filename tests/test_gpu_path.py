@@ -98,8 +98,8 @@ def test_dropout_is_on_in_training_and_off_in_eval(tmp_path):
     wrapper = CausalLMWithLoss(model, SFTMixLoss(mu=0.0))
     ids, mask, labels = _batch()
     torch.manual_seed(0)
-    train_a = float(wrapper(ids, mask, labels)[0])
-    train_b = float(wrapper(ids, mask, labels)[0])
+    train_a = float(wrapper(ids, mask, labels)[0].detach())
+    train_b = float(wrapper(ids, mask, labels)[0].detach())
     wrapper.eval()
     with torch.no_grad():
         eval_a, eval_b = (float(wrapper(ids, mask, labels)[0]) for _ in range(2))
