@@ -69,7 +69,7 @@ class DataConfig:
     demo_train_size: int = 4000  # rows of the bundled demo corpus (data.path: demo)
     demo_eval_size: int = 400  # held-out rows of the demo corpus
     tokenize_batch_size: int = 256  # rows per Ray Data tokenization batch
-    num_workers: int = 2  # Ray Data tokenization actors
+    num_workers: int = 2  # Ray Data tokenization tasks at once
 
     def __post_init__(self) -> None:
         _at_least("data", self, max_length=8, demo_eval_size=0, num_workers=1)

@@ -29,7 +29,7 @@ TINY_OVERRIDES = [
     "data.demo_train_size=200",
     "data.demo_eval_size=24",
     "data.max_length=96",
-    "data.num_workers=1",  # one tokenization actor (prepared_out runs two)
+    "data.num_workers=1",  # one tokenization task at a time (prepared_out: two)
     "model.tiny_hidden_size=64",
     "model.tiny_num_layers=2",
     "model.tiny_vocab_size=400",
@@ -220,7 +220,7 @@ def prepared_out(ray_local, tmp_path_factory, worker_id) -> Path:
         tmp_path_factory,
         worker_id,
         "prepared",
-        # Two tokenization actors here, the default (one in every other test's prepare).
+        # Two tokenization tasks at a time here, the default (one in every other test's prepare).
         lambda out: run_stage("prepare", tiny_config("data.num_workers=2"), out),
     )
 

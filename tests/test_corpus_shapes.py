@@ -312,7 +312,7 @@ HISTORY = [
 
 def test_mask_history_trains_each_rows_last_answer_only(tokenizer, tmp_path):
     """`data.mask_history` (LLaMA-Factory's): earlier answers are context. Through the
-    tokenization actors' own function (`process_chunk`, as `prepare` runs it) and
+    tokenization tasks' own function (`process_chunk`, as `prepare` runs it) and
     `validate-data --mask-history`: the same rows kept and rejected."""
     from sftmix_ray.data.chunk_worker import ChunkJob, process_chunk
     from sftmix_ray.data.chunks import plan_chunks

@@ -111,3 +111,43 @@ def test_a_tokenizer_larger_than_the_models_embedding_fails_before_tokenizing(
     with pytest.raises(SftmixError, match=message):
         run_stage("prepare", short, tmp_path / "out-short")
     assert not (tmp_path / "out-short" / "data").exists()
+
+
+def test_a_worker_reloads_a_tokenizer_saved_again_at_the_same_path(tmp_path: Path):
+    """`prepare`'s Ray Data tasks run in worker processes that Ray keeps between the tasks of a
+    job, and each keeps its tokenizer: one saved again at the same path (a rerun of `prepare`
+    whose tiny tokenizer has another vocabulary) must be loaded again, not served stale."""
+    from sftmix_ray.data.chunk_worker import ChunkJob, prepare_chunks
+    from sftmix_ray.data.chunks import plan_chunks
+    from sftmix_ray.data.tokenize import tokenize_conversation
+    from sftmix_ray.modeling import train_tiny_tokenizer
+
+    rows = [
+        [{"role": "user", "content": f"what is {i} plus {i}?"},
+         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}"}]
+        for i in range(20)
+    ]  # fmt: skip
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    (chunk,), _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path, parts=1)
+    saved = tmp_path / "tokenizer"
+
+    def prepare_with(vocab_size: int, name: str) -> tuple[list, list]:
+        tok = train_tiny_tokenizer([json.dumps(m) for m in rows] * 5, vocab_size)
+        tok.save_pretrained(saved)
+        dirs = {"train": str(tmp_path / name)}
+        job = ChunkJob(
+            str(corpus), "messages", "standard", "train", 0, dirs, {"train": f"{saved}-rej"}
+        )
+        batch = {"job": [0], "chunk_no": [0], "chunk": [chunk.to_json()]}
+        (result,) = prepare_chunks(batch, [job], str(saved), 256, "drop")["stats"]
+        stats = json.loads(result)
+        assert stats["error"] is None and stats["train"]["written"] == len(rows), stats
+        expected = [tokenize_conversation(tok, m, 256, "drop")[0] for m in rows]
+        return pq.read_table(tmp_path / name).column("input_ids").to_pylist(), expected
+
+    first, expected_first = prepare_with(400, "first")
+    assert first == expected_first
+    second, expected_second = prepare_with(300, "second")
+    assert expected_second != expected_first, "the two vocabularies must tokenize differently"
+    assert second == expected_second

@@ -1,4 +1,4 @@
-"""Streaming prepare: the corpus is cut into chunks that Ray Data actors read on their own.
+"""Streaming prepare: the corpus is cut into chunks that Ray Data tasks read on their own.
 
 Row ids, outputs and errors must not depend on how the corpus is cut: chunks cover every row
 exactly once with its whole-file index, `sftmix-ray prepare` writes the same OUT/data whether

@@ -514,7 +514,7 @@ def test_named_templates_use_tool_use_for_rows_with_tools(tokenizer):
 
 
 def test_a_chunk_keeps_the_tools_and_re_tokenizing_reads_them_back(tokenizer, tmp_path):
-    """The tokenization actors' own function: tool rows are written with their `tools_json`,
+    """The tokenization tasks' own function: tool rows are written with their `tools_json`,
     and the `reference` stage's re-tokenizing of OUT/data reads them back (same ids)."""
     corpus = tmp_path / "tools.jsonl"
     corpus.write_text("\n".join(json.dumps(r) for r in (OPENAI, OPENAI_LEGACY)) + "\n")

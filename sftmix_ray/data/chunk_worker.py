@@ -1,4 +1,4 @@
-"""What one tokenization actor does with one chunk: read, validate, repair, route, tokenize, and
+"""What one tokenization task does with one chunk: read, validate, repair, route, tokenize, and
 write its kept rows and its rejections as files of their own.
 
 A chunk's outputs are `part-<chunk>.parquet` in each side's directory and
@@ -8,6 +8,7 @@ receives counts (`SideStats`), never rows.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -234,30 +235,48 @@ def _rejection_line(index: int, where: dict[str, Any], exc: RowRejected) -> str:
     return json.dumps(record) + "\n"
 
 
-class PrepareChunks:
-    """Ray Data callable class: processes chunks (one per batch row) with one tokenizer."""
+def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...] | None:
+    """Name, size and modification time of a local tokenizer directory's files (None for a Hub
+    id): a tokenizer rewritten at the same path (a rerun of `prepare`) is loaded again."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    return tuple(
+        (f.name, st.st_size, st.st_mtime_ns)
+        for f in sorted(directory.iterdir())
+        if f.is_file() and (st := f.stat())
+    )
 
-    def __init__(
-        self, jobs: list[ChunkJob], tokenizer_path: str, max_length: int, truncation: str,
-        trust: bool = False,
-    ):  # fmt: skip
-        from sftmix_ray.data.tokenize import tokenize_conversation
-        from sftmix_ray.modeling import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust)
-        self.jobs = jobs
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str, trust: bool, stamp: Any) -> Any:
+    from sftmix_ray.modeling import load_tokenizer
 
-        def tokenize(
-            messages: list[dict], tools: list[dict] | None
-        ) -> tuple[list[int], list[int], bool]:
-            return tokenize_conversation(tokenizer, messages, max_length, truncation, tools)
+    return load_tokenizer(path, trust_remote_code=trust)
 
-        self.tokenize = tokenize
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = []
-        for job_no, chunk_no, chunk in zip(batch["job"], batch["chunk_no"], batch["chunk"]):
-            job = self.jobs[int(job_no)]
-            stats = process_chunk(job, int(chunk_no), Chunk.from_json(str(chunk)), self.tokenize)
-            results.append(json.dumps(stats))
-        return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}
+def prepare_chunks(
+    batch: dict[str, Any], jobs: list[ChunkJob], tokenizer_path: str, max_length: int,
+    truncation: str, trust: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Ray Data task: process the batch's chunks (one per row) with the job's tokenizer.
+
+    Tasks, not an actor pool: Ray keeps a job's worker processes between tasks, so the
+    imports (torch, transformers, Ray Data: ~5 CPU-s) and the tokenizer are paid once per
+    worker process and job, not once per `prepare` (a `tune` or a pipeline driver prepares
+    more than once); the tokenizer is reloaded when its files change."""
+    from sftmix_ray.data.tokenize import tokenize_conversation
+
+    tokenizer = _cached_tokenizer(tokenizer_path, trust, _files_stamp(tokenizer_path))
+
+    def tokenize(
+        messages: list[dict], tools: list[dict] | None
+    ) -> tuple[list[int], list[int], bool]:
+        return tokenize_conversation(tokenizer, messages, max_length, truncation, tools)
+
+    results = []
+    for job_no, chunk_no, chunk in zip(batch["job"], batch["chunk_no"], batch["chunk"]):
+        job = jobs[int(job_no)]
+        stats = process_chunk(job, int(chunk_no), Chunk.from_json(str(chunk)), tokenize)
+        results.append(json.dumps(stats))
+    return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}

@@ -178,7 +178,7 @@ def read_example(
     a text row's response and instruction markers are `templates` (`data.response_template`,
     `data.instruction_template`). Returns the renamed row (for its `answer`), the messages,
     the tool definitions and the repairs; raises `RowRejected`. The one reader of the
-    tokenization actors, the tiny tokenizer's sample and `validate-data`."""
+    tokenization tasks, the tiny tokenizer's sample and `validate-data`."""
     if reasoning not in REASONING_MODES:
         raise ValueError(f"unknown reasoning mode {reasoning!r}; choose one of {REASONING_MODES}")
     row = rename_columns(raw, columns)

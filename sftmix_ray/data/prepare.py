@@ -1,7 +1,7 @@
 """The `prepare` stage: read, validate, repair, template and tokenize the corpus -> OUT/data/.
 
 Streaming: the driver plans chunks (`sftmix_ray.data.chunks`) and receives counts; Ray Data
-actors read each chunk from the files, validate, repair, tokenize and write its Parquet part
+tasks read each chunk from the files, validate, repair, tokenize and write its Parquet part
 and its rejections (`sftmix_ray.data.chunk_worker`). No process holds the corpus or its tokens,
 so the driver's memory does not grow with the corpus (see `prepare_driver_rss_4x_over_1x` in
 benchmarks/run.py). The tiny preset's tokenizer trains on a bounded sample of the corpus.
@@ -150,13 +150,14 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
 def run_chunk_jobs(
     plans: list[CorpusPlan], tokenizer_path: str, cfg: Config, truncation: str
 ) -> list[dict[str, SideStats]]:
-    """Process every chunk of every plan on one Ray Data actor pool; per plan, merged counts.
+    """Process every chunk of every plan in Ray Data tasks, at most `data.num_workers` at once;
+    per plan, merged counts.
 
     Raises the first unreadable-file error in corpus and file order.
     """
     import ray
 
-    from sftmix_ray.data.chunk_worker import PrepareChunks
+    from sftmix_ray.data.chunk_worker import prepare_chunks
 
     items: list[dict[str, Any]] = []
     for job_no, plan in enumerate(plans):
@@ -165,11 +166,11 @@ def run_chunk_jobs(
     size = max(1, min(cfg.data.num_workers, len(items)))
     jobs = [p.job for p in plans]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        PrepareChunks,
-        fn_constructor_args=(jobs, tokenizer_path, cfg.data.max_length, truncation),
-        fn_constructor_kwargs={"trust": cfg.model.trust_remote_code},
+        prepare_chunks,
+        fn_args=(jobs, tokenizer_path, cfg.data.max_length, truncation),
+        fn_kwargs={"trust": cfg.model.trust_remote_code},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=size),
+        compute=ray.data.TaskPoolStrategy(size=size),
         num_cpus=1,
     )
     with dataset_batches(ds, batch_size=None, batch_format="pyarrow") as blocks:

@@ -56,7 +56,7 @@ def needs_retokenize(cfg: Config, out_dir: Path | RunDir) -> bool:
 def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) -> dict[str, Any]:
     """Write `target`: every row of `source` under the reference tokenizer; its counts.
 
-    Streams like `prepare`: chunks of `source`'s row groups on a Ray Data actor pool, each
+    Streams like `prepare`: chunks of `source`'s row groups in Ray Data tasks, each
     writing its own Parquet part.
     """
     import shutil
