@@ -9,6 +9,7 @@ benchmarks/run.py). The tiny preset's tokenizer trains on a bounded sample of th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -165,10 +166,12 @@ def run_chunk_jobs(
             items.append({"job": job_no, "chunk_no": len(items), "chunk": chunk.to_json()})
     size = max(1, min(cfg.data.num_workers, len(items)))
     jobs = [p.job for p in plans]
+    task = functools.partial(
+        prepare_chunks, jobs=jobs, tokenizer_path=tokenizer_path,
+        max_length=cfg.data.max_length, truncation=truncation, trust=cfg.model.trust_remote_code,
+    )  # fmt: skip
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        prepare_chunks,
-        fn_args=(jobs, tokenizer_path, cfg.data.max_length, truncation),
-        fn_kwargs={"trust": cfg.model.trust_remote_code},
+        task,
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=size),
         num_cpus=1,
