@@ -263,8 +263,9 @@ def prepare_chunks(
 
     Tasks, not an actor pool: Ray keeps a job's worker processes between tasks, so the
     imports (torch, transformers, Ray Data: ~5 CPU-s) and the tokenizer are paid once per
-    worker process and job, not once per `prepare` (a `tune` or a pipeline driver prepares
-    more than once); the tokenizer is reloaded when its files change."""
+    worker process and job, not once per `prepare` (a test session, a notebook, or a pipeline
+    whose reference model re-tokenizes the corpus after `prepare`); the tokenizer is loaded
+    again when its files change."""
     from sftmix_ray.data.tokenize import tokenize_conversation
 
     tokenizer = _cached_tokenizer(tokenizer_path, trust, _files_stamp(tokenizer_path))
