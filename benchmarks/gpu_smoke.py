@@ -275,15 +275,12 @@ def fsdp_worker(small: bool, out_file: str) -> None:
     }
     step(0)  # warm-up: kernels, allocator, optimizer state
 
-    def checkpointing(on: bool) -> None:
-        set_activation_checkpointing(model, on)
-
     probes = {}
     for on in (True, False):  # the same weights and batch: only checkpointing differs
-        checkpointing(on)
+        set_activation_checkpointing(model, on)
         probes[on] = step(1, update=False)
     for label, on in (("checkpointing_on", True), ("checkpointing_off", False)):
-        checkpointing(on)
+        set_activation_checkpointing(model, on)
         _reset_peak(device)
         base = _allocated(device)
         losses, times = [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,11 +242,12 @@ def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...] | None:
     directory = Path(path)
     if not directory.is_dir():
         return None
-    return tuple(
-        (f.name, st.st_size, st.st_mtime_ns)
-        for f in sorted(directory.iterdir())
-        if f.is_file() and (st := f.stat())
-    )
+    stamp = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()  # DirEntry caches it: one stat a file
+            stamp.append((entry.name, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 @functools.lru_cache(maxsize=2)
@@ -262,7 +264,7 @@ def prepare_chunks(
     """Ray Data task: process the batch's chunks (one per row) with the job's tokenizer.
 
     Tasks, not an actor pool: Ray keeps a job's worker processes between tasks, so the
-    imports (torch, transformers, Ray Data: ~5 CPU-s) and the tokenizer are paid once per
+    imports (torch, transformers, Ray Data) and the tokenizer are paid once per
     worker process and job, not once per `prepare` (a test session, a notebook, or a pipeline
     whose reference model re-tokenizes the corpus after `prepare`); the tokenizer is loaded
     again when its files change."""
