@@ -70,9 +70,12 @@ class DataConfig:
     demo_eval_size: int = 400  # held-out rows of the demo corpus
     tokenize_batch_size: int = 256  # rows per Ray Data tokenization batch
     num_workers: int = 2  # Ray Data tokenization tasks at once
+    # Times a tokenization task runs again after its worker process died (a crash, a lost
+    # node); then `prepare` fails naming the chunk's rows (Ray Data's own default: forever)
+    max_retries: int = 3
 
     def __post_init__(self) -> None:
-        _at_least("data", self, max_length=8, demo_eval_size=0, num_workers=1)
+        _at_least("data", self, max_length=8, demo_eval_size=0, num_workers=1, max_retries=0)
         _check(
             0.0 <= self.eval_fraction < 1.0,
             "data.eval_fraction",

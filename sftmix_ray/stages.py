@@ -73,9 +73,9 @@ _LATER_DATA_KEYS: dict[str, Any] = {
 def prepare_reads(cfg: Config) -> Reads:
     """The corpus, its validation and tokenization, and the tokenizer (the tiny preset's is
     trained on the corpus and its weights initialized here). Not the Ray Data batch size or
-    actor count: rows are sorted by example_id."""
+    task count or retries: rows are sorted by example_id."""
     data = {f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}
-    for k in ("data.tokenize_batch_size", "data.num_workers"):
+    for k in ("data.tokenize_batch_size", "data.num_workers", "data.max_retries"):
         data.pop(k)
     for key, default in _LATER_DATA_KEYS.items():  # at their defaults: earlier prints kept
         if data[key] == default:

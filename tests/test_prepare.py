@@ -151,3 +151,55 @@ def test_a_worker_reloads_a_tokenizer_saved_again_at_the_same_path(tmp_path: Pat
     second, expected_second = prepare_with(300, "second")
     assert expected_second != expected_first, "the two vocabularies must tokenize differently"
     assert second == expected_second
+
+
+# ------------------------------------------------------------- a tokenization worker that dies
+
+COMPARED = ["example_id", "input_ids", "labels", "messages_json"]
+
+
+def test_a_tokenization_worker_that_dies_once_repeats_and_loses_no_row(
+    prepared_out: Path, ray_local, tmp_path: Path, monkeypatch
+):
+    """The worker process of chunk 1's task dies as the chunk starts (a real exit, no cleanup):
+    Ray runs the task again (`data.max_retries`), and OUT/data and OUT/heldout are row for row
+    the session's prepared run's (every row once, none lost). No attempt marker is left."""
+    from sftmix_ray.data.chunk_worker import FAULT_ENV
+    from sftmix_ray.pipeline import run_stage
+
+    marker = tmp_path / "fault-marker"
+    monkeypatch.setenv(FAULT_ENV, f"1:{marker}")
+    out = tmp_path / "out"
+    result = run_stage("prepare", tiny_config(), out)
+    assert marker.exists(), "the fault was injected"
+    assert result["train"]["written"] == 200 and result["train"]["rejected"] == 0
+    for name in ("data", "heldout"):
+        mine = pq.read_table(out / name).sort_by("example_id").select(COMPARED)
+        theirs = pq.read_table(prepared_out / name).sort_by("example_id").select(COMPARED)
+        assert mine.num_rows == len(set(mine.column("example_id").to_pylist())) > 0
+        assert mine.equals(theirs), name
+    assert not list(out.rglob(".chunk-attempts-*"))
+
+
+def test_a_chunk_whose_worker_always_dies_fails_naming_its_rows(
+    ray_local, tmp_path: Path, monkeypatch
+):
+    """The worker of the training corpus' chunk (chunk 0, all 200 demo rows) dies every time:
+    after `data.max_retries=1` (2 runs that died) `prepare` fails with an error naming the
+    corpus and the chunk's rows, where Ray Data alone retries forever; nothing is left in
+    OUT/data's place, and no attempt marker."""
+    from sftmix_ray.data.chunk_worker import FAULT_ENV
+    from sftmix_ray.pipeline import run_stage
+
+    monkeypatch.setenv(FAULT_ENV, "0:always")
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as error:
+        run_stage("prepare", tiny_config("data.max_retries=1"), out)
+    message = str(error.value)
+    assert message.startswith("demo:train: "), message
+    assert ": 200 rows from line 1 (corpus rows 0-199): " in message, message
+    assert "worker process died in each of its 2 runs (data.max_retries=1)" in message, message
+    stage = read_summary(out)["stages"]["prepare"]
+    assert stage["status"] == "failed" and stage["error"] == message
+    assert not (out / "data").exists()
+    assert not list(out.rglob(".chunk-attempts-*"))

@@ -257,9 +257,52 @@ def _cached_tokenizer(path: str, trust: bool, stamp: Any) -> Any:
     return load_tokenizer(path, trust_remote_code=trust)
 
 
+FAULT_ENV = "SFTMIX_FAULT_IN_CHUNK"
+
+
+def _maybe_inject_fault(chunk_no: int) -> None:
+    """Fault-injection hook for the reliability tests: `SFTMIX_FAULT_IN_CHUNK=CHUNK:MARKER`.
+
+    The task's worker process dies (a real exit, no cleanup) when it starts chunk `CHUNK`: once,
+    recorded in the file MARKER, or every time when MARKER is `always`.
+    """
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return
+    target, marker = value.split(":", 1)
+    if int(target) != chunk_no:
+        return
+    if marker != "always":
+        if Path(marker).exists():
+            return
+        Path(marker).write_text(f"killed in chunk {chunk_no}\n", encoding="utf-8")
+    os._exit(17)
+
+
+def attempt_marker(attempts_dir: str, chunk_no: int) -> Path:
+    """The file a task appends one line to as it starts a chunk and removes once the chunk is
+    done (or has raised): the lines left count the runs whose worker process died."""
+    return Path(attempts_dir) / f"chunk-{chunk_no:06d}"
+
+
+def died_too_often(job: ChunkJob, chunk: Chunk, runs: int, max_retries: int) -> dict[str, Any]:
+    """The chunk's result once its worker process died in `runs` > `max_retries` runs: an
+    error naming its corpus, file and rows, and nothing processed."""
+    file = chunk.source or chunk.path
+    where = file if job.source == file else f"{job.source}: {file}"
+    where += f": {chunk.rows} rows from {chunk.unit} {chunk.first_line}"
+    rows = f"corpus rows {chunk.first_row}-{chunk.first_row + chunk.rows - 1}"
+    error = (
+        f"{where} ({rows}): the tokenization task's worker process died in each of its {runs} "
+        f"runs (data.max_retries={max_retries}); a crash or an out-of-memory kill while "
+        "tokenizing, often one huge or malformed row in that range"
+    )
+    return {"error": error, **{side: asdict(SideStats()) for side in SIDES}}
+
+
 def prepare_chunks(
     batch: dict[str, Any], jobs: list[ChunkJob], tokenizer_path: str, max_length: int,
-    truncation: str, trust: bool = False,
+    truncation: str, trust: bool = False, attempts_dir: str | None = None, max_retries: int = 3,
 ) -> dict[str, Any]:  # fmt: skip
     """Ray Data task: process the batch's chunks (one per row) with the job's tokenizer.
 
@@ -267,7 +310,13 @@ def prepare_chunks(
     imports (torch, transformers, Ray Data) and the tokenizer are paid once per
     worker process and job, not once per `prepare` (a test session, a notebook, or a pipeline
     whose reference model re-tokenizes the corpus after `prepare`); the tokenizer is loaded
-    again when its files change."""
+    again when its files change.
+
+    Ray Data runs a task again whenever its worker process dies, forever: one row that
+    crashes its worker every time (or gets it killed for its memory) would hang `prepare`.
+    Each run of a chunk is marked in `attempts_dir` (`attempt_marker`, on the storage every
+    node shares); a chunk whose worker already died `max_retries + 1` times is not run again
+    but returned as an error naming its rows."""
     from sftmix_ray.data.tokenize import tokenize_conversation
 
     tokenizer = _cached_tokenizer(tokenizer_path, trust, _files_stamp(tokenizer_path))
@@ -280,6 +329,20 @@ def prepare_chunks(
     results = []
     for job_no, chunk_no, chunk in zip(batch["job"], batch["chunk_no"], batch["chunk"]):
         job = jobs[int(job_no)]
-        stats = process_chunk(job, int(chunk_no), Chunk.from_json(str(chunk)), tokenize)
+        located = Chunk.from_json(str(chunk))
+        marker = attempt_marker(attempts_dir, int(chunk_no)) if attempts_dir else None
+        died = len(marker.read_text().splitlines()) if marker and marker.exists() else 0
+        if marker is not None and died > max_retries:
+            results.append(json.dumps(died_too_often(job, located, died, max_retries)))
+            continue
+        if marker is not None:
+            with marker.open("a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+        try:
+            _maybe_inject_fault(int(chunk_no))
+            stats = process_chunk(job, int(chunk_no), located, tokenize)
+        finally:  # a Python error too: only a process that died leaves its line behind
+            if marker is not None:
+                marker.unlink(missing_ok=True)
         results.append(json.dumps(stats))
     return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,12 @@ def run_chunk_jobs(
     """Process every chunk of every plan in Ray Data tasks, at most `data.num_workers` at once;
     per plan, merged counts.
 
-    Raises the first unreadable-file error in corpus and file order.
+    Raises the first unreadable-file error in corpus and file order, or the first chunk whose
+    task's worker process died more than `data.max_retries` times (`prepare_chunks`).
     """
     import ray
 
-    from sftmix_ray.data.chunk_worker import prepare_chunks
+    from sftmix_ray.data.chunk_worker import FAULT_ENV, prepare_chunks
 
     items: list[dict[str, Any]] = []
     for job_no, plan in enumerate(plans):
@@ -166,18 +168,28 @@ def run_chunk_jobs(
             items.append({"job": job_no, "chunk_no": len(items), "chunk": chunk.to_json()})
     size = max(1, min(cfg.data.num_workers, len(items)))
     jobs = [p.job for p in plans]
+    # Beside the first output directory: under OUT, which every node sees.
+    first_dir = Path(next(iter(plans[0].job.dirs.values())))
+    attempts = Path(tempfile.mkdtemp(prefix=".chunk-attempts-", dir=first_dir.parent))
     task = functools.partial(
         prepare_chunks, jobs=jobs, tokenizer_path=tokenizer_path,
         max_length=cfg.data.max_length, truncation=truncation, trust=cfg.model.trust_remote_code,
+        attempts_dir=str(attempts), max_retries=cfg.data.max_retries,
     )  # fmt: skip
+    fault = os.environ.get(FAULT_ENV)  # the reliability tests' hook, passed to the task workers
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         task,
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=size),
         num_cpus=1,
+        runtime_env={"env_vars": {FAULT_ENV: fault}} if fault else None,
     )
-    with dataset_batches(ds, batch_size=None, batch_format="pyarrow") as blocks:
-        results = sorted((r for b in blocks for r in b.to_pylist()), key=lambda r: r["chunk_no"])
+    try:
+        with dataset_batches(ds, batch_size=None, batch_format="pyarrow") as blocks:
+            rows = (r for b in blocks for r in b.to_pylist())
+            results = sorted(rows, key=lambda r: r["chunk_no"])
+    finally:
+        shutil.rmtree(attempts, ignore_errors=True)
     merged = [{side: SideStats() for side in SIDES} for _ in plans]
     for result in results:
         stats = json.loads(result["stats"])
