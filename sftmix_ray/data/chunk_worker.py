@@ -331,7 +331,9 @@ def prepare_chunks(
         job = jobs[int(job_no)]
         located = Chunk.from_json(str(chunk))
         marker = attempt_marker(attempts_dir, int(chunk_no)) if attempts_dir else None
-        died = len(marker.read_text().splitlines()) if marker and marker.exists() else 0
+        died = 0  # earlier runs of this chunk whose worker process died
+        if marker is not None and marker.exists():
+            died = len(marker.read_text(encoding="utf-8").splitlines())
         if marker is not None and died > max_retries:
             results.append(json.dumps(died_too_often(job, located, died, max_retries)))
             continue
