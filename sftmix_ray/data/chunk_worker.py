@@ -8,6 +8,7 @@ receives counts (`SideStats`), never rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -285,6 +286,27 @@ def attempt_marker(attempts_dir: str, chunk_no: int) -> Path:
     return Path(attempts_dir) / f"chunk-{chunk_no:06d}"
 
 
+def _runs_that_died(marker: Path | None) -> int:
+    if marker is None or not marker.exists():
+        return 0
+    return len(marker.read_text(encoding="utf-8").splitlines())
+
+
+@contextlib.contextmanager
+def _marked_run(marker: Path | None) -> Any:
+    """One run of a chunk: its line in `marker` while it runs, removed when it returns or
+    raises; only a process that died leaves it behind."""
+    if marker is None:
+        yield
+        return
+    with marker.open("a", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def died_too_often(job: ChunkJob, chunk: Chunk, runs: int, max_retries: int) -> dict[str, Any]:
     """The chunk's result once its worker process died in `runs` > `max_retries` runs: an
     error naming its corpus, file and rows, and nothing processed."""
@@ -331,20 +353,12 @@ def prepare_chunks(
         job = jobs[int(job_no)]
         located = Chunk.from_json(str(chunk))
         marker = attempt_marker(attempts_dir, int(chunk_no)) if attempts_dir else None
-        died = 0  # earlier runs of this chunk whose worker process died
-        if marker is not None and marker.exists():
-            died = len(marker.read_text(encoding="utf-8").splitlines())
-        if marker is not None and died > max_retries:
+        died = _runs_that_died(marker)
+        if died > max_retries:
             results.append(json.dumps(died_too_often(job, located, died, max_retries)))
             continue
-        if marker is not None:
-            with marker.open("a", encoding="utf-8") as f:
-                f.write(f"{os.getpid()}\n")
-        try:
+        with _marked_run(marker):
             _maybe_inject_fault(int(chunk_no))
             stats = process_chunk(job, int(chunk_no), located, tokenize)
-        finally:  # a Python error too: only a process that died leaves its line behind
-            if marker is not None:
-                marker.unlink(missing_ok=True)
         results.append(json.dumps(stats))
     return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,9 +167,10 @@ def run_chunk_jobs(
             items.append({"job": job_no, "chunk_no": len(items), "chunk": chunk.to_json()})
     size = max(1, min(cfg.data.num_workers, len(items)))
     jobs = [p.job for p in plans]
-    # Beside the first output directory: under OUT, which every node sees.
+    # Beside the first output directory: under OUT, which every node sees; a rerun after a
+    # driver that was killed starts it afresh.
     first_dir = Path(next(iter(plans[0].job.dirs.values())))
-    attempts = Path(tempfile.mkdtemp(prefix=".chunk-attempts-", dir=first_dir.parent))
+    attempts = fresh_tmp_dir(first_dir.parent / "chunk-attempts")
     task = functools.partial(
         prepare_chunks, jobs=jobs, tokenizer_path=tokenizer_path,
         max_length=cfg.data.max_length, truncation=truncation, trust=cfg.model.trust_remote_code,
