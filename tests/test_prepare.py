@@ -181,24 +181,30 @@ def test_a_tokenization_worker_that_dies_once_repeats_and_loses_no_row(
     assert not list(out.rglob(".chunk-attempts*"))
 
 
+@pytest.mark.parametrize(
+    ("fault", "max_retries", "runs"),
+    [("0:always", 1, "each of its 2 runs"), ("tokenizer:always", 0, "its one run")],
+    ids=["in-the-chunk", "loading-the-tokenizer"],
+)
 def test_a_chunk_whose_worker_always_dies_fails_naming_its_rows(
-    ray_local, tmp_path: Path, monkeypatch
+    ray_local, tmp_path: Path, monkeypatch, fault: str, max_retries: int, runs: str
 ):
-    """The worker of the training corpus' chunk (chunk 0, all 200 demo rows) dies every time:
-    after `data.max_retries=1` (2 runs that died) `prepare` fails with an error naming the
-    corpus and the chunk's rows, where Ray Data alone retries forever; nothing is left in
-    OUT/data's place, and no attempt marker."""
+    """The worker of the training corpus' chunk (chunk 0, all 200 demo rows) dies every time,
+    in the chunk or while loading the tokenizer (every chunk's, then): after
+    `data.max_retries` runs that died `prepare` fails with an error naming the corpus and the
+    chunk's rows (the first failed chunk in corpus order), where Ray Data alone retries forever;
+    nothing is left in OUT/data's place, and no attempt marker."""
     from sftmix_ray.data.chunk_worker import FAULT_ENV
     from sftmix_ray.pipeline import run_stage
 
-    monkeypatch.setenv(FAULT_ENV, "0:always")
+    monkeypatch.setenv(FAULT_ENV, fault)
     out = tmp_path / "out"
     with pytest.raises(DataError) as error:
-        run_stage("prepare", tiny_config("data.max_retries=1"), out)
+        run_stage("prepare", tiny_config(f"data.max_retries={max_retries}"), out)
     message = str(error.value)
     assert message.startswith("demo:train: "), message
     assert ": 200 rows from line 1 (corpus rows 0-199): " in message, message
-    assert "worker process died in each of its 2 runs (data.max_retries=1)" in message, message
+    assert f"worker process died in {runs} (data.max_retries={max_retries})" in message, message
     stage = read_summary(out)["stages"]["prepare"]
     assert stage["status"] == "failed" and stage["error"] == message
     assert not (out / "data").exists()

@@ -255,28 +255,30 @@ def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...] | None:
 def _cached_tokenizer(path: str, trust: bool, stamp: Any) -> Any:
     from sftmix_ray.modeling import load_tokenizer
 
+    _maybe_inject_fault("tokenizer")
     return load_tokenizer(path, trust_remote_code=trust)
 
 
 FAULT_ENV = "SFTMIX_FAULT_IN_CHUNK"
 
 
-def _maybe_inject_fault(chunk_no: int) -> None:
-    """Fault-injection hook for the reliability tests: `SFTMIX_FAULT_IN_CHUNK=CHUNK:MARKER`.
+def _maybe_inject_fault(where: str) -> None:
+    """Fault-injection hook for the reliability tests: `SFTMIX_FAULT_IN_CHUNK=WHERE:MARKER`.
 
-    The task's worker process dies (a real exit, no cleanup) when it starts chunk `CHUNK`: once,
+    The task's worker process dies (a real exit, no cleanup) when it starts chunk WHERE (a
+    chunk number), or, with WHERE `tokenizer`, when it starts loading the tokenizer: once,
     recorded in the file MARKER, or every time when MARKER is `always`.
     """
     value = os.environ.get(FAULT_ENV)
     if not value:
         return
     target, marker = value.split(":", 1)
-    if int(target) != chunk_no:
+    if target != where:
         return
     if marker != "always":
         if Path(marker).exists():
             return
-        Path(marker).write_text(f"killed in chunk {chunk_no}\n", encoding="utf-8")
+        Path(marker).write_text(f"killed at {where}\n", encoding="utf-8")
     os._exit(17)
 
 
@@ -309,15 +311,17 @@ def _marked_run(marker: Path | None) -> Any:
 
 def died_too_often(job: ChunkJob, chunk: Chunk, runs: int, max_retries: int) -> dict[str, Any]:
     """The chunk's result once its worker process died in `runs` > `max_retries` runs: an
-    error naming its corpus, file and rows, and nothing processed."""
+    error naming its corpus, file and rows, and nothing processed. (The tokenizer is loaded
+    within a chunk's run: a process that dies loading it every time fails the stage too.)"""
     file = chunk.source or chunk.path
     where = file if job.source == file else f"{job.source}: {file}"
     where += f": {chunk.rows} rows from {chunk.unit} {chunk.first_line}"
     rows = f"corpus rows {chunk.first_row}-{chunk.first_row + chunk.rows - 1}"
     error = (
-        f"{where} ({rows}): the tokenization task's worker process died in each of its {runs} "
-        f"runs (data.max_retries={max_retries}); a crash or an out-of-memory kill while "
-        "tokenizing, often one huge or malformed row in that range"
+        f"{where} ({rows}): the tokenization task's worker process died in "
+        f"{'its one run' if runs == 1 else f'each of its {runs} runs'} "
+        f"(data.max_retries={max_retries}); a crash or an out-of-memory kill while loading "
+        "the tokenizer or tokenizing, often one huge or malformed row in that range"
     )
     return {"error": error, **{side: asdict(SideStats()) for side in SIDES}}
 
@@ -341,8 +345,6 @@ def prepare_chunks(
     but returned as an error naming its rows."""
     from sftmix_ray.data.tokenize import tokenize_conversation
 
-    tokenizer = _cached_tokenizer(tokenizer_path, trust, _files_stamp(tokenizer_path))
-
     def tokenize(
         messages: list[dict], tools: list[dict] | None
     ) -> tuple[list[int], list[int], bool]:
@@ -358,7 +360,10 @@ def prepare_chunks(
             results.append(json.dumps(died_too_often(job, located, died, max_retries)))
             continue
         with _marked_run(marker):
-            _maybe_inject_fault(int(chunk_no))
+            _maybe_inject_fault(str(chunk_no))
+            # Loaded inside the run (cached: once per process and tokenizer), so a process that
+            # dies loading it is counted too; outside, Ray would run the task again forever.
+            tokenizer = _cached_tokenizer(tokenizer_path, trust, _files_stamp(tokenizer_path))
             stats = process_chunk(job, int(chunk_no), located, tokenize)
         results.append(json.dumps(stats))
     return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}
