@@ -140,6 +140,47 @@ def test_weight_and_train_marks_leave_turns_out_of_training():
         assert info.value.kind == kind, turns
 
 
+AGENT_ROW = {  # AgentInstruct's / AgentTuning's sharegpt: `loss` on every turn
+    "conversations": [
+        {"from": "human", "loss": None, "value": "You are an agent. Reply OK."},
+        {"from": "gpt", "loss": False, "value": "OK."},
+        {"from": "human", "loss": None, "value": "Observation: a door."},
+        {"from": "gpt", "loss": True, "value": "Act: open it."},
+    ],
+    "id": "os_0",
+}
+
+
+def test_loss_false_answers_are_context_through_the_tokenization_task(tokenizer, tmp_path):
+    """An answer marked `loss: false` (AgentInstruct's few-shot replies) is context, as
+    `weight: 0` is: through the tokenization tasks' own function (`process_chunk`, as `prepare`
+    runs it) only the `loss: true` answer is in the labels; a mark that is not a boolean is a
+    counted `malformed_turn`."""
+    from sftmix_ray.data.chunk_worker import ChunkJob, process_chunk
+    from sftmix_ray.data.chunks import plan_chunks
+
+    bad = copy.deepcopy(AGENT_ROW)
+    bad["conversations"][3]["loss"] = "yes"
+    corpus = tmp_path / "agent.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in (AGENT_ROW, bad)))
+    target = tmp_path / "data"
+    job = ChunkJob(str(corpus), "auto", "standard", "train", 0, {"train": str(target)},
+                   {"train": str(tmp_path / "rejections")})  # fmt: skip
+    (chunk,), _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path, parts=1)
+    stats = process_chunk(
+        job, 0, chunk, lambda m, t: tokenize_conversation(tokenizer, m, 512, "turns", t)
+    )
+    assert (stats["train"]["written"], stats["train"]["rejected"]) == (1, 1)
+    data = pq.read_table(target)
+    ids, labels = (data.column(c)[0].as_py() for c in ("input_ids", "labels"))
+    assert trained_runs(tokenizer, ids, labels) == ["Act: open it.<|im_end|>\n"]
+    assert "OK." in tokenizer.decode(ids)  # rendered in place, as context
+    (line,) = (tmp_path / "rejections" / "part-00000.jsonl").read_text().splitlines()
+    rejection = json.loads(line)
+    assert rejection["kind"] == "malformed_turn" and rejection["line"] == 2
+    assert "turn 4 loss must be true or false (got string)" in rejection["reason"]
+
+
 def test_answers_merge_only_with_answers_trained_alike():
     """The standard repairs merge consecutive answers of one kind (both trained, both
     context); a context answer running on into a trained one is rejected, as one merged turn

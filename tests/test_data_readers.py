@@ -200,9 +200,20 @@ def test_json_lines_in_dot_json_after_blank_lines(tmp_path: Path) -> None:
     assert read_records(write(tmp_path / "c.json", "\n\n" + jsonl(ROWS))) == ROWS
 
 
-def test_json_array_in_dot_jsonl_gets_a_hint(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.jsonl", json.dumps(ROWS, indent=2))
-    data_error(path, "line 1", "name the file .json")
+@pytest.mark.parametrize("indent", [None, 2], ids=["one-line", "pretty"])
+def test_json_array_in_dot_jsonl_reads_as_rows(tmp_path: Path, indent: int | None) -> None:
+    """`df.to_json("c.jsonl", orient="records")` writes one JSON array on one line; `datasets`'
+    json builder reads it as rows whatever the name, and so do the reader and the planner."""
+    from sftmix_ray.data.chunks import iter_chunk_located, plan_chunks
+
+    path = write(tmp_path / "c.jsonl", json.dumps(ROWS, indent=indent))
+    assert read_records(path) == ROWS
+    chunks, total = plan_chunks(str(path), hf_split="train", work_dir=tmp_path / "w", parts=2)
+    located = [(row, where) for c in chunks for _, row, where in iter_chunk_located(c)]
+    assert total == len(ROWS) and [row for row, _ in located] == ROWS
+    assert [w for _, w in located] == [{"file": str(path), "element": n} for n in (1, 2, 3, 4)]
+    # Rows that are arrays are no JSON Lines corpus: one clear error at the second line.
+    data_error(write(tmp_path / "rows.jsonl", "[1, 2]\n[3]\n"), "line 2")
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\r\n", b"\xef\xbb\xbf"])
@@ -315,6 +326,47 @@ def test_validate_file_undetectable_format_names_file(tmp_path: Path) -> None:
         validate_file(path)
     _, report = validate_file(path, "alpaca")
     assert (report.total, report.rejected) == (2, 2)
+
+
+# --- Parquet map columns ------------------------------------------------------------------
+
+
+def _map_rows_table(duplicate: bool = False) -> pa.Table:
+    """ShareGPT rows as Spark writes Python dicts by default: each turn a map<string, string>,
+    and a struct holding a map (a tool's parameters)."""
+    turn = pa.map_(pa.string(), pa.string())
+    first = [("from", "human"), ("value", "Hi")]
+    turns = [[first, [("from", "gpt"), ("value", "Hello")]], [first + first[:1] * duplicate]]
+    meta = pa.struct([("args", pa.map_(pa.string(), pa.int64()))])
+    return pa.table(
+        {
+            "conversations": pa.array(turns, pa.list_(turn)),
+            "meta": pa.array([{"args": [("n", 1)]}, None], meta),
+        }
+    )
+
+
+def test_parquet_map_columns_read_as_objects(tmp_path: Path) -> None:
+    """Map columns (Spark's default for dicts, DuckDB's MAP) read as objects, not as lists
+    of (key, value) pairs that every row's turns would be rejected for; a map holding one key
+    twice is an error naming the file."""
+    from sftmix_ray.data.chunks import iter_chunk_located, plan_chunks
+
+    path = tmp_path / "spark.parquet"
+    pq.write_table(_map_rows_table(), path)
+    expected = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+         "meta": {"args": {"n": 1}}},
+        {"conversations": [{"from": "human", "value": "Hi"}], "meta": None},
+    ]  # fmt: skip
+    assert read_records(path) == expected
+    chunks, _ = plan_chunks(str(path), hf_split="train", work_dir=tmp_path / "w", parts=1)
+    assert [row for c in chunks for _, row, _ in iter_chunk_located(c)] == expected
+    _, report = validate_file(path)
+    assert (report.total, report.valid, report.rejected) == (2, 1, 1)
+    assert report.rejections[0].kind == "no_assistant_turn"  # the second row has no answer
+    pq.write_table(_map_rows_table(duplicate=True), bad := tmp_path / "dup.parquet")
+    data_error(bad, "duplicate key was 'from'")
 
 
 # --- compressed files, CSV and TSV ----------------------------------------------------------

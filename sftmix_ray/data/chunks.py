@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sftmix_ray.data.json_stream import json_file_kind, jsonl_lines, parse_jsonl_line
+from sftmix_ray.data.json_stream import json_layout, jsonl_lines, parse_jsonl_line
 from sftmix_ray.data.readers import (
     corpus_files,
     file_kind,
@@ -109,9 +109,9 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
         elif split_compression(file)[1] is not None:  # cut by byte ranges: decompressed first
             named = {"source": file}
             file = _decompressed(file, work_dir / f"{number:05d}.{kind}")
-        if kind == "json":
+        if kind in ("json", "jsonl"):
             with open_binary(file) as f:
-                kind = json_file_kind(f, file)
+                kind = json_layout(f, file, kind)
             if kind == "array":  # one element per line: line n is element n
                 named = {"source": named.get("source", file), "unit": "element"}
                 file = _array_to_jsonl(file, work_dir / f"{number:05d}.jsonl")

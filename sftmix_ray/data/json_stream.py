@@ -59,10 +59,8 @@ def parse_jsonl_line(path: str, line: int, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = " (a JSON array? name the file .json)" if line == 1 and text.strip() == "[" else ""
-        raise DataError(
-            f"{path}: invalid JSON at line {line}, column {exc.colno}: {exc.msg}{hint}"
-        ) from None
+        where = f"line {line}, column {exc.colno}"
+        raise DataError(f"{path}: invalid JSON at {where}: {exc.msg}") from None
     except RecursionError:
         raise DataError(f"{path}: invalid JSON at line {line}: nested too deeply") from None
 
@@ -163,6 +161,18 @@ class NotRows(DataError):
     def __init__(self, message: str, what: str) -> None:
         super().__init__(message)
         self.what = what
+
+
+def json_layout(f: IO[bytes], path: str, kind: str) -> str:
+    """How to read a JSON text file of `kind` ("json" or "jsonl", from its name): "array" or
+    "jsonl". A `.jsonl` file that opens with `[` holds a JSON array (`df.to_json(orient=
+    "records")` writes one on a single line under any name); `datasets`' json builder reads it
+    as rows, and so does this."""
+    if kind == "json":
+        return json_file_kind(f, path)
+    stream = _TextStream(f, path)
+    pos = stream.skip_ws(0)
+    return "array" if pos < len(stream.buf) and stream.buf[pos] == "[" else "jsonl"
 
 
 def json_file_kind(f: IO[bytes], path: str) -> str:

@@ -43,6 +43,7 @@ from sftmix_ray.data.json_stream import (
     NotRows,
     iter_json_array,
     json_file_kind,
+    json_layout,
     jsonl_lines,
     parse_jsonl_line,
 )
@@ -283,12 +284,10 @@ def iter_file(path: str) -> Iterator[Any]:
         rows = iter_parquet_rows(path)
     elif kind in ("csv", "tsv"):
         rows = iter_delimited_rows(path)
-    elif kind == "json":
-        with open_binary(path) as f:
-            kind = json_file_kind(f, path)
-        rows = _iter_json_array(path) if kind == "array" else _iter_jsonl(path)
     else:
-        rows = _iter_jsonl(path)
+        with open_binary(path) as f:
+            kind = json_layout(f, path, kind)
+        rows = _iter_json_array(path) if kind == "array" else _iter_jsonl(path)
     empty = True
     for row in rows:
         empty = False
@@ -356,15 +355,35 @@ def parquet_file(path: str) -> Any:
         raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
 
 
+def _has_map(schema: Any) -> bool:
+    """Whether an Arrow schema (or type) holds a map anywhere, nested in lists or structs."""
+    import pyarrow as pa
+
+    if isinstance(schema, pa.Schema):
+        return any(_has_map(field.type) for field in schema)
+    if pa.types.is_map(schema):
+        return True
+    if pa.types.is_struct(schema):
+        return any(_has_map(schema.field(i).type) for i in range(schema.num_fields))
+    value_type = getattr(schema, "value_type", None)  # list, large list, fixed-size list
+    return value_type is not None and _has_map(value_type)
+
+
 def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterator[Any]:
     """Rows of a Parquet file (or of some of its row groups), a batch at a time; list and
     struct columns become Python lists and dicts."""
     import pyarrow as pa
 
     pf = parquet_file(path)
+    # Map columns (Spark's default for Python dicts, DuckDB's MAP) as dicts, not Arrow's
+    # default lists of (key, value) pairs, which no turn or tool reader would recognise.
+    # Asked for only where the schema has one: the option may take a slower path.
+    maps = {"maps_as_pydicts": "strict"} if _has_map(pf.schema_arrow) else {}
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=row_groups):
-            yield from batch.to_pylist()
+            yield from batch.to_pylist(**maps)
+    except KeyError as exc:  # strict: a map holding one key twice
+        raise DataError(f"{path}: {exc.args[0] if exc.args else exc}") from None
     except (pa.ArrowException, OSError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: not a readable Parquet file: {detail}") from None

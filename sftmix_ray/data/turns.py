@@ -115,18 +115,22 @@ def parse_turn(turn: Any, number: int, fmt: str, text: TextReader) -> tuple[Mess
 
 def _trains(turn: dict[str, Any], number: int) -> bool:
     """False for a turn marked context only: `weight` 0 (Axolotl's sharegpt, SlimOrca's and
-    OpenHermes' dumps; null or 1 train) or `train` false (Axolotl's chat_template)."""
-    weight, train = turn.get("weight"), turn.get("train")
-    if train is False:  # context (a TRL prompt's answers are marked so): its weight is moot
-        return False
+    OpenHermes' dumps; null or 1 train), `train` false (Axolotl's chat_template) or `loss`
+    false (AgentInstruct's and AgentTuning's sharegpt: its few-shot answers; null or true
+    train)."""
+    flags = {key: turn.get(key) for key in ("train", "loss")}
+    if any(flag is False for flag in flags.values()):
+        return False  # context (a TRL prompt's answers are marked so): its weight is moot
+    weight = turn.get("weight")
     if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
         raise RowRejected(f"turn {number} weight must be 0 or 1 (got {weight!r})", "malformed_turn")
-    if train is not None and not isinstance(train, bool):
-        raise RowRejected(
-            f"turn {number} train must be true or false (got {json_type_name(train)})",
-            "malformed_turn",
-        )
-    return weight != 0 and train is not False
+    for key, flag in flags.items():
+        if flag is not None and not isinstance(flag, bool):
+            raise RowRejected(
+                f"turn {number} {key} must be true or false (got {json_type_name(flag)})",
+                "malformed_turn",
+            )
+    return weight != 0
 
 
 def _read_turn(turn: Any, number: int, fmt: str, text: TextReader) -> tuple[Message | None, bool]:
