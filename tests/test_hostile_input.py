@@ -232,6 +232,35 @@ def test_prepare_through_the_cli_loses_no_valid_row(ray_local, tmp_path, capsys)
     assert max(len(x) for x in data.column("input_ids").to_pylist()) == 96  # data.max_length
 
 
+def test_a_row_that_breaks_the_reader_is_an_error_naming_it(ray_local, tmp_path, capsys):
+    """A value no JSON can hold (a Parquet date in a tool call's arguments) broke the
+    tokenization task with a traceback naming neither the file nor the row; through
+    `sftmix-ray prepare` it is now one line naming both, exit 1."""
+    import datetime
+
+    call = {"type": "function", "function": {"name": "book", "arguments": {"day": None}}}
+    rows = [
+        CHAT,
+        {"messages": [{"role": "user", "content": "Book it."},
+                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "content": "booked"},
+                      {"role": "assistant", "content": "Done."}]},
+    ]  # fmt: skip
+    rows[1]["messages"][1]["tool_calls"][0]["function"]["arguments"]["day"] = datetime.date(
+        2024, 1, 2
+    )
+    path = tmp_path / "dates.parquet"
+    pq.write_table(pa.Table.from_pylist([rows[1], rows[0], rows[0]]), path)
+    sets = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
+    code = main(["prepare", "--output-dir", str(tmp_path / "out"), *sets,
+                 f"--set=data.path={path}"])  # fmt: skip
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert code == 1
+    assert last.startswith("sftmix-ray prepare: error: "), err[-2000:]
+    assert f"{path}: row 1: unexpected TypeError" in last and "type date" in last, last
+
+
 def test_unwritable_output_directory_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 from sftmix_ray.data.chunks import Chunk, iter_chunk_located
 from sftmix_ray.data.validation import EXAMPLES_PER_KIND
 from sftmix_ray.errors import DataError, RowRejected
+
+log = logging.getLogger(__name__)
 
 FLUSH_ROWS = 1024
 PREPARED = "prepared"  # a job format: rows of OUT/data (example_id, messages_json), re-tokenized
@@ -172,53 +175,54 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
     error = None
     try:
         for index, raw, where in iter_chunk_located(chunk):
-            if job.fmt == PREPARED:
-                index, side = int(raw["example_id"]), "train"
-            else:
-                side = job.side(index)
-            side_stats = stats[side]
-            side_stats.input += 1
-            applied: list[str] = []
-            try:
+            with _located_errors(where):
                 if job.fmt == PREPARED:
-                    messages = json.loads(raw["messages_json"])
-                    tools = raw.get("tools_json")  # absent from data prepared before tools
-                    tools = json.loads(tools) if tools else None
+                    index, side = int(raw["example_id"]), "train"
                 else:
-                    raw, messages, tools, applied = read_example(
-                        raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row,
-                        history_masked=job.mask_history, reasoning=job.reasoning,
-                        templates=job.templates,
-                    )  # fmt: skip
-            except RowRejected as exc:
-                side_stats.reject(index, exc, invalid=True)
-                rejections[side].append(_rejection_line(index, where, exc))
-                continue
-            try:
-                ids, labels, truncated = tokenize(messages, tools)
-            except RowRejected as exc:
-                side_stats.reject(index, exc, invalid=False)
-                rejections[side].append(_rejection_line(index, where, exc))
-                continue
-            for kind in applied:
-                side_stats.repairs[kind] = side_stats.repairs.get(kind, 0) + 1
-            side_stats.written += 1
-            side_stats.truncated += int(truncated)
-            side_stats.tokens += len(ids)
-            schema = SCHEMAS[PREPARED if job.fmt == PREPARED else side]
-            if side not in writers:
-                writers[side] = _Side(schema, Path(job.dirs[side]) / f"{name}.parquet")
-            answer = raw.get("answer") if isinstance(raw, dict) else None
-            writers[side].add(
-                {
-                    "example_id": index,
-                    "messages_json": json.dumps(messages),
-                    "tools_json": json.dumps(tools) if tools else None,
-                    "answer": answer if isinstance(answer, str) else None,
-                    "input_ids": ids,
-                    "labels": labels,
-                }
-            )
+                    side = job.side(index)
+                side_stats = stats[side]
+                side_stats.input += 1
+                applied: list[str] = []
+                try:
+                    if job.fmt == PREPARED:
+                        messages = json.loads(raw["messages_json"])
+                        tools = raw.get("tools_json")  # absent from data prepared before tools
+                        tools = json.loads(tools) if tools else None
+                    else:
+                        raw, messages, tools, applied = read_example(
+                            raw, job.fmt, job.repair, columns=job.columns, per_row=job.per_row,
+                            history_masked=job.mask_history, reasoning=job.reasoning,
+                            templates=job.templates,
+                        )  # fmt: skip
+                except RowRejected as exc:
+                    side_stats.reject(index, exc, invalid=True)
+                    rejections[side].append(_rejection_line(index, where, exc))
+                    continue
+                try:
+                    ids, labels, truncated = tokenize(messages, tools)
+                except RowRejected as exc:
+                    side_stats.reject(index, exc, invalid=False)
+                    rejections[side].append(_rejection_line(index, where, exc))
+                    continue
+                for kind in applied:
+                    side_stats.repairs[kind] = side_stats.repairs.get(kind, 0) + 1
+                side_stats.written += 1
+                side_stats.truncated += int(truncated)
+                side_stats.tokens += len(ids)
+                schema = SCHEMAS[PREPARED if job.fmt == PREPARED else side]
+                if side not in writers:
+                    writers[side] = _Side(schema, Path(job.dirs[side]) / f"{name}.parquet")
+                answer = raw.get("answer") if isinstance(raw, dict) else None
+                writers[side].add(
+                    {
+                        "example_id": index,
+                        "messages_json": json.dumps(messages),
+                        "tools_json": json.dumps(tools) if tools else None,
+                        "answer": answer if isinstance(answer, str) else None,
+                        "input_ids": ids,
+                        "labels": labels,
+                    }
+                )
     except DataError as exc:
         error = str(exc)
     for writer in writers.values():
@@ -229,6 +233,26 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("".join(lines), encoding="utf-8")
     return {"error": error, **{side: asdict(s) for side, s in stats.items()}}
+
+
+@contextlib.contextmanager
+def _located_errors(where: dict[str, Any]) -> Any:
+    """An exception reading, repairing or tokenizing a row that is neither a rejection nor a
+    DataError (a Parquet date in a tool's arguments that JSON cannot hold, a tokenizer's own
+    crash) becomes a DataError naming the row: one clear line at the driver, where it was
+    the Ray task's traceback without the file or the row. Its traceback stays in the worker's
+    log."""
+    try:
+        yield
+    except (DataError, RowRejected):
+        raise
+    except Exception as exc:
+        file, (unit, number) = where["file"], next((k, v) for k, v in where.items() if k != "file")
+        log.exception("%s: %s %s: unexpected error", file, unit, number)
+        raise DataError(
+            f"{file}: {unit} {number}: unexpected {type(exc).__name__} while reading or "
+            f"tokenizing the row: {exc}"
+        ) from exc
 
 
 def _rejection_line(index: int, where: dict[str, Any], exc: RowRejected) -> str:

@@ -136,8 +136,10 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
                 continue
             row_texts = [m["content"] for m in messages]
             row_texts += [m["reasoning"] for m in messages if m.get("reasoning")]
-            row_texts += [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
-            row_texts += [json.dumps(tools)] if tools else []
+            # Text to learn a vocabulary from (`default=str`: a value JSON cannot hold is
+            # reported, naming its row, by the tokenization task that stores the row).
+            calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+            row_texts += [json.dumps(c, default=str) for c in [*calls, *([tools] if tools else [])]]
             texts.extend(row_texts)
             kept += 1
             chars += sum(map(len, row_texts))
