@@ -363,11 +363,11 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
     elif all(exchanges := [_is_exchange(turn) for turn in turns]):
         # Capybara's shape (LDJnr's sets): each item one exchange, its `input` asked and its
         # `output` answered; read as a user turn and an assistant turn (with the exchange's
-        # `weight`/`train` mark, if any), numbered on as turns.
+        # `weight`/`train`/`loss` mark, if any), numbered on as turns.
         role_key, content_key = TURN_KEYS[fmt][0]
         expanded: list[Any] = []
         for turn in turns:
-            marks = {k: turn[k] for k in ("weight", "train") if turn.get(k) is not None}
+            marks = {k: turn[k] for k in ("weight", "train", "loss") if turn.get(k) is not None}
             expanded.append({role_key: "user", content_key: turn["input"]})
             expanded.append({role_key: "assistant", content_key: turn["output"], **marks})
         turns = expanded
@@ -415,7 +415,8 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
     check_order(numbered)
     if all(m.get("train") is False for _, m in numbered if m["role"] == "assistant"):
         raise RowRejected(
-            "no assistant turn is trained (every one is marked weight 0 or train false)",
+            "no assistant turn is trained (every one is marked weight 0, train false or loss "
+            "false)",
             "no_trained_turn",
         )
     return name_tool_results([message for _, message in numbered])
@@ -458,7 +459,7 @@ def mask_history(messages: list[Message]) -> list[Message]:
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if messages[last].get("train") is False:
         raise RowRejected(
-            "the last assistant turn is marked not to train (weight 0 or train false) and "
+            "the last assistant turn is marked not to train (weight 0, train or loss false) and "
             "data.mask_history trains no other",
             "no_trained_turn",
         )
