@@ -181,7 +181,7 @@ def test_loss_false_answers_are_context_through_the_tokenization_task(tokenizer,
     assert "turn 4 loss must be true or false (got string)" in rejection["reason"]
     # An {input, output} exchange (Capybara's shape) keeps its mark on its answer.
     exchanges = {"messages": [{"input": "q", "output": "a", "loss": False},
-                                  {"input": "q2", "output": "b"}]}  # fmt: skip
+                              {"input": "q2", "output": "b"}]}  # fmt: skip
     messages = normalize_example(exchanges, "messages")[0]
     assert [m.get("train", True) for m in messages] == [True, False, True, True]
 
