@@ -689,6 +689,41 @@ def test_capybara_exchanges_read_as_turns(tmp_path, capsys, tokenizer):
         detect_format(rows)
 
 
+def test_firefly_exchanges_read_as_turns(tmp_path, capsys, tokenizer):
+    """Firefly's rows (YeungNLP's MOSS and UltraChat sets: `conversation`, a list of
+    `{human, assistant}` exchanges), mapped as Capybara's are: each exchange a user and an
+    assistant turn, through `validate-data` and the tokenization task's labels."""
+    from sftmix_ray.data.chunk_worker import ChunkJob, process_chunk
+    from sftmix_ray.data.chunks import plan_chunks
+
+    rows = [
+        {"conversation_id": 1, "category": "Brainstorming", "num_turn": 2, "conversation": [
+            {"human": "Name a colour.", "assistant": "Red."},
+            {"human": "Another one?", "assistant": "Blue."}]},
+        {"conversation_id": 2, "conversation": [  # an exchange beside a turn: no known shape
+            {"human": "Why?", "assistant": "Because."}, {"role": "user", "content": "Why?"}]},
+    ]  # fmt: skip
+    path = tmp_path / "firefly.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["validate-data", "--data", str(path), "--column", "messages=conversation",
+                 "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and (report["total"], report["valid"]) == (2, 1), report
+    (rejection,) = report["rejections"]
+    assert "turn 1 is an {human, assistant} exchange among turns" in rejection["reason"]
+    dirs = {"train": str(tmp_path / "d")}, {"train": str(tmp_path / "r")}
+    job = ChunkJob(str(path), "messages", "standard", "train", 0, *dirs,
+                   columns={"messages": "conversation"})  # fmt: skip
+    (chunk,), _ = plan_chunks(str(path), hf_split="train", work_dir=tmp_path, parts=1)
+    stats = process_chunk(
+        job, 0, chunk, lambda m, t: tokenize_conversation(tokenizer, m, 512, "turns", t)
+    )
+    assert (stats["train"]["written"], stats["train"]["rejected"]) == (1, 1)
+    data = pq.read_table(tmp_path / "d")
+    ids, labels = (data.column(c)[0].as_py() for c in ("input_ids", "labels"))
+    assert trained_runs(tokenizer, ids, labels) == ["Red.<|im_end|>\n", "Blue.<|im_end|>\n"]
+
+
 # -------------------------------------------------------------------------------- columns
 
 

@@ -360,21 +360,22 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
             {role_key: "user" if i % 2 == 0 else "assistant", content_key: turn}
             for i, turn in enumerate(turns)
         ]
-    elif all(exchanges := [_is_exchange(turn) for turn in turns]):
-        # Capybara's shape (LDJnr's sets): each item one exchange, its `input` asked and its
-        # `output` answered; read as a user turn and an assistant turn (with the exchange's
-        # `weight`/`train`/`loss` mark, if any), numbered on as turns.
+    elif None not in (exchanges := [_exchange_keys(turn) for turn in turns]):
+        # Capybara's shape (LDJnr's sets), or Firefly's (MOSS and UltraChat as YeungNLP
+        # published them): each item one exchange, its `input` (`human`) asked and its `output`
+        # (`assistant`) answered; read as a user turn and an assistant turn (with the
+        # exchange's `weight`/`train`/`loss` mark, if any), numbered on as turns.
         role_key, content_key = TURN_KEYS[fmt][0]
         expanded: list[Any] = []
-        for turn in turns:
+        for turn, (asked, answered) in zip(turns, exchanges):
             marks = {k: turn[k] for k in ("weight", "train", "loss") if turn.get(k) is not None}
-            expanded.append({role_key: "user", content_key: turn["input"]})
-            expanded.append({role_key: "assistant", content_key: turn["output"], **marks})
+            expanded.append({role_key: "user", content_key: turn[asked]})
+            expanded.append({role_key: "assistant", content_key: turn[answered], **marks})
         turns = expanded
-    elif True in exchanges:
-        number = exchanges.index(True) + 1
+    elif any(exchanges):
+        number, (asked, answered) = next((i + 1, e) for i, e in enumerate(exchanges) if e)
         raise RowRejected(
-            f"turn {number} is an {{input, output}} exchange among turns with roles "
+            f"turn {number} is an {{{asked}, {answered}}} exchange among turns with roles "
             "(a row holds one or the other)",
             "malformed_turn",
         )
@@ -425,14 +426,16 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
 _TURN_FIELDS = frozenset(key for pairs in TURN_KEYS.values() for pair in pairs for key in pair)
 
 
-def _is_exchange(turn: Any) -> bool:
-    """An `{input, output}` exchange (Capybara), not a turn (a union's null role keys aside)."""
-    return (
-        isinstance(turn, dict)
-        and "input" in turn
-        and "output" in turn
-        and all(turn.get(key) is None for key in _TURN_FIELDS)
-    )
+# An exchange's (asked, answered) keys: Capybara's, Firefly's.
+_EXCHANGE_KEYS = (("input", "output"), ("human", "assistant"))
+
+
+def _exchange_keys(turn: Any) -> tuple[str, str] | None:
+    """The keys of an exchange (Capybara's `{input, output}`, Firefly's `{human, assistant}`),
+    or None for a turn (a union's null role keys aside) or anything else."""
+    if not isinstance(turn, dict) or any(turn.get(key) is not None for key in _TURN_FIELDS):
+        return None
+    return next((pair for pair in _EXCHANGE_KEYS if pair[0] in turn and pair[1] in turn), None)
 
 
 def _json_list(value: Any, what: str) -> Any:
