@@ -369,6 +369,13 @@ def test_parquet_map_columns_read_as_objects(tmp_path: Path) -> None:
     data_error(bad, "duplicate key was 'from'")
 
 
+def test_parquet_date_python_cannot_hold_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "dates.parquet"
+    pq.write_table(pa.table({"instruction": ["a"], "output": ["b"],
+                             "day": pa.array([2**31 - 1], pa.date32())}), path)  # fmt: skip
+    data_error(path, "a value Python cannot hold")
+
+
 # --- compressed files, CSV and TSV ----------------------------------------------------------
 
 PLAIN = [
@@ -404,6 +411,7 @@ def _compressed(name: str, text: str) -> bytes:
     [
         ("c.jsonl.gz", jsonl(PLAIN), "line"),
         ("c.json.bz2", json.dumps(PLAIN), "element"),
+        ("c.jsonl.gz", json.dumps(PLAIN), "element"),  # an array, decompressed then rewritten
         ("c.ndjson.xz", jsonl(PLAIN), "line"),
         ("c.csv", _delimited(PLAIN, ","), "row"),
         ("c.tsv.gz", _delimited(PLAIN, "\t"), "row"),

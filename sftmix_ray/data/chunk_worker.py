@@ -209,20 +209,20 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
                 side_stats.written += 1
                 side_stats.truncated += int(truncated)
                 side_stats.tokens += len(ids)
-                schema = SCHEMAS[PREPARED if job.fmt == PREPARED else side]
-                if side not in writers:
-                    writers[side] = _Side(schema, Path(job.dirs[side]) / f"{name}.parquet")
                 answer = raw.get("answer") if isinstance(raw, dict) else None
-                writers[side].add(
-                    {
-                        "example_id": index,
-                        "messages_json": json.dumps(messages),
-                        "tools_json": json.dumps(tools) if tools else None,
-                        "answer": answer if isinstance(answer, str) else None,
-                        "input_ids": ids,
-                        "labels": labels,
-                    }
-                )
+                record = {
+                    "example_id": index,
+                    "messages_json": json.dumps(messages),
+                    "tools_json": json.dumps(tools) if tools else None,
+                    "answer": answer if isinstance(answer, str) else None,
+                    "input_ids": ids,
+                    "labels": labels,
+                }
+            # Outside: a full disk is the output's problem, not the row's.
+            if side not in writers:
+                schema = SCHEMAS[PREPARED if job.fmt == PREPARED else side]
+                writers[side] = _Side(schema, Path(job.dirs[side]) / f"{name}.parquet")
+            writers[side].add(record)
     except DataError as exc:
         error = str(exc)
     for writer in writers.values():
@@ -237,11 +237,12 @@ def process_chunk(job: ChunkJob, chunk_no: int, chunk: Chunk, tokenize: Any) -> 
 
 @contextlib.contextmanager
 def _located_errors(where: dict[str, Any]) -> Any:
-    """An exception reading, repairing or tokenizing a row that is neither a rejection nor a
-    DataError (a Parquet date in a tool's arguments that JSON cannot hold, a tokenizer's own
-    crash) becomes a DataError naming the row: one clear line at the driver, where it was
-    the Ray task's traceback without the file or the row. Its traceback stays in the worker's
-    log."""
+    """An exception reading a parsed row into messages, repairing or tokenizing it that is
+    neither a rejection nor a DataError (a Parquet date in a tool's arguments that JSON cannot
+    hold, a tokenizer's own crash) becomes a DataError naming the row: one clear line at the
+    driver, where it was the Ray task's traceback without the file or the row. Its traceback
+    stays in the worker's log. (Parsing the file is the readers' concern: their errors are
+    DataErrors already; writing the output is not the row's.)"""
     try:
         yield
     except (DataError, RowRejected):

@@ -114,7 +114,8 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
                 kind = json_layout(f, file, kind)
             if kind == "array":  # one element per line: line n is element n
                 named = {"source": named.get("source", file), "unit": "element"}
-                file = _array_to_jsonl(file, work_dir / f"{number:05d}.jsonl")
+                # Its own name: a decompressed `.jsonl` copy may sit at `{number}.jsonl`.
+                file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl")
                 kind = "jsonl"
         planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
         for chunk in planned:

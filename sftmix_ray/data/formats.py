@@ -367,7 +367,8 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
         # exchange's `weight`/`train`/`loss` mark, if any), numbered on as turns.
         role_key, content_key = TURN_KEYS[fmt][0]
         expanded: list[Any] = []
-        for turn, (asked, answered) in zip(turns, exchanges):
+        for turn, keys in zip(turns, exchanges):
+            asked, answered = keys or ("input", "output")  # never None here (checked above)
             marks = {k: turn[k] for k in ("weight", "train", "loss") if turn.get(k) is not None}
             expanded.append({role_key: "user", content_key: turn[asked]})
             expanded.append({role_key: "assistant", content_key: turn[answered], **marks})

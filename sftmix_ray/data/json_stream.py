@@ -61,6 +61,8 @@ def parse_jsonl_line(path: str, line: int, text: str) -> Any:
     except json.JSONDecodeError as exc:
         where = f"line {line}, column {exc.colno}"
         raise DataError(f"{path}: invalid JSON at {where}: {exc.msg}") from None
+    except ValueError as exc:  # a number Python will not convert (over 4300 digits)
+        raise DataError(f"{path}: unreadable JSON at line {line}: {exc}") from None
     except RecursionError:
         raise DataError(f"{path}: invalid JSON at line {line}: nested too deeply") from None
 
@@ -133,6 +135,9 @@ class _TextStream:
                 size *= 2
             except RecursionError:
                 raise DataError(f"{self.path}: invalid JSON: nested too deeply") from None
+            except ValueError as exc:  # a number Python will not convert (over 4300 digits)
+                line, col = self.where(pos)
+                raise DataError(f"{self.path}: line {line}, column {col}: {exc}") from None
 
     def drop(self, pos: int) -> None:
         """Forget buf[:pos], keeping the line and column of the new start."""

@@ -384,6 +384,8 @@ def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterato
             yield from batch.to_pylist(**maps)
     except KeyError as exc:  # strict: a map holding one key twice
         raise DataError(f"{path}: {exc.args[0] if exc.args else exc}") from None
+    except (OverflowError, ValueError) as exc:  # a date or time Python cannot hold
+        raise DataError(f"{path}: a value Python cannot hold: {exc}") from None
     except (pa.ArrowException, OSError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
