@@ -209,3 +209,40 @@ def test_a_chunk_whose_worker_always_dies_fails_naming_its_rows(
     assert stage["status"] == "failed" and stage["error"] == message
     assert not (out / "data").exists()
     assert not list(out.rglob(".chunk-attempts*"))
+
+
+def test_once_a_chunk_gives_up_the_chunks_still_to_run_return_its_error_unrun(tmp_path: Path):
+    """`prepare_chunks`, the tokenization task, in this process: a chunk whose runs died more
+    than `data.max_retries` times returns its error and records it; a chunk run after that
+    returns the same error without loading the tokenizer or reading a row (the tokenizer path
+    does not exist: loading it would raise). A worker that dies loading the tokenizer thus
+    costs `max_retries + 1` deaths for the stage, not for each of its chunks."""
+    from sftmix_ray.data.chunk_worker import GIVEN_UP, ChunkJob, attempt_marker, prepare_chunks
+    from sftmix_ray.data.chunks import plan_chunks
+
+    corpus = tmp_path / "corpus"  # two files: two chunks
+    corpus.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (corpus / name).write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    chunks, _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=2)
+    assert len(chunks) == 2
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    job = ChunkJob(str(corpus), "alpaca", "standard", "train", 0,
+                   {"train": str(tmp_path / "d")}, {"train": str(tmp_path / "r")})  # fmt: skip
+
+    def run(chunk_no: int) -> dict:
+        batch = {"job": [0], "chunk_no": [chunk_no], "chunk": [chunks[chunk_no].to_json()]}
+        (stats,) = prepare_chunks(
+            batch, [job], str(tmp_path / "no-tokenizer"), 64, "turns",
+            attempts_dir=str(attempts), max_retries=1,
+        )["stats"]  # fmt: skip
+        return json.loads(stats)
+
+    attempt_marker(str(attempts), 0).write_text("101\n102\n")  # two runs that died
+    first = run(0)
+    assert "died in each of its 2 runs (data.max_retries=1)" in first["error"]
+    assert (attempts / GIVEN_UP).read_text() == first["error"]
+    second = run(1)
+    assert second["error"] == first["error"] and second["train"]["input"] == 0
+    assert not (tmp_path / "d").exists()

@@ -313,6 +313,31 @@ def attempt_marker(attempts_dir: str, chunk_no: int) -> Path:
     return Path(attempts_dir) / f"chunk-{chunk_no:06d}"
 
 
+GIVEN_UP = "given-up"  # in the attempts directory: the error of a chunk that gave up
+
+
+def _given_up(attempts_dir: str | None) -> str | None:
+    """The error of a chunk of this `prepare` that gave up (its worker died too often), if
+    one did: the stage fails with it, so the chunks still to run return it unrun instead of
+    working on (or dying) for nothing."""
+    if attempts_dir is None:
+        return None
+    try:
+        return (Path(attempts_dir) / GIVEN_UP).read_text(encoding="utf-8") or None
+    except FileNotFoundError:
+        return None
+
+
+def _give_up(attempts_dir: str | None, error: str) -> None:
+    """Record a chunk's give-up for the chunks still to run (atomically: another task may be
+    reading it; of two at once, either one's error is reported)."""
+    if attempts_dir is None:
+        return
+    part = Path(attempts_dir) / f"{GIVEN_UP}.{os.getpid()}"
+    part.write_text(error, encoding="utf-8")
+    os.replace(part, Path(attempts_dir) / GIVEN_UP)
+
+
 def _runs_that_died(marker: Path | None) -> int:
     if marker is None or not marker.exists():
         return 0
@@ -334,6 +359,11 @@ def _marked_run(marker: Path | None) -> Any:
         marker.unlink(missing_ok=True)
 
 
+def unrun(error: str) -> dict[str, Any]:
+    """A chunk's result when it is not run: `error`, nothing processed."""
+    return {"error": error, **{side: asdict(SideStats()) for side in SIDES}}
+
+
 def died_too_often(job: ChunkJob, chunk: Chunk, runs: int, max_retries: int) -> dict[str, Any]:
     """The chunk's result once its worker process died in `runs` > `max_retries` runs: an
     error naming its corpus, file and rows, and nothing processed. (The tokenizer is loaded
@@ -348,7 +378,7 @@ def died_too_often(job: ChunkJob, chunk: Chunk, runs: int, max_retries: int) -> 
         f"(data.max_retries={max_retries}); a crash or an out-of-memory kill while loading "
         "the tokenizer or tokenizing, often one huge or malformed row in that range"
     )
-    return {"error": error, **{side: asdict(SideStats()) for side in SIDES}}
+    return unrun(error)
 
 
 def prepare_chunks(
@@ -367,7 +397,9 @@ def prepare_chunks(
     crashes its worker every time (or gets it killed for its memory) would hang `prepare`.
     Each run of a chunk is marked in `attempts_dir` (`attempt_marker`, on the storage every
     node shares); a chunk whose worker already died `max_retries + 1` times is not run again
-    but returned as an error naming its rows."""
+    but returned as an error naming its rows, which the chunks still to run then return
+    unrun (`_given_up`): a worker that dies loading the tokenizer would otherwise die that
+    often for each of thousands of chunks before the stage failed."""
     from sftmix_ray.data.tokenize import tokenize_conversation
 
     def tokenize(
@@ -380,9 +412,14 @@ def prepare_chunks(
         job = jobs[int(job_no)]
         located = Chunk.from_json(str(chunk))
         marker = attempt_marker(attempts_dir, int(chunk_no)) if attempts_dir else None
+        if (other := _given_up(attempts_dir)) is not None:
+            results.append(json.dumps(unrun(other)))
+            continue
         died = _runs_that_died(marker)
         if died > max_retries:
-            results.append(json.dumps(died_too_often(job, located, died, max_retries)))
+            failed = died_too_often(job, located, died, max_retries)
+            _give_up(attempts_dir, failed["error"])
+            results.append(json.dumps(failed))
             continue
         with _marked_run(marker):
             _maybe_inject_fault(str(chunk_no))
