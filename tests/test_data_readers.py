@@ -376,6 +376,20 @@ def test_parquet_date_python_cannot_hold_is_an_error_naming_the_file(tmp_path: P
     data_error(path, "a value Python cannot hold")
 
 
+def test_parquet_corrupt_mid_page_is_not_readable_not_a_value(tmp_path: Path) -> None:
+    """A data page whose bytes are garbage (its footer intact) is an unreadable file: pyarrow's
+    ArrowInvalid is a ValueError too, and was reported as a value Python cannot hold."""
+    path = tmp_path / "c.parquet"
+    table = pa.table({"instruction": [f"q{i}" * 50 for i in range(2000)], "output": ["a"] * 2000})
+    pq.write_table(table, path, compression="none", use_dictionary=False)
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    data = bytearray(path.read_bytes())
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    data[middle : middle + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    data_error(path, "not a readable Parquet file")
+
+
 # --- compressed files, CSV and TSV ----------------------------------------------------------
 
 PLAIN = [

@@ -382,13 +382,15 @@ def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterato
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=row_groups):
             yield from batch.to_pylist(**maps)
-    except KeyError as exc:  # strict: a map holding one key twice
-        raise DataError(f"{path}: {exc.args[0] if exc.args else exc}") from None
-    except (OverflowError, ValueError) as exc:  # a date or time Python cannot hold
-        raise DataError(f"{path}: a value Python cannot hold: {exc}") from None
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # first: ArrowInvalid is a ValueError too
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
+    except KeyError as exc:  # strict: a map holding one key twice
+        raise DataError(f"{path}: {exc.args[0] if exc.args else exc}") from None
+    except UnicodeDecodeError as exc:  # a string column whose bytes are not UTF-8
+        raise DataError(f"{path}: a string that is not valid UTF-8: {exc}") from None
+    except (OverflowError, ValueError) as exc:  # a date or time Python cannot hold
+        raise DataError(f"{path}: a value Python cannot hold: {exc}") from None
 
 
 def is_saved_dataset(path: Path) -> bool:
