@@ -212,6 +212,8 @@ def test_json_array_in_dot_jsonl_reads_as_rows(tmp_path: Path, indent: int | Non
     located = [(row, where) for c in chunks for _, row, where in iter_chunk_located(c)]
     assert total == len(ROWS) and [row for row, _ in located] == ROWS
     assert [w for _, w in located] == [{"file": str(path), "element": n} for n in (1, 2, 3, 4)]
+    # Found past a BOM and blank lines longer than one read of the peek (4 KiB).
+    assert read_records(write(tmp_path / "bom.jsonl", "\ufeff" + "\n" * 5000 + "[1]")) == [1]
     # Rows that are arrays are no JSON Lines corpus: one clear error at the second line.
     data_error(write(tmp_path / "rows.jsonl", "[1, 2]\n[3]\n"), "line 2")
 

@@ -353,6 +353,8 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
     turns = typed(_json_list(row[field], f"field {field!r}"), list, f"field {field!r}")
     if not turns:
         raise RowRejected(f"field {field!r} is empty", "empty_conversation")
+    exchanges = [_exchange_keys(turn) for turn in turns]
+    pairs = [keys for keys in exchanges if keys]
     if all(isinstance(turn, str) for turn in turns):
         # LIMA's shape: the turns' texts alone, user and assistant in turn from a user turn.
         role_key, content_key = TURN_KEYS[fmt][0]
@@ -360,21 +362,21 @@ def _normalize_conversation(row: dict[str, Any], fmt: str, text: TextReader) -> 
             {role_key: "user" if i % 2 == 0 else "assistant", content_key: turn}
             for i, turn in enumerate(turns)
         ]
-    elif None not in (exchanges := [_exchange_keys(turn) for turn in turns]):
+    elif len(pairs) == len(turns):
         # Capybara's shape (LDJnr's sets), or Firefly's (MOSS and UltraChat as YeungNLP
         # published them): each item one exchange, its `input` (`human`) asked and its `output`
         # (`assistant`) answered; read as a user turn and an assistant turn (with the
         # exchange's `weight`/`train`/`loss` mark, if any), numbered on as turns.
         role_key, content_key = TURN_KEYS[fmt][0]
         expanded: list[Any] = []
-        for turn, keys in zip(turns, exchanges):
-            asked, answered = keys or ("input", "output")  # never None here (checked above)
+        for turn, (asked, answered) in zip(turns, pairs):
             marks = {k: turn[k] for k in ("weight", "train", "loss") if turn.get(k) is not None}
             expanded.append({role_key: "user", content_key: turn[asked]})
             expanded.append({role_key: "assistant", content_key: turn[answered], **marks})
         turns = expanded
-    elif any(exchanges):
-        number, (asked, answered) = next((i + 1, e) for i, e in enumerate(exchanges) if e)
+    elif pairs:
+        number = next(i + 1 for i, keys in enumerate(exchanges) if keys)
+        asked, answered = pairs[0]
         raise RowRejected(
             f"turn {number} is an {{{asked}, {answered}}} exchange among turns with roles "
             "(a row holds one or the other)",

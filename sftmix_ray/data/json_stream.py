@@ -16,6 +16,7 @@ from sftmix_ray.errors import DataError
 
 UTF8_BOM = b"\xef\xbb\xbf"
 BLOCK = 1 << 20
+PEEK = 4096  # bytes read at a time to find a file's first character
 MAX_ROW_CHARS = 256 << 20  # an incomplete value is read on up to this size before it is an error
 _WS = " \t\n\r"
 
@@ -175,9 +176,15 @@ def json_layout(f: IO[bytes], path: str, kind: str) -> str:
     as rows, and so does this."""
     if kind == "json":
         return json_file_kind(f, path)
-    stream = _TextStream(f, path)
-    pos = stream.skip_ws(0)
-    return "array" if pos < len(stream.buf) and stream.buf[pos] == "[" else "jsonl"
+    # Its first byte past a BOM and whitespace, read a few KiB at a time: planning reads every
+    # file of the corpus, and `_TextStream` would read a whole block (1 MiB) of each.
+    block = f.read(PEEK)
+    block = block[len(UTF8_BOM) :] if block.startswith(UTF8_BOM) else block
+    while block:
+        if body := block.lstrip(b" \t\r\n"):
+            return "array" if body.startswith(b"[") else "jsonl"
+        block = f.read(PEEK)
+    return "jsonl"
 
 
 def json_file_kind(f: IO[bytes], path: str) -> str:

@@ -138,8 +138,9 @@ def tokenizer_sample(plan: CorpusPlan, limit: int = TOKENIZER_SAMPLE_ROWS) -> li
             row_texts += [m["reasoning"] for m in messages if m.get("reasoning")]
             # Text to learn a vocabulary from (`default=str`: a value JSON cannot hold is
             # reported, naming its row, by the tokenization task that stores the row).
-            calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
-            row_texts += [json.dumps(c, default=str) for c in [*calls, *([tools] if tools else [])]]
+            structured = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+            structured += [tools] if tools else []
+            row_texts += [json.dumps(value, default=str) for value in structured]
             texts.extend(row_texts)
             kept += 1
             chars += sum(map(len, row_texts))
