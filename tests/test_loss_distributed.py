@@ -517,6 +517,56 @@ def test_fsdp2_meta_init_loads_the_checkpoint_into_the_shards(tmp_path: Path) ->
     assert_rel(ranks[0]["loss"], float(ref.detach()))
 
 
+UNEVEN_ROWS = (1, 2, 4, 7)  # rows of each Linear's weight: fewer than, and not a multiple of, 3
+
+
+def _uneven_layers() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(*(nn.Linear(5, rows) for rows in UNEVEN_ROWS))
+
+
+def _uneven_scatter_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Three ranks shard layers of 1, 2, 4 and 7 rows (some shards short, some empty) on the
+    meta device; rank 0's weights fill them; every rank gathers every parameter back."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sftmix_ray.train.meta_init import RankZeroWeights, materialize_from_rank0
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    try:
+        with torch.device("meta"):
+            module = _uneven_layers()
+        for layer in module:
+            fully_shard(layer)
+        fully_shard(module)
+        source = _uneven_layers().state_dict() if rank == 0 else {}
+        materialize_from_rank0(module, RankZeroWeights(state=source), torch.device("cpu"))
+        rows = {n: p.to_local().shape[0] for n, p in module.named_parameters()}
+        gathered = {n: p.full_tensor() for n, p in module.named_parameters()}  # collectives
+        torch.save({"rows": rows, "full": gathered}, os.path.join(out_dir, f"uneven-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+@pytest.mark.slow
+def test_rank0_weights_fill_uneven_and_empty_shards(tmp_path: Path) -> None:
+    """The one scatter per parameter puts rank 0's rows where FSDP2's torch.chunk layout wants
+    them on 3 ranks, also for a parameter of fewer rows than ranks (empty shards) and one whose
+    rows do not divide (a short last shard): every rank's gathered tensors equal the source."""
+    spawn_ranks(_uneven_scatter_worker, (str(tmp_path / "pg"), str(tmp_path)), 3)
+    expected = _uneven_layers().state_dict()
+    results = [torch.load(tmp_path / f"uneven-{r}.pt") for r in range(3)]
+    # The layouts the test means to cover: 7 rows -> 3, 3, 1; 1 row -> 1, 0, 0.
+    assert [r["rows"]["3.weight"] for r in results] == [3, 3, 1]
+    assert [r["rows"]["0.weight"] for r in results] == [1, 0, 0]
+    for result in results:
+        assert set(result["full"]) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(result["full"][name], tensor), name
+
+
 def _zero3_loading_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -> None:
     """ZeRO-3 as the loop builds it: the model loaded partition by partition, then wrapped."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank))

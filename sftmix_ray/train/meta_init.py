@@ -73,7 +73,7 @@ def materialize_from_rank0(
     for name, param in module.named_parameters():
         full = _source(weights.state, name, prefix) if rank == 0 else None
         if _is_row_sharded(param):
-            _scatter_rows(param.to_local(), full, rank, world, device)
+            _scatter_rows(param, full, rank, world)
         else:
             _broadcast_into(_local(param), full, rank)
     for name, buffer in module.named_buffers():
@@ -103,27 +103,33 @@ def _is_row_sharded(value: Any) -> bool:
     )
 
 
-def _scatter_rows(
-    local: torch.Tensor, full: torch.Tensor | None, rank: int, world: int, device: torch.device
-) -> None:
-    """Rank r's rows of `full` (torch.chunk over dim 0, as FSDP2 shards) into its `local`."""
+def _scatter_rows(param: Any, full: torch.Tensor | None, rank: int, world: int) -> None:
+    """Rank r's rows of `full` (torch.chunk over dim 0, as FSDP2 shards) into its local shard.
+
+    One `dist.scatter` of equal parts (the rows padded to `world` parts of ceil(n / world)),
+    a collective on the process group's own communicator. Point-to-point sends under NCCL
+    would open a communicator of its own for every (rank 0, peer) pair, kept for the whole
+    run: 63 on rank 0 of a 64-GPU job, each with its own GPU buffers, where rank 0 is already
+    the rank with the least to spare."""
+    local = param.to_local()
+    rows = param.shape[0]  # the global shape: every rank knows the part size without rank 0
+    if rows == 0:
+        return
+    size = -(-rows // world)
+    whole_part = local.shape[0] == size and local.is_contiguous()
+    part = local if whole_part else local.new_empty((size, *local.shape[1:]))
+    parts = None
     if rank == 0:
         assert full is not None
-        chunks = torch.chunk(full.detach(), world, dim=0)
-        sends = []
-        for peer in range(1, world):
-            if peer < len(chunks) and chunks[peer].numel():
-                chunk = chunks[peer].to(device=device, dtype=local.dtype).contiguous()
-                sends.append((dist.isend(chunk, dst=peer), chunk))  # alive until sent
-        if local.numel():
-            local.copy_(chunks[0])
-        for work, _ in sends:
-            work.wait()
-    elif local.numel():
-        target = local if local.is_contiguous() else torch.empty_like(local)
-        dist.recv(target, src=0)
-        if target is not local:
-            local.copy_(target)
+        if rows < size * world:  # the last parts are short or empty: pad them to `size` rows
+            source = local.new_zeros((size * world, *local.shape[1:]))
+            source[:rows].copy_(full.detach())
+        else:
+            source = full.detach().to(device=local.device, dtype=local.dtype).contiguous()
+        parts = list(source.chunk(world, dim=0))
+    dist.scatter(part, parts, src=0)
+    if not whole_part and local.numel():
+        local.copy_(part[: local.shape[0]])
 
 
 def _broadcast_into(target: torch.Tensor, full: torch.Tensor | None, rank: int) -> None:
