@@ -319,6 +319,7 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
             }
             results["registered"] = (float(value) / WORLD, full)
         results["lora"] = _zero3_lora(rank, out_dir)
+        results["masters"] = _zero3_bf16_masters(rank, out_dir)
         # The CPU backend came up without compiling DeepSpeed's shared-memory op.
         shm_op = repr(deepspeed.comm.comm.cdb.shm_comm_op)
         results["shm"] = (skipped, shm_op, skip_cpu_shm_comm_build())
@@ -395,6 +396,47 @@ def _zero3_lora(rank: int, out_dir: str) -> dict[str, object]:
             "before": before, "restored": restored, "refused": refused}  # fmt: skip
 
 
+def _zero3_bf16_masters(rank: int, out_dir: str) -> dict[str, object]:
+    """ZeRO-3 with bf16 (a user's DeepSpeed JSON) trained 2 steps: the consolidated weights as
+    a bf16 export takes them, and as an fp32 export does (`masters`)."""
+    import json
+
+    from sftmix_ray.config import TrainConfig
+    from sftmix_ray.train.forward import CausalLMWithLoss
+    from sftmix_ray.train.strategies import DeepSpeedStrategy
+
+    config = Path(out_dir) / f"zero3-bf16-{rank}.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
+    train = TrainConfig(
+        strategy="deepspeed", deepspeed_config=str(config), per_device_train_batch_size=2,
+        learning_rate=1e-3, max_grad_norm=0.0,
+    )  # fmt: skip
+    strategy = DeepSpeedStrategy(CausalLMWithLoss(_tiny_llama(), NTPLoss()), train, 4)
+    data, rows = _llama_batch(), [rank, 2 + rank]
+    counts = strategy.wrapper.loss.normalizer_counts(data["labels"][rows])
+    dist.all_reduce(counts)
+    for _ in range(2):
+        loss, _ = strategy.module(
+            data["ids"][rows], data["mask"][rows], data["labels"][rows], normalizers=counts / WORLD
+        )
+        strategy.backward(loss)
+        strategy.step()
+    return {"copies": strategy.full_state_dict(), "masters": strategy.full_state_dict(masters=True)}
+
+
+def _assert_masters(masters: dict, copies: dict, trained: list[str]) -> None:
+    """`masters` are DeepSpeed's fp32 master weights of the bf16 `copies`: each copy is its
+    master's rounding, and the masters hold what that rounding loses (values bf16 cannot hold
+    in every entry that trained; the embedding's rows of tokens no batch held did not)."""
+    assert set(masters) == set(copies)
+    lost = []
+    for key in trained:
+        assert masters[key].dtype == torch.float32, key
+        assert torch.equal(masters[key].to(torch.bfloat16), copies[key].to(torch.bfloat16)), key
+        lost.append(float((masters[key] != masters[key].to(torch.bfloat16).float()).float().mean()))
+    assert min(lost) > 0.2 and sorted(lost)[1] > 0.9, lost
+
+
 @pytest.mark.slow
 def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> None:
     """ZeRO-3 gathers the registered head once per pass, whatever each rank's chunk count."""
@@ -436,6 +478,9 @@ def test_wrapper_under_deepspeed_zero3_matches_one_process(tmp_path: Path) -> No
         torch.testing.assert_close(value, got["exported"][name])
     assert "LM head must be a plain linear layer" in got["refused"]
     assert "base_layer" in got["refused"] and "target_modules" in got["refused"]
+    # ZeRO-3 with bf16: an fp32 export gathers the fp32 masters, not the bf16 partitions.
+    trained = [n for n, _ in wrapper.model.named_parameters()]
+    _assert_masters(results["masters"]["masters"], results["masters"]["copies"], trained)
 
 
 def _global_loss(module: nn.Module, loss: SFTMixLoss, rank: int) -> float:
@@ -916,6 +961,8 @@ def _bf16_loading(out_dir: Path, data: dict, total: torch.Tensor) -> dict:
             losses.append(float(loss.detach()))
         result[f"{name}/losses"] = losses
         result[f"{name}/state"] = strategy.full_state_dict()
+    result["bf16/masters"] = strategy.full_state_dict(masters=True)  # an fp32 export's weights
+    result["trained"] = [n.removeprefix("model.") for n, _ in strategy.wrapper.named_parameters()]
     return result
 
 
@@ -936,6 +983,8 @@ def test_deepspeed_accumulation_does_not_divide_the_gradient_again(tmp_path: Pat
     assert loading["bf16/losses"][2] < loading["bf16/losses"][0]  # it trains
     for key, value in loading["fp32/state"].items():
         assert torch.equal(loading["bf16/state"][key], value), key
+    # An fp32 export of ZeRO-2 with bf16 takes the fp32 masters (it took the bf16 copies).
+    _assert_masters(loading["bf16/masters"], loading["fp32/state"], loading["trained"])
 
 
 def test_load_dtype_follows_the_deepspeed_precision(tmp_path: Path, monkeypatch) -> None:

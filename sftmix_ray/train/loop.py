@@ -375,7 +375,9 @@ class TrainWorker:
         if self.train_cfg.lora.r > 0:
             self._export_lora(target, adapter)
             return
-        state = self.strategy.full_state_dict()
+        # An fp32 export of a bf16 DeepSpeed run takes the fp32 master weights, not the copies.
+        masters = export_dtype(self.train_cfg) == torch.float32
+        state = self.strategy.full_state_dict(masters=masters)
         if self.rank != 0 or target is None:
             return
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -404,7 +406,8 @@ class TrainWorker:
         """A LoRA run's export: only the adapter's weights are gathered (the base did not
         change); rank 0 reloads the base from its checkpoint, puts the adapter on it, saves the
         adapter and the merged model (merged in fp32, written in `train.export_dtype`)."""
-        trained = self.strategy.full_state_dict(trainable_only=True)
+        # The adapter's fp32 masters: it is merged in fp32 (small: the adapter alone).
+        trained = self.strategy.full_state_dict(trainable_only=True, masters=True)
         if self.rank != 0:
             return
         from sftmix_ray.modeling import load_model, save_hf

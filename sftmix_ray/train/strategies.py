@@ -45,6 +45,9 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str) -> Callable[[int],
     return f
 
 
+StateDict = dict[str, torch.Tensor]
+
+
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
 
@@ -139,9 +142,12 @@ class TorchStrategy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(
+        self, trainable_only: bool = False, masters: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         """The whole HF model's weights (or its trained ones only) on rank 0, None elsewhere;
-        a collective call."""
+        a collective call. `masters` asks for the fp32 master weights: DDP's (and FSDP2's)
+        parameters are those already."""
         if _rank() != 0:
             return None
         state = self.wrapper.state_dict()
@@ -237,7 +243,9 @@ class FSDPStrategy(TorchStrategy):
             self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(
+        self, trainable_only: bool = False, masters: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(
@@ -367,7 +375,14 @@ class DeepSpeedStrategy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(
+        self, trainable_only: bool = False, masters: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """The weights on rank 0 (None elsewhere); a collective call. Under bf16 or fp16
+        DeepSpeed's parameters are 16-bit copies of the optimizer's fp32 master weights:
+        `masters` (an fp32 export, a LoRA adapter) takes the trained parameters from the masters
+        instead, where a 16-bit copy has lost every update smaller than its rounding step
+        (1/256 of the weight in bf16: most of a step at the recipe's learning rate of 2e-6)."""
         if self.stage == 3:
             state = self.module._zero3_consolidated_16bit_state_dict(
                 exclude_frozen_parameters=trainable_only
@@ -376,7 +391,29 @@ class DeepSpeedStrategy:
             state = self.wrapper.state_dict() if _rank() == 0 else None
             if state is not None and trainable_only:
                 state = _trainable_only(state, self.frozen)
+        if masters and (self.module.bfloat16_enabled() or self.module.fp16_enabled()):
+            state = self._with_masters(state)
         return _strip_prefix(state) if _rank() == 0 and state is not None else None
+
+    def _with_masters(self, state: StateDict | None) -> StateDict | None:
+        """`state` (rank 0's; None elsewhere) with each trained parameter's fp32 master, under
+        every name it has (tied embeddings). One collective per parameter: each rank holds one
+        whole fp32 parameter at a time (2.1 GB at most at 8B: the 128k x 4096 embedding)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        names: dict[int, list[str]] = {}
+        for name, param in self.wrapper.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for name, param in self.wrapper.named_parameters():
+            if not param.requires_grad:
+                continue
+            master = safe_get_full_fp32_param(param)  # the same call on every rank
+            if master is None:
+                raise RuntimeError(f"DeepSpeed holds no fp32 master weight for {name}")
+            if state is not None:
+                for alias in names[id(param)]:
+                    state[alias] = master.detach().to("cpu")  # the parameter's own shape
+        return state
 
     def save(self, directory: Path) -> None:
         self._save_checkpoint(directory)
