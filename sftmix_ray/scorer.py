@@ -103,12 +103,15 @@ class Scorer:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        # Straight onto the device (`device_map`), not through host memory first: the actors
+        # of a node load at once, and again at every checkpoint (8 x 16 GB of host memory at
+        # 8B in bf16, 8 x 28 GB at 14B, beside the object store).
         model = load_model(
             model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-            attn_implementation=self.attn_implementation,
+            attn_implementation=self.attn_implementation, device_map=self.device,
         )  # fmt: skip
         # The training wrapper knows each model's decoder body and logit scaling/soft-capping.
-        wrapper = CausalLMWithLoss(model.to(self.device).eval(), self.loss)
+        wrapper = CausalLMWithLoss(model.eval(), self.loss)
         self.decoder, self.head = wrapper.decoder(), wrapper.output_head()
         self.chunk_size = self.loss.positions(self.head)
         self.model_path = model_path
