@@ -20,9 +20,9 @@ def collate(
         ids[i, : len(x)], labs[i, : len(y)], mask[i, : len(x)] = x, y, 1
     return {
         "input_ids": torch.from_numpy(ids).to(device),
-        "labels": torch.from_numpy(labs).to(device),
         "attention_mask": torch.from_numpy(mask).to(device),
-        # The host copies: counts and indices read from them cost no device sync.
+        # The labels stay on the host (the losses index the device's hidden states with them),
+        # as do the mask's counts: read from host copies they cost no device sync.
         "labels_host": torch.from_numpy(labs),
         "attention_mask_host": torch.from_numpy(mask),
     }
