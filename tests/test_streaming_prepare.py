@@ -10,6 +10,7 @@ line and column.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -197,3 +198,38 @@ def test_an_object_store_corpus_reads_like_the_local_one(
     assert [r for c in remote for r in iter_chunk(c)] == list(enumerate(expected))
     with pytest.raises(Exception, match="no such file or directory"):
         read_records(f"s3://{BUCKET}/missing.jsonl")
+
+
+def test_an_object_store_file_is_read_in_large_requests(tmp_path, s3_env, monkeypatch, caplog):
+    """A 3 MiB JSON Lines file and a 1-row-group Parquet file on S3 (moto's server, which
+    logs each request): planning and reading make a handful of GETs per file, not one per
+    8 KiB (Python's default buffer: 380 GETs for the JSON Lines file)."""
+    import logging
+
+    from tests.conftest import BUCKET
+
+    env, s3 = s3_env
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    text = "x" * 1000
+    rows = [{"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "y"}]}]
+    data = _jsonl_bytes(rows * 3000)
+    assert len(data) > 3 << 20
+    table = pa.Table.from_pylist(rows * 3000)
+    pq.write_table(table, tmp_path / "b.parquet", compression="none")  # one row group
+    with s3.open_output_stream(f"{BUCKET}/big/a.jsonl") as out:
+        out.write(data)
+    with s3.open_output_stream(f"{BUCKET}/big/b.parquet") as out:
+        out.write((tmp_path / "b.parquet").read_bytes())
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    uri = f"s3://{BUCKET}/big"
+    chunks, total = plan_chunks(uri, hf_split="train", work_dir=tmp_path / "w", parts=2)
+    assert total == 6000
+    read = [row for c in chunks for _, row in iter_chunk(c)]
+    assert read == rows * 6000
+    gets = {name: 0 for name in ("a.jsonl", "b.parquet")}
+    for record in caplog.records:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
+        for name in gets:
+            gets[name] += f'"GET /{BUCKET}/big/{name} ' in line
+    assert 0 < gets["a.jsonl"] <= 8 and 0 < gets["b.parquet"] <= 8, gets
