@@ -203,6 +203,41 @@ def test_directory_of_shards_counts_across_files(tmp_path, capsys):
     assert report["rejections"] == [{"index": 1, "reason": "row is not an object (got null)"}]
 
 
+def test_a_directory_reads_its_subfolders_and_skips_hidden_ones(tmp_path, capsys, caplog):
+    """Shards in subfolders (a dump by month, Hive's `lang=en/`) are rows of the corpus, read
+    in path order: they were skipped without a word. Hidden and `_` folders and files
+    (`.ipynb_checkpoints/`, Spark's `_temporary/`, `_SUCCESS`) are not, and are named."""
+    from sftmix_ray.data.readers import corpus_files, read_records
+
+    corpus = tmp_path / "corpus"
+    for name, rows in {
+        "b.jsonl": [{**GOOD, "id": "b"}],
+        "2024-01/part-0.jsonl": [{**GOOD, "id": "m1"}],
+        "2024-01/part-1.jsonl": [{**GOOD, "id": "m2"}, None],
+        "lang=en/deep/x.jsonl": [{**GOOD, "id": "en"}],
+        ".ipynb_checkpoints/b-checkpoint.jsonl": [{**GOOD, "id": "copy"}],
+        "_temporary/0/part-9.jsonl": [{**GOOD, "id": "partial"}],
+    }.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_bytes(_jsonl(*rows))
+    (corpus / "_SUCCESS").write_bytes(b"")
+    _parquet(corpus / "a.parquet", pa.Table.from_pylist([{**GOOD, "id": "a"}]))
+    expected = ["2024-01/part-0.jsonl", "2024-01/part-1.jsonl", "a.parquet", "b.jsonl"]
+    expected.append("lang=en/deep/x.jsonl")
+    with caplog.at_level("WARNING", logger="sftmix_ray.data.readers"):
+        files = corpus_files(corpus)
+    assert [str(Path(f).relative_to(corpus)) for f in files] == expected
+    assert (
+        "skipped hidden or '_' files and folders: .ipynb_checkpoints/b-checkpoint.jsonl, "
+        "_temporary/0/part-9.jsonl" in caplog.text
+    )
+    ids = [r and r["id"] for r in read_records(corpus)]
+    assert ids == ["m1", "m2", None, "a", "b", "en"]
+    assert main(["validate-data", "--data", str(corpus), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["valid"], report["rejected"]) == (6, 5, 1)
+
+
 def test_prepare_through_the_cli_loses_no_valid_row(ray_local, tmp_path, capsys):
     """The same hostile rows through `sftmix-ray prepare`: every valid row reaches OUT/data, the
     2 MB one cut to data.max_length inside its response (data.truncation=turns, the default;

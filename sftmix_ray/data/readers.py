@@ -108,8 +108,8 @@ def corpus_files(path: str | os.PathLike[str]) -> list[str] | None:
     if is_saved_dataset(local):
         return None  # read by `datasets`, as a Hub dataset is
     if local.is_dir():
-        names = sorted(str(p) for p in local.iterdir() if p.is_file())
-        return _shards(str(local), names)
+        names = [str(p) for p in local.rglob("*") if p.is_file()]
+        return _shards(str(local), _listed(str(local), names))
     if local.is_file():
         return [str(local)]
     if looks_like_hub_id(name):
@@ -125,7 +125,7 @@ def _uri_files(uri: str) -> list[str]:
         fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.Directory:
-            entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         else:
             entries = [info]
     except (OSError, ValueError) as exc:  # pyarrow raises these for bad URIs and I/O
@@ -134,9 +134,34 @@ def _uri_files(uri: str) -> list[str]:
         raise DataError(f"{uri}: no such file or directory")
     scheme = uri.split("://", 1)[0]
     if info.type == pafs.FileType.Directory:
-        names = sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
-        return _shards(uri, names)
+        names = [f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File]
+        return _shards(uri, _listed(uri, names))
     return [uri]
+
+
+def _listed(directory: str, names: list[str]) -> list[str]:
+    """A directory's files at any depth (`2024-01/part-0.jsonl`, Hive's `lang=en/`), as
+    `datasets` and Ray Data read a folder: sorted by their path below it, folder by folder.
+    A hidden or `_` folder or file (`.cache/`, `.ipynb_checkpoints/`, Spark's `_temporary/`
+    and `_SUCCESS`) holds no rows of the corpus: skipped, named in a warning when it looks
+    like data. (Subfolders were skipped without a word, their rows lost.)"""
+    root = directory.rstrip("/")
+    kept: list[tuple[tuple[str, ...], str]] = []
+    skipped = []
+    for name in names:
+        parts = tuple(name[len(root) :].replace(os.sep, "/").strip("/").split("/"))
+        if any(part.startswith((".", "_")) for part in parts):
+            if name.lower().endswith(DIRECTORY_SUFFIXES + UNREAD_SUFFIXES):
+                skipped.append("/".join(parts))
+            continue
+        kept.append((parts, name))
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        log.warning(
+            "%s: skipped hidden or '_' files and folders: %s%s", directory,
+            ", ".join(sorted(skipped)[:3]), more,
+        )  # fmt: skip
+    return [name for _, name in sorted(kept)]
 
 
 def _shards(directory: str, names: list[str]) -> list[str]:
