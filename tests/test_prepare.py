@@ -246,3 +246,44 @@ def test_once_a_chunk_gives_up_the_chunks_still_to_run_return_its_error_unrun(tm
     second = run(1)
     assert second["error"] == first["error"] and second["train"]["input"] == 0
     assert not (tmp_path / "d").exists()
+
+
+def test_after_an_unreadable_line_the_later_chunks_return_its_error_unrun(tmp_path: Path):
+    """`prepare_chunks` in this process over three one-file chunks, the middle file broken at
+    its second line: that chunk notes its error, the chunk after it returns the error without
+    reading a row (its rows would be written), and the chunk before it still runs: the stage
+    reports the first error in corpus order, and stops tokenizing the rest of a large corpus
+    for nothing once one is met."""
+    from sftmix_ray.data.chunk_worker import DATA_ERROR, ChunkJob, prepare_chunks
+    from sftmix_ray.data.chunks import plan_chunks
+    from sftmix_ray.modeling import train_tiny_tokenizer
+
+    row = json.dumps({"instruction": "what is two plus two?", "output": "four"}) + "\n"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in (("a.jsonl", row), ("b.jsonl", row + '{"instruction": \n'), ("c.jsonl", row)):
+        (corpus / name).write_text(text)
+    chunks, _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=3)
+    assert [Path(c.path).name for c in chunks] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    train_tiny_tokenizer([row] * 20, 300).save_pretrained(tmp_path / "tok")
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    job = ChunkJob(str(corpus), "alpaca", "standard", "train", 0,
+                   {"train": str(tmp_path / "d")}, {"train": str(tmp_path / "r")})  # fmt: skip
+
+    def run(chunk_no: int) -> dict:
+        batch = {"job": [0], "chunk_no": [chunk_no], "chunk": [chunks[chunk_no].to_json()]}
+        (stats,) = prepare_chunks(
+            batch, [job], str(tmp_path / "tok"), 64, "turns", attempts_dir=str(attempts)
+        )["stats"]
+        return json.loads(stats)
+
+    broken = run(1)
+    assert "b.jsonl" in broken["error"] and "line 2" in broken["error"], broken["error"]
+    assert (attempts / f"{DATA_ERROR}.1").read_text() == broken["error"]
+    after = run(2)
+    assert after["error"] == broken["error"] and after["train"]["input"] == 0
+    before = run(0)
+    assert before["error"] is None and before["train"]["written"] == 1
+    written = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert written == ["part-00000.parquet", "part-00001.parquet"]  # none for chunk 2

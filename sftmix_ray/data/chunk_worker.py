@@ -338,6 +338,35 @@ def _give_up(attempts_dir: str | None, error: str) -> None:
     os.replace(part, Path(attempts_dir) / GIVEN_UP)
 
 
+DATA_ERROR = "data-error"  # in the attempts directory: `data-error.<chunk>`, its DataError
+
+
+def _note_data_error(attempts_dir: str | None, chunk_no: int, error: str) -> None:
+    """Record that chunk `chunk_no` met an unreadable file (a truncated line, a corrupt page):
+    the stage fails with the first such error in corpus order, so the chunks after it need
+    not run (atomically, as `_give_up`)."""
+    if attempts_dir is None:
+        return
+    part = Path(attempts_dir) / f".{DATA_ERROR}.{chunk_no}.{os.getpid()}"
+    part.write_text(error, encoding="utf-8")
+    os.replace(part, Path(attempts_dir) / f"{DATA_ERROR}.{chunk_no}")
+
+
+def _earlier_data_error(attempts_dir: str | None, chunk_no: int) -> str | None:
+    """The error of the first chunk before `chunk_no` that met an unreadable file, if one
+    did: `prepare` fails with it whatever this chunk holds (chunks before it still run, so
+    the error reported is the first in corpus order). One bad line in a 1M-row corpus failed
+    the stage only once every chunk had been tokenized, for nothing."""
+    if attempts_dir is None:
+        return None
+    noted = []
+    for path in Path(attempts_dir).glob(f"{DATA_ERROR}.*"):
+        number = path.name.removeprefix(f"{DATA_ERROR}.")
+        if number.isdigit() and int(number) < chunk_no:
+            noted.append((int(number), path))
+    return min(noted)[1].read_text(encoding="utf-8") if noted else None
+
+
 def _runs_that_died(marker: Path | None) -> int:
     if marker is None or not marker.exists():
         return 0
@@ -399,7 +428,9 @@ def prepare_chunks(
     node shares); a chunk whose worker already died `max_retries + 1` times is not run again
     but returned as an error naming its rows, which the chunks still to run then return
     unrun (`_given_up`): a worker that dies loading the tokenizer would otherwise die that
-    often for each of thousands of chunks before the stage failed."""
+    often for each of thousands of chunks before the stage failed. Likewise a chunk that
+    meets an unreadable file notes its error, and the chunks after it return it unrun
+    (`_earlier_data_error`)."""
     from sftmix_ray.data.tokenize import tokenize_conversation
 
     def tokenize(
@@ -412,7 +443,8 @@ def prepare_chunks(
         job = jobs[int(job_no)]
         located = Chunk.from_json(str(chunk))
         marker = attempt_marker(attempts_dir, int(chunk_no)) if attempts_dir else None
-        if (other := _given_up(attempts_dir)) is not None:
+        other = _given_up(attempts_dir) or _earlier_data_error(attempts_dir, int(chunk_no))
+        if other is not None:
             results.append(json.dumps(unrun(other)))
             continue
         died = _runs_that_died(marker)
@@ -427,5 +459,7 @@ def prepare_chunks(
             # dies loading it is counted too; outside, Ray would run the task again forever.
             tokenizer = _cached_tokenizer(tokenizer_path, trust, _files_stamp(tokenizer_path))
             stats = process_chunk(job, int(chunk_no), located, tokenize)
+        if stats["error"]:
+            _note_data_error(attempts_dir, int(chunk_no), stats["error"])
         results.append(json.dumps(stats))
     return {"job": batch["job"], "chunk_no": batch["chunk_no"], "stats": results}
