@@ -233,3 +233,30 @@ def test_an_object_store_file_is_read_in_large_requests(tmp_path, s3_env, monkey
         for name in gets:
             gets[name] += f'"GET /{BUCKET}/big/{name} ' in line
     assert 0 < gets["a.jsonl"] <= 8 and 0 < gets["b.parquet"] <= 8, gets
+
+
+def test_a_parquet_file_in_one_row_group_is_cut_into_many_chunks(tmp_path):
+    """pandas and pyarrow write up to 1M rows as one row group, and chunks are cut between row
+    groups: such a file was one task. It is rewritten in row groups of 4096 rows under the
+    work dir and cut like any other; its rows keep their order and name the file as given,
+    with their row numbers in it."""
+    from sftmix_ray.data.chunks import PARQUET_ROW_GROUP
+
+    rows = [{"instruction": f"question {i} " * 5, "output": f"answer {i}"} for i in range(20_000)]
+    path = tmp_path / "one-group.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)  # pyarrow's defaults: one row group
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    chunks, total = plan_chunks(str(path), hf_split="train", work_dir=tmp_path / "w", parts=4)
+    assert total == len(rows) and len(chunks) >= 4, [c.rows for c in chunks]
+    assert {c.source for c in chunks} == {str(path)} and {c.unit for c in chunks} == {"row"}
+    located = [item for c in chunks for item in iter_chunk_located(c)]
+    assert [(index, row) for index, row, _ in located] == list(enumerate(rows))
+    assert located[7000][2] == {"file": str(path), "row": 7001}
+    regrouped = pq.ParquetFile(chunks[0].path).metadata
+    assert regrouped.row_group(0).num_rows == PARQUET_ROW_GROUP
+    # Row groups already small enough are read where they are.
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "small.parquet", row_group_size=2000)
+    small, _ = plan_chunks(
+        str(tmp_path / "small.parquet"), hf_split="train", work_dir=tmp_path / "w2", parts=4
+    )
+    assert {c.path for c in small} == {str(tmp_path / "small.parquet")} and len(small) >= 4
