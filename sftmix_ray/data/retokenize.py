@@ -15,6 +15,7 @@ the earliest history goes first) and counted in the stage summary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -90,11 +91,12 @@ def _retokenize(cfg: Config, source: Path, target: Path, tokenizer_path: str) ->
     stats = run_chunk_jobs([CorpusPlan(str(source), job, chunks, total)], tokenizer_path, cfg,
                            "turns")[0]["train"]  # fmt: skip
     if stats.rejected:
-        lost = [
-            json.loads(line)
+        lines = (
+            line
             for part in sorted(rejections.glob("*.jsonl"))
             for line in part.read_text().splitlines()
-        ][:5]
+        )
+        lost = [json.loads(line) for line in itertools.islice(lines, 5)]  # not all 300k
         first = ", ".join(f"example_id {r['example_id']}: {r['reason']}" for r in lost)
         raise SftmixError(
             f"reference.model '{cfg.reference.model}': {stats.rejected} of {total} rows of "
