@@ -211,21 +211,19 @@ def test_a_chunk_whose_worker_always_dies_fails_naming_its_rows(
     assert not list(out.rglob(".chunk-attempts*"))
 
 
-def test_once_a_chunk_gives_up_the_chunks_still_to_run_return_its_error_unrun(tmp_path: Path):
-    """`prepare_chunks`, the tokenization task, in this process: a chunk whose runs died more
-    than `data.max_retries` times returns its error and records it; a chunk run after that
-    returns the same error without loading the tokenizer or reading a row (the tokenizer path
-    does not exist: loading it would raise). A worker that dies loading the tokenizer thus
-    costs `max_retries + 1` deaths for the stage, not for each of its chunks."""
-    from sftmix_ray.data.chunk_worker import GIVEN_UP, ChunkJob, attempt_marker, prepare_chunks
+def _chunk_task(tmp_path: Path, files: dict[str, str], tokenizer: Path, **task: object):
+    """A one-file-a-chunk alpaca corpus of `files` and a function running the tokenization
+    task (`prepare_chunks`) on its chunk n in this process, returning the chunk's stats; the
+    task's attempts directory. Outputs go to tmp_path/d."""
+    from sftmix_ray.data.chunk_worker import ChunkJob, prepare_chunks
     from sftmix_ray.data.chunks import plan_chunks
 
-    corpus = tmp_path / "corpus"  # two files: two chunks
+    corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for name in ("a.jsonl", "b.jsonl"):
-        (corpus / name).write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
-    chunks, _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=2)
-    assert len(chunks) == 2
+    for name, text in files.items():
+        (corpus / name).write_text(text)
+    chunks, _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=3)
+    assert [Path(c.path).name for c in chunks] == sorted(files)
     attempts = tmp_path / "attempts"
     attempts.mkdir()
     job = ChunkJob(str(corpus), "alpaca", "standard", "train", 0,
@@ -234,11 +232,24 @@ def test_once_a_chunk_gives_up_the_chunks_still_to_run_return_its_error_unrun(tm
     def run(chunk_no: int) -> dict:
         batch = {"job": [0], "chunk_no": [chunk_no], "chunk": [chunks[chunk_no].to_json()]}
         (stats,) = prepare_chunks(
-            batch, [job], str(tmp_path / "no-tokenizer"), 64, "turns",
-            attempts_dir=str(attempts), max_retries=1,
-        )["stats"]  # fmt: skip
+            batch, [job], str(tokenizer), 64, "turns", attempts_dir=str(attempts), **task
+        )["stats"]
         return json.loads(stats)
 
+    return run, attempts
+
+
+def test_once_a_chunk_gives_up_the_chunks_still_to_run_return_its_error_unrun(tmp_path: Path):
+    """`prepare_chunks`, the tokenization task, in this process: a chunk whose runs died more
+    than `data.max_retries` times returns its error and records it; a chunk run after that
+    returns the same error without loading the tokenizer or reading a row (the tokenizer path
+    does not exist: loading it would raise). A worker that dies loading the tokenizer thus
+    costs `max_retries + 1` deaths for the stage, not for each of its chunks."""
+    from sftmix_ray.data.chunk_worker import GIVEN_UP, attempt_marker
+
+    row = json.dumps({"instruction": "q", "output": "a"}) + "\n"  # two files: two chunks
+    files = {"a.jsonl": row, "b.jsonl": row}
+    run, attempts = _chunk_task(tmp_path, files, tmp_path / "no-tokenizer", max_retries=1)
     attempt_marker(str(attempts), 0).write_text("101\n102\n")  # two runs that died
     first = run(0)
     assert "died in each of its 2 runs (data.max_retries=1)" in first["error"]
@@ -254,30 +265,13 @@ def test_after_an_unreadable_line_the_later_chunks_return_its_error_unrun(tmp_pa
     reading a row (its rows would be written), and the chunk before it still runs: the stage
     reports the first error in corpus order, and stops tokenizing the rest of a large corpus
     for nothing once one is met."""
-    from sftmix_ray.data.chunk_worker import DATA_ERROR, ChunkJob, prepare_chunks
-    from sftmix_ray.data.chunks import plan_chunks
+    from sftmix_ray.data.chunk_worker import DATA_ERROR
     from sftmix_ray.modeling import train_tiny_tokenizer
 
     row = json.dumps({"instruction": "what is two plus two?", "output": "four"}) + "\n"
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name, text in (("a.jsonl", row), ("b.jsonl", row + '{"instruction": \n'), ("c.jsonl", row)):
-        (corpus / name).write_text(text)
-    chunks, _ = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=3)
-    assert [Path(c.path).name for c in chunks] == ["a.jsonl", "b.jsonl", "c.jsonl"]
     train_tiny_tokenizer([row] * 20, 300).save_pretrained(tmp_path / "tok")
-    attempts = tmp_path / "attempts"
-    attempts.mkdir()
-    job = ChunkJob(str(corpus), "alpaca", "standard", "train", 0,
-                   {"train": str(tmp_path / "d")}, {"train": str(tmp_path / "r")})  # fmt: skip
-
-    def run(chunk_no: int) -> dict:
-        batch = {"job": [0], "chunk_no": [chunk_no], "chunk": [chunks[chunk_no].to_json()]}
-        (stats,) = prepare_chunks(
-            batch, [job], str(tmp_path / "tok"), 64, "turns", attempts_dir=str(attempts)
-        )["stats"]
-        return json.loads(stats)
-
+    files = {"a.jsonl": row, "b.jsonl": row + '{"instruction": \n', "c.jsonl": row}
+    run, attempts = _chunk_task(tmp_path, files, tmp_path / "tok")
     broken = run(1)
     assert "b.jsonl" in broken["error"] and "line 2" in broken["error"], broken["error"]
     assert (attempts / f"{DATA_ERROR}.1").read_text() == broken["error"]
