@@ -174,3 +174,37 @@ def test_an_incomplete_entry_is_built_again_and_trimming_failures_do_not_stop_a_
     _write(tmp_path / "other", seed=3)
     assert len(open_token_rows(tmp_path / "other", root=root, budget_gb=1e-9)) == 300
     assert "could not trim it" in caplog.text
+
+
+def test_a_build_that_fills_the_disk_leaves_nothing_and_says_what_it_needs(tmp_path, monkeypatch):
+    """A full disk mid-build (ENOSPC from a write): the half-built entry is removed at once
+    (a Ray Train restart would otherwise find the disk full of it), and the error names the
+    cache, the corpus, the space it takes and the setting to change. The next build works."""
+    import errno
+
+    import pytest
+
+    from sftmix_ray.errors import SftmixError
+    from sftmix_ray.train import token_rows
+
+    expected = _write(tmp_path / "data")
+    tokens = sum(len(ids) for ids, _ in expected.values())
+    real = token_rows._batches
+
+    def batches_then_full(files, columns):
+        batches = real(files, columns)
+        yield next(batches)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(token_rows, "_batches", batches_then_full)
+    root = tmp_path / "cache"
+    with pytest.raises(SftmixError) as failed:
+        open_token_rows(tmp_path / "data", root=root)
+    needed = (8 * tokens + 24 * len(expected)) / 2**30
+    message = str(failed.value)
+    assert message.startswith(f"token cache {root.resolve()}: the disk filled while building ")
+    assert f"the token rows of {tmp_path / 'data'}, which take up to {needed:.1f} GB" in message
+    assert "train.token_cache_dir" in message and isinstance(failed.value.__cause__, OSError)
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(token_rows, "_batches", real)
+    assert len(open_token_rows(tmp_path / "data", root=root)) == len(expected)

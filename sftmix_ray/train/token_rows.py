@@ -23,6 +23,7 @@ space comes back when it exits).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sftmix_ray.errors import SftmixError
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,13 @@ def open_token_rows(
             _trim(root, budget_gb)  # room for the new entry first
             tmp = _private_name(root, key)
             tmp.mkdir()
-            _build(source, keep, tmp)
+            try:
+                _build(source, keep, tmp)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)  # a restart must not find it filling
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SftmixError(_disk_full(root, source, keep)) from exc
+                raise
             paths = {"source": str(source.resolve()), "keep": str(keep.resolve()) if keep else None}
             (tmp / SOURCE_FILE).write_text(json.dumps(paths), encoding="utf-8")
             os.replace(tmp, final)
@@ -195,6 +204,29 @@ def open_token_rows(
     if built:
         _trim(root, budget_gb)
     return rows
+
+
+def _disk_full(root: Path, source: Path, keep: Path | None) -> str:
+    """The error of a build that filled the cache's disk: where, how much it needs."""
+    import pyarrow.parquet as pq
+
+    tokens = rows = 0
+    for path in _parquet_files(source):
+        meta = pq.ParquetFile(path).metadata
+        paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        column = next(i for i, path in enumerate(paths) if path.startswith("input_ids."))
+        for group in range(meta.num_row_groups):
+            tokens += meta.row_group(group).column(column).num_values
+            rows += meta.row_group(group).num_rows
+    needed = (8 * tokens + 24 * rows) / 2**30  # input_ids and labels int32; three int64s a row
+    free = shutil.disk_usage(root).free / 2**30
+    part = " (the rows of its split file, fewer)" if keep is not None else ""
+    return (
+        f"token cache {root}: the disk filled while building the token rows of {source}, "
+        f"which take up to {needed:.1f} GB{part}; {free:.1f} GB free now. Point "
+        f"train.token_cache_dir (or ${CACHE_ENV}) at a node-local disk with room, or free "
+        "space there; train.token_cache_gb trims older entries, never the one being built"
+    )
 
 
 def _private_name(root: Path, key: str) -> Path:
