@@ -187,14 +187,16 @@ def test_an_object_store_corpus_reads_like_the_local_one(
     (local / "a.jsonl").write_bytes(_jsonl_bytes(rows[:25]))
     pq.write_table(pa.Table.from_pylist(rows[25:]), local / "b.parquet", row_group_size=10)
     (local / "notes.txt").write_text("not data")
-    for name in ("a.jsonl", "b.parquet", "notes.txt"):
+    (local / "sub").mkdir()  # a subfolder's shard: listed recursively, after b.parquet
+    (local / "sub" / "c.jsonl").write_bytes(_jsonl_bytes(rows[:2]))
+    for name in ("a.jsonl", "b.parquet", "notes.txt", "sub/c.jsonl"):
         with s3.open_output_stream(f"{BUCKET}/corpus/{name}") as out:
             out.write((local / name).read_bytes())
     uri = f"s3://{BUCKET}/corpus"
     expected = read_records(local)
-    assert len(expected) == len(rows) and read_records(uri) == expected
+    assert len(expected) == len(rows) + 2 and read_records(uri) == expected
     remote, total = plan_chunks(uri, hf_split="train", work_dir=tmp_path / "w", parts=4)
-    assert total == len(rows) and len(remote) >= 3
+    assert total == len(rows) + 2 and len(remote) >= 3
     assert [r for c in remote for r in iter_chunk(c)] == list(enumerate(expected))
     with pytest.raises(Exception, match="no such file or directory"):
         read_records(f"s3://{BUCKET}/missing.jsonl")

@@ -135,7 +135,8 @@ def _uri_files(uri: str) -> list[str]:
     scheme = uri.split("://", 1)[0]
     if info.type == pafs.FileType.Directory:
         names = [f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File]
-        return _shards(uri, _listed(uri, names))
+        # Paths below the listed root as pyarrow names it (a URI may carry a query).
+        return _shards(uri, _listed(f"{scheme}://{root}", names))
     return [uri]
 
 
