@@ -203,39 +203,38 @@ def test_directory_of_shards_counts_across_files(tmp_path, capsys):
     assert report["rejections"] == [{"index": 1, "reason": "row is not an object (got null)"}]
 
 
-def test_a_directory_reads_its_subfolders_and_skips_hidden_ones(tmp_path, capsys, caplog):
-    """Shards in subfolders (a dump by month, Hive's `lang=en/`) are rows of the corpus, read
-    in path order: they were skipped without a word. Hidden and `_` folders and files
-    (`.ipynb_checkpoints/`, Spark's `_temporary/`, `_SUCCESS`) are not, and are named."""
-    from sftmix_ray.data.readers import corpus_files, read_records
+def test_a_directory_names_the_subfolders_it_does_not_read(tmp_path, capsys, caplog, monkeypatch):
+    """A corpus directory's own files are its shards, in name order, hidden and `_` ones too;
+    its subfolders are not read (one may hold the held-out rows, another split, or a run's
+    OUT) but named in a warning: a dump kept by month was skipped without a word. Hidden and
+    `_` folders (`.ipynb_checkpoints/`, Spark's `_temporary/`) are not named."""
+    from sftmix_ray.data.readers import corpus_files
 
     corpus = tmp_path / "corpus"
     for name, rows in {
-        "b.jsonl": [{**GOOD, "id": "b"}],
+        "b.jsonl": [{**GOOD, "id": "b"}, None],
+        "_part.jsonl": [{**GOOD, "id": "_"}],
         "2024-01/part-0.jsonl": [{**GOOD, "id": "m1"}],
-        "2024-01/part-1.jsonl": [{**GOOD, "id": "m2"}, None],
-        "lang=en/deep/x.jsonl": [{**GOOD, "id": "en"}],
+        "lang=en/x.jsonl": [{**GOOD, "id": "en"}],
         ".ipynb_checkpoints/b-checkpoint.jsonl": [{**GOOD, "id": "copy"}],
         "_temporary/0/part-9.jsonl": [{**GOOD, "id": "partial"}],
     }.items():
         (corpus / name).parent.mkdir(parents=True, exist_ok=True)
         (corpus / name).write_bytes(_jsonl(*rows))
-    (corpus / "_SUCCESS").write_bytes(b"")
     _parquet(corpus / "a.parquet", pa.Table.from_pylist([{**GOOD, "id": "a"}]))
-    expected = ["2024-01/part-0.jsonl", "2024-01/part-1.jsonl", "a.parquet", "b.jsonl"]
-    expected.append("lang=en/deep/x.jsonl")
     with caplog.at_level("WARNING", logger="sftmix_ray.data.readers"):
         files = corpus_files(corpus)
-    assert [str(Path(f).relative_to(corpus)) for f in files] == expected
+    assert [Path(f).name for f in files] == ["_part.jsonl", "a.parquet", "b.jsonl"]
     assert (
-        "skipped hidden or '_' files and folders: .ipynb_checkpoints/b-checkpoint.jsonl, "
-        "_temporary/0/part-9.jsonl" in caplog.text
+        f"{corpus}: its subfolders are not read (2024-01/, lang=en/); name a folder as "
+        "data.path to read it" in caplog.text
     )
-    ids = [r and r["id"] for r in read_records(corpus)]
-    assert ids == ["m1", "m2", None, "a", "b", "en"]
     assert main(["validate-data", "--data", str(corpus), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["total"], report["valid"], report["rejected"]) == (6, 5, 1)
+    assert (report["total"], report["valid"], report["rejected"]) == (4, 3, 1)
+    # The current directory as data.path: its files, none lost to their names.
+    monkeypatch.chdir(corpus)
+    assert corpus_files(".") == ["_part.jsonl", "a.parquet", "b.jsonl"]
 
 
 def test_prepare_through_the_cli_loses_no_valid_row(ray_local, tmp_path, capsys):

@@ -203,7 +203,8 @@ def test_a_build_that_fills_the_disk_leaves_nothing_and_says_what_it_needs(tmp_p
     needed = (8 * tokens + 24 * len(expected)) / 2**30
     message = str(failed.value)
     assert message.startswith(f"token cache {root.resolve()}: the disk filled while building ")
-    assert f"the token rows of {tmp_path / 'data'}, which take up to {needed:.1f} GB" in message
+    size = f"which take up to {needed:.1f} GB ({tokens} tokens, {len(expected)} rows)"
+    assert f"the token rows of {tmp_path / 'data'}, {size}" in message
     assert "train.token_cache_dir" in message and isinstance(failed.value.__cause__, OSError)
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
     monkeypatch.setattr(token_rows, "_batches", real)

@@ -98,6 +98,8 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
     if files is None:
         files = [_hub_to_parquet(path, hf_split, work_dir)]
     target = _target_bytes(files, parts)
+    # A file's row groups are cut finer only when the files alone do not give `parts` tasks.
+    coarse = 2 * max(target, sum(_size(f) for f in files) // max(parts, 1))
     chunks: list[Chunk] = []
     total = 0
     for number, file in enumerate(files):
@@ -117,7 +119,7 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
                 # Its own name: a decompressed `.jsonl` copy may sit at `{number}.jsonl`.
                 file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl")
                 kind = "jsonl"
-        if kind == "parquet" and _too_coarse(file, target):  # cut between smaller row groups
+        if kind == "parquet" and _too_coarse(file, coarse):  # cut between smaller row groups
             named = {"source": named.get("source", file), "unit": "row"}
             file = _regrouped(file, work_dir / f"{number:05d}.regrouped.parquet")
         planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
@@ -176,15 +178,15 @@ def _plan_parquet(path: str, target: int) -> list[Chunk]:
     return [c for c in chunks if c.rows]
 
 
-def _too_coarse(path: str, target: int) -> bool:
-    """Whether a Parquet file has a row group of more than twice `target` bytes (and more
-    rows than a rewrite's row group): pandas and pyarrow write up to 1M rows in one group by
-    default, and chunks are cut between row groups, so such a file was one task: an hour of
-    tokenizing on one core at 1M rows while the other workers waited."""
+def _too_coarse(path: str, limit: int) -> bool:
+    """Whether a Parquet file has a row group of more than `limit` bytes (and more rows than
+    a rewrite's row group): pandas and pyarrow write up to 1M rows in one group by default,
+    and chunks are cut between row groups, so such a file was one task: an hour of
+    tokenizing on one core at 1M rows while the other workers waited. (200 files of one big
+    group each are 200 tasks already: rewriting them on the driver would only cost time.)"""
     meta = parquet_file(path).metadata
     return any(
-        meta.row_group(g).total_byte_size > 2 * target
-        and meta.row_group(g).num_rows > PARQUET_ROW_GROUP
+        meta.row_group(g).total_byte_size > limit and meta.row_group(g).num_rows > PARQUET_ROW_GROUP
         for g in range(meta.num_row_groups)
     )
 

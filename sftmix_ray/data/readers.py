@@ -108,8 +108,9 @@ def corpus_files(path: str | os.PathLike[str]) -> list[str] | None:
     if is_saved_dataset(local):
         return None  # read by `datasets`, as a Hub dataset is
     if local.is_dir():
-        names = [str(p) for p in local.rglob("*") if p.is_file()]
-        return _shards(str(local), _listed(str(local), names))
+        entries = sorted(local.iterdir())
+        _warn_subfolders(str(local), [p.name for p in entries if p.is_dir()])
+        return _shards(str(local), [str(p) for p in entries if p.is_file()])
     if local.is_file():
         return [str(local)]
     if looks_like_hub_id(name):
@@ -125,7 +126,7 @@ def _uri_files(uri: str) -> list[str]:
         fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.Directory:
-            entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
         else:
             entries = [info]
     except (OSError, ValueError) as exc:  # pyarrow raises these for bad URIs and I/O
@@ -134,35 +135,26 @@ def _uri_files(uri: str) -> list[str]:
         raise DataError(f"{uri}: no such file or directory")
     scheme = uri.split("://", 1)[0]
     if info.type == pafs.FileType.Directory:
-        names = [f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File]
-        # Paths below the listed root as pyarrow names it (a URI may carry a query).
-        return _shards(uri, _listed(f"{scheme}://{root}", names))
+        names = sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
+        folders = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
+        _warn_subfolders(uri, sorted(folders))
+        return _shards(uri, names)
     return [uri]
 
 
-def _listed(directory: str, names: list[str]) -> list[str]:
-    """A directory's files at any depth (`2024-01/part-0.jsonl`, Hive's `lang=en/`), as
-    `datasets` and Ray Data read a folder: sorted by their path below it, folder by folder.
-    A hidden or `_` folder or file (`.cache/`, `.ipynb_checkpoints/`, Spark's `_temporary/`
-    and `_SUCCESS`) holds no rows of the corpus: skipped, named in a warning when it looks
-    like data. (Subfolders were skipped without a word, their rows lost.)"""
-    root = directory.rstrip("/")
-    kept: list[tuple[tuple[str, ...], str]] = []
-    skipped = []
-    for name in names:
-        parts = tuple(name[len(root) :].replace(os.sep, "/").strip("/").split("/"))
-        if any(part.startswith((".", "_")) for part in parts):
-            if name.lower().endswith(DIRECTORY_SUFFIXES + UNREAD_SUFFIXES):
-                skipped.append("/".join(parts))
-            continue
-        kept.append((parts, name))
-    if skipped:
-        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+def _warn_subfolders(directory: str, folders: list[str]) -> None:
+    """Name a corpus directory's subfolders, which are not read (only its own files are): a
+    dump by month, or a split kept apart, was skipped without a word. Not read on purpose: a
+    folder may hold the held-out rows, another split, or a run's OUT (whose answers and work
+    copies are valid rows). Hidden and `_` folders (`.cache/`, Spark's `_temporary/`) are
+    not named."""
+    shown = [f"{f}/" for f in folders if not f.startswith((".", "_"))]
+    if shown:
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         log.warning(
-            "%s: skipped hidden or '_' files and folders: %s%s", directory,
-            ", ".join(sorted(skipped)[:3]), more,
+            "%s: its subfolders are not read (%s%s); name a folder as data.path to read it",
+            directory, ", ".join(shown[:5]), more,
         )  # fmt: skip
-    return [name for _, name in sorted(kept)]
 
 
 def _shards(directory: str, names: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import importlib
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -44,6 +45,8 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str) -> Callable[[int],
 
     return f
 
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -402,14 +405,18 @@ class DeepSpeedStrategy:
         from deepspeed.utils import safe_get_full_fp32_param
 
         names: dict[int, list[str]] = {}
+        warned = False
         for name, param in self.wrapper.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name)
         for name, param in self.wrapper.named_parameters():
             if not param.requires_grad:
                 continue
             master = safe_get_full_fp32_param(param)  # the same call on every rank
-            if master is None:
-                raise RuntimeError(f"DeepSpeed holds no fp32 master weight for {name}")
+            if master is None:  # FP16_Optimizer (ZeRO-0 with fp16) links no masters
+                if _rank() == 0 and not warned:
+                    log.warning("no fp32 master weight for %s: exported in 16 bits", name)
+                warned = True
+                continue
             if state is not None:
                 for alias in names[id(param)]:
                     state[alias] = master.detach().to("cpu")  # the parameter's own shape

@@ -211,19 +211,24 @@ def _disk_full(root: Path, source: Path, keep: Path | None) -> str:
     import pyarrow.parquet as pq
 
     tokens = rows = 0
-    for path in _parquet_files(source):
-        meta = pq.ParquetFile(path).metadata
-        paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
-        column = next(i for i, path in enumerate(paths) if path.startswith("input_ids."))
-        for group in range(meta.num_row_groups):
-            tokens += meta.row_group(group).column(column).num_values
-            rows += meta.row_group(group).num_rows
-    needed = (8 * tokens + 24 * rows) / 2**30  # input_ids and labels int32; three int64s a row
-    free = shutil.disk_usage(root).free / 2**30
-    part = " (the rows of its split file, fewer)" if keep is not None else ""
+    try:
+        for path in _parquet_files(source):
+            meta = pq.ParquetFile(path).metadata
+            paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+            column = paths.index("input_ids.list.element")
+            for group in range(meta.num_row_groups):
+                tokens += meta.row_group(group).column(column).num_values
+                rows += meta.row_group(group).num_rows
+        needed = (8 * tokens + 24 * rows) / 2**30  # ids and labels int32; three int64s a row
+        free = shutil.disk_usage(root).free / 2**30
+        size = f", which take up to {needed:.1f} GB ({tokens} tokens, {rows} rows)"
+        size += f"{' of which its split file keeps some' if keep is not None else ''}; "
+        size += f"{free:.1f} GB free now"
+    except (OSError, ValueError):  # the message without the figures, never another error
+        size = ""
     return (
-        f"token cache {root}: the disk filled while building the token rows of {source}, "
-        f"which take up to {needed:.1f} GB{part}; {free:.1f} GB free now. Point "
+        f"token cache {root}: the disk filled while building the token rows of {source}"
+        f"{size}. Point "
         f"train.token_cache_dir (or ${CACHE_ENV}) at a node-local disk with room, or free "
         "space there; train.token_cache_gb trims older entries, never the one being built"
     )
