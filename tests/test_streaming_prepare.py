@@ -264,3 +264,10 @@ def test_a_parquet_file_in_one_row_group_is_cut_into_many_chunks(tmp_path):
         str(tmp_path / "small.parquet"), hf_split="train", work_dir=tmp_path / "w2", parts=4
     )
     assert {c.path for c in small} == {str(tmp_path / "small.parquet")} and len(small) >= 4
+    # Files that give the tasks alone are read where they are, however coarse each one is.
+    many = tmp_path / "many"
+    many.mkdir()
+    for part in range(8):
+        pq.write_table(pa.Table.from_pylist(rows[:5000]), many / f"part-{part}.parquet")
+    planned, _ = plan_chunks(str(many), hf_split="train", work_dir=tmp_path / "w3", parts=4)
+    assert len(planned) == 8 and all(c.path.startswith(str(many)) for c in planned)

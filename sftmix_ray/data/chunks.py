@@ -98,8 +98,8 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
     if files is None:
         files = [_hub_to_parquet(path, hf_split, work_dir)]
     target = _target_bytes(files, parts)
-    # A file's row groups are cut finer only when the files alone do not give `parts` tasks.
-    coarse = 2 * max(target, sum(_size(f) for f in files) // max(parts, 1))
+    # A file's row groups are cut finer only when the files alone give fewer than `parts`.
+    regroup = len(files) < parts
     chunks: list[Chunk] = []
     total = 0
     for number, file in enumerate(files):
@@ -119,7 +119,7 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
                 # Its own name: a decompressed `.jsonl` copy may sit at `{number}.jsonl`.
                 file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl")
                 kind = "jsonl"
-        if kind == "parquet" and _too_coarse(file, coarse):  # cut between smaller row groups
+        if kind == "parquet" and regroup and _too_coarse(file, 2 * target):  # finer groups
             named = {"source": named.get("source", file), "unit": "row"}
             file = _regrouped(file, work_dir / f"{number:05d}.regrouped.parquet")
         planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
