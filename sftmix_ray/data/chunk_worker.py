@@ -331,11 +331,17 @@ def _given_up(attempts_dir: str | None) -> str | None:
 def _give_up(attempts_dir: str | None, error: str) -> None:
     """Record a chunk's give-up for the chunks still to run (atomically: another task may be
     reading it; of two at once, either one's error is reported)."""
+    _write_note(attempts_dir, GIVEN_UP, error)
+
+
+def _write_note(attempts_dir: str | None, name: str, text: str) -> None:
+    """`text` as the attempts directory's note `name`, whole or not at all (a hidden part
+    renamed into place: another task may be reading it)."""
     if attempts_dir is None:
         return
-    part = Path(attempts_dir) / f"{GIVEN_UP}.{os.getpid()}"
-    part.write_text(error, encoding="utf-8")
-    os.replace(part, Path(attempts_dir) / GIVEN_UP)
+    part = Path(attempts_dir) / f".{name}.{os.getpid()}"
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, Path(attempts_dir) / name)
 
 
 DATA_ERROR = "data-error"  # in the attempts directory: `data-error.<chunk>`, its DataError
@@ -345,11 +351,7 @@ def _note_data_error(attempts_dir: str | None, chunk_no: int, error: str) -> Non
     """Record that chunk `chunk_no` met an unreadable file (a truncated line, a corrupt page):
     the stage fails with the first such error in corpus order, so the chunks after it need
     not run (atomically, as `_give_up`)."""
-    if attempts_dir is None:
-        return
-    part = Path(attempts_dir) / f".{DATA_ERROR}.{chunk_no}.{os.getpid()}"
-    part.write_text(error, encoding="utf-8")
-    os.replace(part, Path(attempts_dir) / f"{DATA_ERROR}.{chunk_no}")
+    _write_note(attempts_dir, f"{DATA_ERROR}.{chunk_no}", error)
 
 
 def _earlier_data_error(attempts_dir: str | None, chunk_no: int) -> str | None:
