@@ -21,6 +21,7 @@ from sftmix_ray.cli import main
 from sftmix_ray.data import chunks as chunks_module
 from sftmix_ray.data.chunks import iter_chunk, iter_chunk_located, plan_chunks
 from sftmix_ray.data.readers import read_records
+from sftmix_ray.errors import DataError
 from tests.conftest import TINY_OVERRIDES
 
 SETS = [f"--set={o}" for o in TINY_OVERRIDES if not o.startswith("ray.")]
@@ -237,6 +238,73 @@ def test_an_object_store_file_is_read_in_large_requests(tmp_path, s3_env, monkey
         for name in gets:
             gets[name] += f'"GET /{BUCKET}/big/{name} ' in line
     assert 0 < gets["a.jsonl"] <= 8 and 0 < gets["b.parquet"] <= 8, gets
+
+
+def test_an_object_store_directory_keeps_its_options_and_odd_key_names(
+    tmp_path, s3_env, monkeypatch
+):
+    """A bucket named with its endpoint in the URI (`?endpoint_override=...`, as for MinIO,
+    with no endpoint in the environment) holding keys with a space, a `%` and a `+`: every
+    file is listed, planned and read through the directory's options, and one S3 client is
+    built for the whole corpus, not one per file opened. Before, the listed names dropped the
+    options (each file was looked for at AWS) and were not valid URIs (a space)."""
+    from sftmix_ray.data import readers
+    from tests.conftest import BUCKET
+
+    env, s3 = s3_env
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    endpoint = env["AWS_ENDPOINT_URL_S3"].removeprefix("http://")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    rows = [r for r in _rows(80) if r is not None][:48]
+    names = ["a b.jsonl", "c%20d.jsonl", "e+f.jsonl", "g.json"]
+    for n, name in enumerate(names):
+        part = rows[12 * n : 12 * (n + 1)]
+        data = json.dumps(part).encode() if name.endswith(".json") else _jsonl_bytes(part)
+        with s3.open_output_stream(f"{BUCKET}/odd/{name}") as out:
+            out.write(data)
+    built: list[str] = []
+    new_filesystem = readers._new_filesystem
+    monkeypatch.setattr(readers, "_STORES", {})
+    monkeypatch.setattr(
+        readers, "_new_filesystem", lambda uri: built.append(uri) or new_filesystem(uri)
+    )
+    uri = f"s3://{BUCKET}/odd?endpoint_override={endpoint}&scheme=http"
+    chunks, total = plan_chunks(uri, hf_split="train", work_dir=tmp_path / "w", parts=8)
+    assert total == len(rows) and len(chunks) >= len(names)
+    assert [row for c in chunks for _, row in iter_chunk(c)] == rows
+    assert read_records(uri) == rows
+    assert len(built) == 1, built  # one client for every file, planned and read
+    sources = {c.source or c.path for c in chunks}
+    assert f"s3://{BUCKET}/odd/a%20b.jsonl?endpoint_override={endpoint}&scheme=http" in sources
+    # One file named with its options reads too (its suffix is read without them).
+    assert (
+        read_records(f"s3://{BUCKET}/odd/e%2Bf.jsonl?endpoint_override={endpoint}&scheme=http")
+        == rows[24:36]
+    )
+
+
+def test_planning_many_files_reports_the_first_bad_file_in_corpus_order(tmp_path):
+    """Files are planned several at a time; an error is still the first one in corpus
+    order, whichever file's planning fails first, and no chunk of a later file is kept."""
+    corpus = tmp_path / "many"
+    corpus.mkdir()
+    rows = [r for r in _rows(80) if r is not None][:30]
+    for n in range(40):
+        (corpus / f"part-{n:03d}.jsonl").write_bytes(_jsonl_bytes(rows))
+    (corpus / "part-007.jsonl").write_bytes(_jsonl_bytes(rows) + b"\xff\xfe\n")  # late in it
+    (corpus / "part-031.jsonl").write_bytes(b"\xff\n" + _jsonl_bytes(rows))  # at once
+    with pytest.raises(DataError) as err:
+        plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=4)
+    assert str(err.value).startswith(f"{corpus / 'part-007.jsonl'}: not valid UTF-8"), err.value
+    (corpus / "part-007.jsonl").write_bytes(_jsonl_bytes(rows))
+    (corpus / "part-031.jsonl").write_bytes(_jsonl_bytes(rows))
+    chunks, total = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=4)
+    assert total == 40 * len(rows) and [c.first_row for c in chunks] == sorted(
+        c.first_row for c in chunks
+    )
+    assert [c.path for c in chunks] == sorted(c.path for c in chunks)
+    assert [row for c in chunks for _, row in iter_chunk(c)] == rows * 40
 
 
 def test_a_parquet_file_in_one_row_group_is_cut_into_many_chunks(tmp_path):

@@ -15,9 +15,10 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sftmix_ray.data.json_stream import json_layout, jsonl_lines, parse_jsonl_line
 from sftmix_ray.data.readers import (
@@ -31,11 +32,14 @@ from sftmix_ray.data.readers import (
     open_binary,
     parquet_file,
     split_compression,
+    unreadable_parquet,
+    uri_filesystem,
 )
 from sftmix_ray.errors import DataError
 
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 64 << 20
+PLAN_THREADS = 16  # files planned at once (object-store requests wait on the network)
 PARQUET_ROW_GROUP = 4096  # rows per row group of a rewritten CSV: chunks cut between them
 
 
@@ -92,77 +96,102 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
 
     A JSON array file is rewritten as JSON Lines and a Hub dataset as Parquet under
     `work_dir` (streamed), so that both can be cut; all other files are read where they are.
+    Files are planned `PLAN_THREADS` at a time: on an object store each one costs a few
+    requests of 10-30 ms, serially minutes over thousands of files. The first error in corpus
+    order is the one raised, as a serial plan would.
     """
     files = corpus_files(path)
     hub = files is None
     if files is None:
         files = [_hub_to_parquet(path, hf_split, work_dir)]
-    target = _target_bytes(files, parts)
-    # A file's row groups are cut finer only when the files alone give fewer than `parts`.
-    regroup = len(files) < parts
+    source = {"source": f"{path} ({hf_split} split)"} if hub else {}
     chunks: list[Chunk] = []
     total = 0
-    for number, file in enumerate(files):
-        kind = file_kind(file)
-        named = {"source": f"{path} ({hf_split} split)"} if hub else {}
-        if kind in ("csv", "tsv"):  # its rows numbered from 1 after the header
-            named = {"source": file, "unit": "row"}
-            file, kind = _delimited_to_parquet(file, work_dir / f"{number:05d}.parquet"), "parquet"
-        elif split_compression(file)[1] is not None:  # cut by byte ranges: decompressed first
-            named = {"source": file}
-            file = _decompressed(file, work_dir / f"{number:05d}.{kind}")
-        if kind in ("json", "jsonl"):
-            with open_binary(file) as f:
-                kind = json_layout(f, file, kind)
-            if kind == "array":  # one element per line: line n is element n
-                named = {"source": named.get("source", file), "unit": "element"}
-                # Its own name: a decompressed `.jsonl` copy may sit at `{number}.jsonl`.
-                file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl")
-                kind = "jsonl"
-        if kind == "parquet" and regroup and _too_coarse(file, 2 * target):  # finer groups
-            named = {"source": named.get("source", file), "unit": "row"}
-            file = _regrouped(file, work_dir / f"{number:05d}.regrouped.parquet")
-        planned = _plan_parquet(file, target) if kind == "parquet" else _plan_jsonl(file, target)
-        for chunk in planned:
-            chunks.append(Chunk(**{**asdict(chunk), "first_row": total, **named}))
-            total += chunk.rows
+    pool = ThreadPoolExecutor(max_workers=min(PLAN_THREADS, len(files)))
+    try:
+        target = _target_bytes(list(pool.map(_size, files)), parts)
+        # A file's row groups are cut finer only when the files alone give fewer than `parts`.
+        regroup = len(files) < parts
+        planned = [
+            pool.submit(_plan_file, file, number, target, regroup, work_dir, source)
+            for number, file in enumerate(files)
+        ]
+        for future in planned:
+            for chunk in future.result():
+                chunks.append(Chunk(**{**asdict(chunk), "first_row": total}))
+                total += chunk.rows
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: no file after it begins
     return chunks, total
 
 
-def _target_bytes(files: list[str], parts: int) -> int:
-    """Bytes per chunk: the corpus in about `parts` chunks, within [64 KiB, 64 MiB]."""
-    size = sum(_size(f) for f in files)
+def _plan_file(
+    file: str, number: int, target: int, regroup: bool, work_dir: Path, named: dict[str, str]
+) -> list[Chunk]:
+    """One file's chunks (`first_row` counted from the file's start), named as the user named
+    the file; a file pyarrow cannot cut as it is is rewritten under `work_dir` first."""
+    kind = file_kind(file)
+    if kind in ("csv", "tsv"):  # its rows numbered from 1 after the header
+        named = {"source": file, "unit": "row"}
+        file, kind = _delimited_to_parquet(file, work_dir / f"{number:05d}.parquet"), "parquet"
+    elif split_compression(file)[1] is not None:  # cut by byte ranges: decompressed first
+        named = {"source": file}
+        file = _decompressed(file, work_dir / f"{number:05d}.{kind}")
+    if kind in ("json", "jsonl"):
+        with open_binary(file) as f:
+            kind = json_layout(f, file, kind)
+            if kind != "array":  # planned from the same open file: one request less
+                planned = _plan_jsonl(f, file, target)
+        if kind == "array":  # one element per line: line n is element n
+            named = {"source": named.get("source", file), "unit": "element"}
+            # Its own name: a decompressed `.jsonl` copy may sit at `{number}.jsonl`.
+            file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl")
+            with open_binary(file) as f:
+                planned = _plan_jsonl(f, file, target)
+    else:
+        meta = parquet_file(file).metadata
+        if regroup and _too_coarse(meta, 2 * target):  # finer row groups
+            named = {"source": named.get("source", file), "unit": "row"}
+            file = _regrouped(file, work_dir / f"{number:05d}.regrouped.parquet")
+            meta = parquet_file(file).metadata
+        planned = _plan_parquet(file, meta, target)
+    return [Chunk(**{**asdict(chunk), **named}) for chunk in planned]
+
+
+def _target_bytes(sizes: list[int], parts: int) -> int:
+    """Bytes per chunk: the corpus (its files' sizes) in about `parts` chunks, within
+    [64 KiB, 64 MiB]."""
+    size = sum(sizes)
     return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, -(-size // max(parts, 1))))
 
 
 def _size(path: str) -> int:
     if not is_uri(path):
         return os.path.getsize(path)
-    import pyarrow.fs as pafs
-
-    fs, inner = pafs.FileSystem.from_uri(path)
+    fs, inner = uri_filesystem(path)
     return int(fs.get_file_info(inner).size or 0)
 
 
-def _plan_jsonl(path: str, target: int) -> list[Chunk]:
-    """Byte ranges of about `target` bytes, each starting at a row's line."""
+def _plan_jsonl(f: IO[bytes], path: str, target: int) -> list[Chunk]:
+    """Byte ranges of about `target` bytes, each starting at a row's line, of the JSON Lines
+    file `path` open as `f`."""
     chunks: list[Chunk] = []
     start, first_line, rows = 0, 1, 0
-    with open_binary(path) as f:
-        for offset, line, _ in jsonl_lines(f, path):
-            if rows and offset - start >= target:
-                chunks.append(Chunk(path, "jsonl", start, offset, 0, rows, first_line))
-                start, first_line, rows = offset, line, 0
-            rows += 1
+    for offset, line, _ in jsonl_lines(f, path):
+        if rows and offset - start >= target:
+            chunks.append(Chunk(path, "jsonl", start, offset, 0, rows, first_line))
+            start, first_line, rows = offset, line, 0
+        rows += 1
+    end = f.tell()  # read to its end: the file's size (no request for it)
     if not rows:
         raise DataError(f"{path}: file is empty")
-    chunks.append(Chunk(path, "jsonl", start, _size(path), 0, rows, first_line))
+    chunks.append(Chunk(path, "jsonl", start, end, 0, rows, first_line))
     return chunks
 
 
-def _plan_parquet(path: str, target: int) -> list[Chunk]:
-    """Runs of whole row groups of about `target` (uncompressed) bytes."""
-    meta = parquet_file(path).metadata
+def _plan_parquet(path: str, meta: Any, target: int) -> list[Chunk]:
+    """Runs of whole row groups of about `target` (uncompressed) bytes; `meta` is the file's
+    footer (`FileMetaData`)."""
     if meta.num_rows == 0:
         raise DataError(f"{path}: contains no rows")
     chunks: list[Chunk] = []
@@ -178,13 +207,13 @@ def _plan_parquet(path: str, target: int) -> list[Chunk]:
     return [c for c in chunks if c.rows]
 
 
-def _too_coarse(path: str, limit: int) -> bool:
-    """Whether a Parquet file has a row group of more than `limit` bytes (and more rows than
-    a rewrite's row group): pandas and pyarrow write up to 1M rows in one group by default,
-    and chunks are cut between row groups, so such a file was one task: an hour of
-    tokenizing on one core at 1M rows while the other workers waited. (200 files of one big
-    group each are 200 tasks already: rewriting them on the driver would only cost time.)"""
-    meta = parquet_file(path).metadata
+def _too_coarse(meta: Any, limit: int) -> bool:
+    """Whether a Parquet file (its footer, `FileMetaData`) has a row group of more than
+    `limit` bytes (and more rows than a rewrite's row group): pandas and pyarrow write up to
+    1M rows in one group by default, and chunks are cut between row groups, so such a file
+    was one task: an hour of tokenizing on one core at 1M rows while the other workers
+    waited. (200 files of one big group each are 200 tasks already: rewriting them on the
+    driver would only cost time.)"""
     return any(
         meta.row_group(g).total_byte_size > limit and meta.row_group(g).num_rows > PARQUET_ROW_GROUP
         for g in range(meta.num_row_groups)
@@ -204,8 +233,7 @@ def _regrouped(path: str, target: Path) -> str:
             for batch in source.iter_batches(batch_size=PARQUET_ROW_GROUP):
                 writer.write_table(pa.Table.from_batches([batch]), PARQUET_ROW_GROUP)
     except pa.ArrowException as exc:  # a corrupt page (ArrowIOError too): the file as given
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
+        raise unreadable_parquet(path, exc) from None
     return str(target)
 
 

@@ -35,6 +35,7 @@ import logging
 import lzma
 import os
 import re
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -123,7 +124,7 @@ def _uri_files(uri: str) -> list[str]:
     import pyarrow.fs as pafs
 
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = uri_filesystem(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.Directory:
             entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
@@ -133,13 +134,54 @@ def _uri_files(uri: str) -> list[str]:
         raise DataError(f"{uri}: cannot open: {str(exc).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{uri}: no such file or directory")
-    scheme = uri.split("://", 1)[0]
     if info.type == pafs.FileType.Directory:
-        names = sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
+        listed = sorted(e.path for e in entries if e.type == pafs.FileType.File)  # by key
+        names = [_entry_uri(uri, path) for path in listed]
         folders = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
         _warn_subfolders(uri, sorted(folders))
         return _shards(uri, names)
     return [uri]
+
+
+def _entry_uri(directory: str, path: str) -> str:
+    """The URI of a file listed in `directory` (a URI), which `uri_filesystem` opens again:
+    its key percent-quoted (a key with a space or `%` in it is not a valid URI as listed)
+    and the directory's options kept (`?endpoint_override=...` of a MinIO bucket: without
+    them each file was looked for at AWS)."""
+    parts = urllib.parse.urlsplit(directory)
+    quoted = urllib.parse.quote(path, safe="/")
+    # s3 and gs list "bucket/key"; file and hdfs list "/path", under the directory's host.
+    where = f"{parts.netloc}{quoted}" if path.startswith("/") else quoted
+    return f"{parts.scheme}://{where}" + (f"?{parts.query}" if parts.query else "")
+
+
+# One `pyarrow.fs` filesystem per object store (scheme, bucket and URI options): building one
+# makes a new client (a credential lookup, a connection pool; on S3 without a region, a request
+# for the bucket's region), which for every file opened was most of planning's time over
+# thousands of object-store files. Filesystems are thread-safe; a process keeps a handful.
+_STORES: dict[tuple[str, str, str], Any] = {}
+_CACHED_SCHEMES = ("s3", "gs", "gcs")
+
+
+def uri_filesystem(uri: str) -> tuple[Any, str]:
+    """`pyarrow.fs.FileSystem.from_uri(uri)`, the filesystem built once per object store."""
+    parts = urllib.parse.urlsplit(uri)
+    key = (parts.scheme, parts.netloc, parts.query)
+    fs = _STORES.get(key) if parts.scheme in _CACHED_SCHEMES and not parts.fragment else None
+    if fs is None:
+        fs, inner = _new_filesystem(uri)
+        if parts.scheme in _CACHED_SCHEMES and not parts.fragment:
+            _STORES.setdefault(key, fs)
+        return fs, inner
+    # As pyarrow reads an s3/gs URI: the bucket, then the key percent-decoded, no final "/".
+    return fs, (parts.netloc + urllib.parse.unquote(parts.path)).rstrip("/")
+
+
+def _new_filesystem(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(uri)
+    return fs, inner
 
 
 def _warn_subfolders(directory: str, folders: list[str]) -> None:
@@ -159,7 +201,7 @@ def _warn_subfolders(directory: str, folders: list[str]) -> None:
 
 def _shards(directory: str, names: list[str]) -> list[str]:
     """The data files among a directory's files (sorted); an error for data it cannot read."""
-    unread = [n for n in names if n.lower().endswith(UNREAD_SUFFIXES)]
+    unread = [n for n in names if file_name(n).lower().endswith(UNREAD_SUFFIXES)]
     if unread:
         shown = ", ".join(n.rsplit("/", 1)[-1] for n in unread[:3])
         more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
@@ -167,7 +209,8 @@ def _shards(directory: str, names: list[str]) -> list[str]:
             f"{directory}: holds files that cannot be read ({shown}{more}): a corpus directory "
             f"holds {_KINDS} files; decompress or convert these, or move them out"
         )
-    files = [n for n in names if n.lower().endswith(DIRECTORY_SUFFIXES) and _holds_rows(n)]
+    files = [n for n in names if file_name(n).lower().endswith(DIRECTORY_SUFFIXES)]
+    files = [n for n in files if _holds_rows(n)]
     if not files:
         raise DataError(f"{directory}: is a directory without {_KINDS} files")
     return files
@@ -199,10 +242,8 @@ def open_binary(path: str) -> IO[bytes]:
         except OSError as exc:
             raise DataError(f"{path}: cannot read file: {exc.strerror}") from None
     else:
-        import pyarrow.fs as pafs
-
         try:
-            fs, inner = pafs.FileSystem.from_uri(path)
+            fs, inner = uri_filesystem(path)
             raw = io.BufferedReader(fs.open_input_file(inner), buffer_size=READ_BUFFER)
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot read file: {str(exc).splitlines()[0]}") from None
@@ -210,8 +251,16 @@ def open_binary(path: str) -> IO[bytes]:
     return raw if codec is None else _decompressing(raw, codec, path)
 
 
+def file_name(path: str) -> str:
+    """`path` without a URI's options (`s3://b/x.jsonl?region=...` -> `s3://b/x.jsonl`):
+    what its suffixes are read from."""
+    return path.split("?", 1)[0] if is_uri(path) else path
+
+
 def split_compression(path: str) -> tuple[str, str | None]:
-    """`path` without its compression suffix, and that suffix (None when uncompressed)."""
+    """`path` (a URI without its options) without its compression suffix, and that suffix
+    (None when uncompressed)."""
+    path = file_name(path)
     root, suffix = os.path.splitext(path)
     return (root, suffix.lower()) if suffix.lower() in COMPRESSED else (path, None)
 
@@ -373,8 +422,14 @@ def parquet_file(path: str) -> Any:
     try:
         return pq.ParquetFile(open_binary(path))
     except (pa.ArrowException, OSError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
+        raise unreadable_parquet(path, exc) from None
+
+
+def unreadable_parquet(path: str, exc: BaseException) -> DataError:
+    """The error for a Parquet file pyarrow cannot read (a bad footer or page), with the
+    first line of pyarrow's reason."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DataError(f"{path}: not a readable Parquet file: {detail}")
 
 
 def _has_map(schema: Any) -> bool:
@@ -405,8 +460,7 @@ def iter_parquet_rows(path: str, row_groups: list[int] | None = None) -> Iterato
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=row_groups):
             yield from batch.to_pylist(**maps)
     except (pa.ArrowException, OSError) as exc:  # first: ArrowInvalid is a ValueError too
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not a readable Parquet file: {detail}") from None
+        raise unreadable_parquet(path, exc) from None
     except KeyError as exc:  # strict: a map holding one key twice
         raise DataError(f"{path}: {exc.args[0] if exc.args else exc}") from None
     except UnicodeDecodeError as exc:  # a string column whose bytes are not UTF-8
