@@ -20,6 +20,7 @@ from tests.conftest import tiny_config
 from tests.test_tune import SWEEP, _attempts, _copy_base, _history
 from tuning.space import load_space
 from tuning.sweep import SweepInterrupted, random_points, run_tune
+from tuning.trial import removed_after_trial
 
 # ---------------------------------------------------------------------------------------------
 # A sweep interrupted after its first trial and resumed: only the remaining trials run, and ASHA
@@ -98,6 +99,10 @@ def test_interrupted_asha_sweep_resumes_the_remaining_trial_and_stops_the_worse_
     # one's step-1 save).
     assert result["resume_checkpoints_removed"] >= 3
     assert not list(trials.glob("*/ray_storage/*/checkpoint-*"))
+    # The stopped trial's went as soon as its workers had exited, not at the end of the sweep
+    # (at 8B, ~24 of 32 ASHA trials' checkpoints filled the volume while the others trained):
+    # the callback that Tune calls for it removed and counted them.
+    assert removed_after_trial(Path(wrecked["trial_dir"])) >= 1
 
     # A finished sweep rerun trains nothing and reports the same best trial.
     again_at = time.time()

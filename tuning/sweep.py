@@ -40,8 +40,10 @@ from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
     RESULT_FILE,
     ReleaseFinishedTrials,
+    join_checkpoint_removals,
     release_placement_groups,
     remove_finished_checkpoints,
+    removed_after_trial,
     trial_dirname,
     trial_driver,
 )
@@ -265,7 +267,7 @@ def _build_tuner(
     run = RunDir.of(out)
     experiment = run.tune / EXPERIMENT
     # Tune pickles the callbacks with the experiment: a restored sweep keeps them.
-    release = ReleaseFinishedTrials(str(run.trials))
+    release = ReleaseFinishedTrials(str(run.trials), cfg.train.storage_path)
     callbacks = [release, *(callbacks or [])]
     if tune.Tuner.can_restore(str(experiment)):
         log.info("resuming the sweep in %s (finished trials are kept)", experiment)
@@ -349,12 +351,15 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         for trial_out in trial_outs:
             release_placement_groups(trial_out)
         wait_for_workers(trial_outs)
-    # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go. A
-    # trial that trained to the end removed its own after its export (`run_training`).
+        join_checkpoint_removals()
+    # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go, most
+    # already once the trial was over (`ReleaseFinishedTrials`); a trial that trained to the
+    # end removed its own after its export (`run_training`).
     finished = [r for r in rows if r["status"] == "TERMINATED" and r.get("trial_dir")]
     removed = sum(
         remove_finished_checkpoints(cfg.train.storage_path, RunDir(Path(r["trial_dir"])))
         + _removed_by_trial(Path(r["trial_dir"]))
+        + removed_after_trial(Path(r["trial_dir"]))
         for r in finished
     )
     frame = results_frame(rows, keys)

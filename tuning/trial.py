@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from sftmix_ray.io_utils import atomic_write_json
 from sftmix_ray.layout import RunDir
 from tuning.ray_compat import actor_id_hex, worker_group_callback_base
 from tuning.space import apply_params
-from tuning.worker_exit import WORKERS_FILE
+from tuning.worker_exit import WORKERS_FILE, wait_for_workers
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.json"  # one entry per start of a trial's driver
 RESULT_FILE = "result.json"  # written when the trial's training finished
+# How many resume checkpoints the sweep removed once the trial was over (ASHA's stopped ones).
+REMOVED_FILE = "checkpoints_removed.json"
 PLACEMENT_GROUPS_FILE = "placement_groups.txt"  # the trial's Ray Train worker groups
 LINKED_INPUTS = (RunDir.DATA, RunDir.HELDOUT, RunDir.BASE_MODEL)
 
@@ -124,13 +127,16 @@ def release_placement_groups(trial_out: Path) -> int:
 
 
 class ReleaseFinishedTrials(tune.Callback):
-    """Removes leftover worker placement groups of trials Tune finished, stopped or restarts.
+    """Removes leftover worker placement groups of trials Tune finished, stopped or restarts,
+    and the resume checkpoints of those it finished or stopped, once their workers are gone.
 
-    Checked again every few seconds: a run being stopped can still create a group.
+    Placement groups are checked again every few seconds: a run being stopped can still
+    create a group.
     """
 
-    def __init__(self, trials_dir: str, every_s: float = 2.0):
+    def __init__(self, trials_dir: str, storage_path: str | None = None, every_s: float = 2.0):
         self.trials_dir = trials_dir
+        self.storage_path = storage_path
         self.every_s = every_s
         self.finished: set[str] = set()
         self.last = 0.0
@@ -140,7 +146,13 @@ class ReleaseFinishedTrials(tune.Callback):
         self.last = 0.0
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial that trained to the end, or that the scheduler stopped (ASHA): nothing
+        resumes it. Its checkpoints went only at the end of the sweep, so every stopped
+        trial's (up to `train.save_total_limit` x ~96 GB at 8B, ~24 of 32 trials under ASHA)
+        filled the shared volume while the others trained."""
         self._finish(trial)
+        storage = getattr(self, "storage_path", None)  # a sweep pickled before it was kept
+        remove_checkpoints_once_exited(storage, Path(self.trials_dir) / trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial)
@@ -154,6 +166,49 @@ class ReleaseFinishedTrials(tune.Callback):
         self.last = time.monotonic()
         for trial_id in self.finished:
             release_placement_groups(Path(self.trials_dir) / trial_id)
+
+
+# The cleanups started by `ReleaseFinishedTrials` in this process (the sweep's driver): the
+# callback itself is pickled with the experiment, so they are kept here.
+_CLEANUPS: list[threading.Thread] = []
+
+
+def remove_checkpoints_once_exited(storage_path: str | None, trial_out: Path) -> None:
+    """In a thread: wait until the trial's Ray Train workers have exited (a stopped trial's
+    worker may still be saving), then remove its resume checkpoints and record how many in
+    `REMOVED_FILE`. Workers still alive after `wait_for_workers`' timeout leave them to the
+    sweep's last pass. Never raises into Tune's loop."""
+
+    def clean() -> None:
+        try:
+            if wait_for_workers([trial_out]):
+                removed = remove_finished_checkpoints(storage_path, RunDir(trial_out))
+                if removed:
+                    done = {"resume_checkpoints_removed": removed + removed_after_trial(trial_out)}
+                    atomic_write_json(trial_out / REMOVED_FILE, done)
+                    log.info("removed %d resume checkpoint(s) of trial %s", removed, trial_out.name)
+        except Exception as exc:  # the sweep's last pass tries again
+            log.warning("could not remove the checkpoints of trial %s: %s", trial_out.name, exc)
+
+    thread = threading.Thread(target=clean, name=f"remove-{trial_out.name}", daemon=True)
+    thread.start()
+    _CLEANUPS.append(thread)
+
+
+def join_checkpoint_removals(timeout_s: float = 300.0) -> None:
+    """Wait for the removals `remove_checkpoints_once_exited` started (before the sweep's own
+    pass over every finished trial)."""
+    deadline = time.monotonic() + timeout_s
+    while _CLEANUPS:
+        _CLEANUPS.pop().join(max(0.0, deadline - time.monotonic()))
+
+
+def removed_after_trial(trial_out: Path) -> int:
+    """How many resume checkpoints the sweep removed once the trial was over."""
+    path = trial_out / REMOVED_FILE
+    if not path.exists():
+        return 0
+    return int(json.loads(path.read_text()).get("resume_checkpoints_removed", 0))
 
 
 def trial_storage(storage_path: str | None, trial: RunDir) -> str:
