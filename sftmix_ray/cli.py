@@ -21,6 +21,7 @@ from typing import cast
 # transformers). The stages import what they need.
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import strict_json
+from sftmix_ray.out_lock import output_lock
 
 # Commands beside the stages of `sftmix_ray.stages.STAGES`.
 COMMAND_HELP = {
@@ -179,14 +180,18 @@ def _run(args: argparse.Namespace) -> str:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
     out = Path(args.output_dir)
-    if args.command == "pipeline":
-        result = run_pipeline(cfg, out, force=args.force, dry_run=args.dry_run)
-    elif args.command == "tune":
-        from tuning.sweep import run_tune
+    if args.command == "pipeline" and args.dry_run:  # reads OUT, writes nothing
+        result = run_pipeline(cfg, out, force=args.force, dry_run=True)
+        return strict_json({args.command: _brief(result)}, indent=2, default=str)
+    with output_lock(out, f"sftmix-ray {args.command}"):
+        if args.command == "pipeline":
+            result = run_pipeline(cfg, out, force=args.force)
+        elif args.command == "tune":
+            from tuning.sweep import run_tune
 
-        result = run_tune(cfg, out)
-    else:
-        result = run_stage(args.command, cfg, out)
+            result = run_tune(cfg, out)
+        else:
+            result = run_stage(args.command, cfg, out)
     return strict_json({args.command: _brief(result)}, indent=2, default=str)
 
 

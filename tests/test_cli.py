@@ -140,3 +140,48 @@ def test_stage_needing_missing_inputs_fails_clearly(tmp_path):
     assert result.stdout == ""
     last = result.stderr.rstrip("\n").rsplit("\n", 1)[-1]
     assert last.startswith("sftmix-ray train: error: ") and "run `sftmix-ray prepare` first" in last
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from sftmix_ray.out_lock import output_lock
+with output_lock(Path(sys.argv[1]), "sftmix-ray train"):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(tmp_path):
+    """Two drivers on one OUT (Ctrl+C on `ray job submit` leaves its job running, and the
+    command is submitted again): the second exits 1 naming the first, before it touches
+    anything (its `prepare` used to clear the first one's parts in `OUT/.data.tmp`). The lock
+    goes with its process, SIGKILL included: the next run is not blocked by a stale file."""
+    import signal
+    import socket
+
+    out = tmp_path / "out"
+    (out / ".data.tmp").mkdir(parents=True)
+    part = out / ".data.tmp" / "part-00000.parquet"
+    part.write_bytes(b"the first run's part")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=cli_env()
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        second = run_cli("prepare", "--output-dir", str(out))
+        assert second.returncode == 1 and second.stdout == ""
+        last = second.stderr.rstrip("\n").rsplit("\n", 1)[-1]
+        expected = (
+            f"sftmix-ray prepare: error: {out}: in use by another sftmix-ray run "
+            f"(`sftmix-ray train`, pid {holder.pid} on {socket.gethostname()}, since "
+        )
+        assert last.startswith(expected), last
+        assert part.read_bytes() == b"the first run's part" and not (out / "data").exists()
+        assert "Traceback" not in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    after = run_cli("split", "--output-dir", str(out))  # the stage's own error, not the lock's
+    assert after.returncode == 1
+    assert "in use by another" not in after.stderr and "sftmix-ray split: error: " in after.stderr
