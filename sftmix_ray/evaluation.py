@@ -221,17 +221,25 @@ def heldout_metrics(model: Any, tokenizer: Any, heldout_dir: str, eval_cfg: dict
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def trained_models(run: RunDir) -> dict[str, tuple[str, Path]]:
-    """The trained models of a run: key -> ("model", HF directory) or ("adapter", LoRA adapter
-    directory, when `train.lora.merge` was false)."""
+def trained_models(cfg: Config, run: RunDir) -> dict[str, tuple[str, Path]]:
+    """The models this config's `train` exports, those that exist: key -> ("model", HF
+    directory) or ("adapter", LoRA adapter directory, when `train.lora.merge` is false).
+
+    Read from the config, not from what OUT holds: an earlier config's export stays there
+    (`model_ntp/` after `eval.compare_ntp` was turned off, a merged `model/` beside the
+    adapter of a run without merging) and was evaluated and reported as this run's."""
     from sftmix_ray.train.lora import is_adapter_dir
 
+    names = [("sftmix", RunDir.MODEL)]
+    if cfg.eval.compare_ntp and cfg.mixup.mu > 0:  # at mu 0 the trained model is the NTP one
+        names.append(("ntp", RunDir.NTP_MODEL))
+    adapter_only = cfg.train.lora.r > 0 and not cfg.train.lora.merge
     found = {}
-    for key, name in (("sftmix", RunDir.MODEL), ("ntp", RunDir.NTP_MODEL)):
-        if (run.model(name) / "config.json").exists():
-            found[key] = ("model", run.model(name))
-        elif is_adapter_dir(run.adapter(name)):
+    for key, name in names:
+        if adapter_only and is_adapter_dir(run.adapter(name)):
             found[key] = ("adapter", run.adapter(name))
+        elif not adapter_only and (run.model(name) / "config.json").exists():
+            found[key] = ("model", run.model(name))
     return found
 
 
@@ -242,10 +250,15 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
     import ray
 
     run = RunDir.of(out_dir)
-    models = trained_models(run)
+    models = trained_models(cfg, run)
+    adapter_only = cfg.train.lora.r > 0 and not cfg.train.lora.merge
+    export = run.adapter if adapter_only else run.model
     if "sftmix" not in models:
+        raise SftmixError(f"{export()} does not exist; run `sftmix-ray train` first")
+    if cfg.eval.compare_ntp and cfg.mixup.mu > 0 and "ntp" not in models:
         raise SftmixError(
-            f"neither {run.model()} nor {run.adapter()} exists; run `sftmix-ray train` first"
+            f"eval.compare_ntp is set but the NTP baseline ({export(RunDir.NTP_MODEL)}) does "
+            "not exist; run `sftmix-ray train` again"
         )
     # Without a held-out split (a corpus given without data.eval_path or data.eval_fraction),
     # the held-out metrics are skipped, as TRL, Axolotl and LLaMA-Factory skip evaluation

@@ -91,6 +91,48 @@ def test_eval_without_a_held_out_split_skips_its_metrics_and_says_so(ray_local, 
     assert "9.0" not in report
 
 
+def test_eval_reads_the_exports_its_config_trains_not_what_out_holds(tmp_path, capsys):
+    """OUT keeps an earlier config's exports: `model_ntp/` after `eval.compare_ntp` was
+    turned off, a merged `model/` beside the adapter of a run that no longer merges. Eval
+    evaluated and reported them as this run's; it now takes the exports the config trains,
+    and says which one is missing."""
+    from sftmix_ray.cli import main
+    from sftmix_ray.config import load_config
+    from sftmix_ray.evaluation import trained_models
+    from sftmix_ray.train.lora import ADAPTER_CONFIG
+    from tests.conftest import TINY_OVERRIDES
+
+    run = RunDir(tmp_path / "out")
+    for name in (RunDir.MODEL, RunDir.NTP_MODEL):
+        run.model(name).mkdir(parents=True)
+        (run.model(name) / "config.json").write_text("{}")
+    run.adapter().mkdir(parents=True)
+    (run.adapter() / ADAPTER_CONFIG).write_text("{}")
+
+    def found(*sets: str) -> dict:
+        return {
+            k: (kind, p.name)
+            for k, (kind, p) in trained_models(load_config(None, list(sets)), run).items()
+        }
+
+    assert found() == {"sftmix": ("model", "model")}  # model_ntp/ is an earlier config's
+    assert found("eval.compare_ntp=true") == {
+        "sftmix": ("model", "model"), "ntp": ("model", "model_ntp"),
+    }  # fmt: skip
+    assert found("eval.compare_ntp=true", "mixup.mu=0") == {"sftmix": ("model", "model")}
+    assert found("train.lora.r=8") == {"sftmix": ("model", "model")}  # merged: the model
+    lora = ["train.lora.r=8", "train.lora.merge=false", "eval.compare_ntp=true"]
+    assert found(*lora) == {"sftmix": ("adapter", "adapter")}  # not the old merged model
+    # Through the stage: the baseline the config asks for is named, not silently left out.
+    sets = [f"--set={o}" for o in [*TINY_OVERRIDES, *lora] if not o.startswith("ray.")]
+    assert main(["eval", "--output-dir", str(run.root), *sets]) == 1
+    last = capsys.readouterr().err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.endswith(
+        f"eval.compare_ntp is set but the NTP baseline ({run.adapter(RunDir.NTP_MODEL)}) does "
+        "not exist; run `sftmix-ray train` again"
+    ), last
+
+
 def test_json_outputs_are_strict_and_the_report_reads_their_nulls(tmp_path: Path):
     """Non-finite values (a skipped step's loss and norm, no rows to match) are written as
     null, never Python's `NaN` literal, and the report shows them as nan."""

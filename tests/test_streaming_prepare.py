@@ -144,6 +144,13 @@ def test_prepare_output_does_not_depend_on_how_the_corpus_is_cut(
     # The part files sort in row order (one or two per chunk), so a plain read is ordered.
     assert pq.read_table(outs["shards"] / "data").column("example_id").to_pylist() == train_ids
     assert len(list((outs["shards"] / "data").glob("*.parquet"))) >= 6
+    # Rerun without a held-out split: the earlier held-out rows are trained on now, so the
+    # earlier OUT/heldout goes (eval and training's eval_loss measured on it, as held out).
+    code, err = _prepare(outs["shards"], f"--set=data.path={shards}", capsys=capsys)
+    assert code == 0, err
+    assert pq.read_table(outs["shards"] / "data").num_rows == len(train_ids) + len(held_ids)
+    assert not (outs["shards"] / "heldout").exists()
+    assert not (outs["shards"] / "rejections" / "heldout.jsonl").exists()
 
 
 @pytest.mark.parametrize(

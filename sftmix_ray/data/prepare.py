@@ -298,7 +298,9 @@ def run_prepare(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
         replace_dir(Path(dirs["heldout"]), run.heldout)
         _gather_rejections(Path(rejection_dirs["heldout"]), run.rejections("heldout"))
         counts["heldout"] = _side_result(heldout_source, heldout, run.rejections("heldout"))
-    else:
+    else:  # an earlier config's held-out rows are not held out now (they may be trained on)
         shutil.rmtree(dirs["heldout"], ignore_errors=True)
+        shutil.rmtree(run.heldout, ignore_errors=True)
+        run.rejections("heldout").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return counts
