@@ -65,3 +65,42 @@ def test_writer_writes_in_order_off_the_caller_thread_and_raises_failures(tmp_pa
     with pytest.raises(OSError, match="disk full"):
         writer.finish().result(timeout=30)
     assert writer.finish().result(timeout=30) is None  # the next save starts clean
+
+
+def test_a_run_removal_cut_short_leaves_no_snapshot_naming_removed_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """Ray Train's snapshot lists a run's checkpoints; one that names deleted checkpoints
+    fails the next run of that name at start (`CheckpointManagerInitializationError`) until
+    the directory is removed by hand. The snapshot goes first, so a removal that fails midway
+    (here: after one checkpoint, as an NFS error would) leaves only checkpoints behind."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from sftmix_ray.train.checkpointing import delete_run_dir
+
+    run = tmp_path / "train-abc"
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step:08d}-0123abcd").mkdir(parents=True)
+        (run / f"checkpoint-{step:08d}-0123abcd" / "state.pt").write_bytes(b"x" * 10)
+    (run / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": []}')
+
+    class FailsMidway:  # a filesystem whose removal stops after one checkpoint
+        def __init__(self) -> None:
+            self.local = pafs.LocalFileSystem()
+
+        def __getattr__(self, name: str):
+            return getattr(self.local, name)
+
+        def delete_dir(self, path: str) -> None:
+            shutil.rmtree(Path(path) / "checkpoint-00000001-0123abcd")
+            raise OSError(5, "Input/output error", path)
+
+    with pytest.raises(OSError, match="Input/output error"):
+        delete_run_dir(FailsMidway(), str(run))
+    assert not (run / "checkpoint_manager_snapshot.json").exists()
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint-00000002-0123abcd", "checkpoint-00000003-0123abcd",
+    ]  # fmt: skip
+    assert delete_run_dir(pafs.LocalFileSystem(), str(run)) == 2 and not run.exists()

@@ -185,6 +185,8 @@ class CheckpointReporter:
             shutil.rmtree(finished.target.path, ignore_errors=True)
 
 
+# Ray Train's record of a run's registered checkpoints (`checkpoint_manager_snapshot.json`).
+SNAPSHOT_PREFIX = "checkpoint_manager_snapshot"
 _OURS = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})-[0-9a-f]{{8}}")
 
 
@@ -223,14 +225,22 @@ def delete_checkpoints(storage_uri: str, run_name: str) -> int:
     """Remove a finished run's training-state checkpoints from storage (the reference run's,
     once its HF checkpoints are exported); returns how many were removed.
 
-    The whole run directory goes, Ray Train's snapshot of its checkpoints included: a snapshot
+    The whole run directory goes, Ray Train's snapshot of its checkpoints first: a snapshot
     that lists deleted checkpoints makes the next run of that name fail at start
     (`CheckpointManagerInitializationError`), so `sftmix-ray reference` run again, or
-    `pipeline --force reference`, could not start. Without it a rerun trains afresh."""
+    `pipeline --force reference`, could not start. A removal cut short (an NFS error, the
+    driver killed) leaves checkpoints without a snapshot, which the next run of that name
+    starts without (and removes as orphans), never a snapshot without its checkpoints."""
     import pyarrow.fs as pafs
 
     filesystem, root = pafs.FileSystem.from_uri(storage_uri)
-    run_dir = f"{root.rstrip('/')}/{run_name}"
+    return delete_run_dir(filesystem, f"{root.rstrip('/')}/{run_name}")
+
+
+def delete_run_dir(filesystem: Any, run_dir: str) -> int:
+    """`delete_checkpoints` on a `pyarrow.fs` filesystem and the run's directory in it."""
+    import pyarrow.fs as pafs
+
     entries = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     removed = 0
     for entry in entries:
@@ -238,6 +248,8 @@ def delete_checkpoints(storage_uri: str, run_name: str) -> int:
         resume_state = name.startswith((CHECKPOINT_PREFIX, "checkpoint_"))  # ours, Ray's own
         if entry.type == pafs.FileType.Directory and resume_state:
             removed += 1
+        elif entry.type == pafs.FileType.File and name.startswith(SNAPSHOT_PREFIX):
+            filesystem.delete_file(entry.path)  # first: the snapshot names the checkpoints
     if filesystem.get_file_info(run_dir).type == pafs.FileType.Directory:
         filesystem.delete_dir(run_dir)
     return removed

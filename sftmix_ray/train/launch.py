@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -15,6 +16,8 @@ from sftmix_ray.config import Config
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.layout import RunDir
 from sftmix_ray.train.spec import LossSpec, RunSpec
+
+log = logging.getLogger(__name__)
 
 
 def _read_table(path: Path, columns: list[str] | None = None) -> Any:
@@ -363,7 +366,11 @@ def run_training(
         # ~96 GB per save at 8B) is of no further use, and a 1 TiB volume held ~5 such runs.
         from sftmix_ray.train.checkpointing import delete_checkpoints
 
-        removed = delete_checkpoints(str(storage), name)
+        try:
+            removed = delete_checkpoints(str(storage), name)
+        except OSError as exc:  # the run is exported: its resume state is only disk now
+            log.warning("%s: could not remove the run's resume checkpoints (%s); the next run "
+                        "of this name removes them", name, exc)  # fmt: skip
     summary: dict[str, Any] = {
         "steps": int(last.get("step", 0)),
         "restarts": history["restarts"],
