@@ -346,3 +346,34 @@ def test_a_parquet_file_in_one_row_group_is_cut_into_many_chunks(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows[:5000]), many / f"part-{part}.parquet")
     planned, _ = plan_chunks(str(many), hf_split="train", work_dir=tmp_path / "w3", parts=4)
     assert len(planned) == 8 and all(c.path.startswith(str(many)) for c in planned)
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from sftmix_ray.data.chunks import plan_chunks
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+try:
+    plan_chunks(sys.argv[1], hf_split="train", work_dir=Path(sys.argv[2]), parts=4)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_full_work_disk_while_regrouping_is_not_called_an_unreadable_file(tmp_path):
+    """A one-row-group Parquet file is rewritten under the work dir; a write that fails there
+    (a full disk: EFBIG from `RLIMIT_FSIZE` here) is an OS error about the copy, not "not a
+    readable Parquet file" about the user's file."""
+    import subprocess
+    import sys
+
+    rows = [{"instruction": f"question {i} " * 5, "output": f"answer {i}"} for i in range(20_000)]
+    path = tmp_path / "one-group.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path), str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.startswith("OSError "), proc.stdout + proc.stderr[-2000:]
+    assert "not a readable Parquet file" not in proc.stdout

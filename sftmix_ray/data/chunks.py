@@ -228,12 +228,17 @@ def _regrouped(path: str, target: Path) -> str:
 
     source = parquet_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with pq.ParquetWriter(target, source.schema_arrow) as writer:
-            for batch in source.iter_batches(batch_size=PARQUET_ROW_GROUP):
-                writer.write_table(pa.Table.from_batches([batch]), PARQUET_ROW_GROUP)
-    except pa.ArrowException as exc:  # a corrupt page (ArrowIOError too): the file as given
-        raise unreadable_parquet(path, exc) from None
+    with pq.ParquetWriter(target, source.schema_arrow) as writer:
+        batches = source.iter_batches(batch_size=PARQUET_ROW_GROUP)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:  # a corrupt page (ArrowIOError: OSError)
+                raise unreadable_parquet(path, exc) from None
+            if batch is None:
+                break
+            # A write error (a full work disk) is an OSError naming the copy, not the source.
+            writer.write_table(pa.Table.from_batches([batch]), PARQUET_ROW_GROUP)
     return str(target)
 
 
