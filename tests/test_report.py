@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sftmix_ray.layout import RunDir
 from sftmix_ray.report import write_report
 from sftmix_ray.summary import update_stage
@@ -91,16 +93,14 @@ def test_eval_without_a_held_out_split_skips_its_metrics_and_says_so(ray_local, 
     assert "9.0" not in report
 
 
-def test_eval_reads_the_exports_its_config_trains_not_what_out_holds(tmp_path, capsys):
+def test_eval_reads_the_exports_its_config_trains_not_what_out_holds(tmp_path):
     """OUT keeps an earlier config's exports: `model_ntp/` after `eval.compare_ntp` was
     turned off, a merged `model/` beside the adapter of a run that no longer merges. Eval
     evaluated and reported them as this run's; it now takes the exports the config trains,
     and says which one is missing."""
-    from sftmix_ray.cli import main
     from sftmix_ray.config import load_config
     from sftmix_ray.evaluation import trained_models
     from sftmix_ray.train.lora import ADAPTER_CONFIG
-    from tests.conftest import TINY_OVERRIDES
 
     run = RunDir(tmp_path / "out")
     for name in (RunDir.MODEL, RunDir.NTP_MODEL):
@@ -123,7 +123,20 @@ def test_eval_reads_the_exports_its_config_trains_not_what_out_holds(tmp_path, c
     assert found("train.lora.r=8") == {"sftmix": ("model", "model")}  # merged: the model
     lora = ["train.lora.r=8", "train.lora.merge=false", "eval.compare_ntp=true"]
     assert found(*lora) == {"sftmix": ("adapter", "adapter")}  # not the old merged model
-    # Through the stage: the baseline the config asks for is named, not silently left out.
+
+
+@pytest.mark.slow
+def test_eval_names_a_baseline_its_config_asks_for_that_is_missing(tmp_path, capsys):
+    """Through the stage (it starts Ray): the NTP baseline `eval.compare_ntp` asks for is
+    named when it is missing, not silently left out of the comparison."""
+    from sftmix_ray.cli import main
+    from sftmix_ray.train.lora import ADAPTER_CONFIG
+    from tests.conftest import TINY_OVERRIDES
+
+    run = RunDir(tmp_path / "out")
+    run.adapter().mkdir(parents=True)
+    (run.adapter() / ADAPTER_CONFIG).write_text("{}")
+    lora = ["train.lora.r=8", "train.lora.merge=false", "eval.compare_ntp=true"]
     sets = [f"--set={o}" for o in [*TINY_OVERRIDES, *lora] if not o.startswith("ray.")]
     assert main(["eval", "--output-dir", str(run.root), *sets]) == 1
     last = capsys.readouterr().err.rstrip("\n").rsplit("\n", 1)[-1]
