@@ -692,6 +692,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw)
 
 
+def trains_ntp_baseline(cfg: Config) -> bool:
+    """Whether `train` also trains the NTP baseline to OUT/model_ntp (`eval.compare_ntp`; at
+    `mixup.mu` 0 the trained model is the NTP one)."""
+    return cfg.eval.compare_ntp and cfg.mixup.mu > 0
+
+
+def exports_adapter_only(cfg: Config) -> bool:
+    """Whether `train` exports a LoRA adapter (OUT/adapter) without a merged model."""
+    return cfg.train.lora.r > 0 and not cfg.train.lora.merge
+
+
 # Keys whose values are secrets: `token`, `hf_token`, `api_key`, `password`, `aws_secret`, ...
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|access_key)$", re.IGNORECASE)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sftmix_ray.config import Config
+from sftmix_ray.config import Config, exports_adapter_only, trains_ntp_baseline
 from sftmix_ray.errors import SftmixError
 from sftmix_ray.io_utils import atomic_write_json
 from sftmix_ray.layout import RunDir
@@ -231,9 +231,9 @@ def trained_models(cfg: Config, run: RunDir) -> dict[str, tuple[str, Path]]:
     from sftmix_ray.train.lora import is_adapter_dir
 
     names = [("sftmix", RunDir.MODEL)]
-    if cfg.eval.compare_ntp and cfg.mixup.mu > 0:  # at mu 0 the trained model is the NTP one
+    if trains_ntp_baseline(cfg):
         names.append(("ntp", RunDir.NTP_MODEL))
-    adapter_only = cfg.train.lora.r > 0 and not cfg.train.lora.merge
+    adapter_only = exports_adapter_only(cfg)
     found = {}
     for key, name in names:
         if adapter_only and is_adapter_dir(run.adapter(name)):
@@ -251,11 +251,10 @@ def run_eval(cfg: Config, out_dir: Path | RunDir) -> dict[str, Any]:
 
     run = RunDir.of(out_dir)
     models = trained_models(cfg, run)
-    adapter_only = cfg.train.lora.r > 0 and not cfg.train.lora.merge
-    export = run.adapter if adapter_only else run.model
+    export = run.adapter if exports_adapter_only(cfg) else run.model
     if "sftmix" not in models:
         raise SftmixError(f"{export()} does not exist; run `sftmix-ray train` first")
-    if cfg.eval.compare_ntp and cfg.mixup.mu > 0 and "ntp" not in models:
+    if trains_ntp_baseline(cfg) and "ntp" not in models:
         raise SftmixError(
             f"eval.compare_ntp is set but the NTP baseline ({export(RunDir.NTP_MODEL)}) does "
             "not exist; run `sftmix-ray train` again"

@@ -37,7 +37,13 @@ def output_lock(out: Path, command: str) -> Iterator[None]:
     """Hold OUT's lock for the block; a SftmixError naming the holder when another run has
     it. The file keeps who holds it (host, pid, command, since when) for that message."""
     path = ensure_writable_dir(out) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # writable by the group (the umask permitting): a team's shared OUT
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError as exc:  # another user's lock file: still a run, unguarded
+        log.warning("%s: cannot be opened (%s): nothing stops a second run from writing this "
+                    "output directory at the same time", path, exc.strerror)  # fmt: skip
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftmix_ray.config import Config, TrainConfig
+from sftmix_ray.config import Config, TrainConfig, trains_ntp_baseline
 from sftmix_ray.layout import RunDir
 
 Reads = dict[str, Any]  # dotted config key -> the value the stage uses
@@ -183,7 +183,7 @@ def _train(cfg: Config, out: RunDir) -> dict[str, Any]:
     from sftmix_ray.train.launch import run_training
 
     result = run_training(cfg, out, "train")
-    if cfg.eval.compare_ntp and cfg.mixup.mu > 0:
+    if trains_ntp_baseline(cfg):
         ntp = dataclasses.replace(cfg, mixup=dataclasses.replace(cfg.mixup, mu=0.0))
         result["ntp_baseline"] = run_training(ntp, out, "train", export_name=RunDir.NTP_MODEL)
     return result

@@ -284,6 +284,15 @@ def test_an_object_store_directory_keeps_its_options_and_odd_key_names(
     assert len(built) == 1, built  # one client for every file, planned and read
     sources = {c.source or c.path for c in chunks}
     assert f"s3://{BUCKET}/odd/a%20b.jsonl?endpoint_override={endpoint}&scheme=http" in sources
+    # Credentials in the URI (`s3://KEY:SECRET@bucket`): read again through the cached client
+    # (its path was looked for in a bucket named `KEY:SECRET@bucket`), and kept out of the
+    # rows' locations, which go to the rejections file.
+    secret = f"s3://testing:testing@{BUCKET}/odd?endpoint_override={endpoint}&scheme=http"
+    planned, _ = plan_chunks(secret, hf_split="train", work_dir=tmp_path / "w2", parts=8)
+    located = [where for c in planned for _, _, where in iter_chunk_located(c)]
+    assert [row for c in planned for _, row in iter_chunk(c)] == rows
+    assert located[0]["file"].startswith(f"s3://***@{BUCKET}/odd/a%20b.jsonl?")
+    assert not any("testing:testing" in where["file"] for where in located)
     # One file named with its options reads too (its suffix is read without them).
     assert (
         read_records(f"s3://{BUCKET}/odd/e%2Bf.jsonl?endpoint_override={endpoint}&scheme=http")
@@ -293,25 +302,48 @@ def test_an_object_store_directory_keeps_its_options_and_odd_key_names(
 
 def test_planning_many_files_reports_the_first_bad_file_in_corpus_order(tmp_path):
     """Files are planned several at a time; an error is still the first one in corpus
-    order, whichever file's planning fails first, and no chunk of a later file is kept."""
+    order, not the first to happen: file 1 fails at its end, after ~20,000 good lines, while
+    file 2 fails at its first byte. No chunk of a later file is kept."""
     corpus = tmp_path / "many"
     corpus.mkdir()
     rows = [r for r in _rows(80) if r is not None][:30]
     for n in range(40):
         (corpus / f"part-{n:03d}.jsonl").write_bytes(_jsonl_bytes(rows))
-    (corpus / "part-007.jsonl").write_bytes(_jsonl_bytes(rows) + b"\xff\xfe\n")  # late in it
-    (corpus / "part-031.jsonl").write_bytes(b"\xff\n" + _jsonl_bytes(rows))  # at once
+    (corpus / "part-001.jsonl").write_bytes(_jsonl_bytes(rows * 700) + b"\xff\xfe\n")
+    (corpus / "part-002.jsonl").write_bytes(b"\xff\n" + _jsonl_bytes(rows))
     with pytest.raises(DataError) as err:
         plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=4)
-    assert str(err.value).startswith(f"{corpus / 'part-007.jsonl'}: not valid UTF-8"), err.value
-    (corpus / "part-007.jsonl").write_bytes(_jsonl_bytes(rows))
-    (corpus / "part-031.jsonl").write_bytes(_jsonl_bytes(rows))
+    assert str(err.value).startswith(f"{corpus / 'part-001.jsonl'}: not valid UTF-8"), err.value
+    (corpus / "part-001.jsonl").write_bytes(_jsonl_bytes(rows))
+    (corpus / "part-002.jsonl").write_bytes(_jsonl_bytes(rows))
     chunks, total = plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=4)
     assert total == 40 * len(rows) and [c.first_row for c in chunks] == sorted(
         c.first_row for c in chunks
     )
     assert [c.path for c in chunks] == sorted(c.path for c in chunks)
     assert [row for c in chunks for _, row in iter_chunk(c)] == rows * 40
+
+
+def test_after_a_bad_file_the_files_being_planned_stop(tmp_path):
+    """When a file fails, the files planned beside it stop at their next rows instead of
+    finishing first (a 1M-row CSV's rewrite took minutes, and the error waited for it): the
+    CSV's Parquet copy is cut short, not written to its end."""
+    import threading
+    import time
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_bytes(b"\xff\n")
+    lines = ["instruction,output", *(f"question {i},answer {i}" for i in range(200_000))]
+    (corpus / "b.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        plan_chunks(str(corpus), hf_split="train", work_dir=tmp_path / "w", parts=4)
+    deadline = time.monotonic() + 60  # the planner's threads end at their next check
+    while any(t.name.startswith("ThreadPoolExecutor") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a planning thread still runs"
+        time.sleep(0.05)
+    copy = tmp_path / "w" / "00001.parquet"
+    assert not copy.exists() or pq.ParquetFile(copy).metadata.num_rows < 200_000
 
 
 def test_a_parquet_file_in_one_row_group_is_cut_into_many_chunks(tmp_path):

@@ -6,6 +6,7 @@ Split from test_tune_sweeps.py so that pytest-xdist (`--dist loadfile`) runs the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ from tests.conftest import tiny_config
 from tests.test_tune import SWEEP, _attempts, _copy_base, _history
 from tuning.space import load_space
 from tuning.sweep import SweepInterrupted, random_points, run_tune
-from tuning.trial import removed_after_trial
+from tuning.trial import REMOVED_FILE
 
 # ---------------------------------------------------------------------------------------------
 # A sweep interrupted after its first trial and resumed: only the remaining trials run, and ASHA
@@ -102,7 +103,8 @@ def test_interrupted_asha_sweep_resumes_the_remaining_trial_and_stops_the_worse_
     # The stopped trial's went as soon as its workers had exited, not at the end of the sweep
     # (at 8B, ~24 of 32 ASHA trials' checkpoints filled the volume while the others trained):
     # the callback that Tune calls for it removed and counted them.
-    assert removed_after_trial(Path(wrecked["trial_dir"])) >= 1
+    by_callback = json.loads((Path(wrecked["trial_dir"]) / REMOVED_FILE).read_text())
+    assert by_callback["resume_checkpoints_removed"] >= 1
 
     # A finished sweep rerun trains nothing and reports the same best trial.
     again_at = time.time()

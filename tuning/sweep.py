@@ -38,12 +38,11 @@ from tuning.results import (
 from tuning.schedulers import ResumableASHA
 from tuning.space import Domain, apply_params, distinct_points, load_space
 from tuning.trial import (
-    RESULT_FILE,
     ReleaseFinishedTrials,
     join_checkpoint_removals,
     release_placement_groups,
     remove_finished_checkpoints,
-    removed_after_trial,
+    removed_checkpoints,
     trial_dirname,
     trial_driver,
 )
@@ -169,12 +168,13 @@ def expected_trials(cfg: Config, domains: list[Domain]) -> int:
     return total
 
 
-def _removed_by_trial(trial_dir: Path) -> int:
-    """How many resume checkpoints a trial removed itself when its training finished."""
-    result = trial_dir / RESULT_FILE
-    if not result.exists():
+def _remove_left_checkpoints(storage_path: str | None, trial_dir: Path) -> int:
+    """The sweep's last pass over a finished trial: what the trial and the callback left."""
+    try:
+        return remove_finished_checkpoints(storage_path, RunDir(trial_dir))
+    except OSError as exc:  # the sweep is done: its results are written all the same
+        log.warning("could not remove the checkpoints of trial %s: %s", trial_dir.name, exc)
         return 0
-    return int(json.loads(result.read_text()).get("resume_checkpoints_removed", 0))
 
 
 def _split_is_current(out: Path, cfg: Config) -> bool:
@@ -351,17 +351,18 @@ def run_tune(cfg: Config, out_dir: Path, callbacks: list | None = None) -> dict[
         for trial_out in trial_outs:
             release_placement_groups(trial_out)
         wait_for_workers(trial_outs)
-        join_checkpoint_removals()
+        still_removing = join_checkpoint_removals()
     # Finished trials (ASHA's stopped ones too) are never resumed: their checkpoints go, most
     # already once the trial was over (`ReleaseFinishedTrials`); a trial that trained to the
     # end removed its own after its export (`run_training`).
-    finished = [r for r in rows if r["status"] == "TERMINATED" and r.get("trial_dir")]
-    removed = sum(
-        remove_finished_checkpoints(cfg.train.storage_path, RunDir(Path(r["trial_dir"])))
-        + _removed_by_trial(Path(r["trial_dir"]))
-        + removed_after_trial(Path(r["trial_dir"]))
-        for r in finished
-    )
+    finished = [
+        Path(r["trial_dir"]) for r in rows if r["status"] == "TERMINATED" and r.get("trial_dir")
+    ]
+    removed = 0
+    for trial_dir in finished:
+        if trial_dir.name not in still_removing:
+            removed += _remove_left_checkpoints(cfg.train.storage_path, trial_dir)
+        removed += removed_checkpoints(trial_dir)
     frame = results_frame(rows, keys)
     frame.to_csv(tune_dir / f"{RESULTS}.csv", index=False)
     frame.to_parquet(tune_dir / f"{RESULTS}.parquet", index=False)

@@ -184,8 +184,9 @@ def remove_checkpoints_once_exited(storage_path: str | None, trial_out: Path) ->
             if wait_for_workers([trial_out]):
                 removed = remove_finished_checkpoints(storage_path, RunDir(trial_out))
                 if removed:
-                    done = {"resume_checkpoints_removed": removed + removed_after_trial(trial_out)}
-                    atomic_write_json(trial_out / REMOVED_FILE, done)
+                    atomic_write_json(
+                        trial_out / REMOVED_FILE, {"resume_checkpoints_removed": removed}
+                    )
                     log.info("removed %d resume checkpoint(s) of trial %s", removed, trial_out.name)
         except Exception as exc:  # the sweep's last pass tries again
             log.warning("could not remove the checkpoints of trial %s: %s", trial_out.name, exc)
@@ -195,20 +196,29 @@ def remove_checkpoints_once_exited(storage_path: str | None, trial_out: Path) ->
     _CLEANUPS.append(thread)
 
 
-def join_checkpoint_removals(timeout_s: float = 300.0) -> None:
+def join_checkpoint_removals(timeout_s: float = 300.0) -> set[str]:
     """Wait for the removals `remove_checkpoints_once_exited` started (before the sweep's own
-    pass over every finished trial)."""
+    pass over every finished trial); returns the trials whose removal still runs after
+    `timeout_s`, which that pass leaves alone (two removals of one directory race)."""
     deadline = time.monotonic() + timeout_s
+    running = set()
     while _CLEANUPS:
-        _CLEANUPS.pop().join(max(0.0, deadline - time.monotonic()))
+        thread = _CLEANUPS.pop()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            running.add(thread.name.removeprefix("remove-"))
+    return running
 
 
-def removed_after_trial(trial_out: Path) -> int:
-    """How many resume checkpoints the sweep removed once the trial was over."""
-    path = trial_out / REMOVED_FILE
-    if not path.exists():
-        return 0
-    return int(json.loads(path.read_text()).get("resume_checkpoints_removed", 0))
+def removed_checkpoints(trial_out: Path) -> int:
+    """How many resume checkpoints went with a trial: those its training removed after its
+    export (`RESULT_FILE`) and those the sweep removed once it was over (`REMOVED_FILE`)."""
+    total = 0
+    for name in (RESULT_FILE, REMOVED_FILE):
+        if (trial_out / name).exists():
+            record = json.loads((trial_out / name).read_text(encoding="utf-8"))
+            total += int(record.get("resume_checkpoints_removed", 0))
+    return total
 
 
 def trial_storage(storage_path: str | None, trial: RunDir) -> str:

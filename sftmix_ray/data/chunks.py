@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from sftmix_ray.config import URL_CREDENTIALS
 from sftmix_ray.data.json_stream import json_layout, jsonl_lines, parse_jsonl_line
 from sftmix_ray.data.readers import (
     corpus_files,
@@ -37,6 +39,7 @@ from sftmix_ray.data.readers import (
 )
 from sftmix_ray.errors import DataError
 
+T = TypeVar("T")
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 64 << 20
 PLAN_THREADS = 16  # files planned at once (object-store requests wait on the network)
@@ -75,7 +78,9 @@ def iter_chunk_located(chunk: Chunk) -> Iterator[tuple[int, Any, dict[str, Any]]
     """`iter_chunk` with where each row is in the corpus as the user gave it:
     `{"file": ..., "line": n}` (JSON Lines), `"element": n` (a JSON array), `"row": n`
     (Parquet, a Hub dataset's split); numbers from 1."""
-    source = chunk.source or chunk.path
+    # As the user named it, without credentials (`s3://KEY:SECRET@...`): it is written to the
+    # rejections file and the reports.
+    source = URL_CREDENTIALS.sub("***@", chunk.source or chunk.path)
     if chunk.kind == "parquet":
         rows = iter_parquet_rows(chunk.path, list(range(chunk.start, chunk.stop)))
         numbered: Iterator[tuple[int, Any]] = enumerate(rows, start=chunk.first_line)
@@ -108,51 +113,75 @@ def plan_chunks(path: str, *, hf_split: str, work_dir: Path, parts: int) -> tupl
     chunks: list[Chunk] = []
     total = 0
     pool = ThreadPoolExecutor(max_workers=min(PLAN_THREADS, len(files)))
+    stop = threading.Event()
     try:
         target = _target_bytes(list(pool.map(_size, files)), parts)
         # A file's row groups are cut finer only when the files alone give fewer than `parts`.
         regroup = len(files) < parts
         planned = [
-            pool.submit(_plan_file, file, number, target, regroup, work_dir, source)
+            pool.submit(_plan_file, file, number, target, regroup, work_dir, source, stop)
             for number, file in enumerate(files)
         ]
         for future in planned:
             for chunk in future.result():
                 chunks.append(Chunk(**{**asdict(chunk), "first_row": total}))
                 total += chunk.rows
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after an error: no file after it begins
+    except BaseException:  # an error, Ctrl+C: the files being planned stop at their next rows
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return chunks, total
 
 
+class _Stopped(Exception):
+    """Planning a file was cut short: an earlier file failed, or the run was interrupted."""
+
+
+def _until(stop: threading.Event, items: Iterable[T], every: int = 1024) -> Iterator[T]:
+    """`items`, checking `stop` every `every` of them (a rewrite of a 1M-row file took
+    minutes after another file had failed, and the error waited for it)."""
+    for n, item in enumerate(items):
+        if n % every == 0 and stop.is_set():
+            raise _Stopped
+        yield item
+
+
 def _plan_file(
-    file: str, number: int, target: int, regroup: bool, work_dir: Path, named: dict[str, str]
+    file: str,
+    number: int,
+    target: int,
+    regroup: bool,
+    work_dir: Path,
+    named: dict[str, str],
+    stop: threading.Event,
 ) -> list[Chunk]:
     """One file's chunks (`first_row` counted from the file's start), named as the user named
     the file; a file pyarrow cannot cut as it is is rewritten under `work_dir` first."""
     kind = file_kind(file)
     if kind in ("csv", "tsv"):  # its rows numbered from 1 after the header
         named = {"source": file, "unit": "row"}
-        file, kind = _delimited_to_parquet(file, work_dir / f"{number:05d}.parquet"), "parquet"
+        file = _delimited_to_parquet(file, work_dir / f"{number:05d}.parquet", stop)
+        kind = "parquet"
     elif split_compression(file)[1] is not None:  # cut by byte ranges: decompressed first
         named = {"source": file}
-        file = _decompressed(file, work_dir / f"{number:05d}.{kind}")
+        file = _decompressed(file, work_dir / f"{number:05d}.{kind}", stop)
     if kind in ("json", "jsonl"):
         with open_binary(file) as f:
             kind = json_layout(f, file, kind)
             if kind != "array":  # planned from the same open file: one request less
-                planned = _plan_jsonl(f, file, target)
+                planned = _plan_jsonl(f, file, target, stop)
         if kind == "array":  # one element per line: line n is element n
             named = {"source": named.get("source", file), "unit": "element"}
             # Its own name: a decompressed `.jsonl` copy may sit at `{number}.jsonl`.
-            file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl")
+            file = _array_to_jsonl(file, work_dir / f"{number:05d}.rows.jsonl", stop)
             with open_binary(file) as f:
-                planned = _plan_jsonl(f, file, target)
+                planned = _plan_jsonl(f, file, target, stop)
     else:
         meta = parquet_file(file).metadata
         if regroup and _too_coarse(meta, 2 * target):  # finer row groups
             named = {"source": named.get("source", file), "unit": "row"}
-            file = _regrouped(file, work_dir / f"{number:05d}.regrouped.parquet")
+            file = _regrouped(file, work_dir / f"{number:05d}.regrouped.parquet", stop)
             meta = parquet_file(file).metadata
         planned = _plan_parquet(file, meta, target)
     return [Chunk(**{**asdict(chunk), **named}) for chunk in planned]
@@ -172,12 +201,12 @@ def _size(path: str) -> int:
     return int(fs.get_file_info(inner).size or 0)
 
 
-def _plan_jsonl(f: IO[bytes], path: str, target: int) -> list[Chunk]:
+def _plan_jsonl(f: IO[bytes], path: str, target: int, stop: threading.Event) -> list[Chunk]:
     """Byte ranges of about `target` bytes, each starting at a row's line, of the JSON Lines
     file `path` open as `f`."""
     chunks: list[Chunk] = []
     start, first_line, rows = 0, 1, 0
-    for offset, line, _ in jsonl_lines(f, path):
+    for offset, line, _ in _until(stop, jsonl_lines(f, path)):
         if rows and offset - start >= target:
             chunks.append(Chunk(path, "jsonl", start, offset, 0, rows, first_line))
             start, first_line, rows = offset, line, 0
@@ -220,7 +249,7 @@ def _too_coarse(meta: Any, limit: int) -> bool:
     )
 
 
-def _regrouped(path: str, target: Path) -> str:
+def _regrouped(path: str, target: Path, stop: threading.Event) -> str:
     """Rewrite a Parquet file under `work_dir` in row groups of `PARQUET_ROW_GROUP` rows,
     the same rows in the same order and schema (Arrow batches, never Python rows)."""
     import pyarrow as pa
@@ -229,7 +258,7 @@ def _regrouped(path: str, target: Path) -> str:
     source = parquet_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(target, source.schema_arrow) as writer:
-        batches = source.iter_batches(batch_size=PARQUET_ROW_GROUP)
+        batches = _until(stop, source.iter_batches(batch_size=PARQUET_ROW_GROUP), every=1)
         while True:
             try:
                 batch = next(batches, None)
@@ -242,26 +271,26 @@ def _regrouped(path: str, target: Path) -> str:
     return str(target)
 
 
-def _array_to_jsonl(path: str, target: Path) -> str:
+def _array_to_jsonl(path: str, target: Path, stop: threading.Event) -> str:
     """Rewrite a JSON array file as JSON Lines, one element per line, streaming."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "w", encoding="utf-8") as out:
-        for row in iter_file(path):
+        for row in _until(stop, iter_file(path)):
             out.write(json.dumps(row) + "\n")  # ASCII: lone surrogates survive
     return str(target)
 
 
-def _decompressed(path: str, target: Path) -> str:
+def _decompressed(path: str, target: Path, stop: threading.Event) -> str:
     """Write a compressed file's text under `work_dir`, streaming."""
-    import shutil
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with open_binary(path) as f, open(target, "wb") as out:
-        shutil.copyfileobj(f, out, 1 << 20)  # a corrupt archive: open_binary's DataError
+        # A corrupt archive: open_binary's DataError.
+        for block in _until(stop, iter(lambda: f.read(1 << 20), b""), every=1):
+            out.write(block)
     return str(target)
 
 
-def _delimited_to_parquet(path: str, target: Path) -> str:
+def _delimited_to_parquet(path: str, target: Path, stop: threading.Event) -> str:
     """Write a CSV or TSV file (every column text) as Parquet under `work_dir`, streaming."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -269,7 +298,7 @@ def _delimited_to_parquet(path: str, target: Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     writer, batch = None, []
     try:
-        for row in itertools.chain(iter_delimited_rows(path), [None]):
+        for row in _until(stop, itertools.chain(iter_delimited_rows(path), [None])):
             if row is not None:
                 batch.append(row)
             if batch and (row is None or len(batch) == PARQUET_ROW_GROUP):

@@ -27,6 +27,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import atexit
 import bz2
 import csv
 import gzip
@@ -151,7 +152,9 @@ def _entry_uri(directory: str, path: str) -> str:
     parts = urllib.parse.urlsplit(directory)
     quoted = urllib.parse.quote(path, safe="/")
     # s3 and gs list "bucket/key"; file and hdfs list "/path", under the directory's host.
-    where = f"{parts.netloc}{quoted}" if path.startswith("/") else quoted
+    # Credentials in the URI (`s3://KEY:SECRET@bucket`) are kept: the files are read with them.
+    user, at, _ = parts.netloc.rpartition("@")
+    where = f"{parts.netloc}{quoted}" if path.startswith("/") else f"{user}{at}{quoted}"
     return f"{parts.scheme}://{where}" + (f"?{parts.query}" if parts.query else "")
 
 
@@ -171,10 +174,14 @@ def uri_filesystem(uri: str) -> tuple[Any, str]:
     if fs is None:
         fs, inner = _new_filesystem(uri)
         if parts.scheme in _CACHED_SCHEMES and not parts.fragment:
+            if not _STORES:  # before pyarrow's own S3 finalizer (exit hooks run last first):
+                atexit.register(_STORES.clear)  # a client alive then can hang the exit
             _STORES.setdefault(key, fs)
         return fs, inner
-    # As pyarrow reads an s3/gs URI: the bucket, then the key percent-decoded, no final "/".
-    return fs, (parts.netloc + urllib.parse.unquote(parts.path)).rstrip("/")
+    # As pyarrow reads an s3/gs URI: the bucket (after any `KEY:SECRET@`), then the key
+    # percent-decoded, no final "/".
+    bucket = parts.netloc.rpartition("@")[2]
+    return fs, (bucket + urllib.parse.unquote(parts.path)).rstrip("/")
 
 
 def _new_filesystem(uri: str) -> tuple[Any, str]:

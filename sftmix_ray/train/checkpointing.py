@@ -230,7 +230,8 @@ def delete_checkpoints(storage_uri: str, run_name: str) -> int:
     (`CheckpointManagerInitializationError`), so `sftmix-ray reference` run again, or
     `pipeline --force reference`, could not start. A removal cut short (an NFS error, the
     driver killed) leaves checkpoints without a snapshot, which the next run of that name
-    starts without (and removes as orphans), never a snapshot without its checkpoints."""
+    starts without (on a local or NFS path removing them as orphans; on an object store they
+    stay), never a snapshot without its checkpoints."""
     import pyarrow.fs as pafs
 
     filesystem, root = pafs.FileSystem.from_uri(storage_uri)

@@ -369,8 +369,8 @@ def run_training(
         try:
             removed = delete_checkpoints(str(storage), name)
         except OSError as exc:  # the run is exported: its resume state is only disk now
-            log.warning("%s: could not remove the run's resume checkpoints (%s); the next run "
-                        "of this name removes them", name, exc)  # fmt: skip
+            log.warning("%s/%s: could not remove the run's resume checkpoints (%s); remove "
+                        "that directory to free its space", storage, name, exc)  # fmt: skip
     summary: dict[str, Any] = {
         "steps": int(last.get("step", 0)),
         "restarts": history["restarts"],
