@@ -4,6 +4,7 @@ served in example_id order whatever the file order, filtered by a split file."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +55,23 @@ def test_rows_come_in_example_id_order_zero_copy(tmp_path):
 
 
 def test_split_file_keeps_its_ids_only(tmp_path):
+    """A split side is the rows its file lists, in example_id order, as a view of the corpus'
+    one cache entry: both sides, the whole corpus and a new split (each trial of a sweep over
+    `split.ratio`) build nothing more. Ids a split lists that the corpus lacks are not rows."""
     expected = _write(tmp_path / "data")
-    keep = sorted(expected)[::4]
-    split = tmp_path / "confident.parquet"
-    pq.write_table(pa.table({"example_id": pa.array(keep[::-1], pa.int64())}), split)
-    rows = open_token_rows(tmp_path / "data", split, root=tmp_path / "cache")
-    assert list(rows.ids()) == keep
-    assert rows.row(5)[0].tolist() == expected[keep[5]][0]
+    root = tmp_path / "cache"
+    ids = sorted(expected)
+    sides = {"confident": ids[::4], "unconfident": [i for k, i in enumerate(ids) if k % 4]}
+    sides["other split"] = [*ids[1::3], 10**9]
+    for name, keep in sides.items():
+        split = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"example_id": pa.array(keep[::-1], pa.int64())}), split)
+        rows = open_token_rows(tmp_path / "data", split, root=root)
+        assert list(rows.ids()) == [i for i in keep if i in expected]
+        assert rows.row(5)[0].tolist() == expected[keep[5]][0]
+        assert rows.lengths().tolist() == [len(expected[i][0]) for i in rows.ids()]
+    assert len(open_token_rows(tmp_path / "data", root=root)) == len(ids)
+    assert len(_entries(root)) == 1  # one build for all of them
 
 
 def test_one_build_per_node_and_a_new_corpus_gets_a_new_cache(tmp_path):
@@ -136,12 +147,14 @@ def test_cache_keeps_to_its_budget_least_recently_opened_first(tmp_path):
     c = token_rows.cache_key(corpora[2], None)
     assert removed == [(c, "budget")] and a in _entries(root)
 
-    # Stale (its split file is gone) and leftovers (a build cut short) go with budget 0 too.
+    # Stale (its corpus is gone) and leftovers (a build cut short) go with budget 0 too. A
+    # split opens its corpus' entry (here b's, built again).
     split = tmp_path / "confident.parquet"
     pq.write_table(pa.table({"example_id": pa.array(ids[:9], pa.int64())}), split)
     with ctx.Pool(1) as pool:
         pool.map(_open_in_process, [(str(corpora[1]), str(split), str(root), 0.0)])
-    split.unlink()
+    assert b in _entries(root)
+    shutil.rmtree(corpora[1])
     (root / ".deadbeef.12345.tmp").mkdir()
     (root / ".deadbeef.12345.tmp" / "input_ids.i32").write_bytes(b"\0" * 64)
     _write(tmp_path / "e")

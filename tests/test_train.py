@@ -291,13 +291,14 @@ def test_export_is_a_loadable_hf_model(single):
     stage = read_summary(out)["stages"]["train"]
     assert stage["resume_checkpoints_removed"] >= 1
     assert not (out / "ray_storage" / stage["run_name"]).exists()
-    # The worker's token cache: its own three entries (both split sides and the held-out rows)
-    # were kept whatever the budget; the other corpus's (beyond the budget) and the stale one
-    # were removed.
+    # The worker's token cache: its own two entries (the corpus, of which both split sides are
+    # views, and the held-out rows) were kept whatever the budget; the other corpus's (beyond
+    # the budget) and the stale one were removed.
     cache = out.parent / "token-cache"
     entries = sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
-    sources = sorted(json.loads((p / "source.json").read_text())["keep"] or "" for p in entries)
-    assert [Path(k).name for k in sources] == ["", "confident.parquet", "unconfident.parquet"]
+    recorded = [json.loads((p / "source.json").read_text()) for p in entries]
+    assert sorted(Path(r["source"]).name for r in recorded) == ["data", "heldout"]
+    assert all(r["keep"] is None for r in recorded)
 
 
 def _assert_mlflow_run(out: Path, history: list) -> None:

@@ -10,8 +10,10 @@ or worker order.
 Cache layout (`<cache>/<key>/`): `input_ids.i32`, `labels.i32` (all rows' tokens end to end),
 `offsets.i64` (n + 1 row starts), `example_id.i64` and `order.i64` (rows by example_id), and
 `source.json` (the paths it was built from). The key hashes the source files' names, sizes and
-modification times and the id filter, so a re-prepared corpus or a new split never reads a
-stale cache.
+modification times, so a re-prepared corpus never reads a stale cache. A split side (`keep`:
+the example ids of the confident or the unconfident half) is a view of the corpus' entry, only
+its row order computed in memory: one entry serves both sides, the NTP run and every trial of
+a sweep, each with its own split.
 
 Eviction (`evict`, run by whoever just built an entry): entries whose sources changed or are
 gone, builders' leftovers, then the least recently opened entries until the cache fits its
@@ -23,6 +25,7 @@ space comes back when it exits).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -119,14 +122,10 @@ def _batches(files: list[Path], columns: list[str]) -> Iterator[Any]:
             yield from parquet.iter_batches(batch_size=4096, columns=columns, use_threads=False)
 
 
-def _build(source: Path, keep: Path | None, target: Path) -> None:
-    """Stream `source` (rows whose example_id is in `keep`'s, when given) into `target`."""
+def _build(source: Path, target: Path) -> None:
+    """Stream every row of `source` into `target`."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    wanted = None
-    if keep is not None:
-        wanted = pq.read_table(keep, columns=["example_id"]).column("example_id").combine_chunks()
     ids: list[np.ndarray] = []
     total = 0
     with contextlib.ExitStack() as stack:
@@ -138,8 +137,6 @@ def _build(source: Path, keep: Path | None, target: Path) -> None:
         handles["offsets"].write(np.zeros(1, np.int64).tobytes())
         columns = ["example_id", "input_ids", "labels"]
         for batch in _batches(_parquet_files(source), columns):
-            if wanted is not None:
-                batch = batch.filter(pc.is_in(batch.column("example_id"), value_set=wanted))
             if not batch.num_rows:
                 continue
             for name in ("input_ids", "labels"):
@@ -172,10 +169,11 @@ def open_token_rows(
     """The rows of a Parquet file/directory (only example_ids listed in `keep` when given),
     built once per node into the cache under a file lock and memory-mapped by every caller.
     Before and after a build the cache is trimmed to `budget_gb` (0: no size limit; `evict`).
-    An entry found incomplete (its files cut short) is built again."""
+    An entry found incomplete (its files cut short) is built again. `keep` selects from the
+    corpus' own entry (`select`): a new split builds nothing."""
     root = (root or cache_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(source, keep)
+    key = cache_key(source, None)
     final = root / key
     built = False
     with open(root / f"{key}.lock", "w") as lock:
@@ -188,13 +186,13 @@ def open_token_rows(
             tmp = _private_name(root, key)
             tmp.mkdir()
             try:
-                _build(source, keep, tmp)
+                _build(source, tmp)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)  # a restart must not find it filling
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise SftmixError(_disk_full(root, source, keep)) from exc
+                    raise SftmixError(_disk_full(root, source)) from exc
                 raise
-            paths = {"source": str(source.resolve()), "keep": str(keep.resolve()) if keep else None}
+            paths = {"source": str(source.resolve()), "keep": None}
             (tmp / SOURCE_FILE).write_text(json.dumps(paths), encoding="utf-8")
             os.replace(tmp, final)
             built = True
@@ -203,10 +201,28 @@ def open_token_rows(
     _OPENED.add((root, key))
     if built:
         _trim(root, budget_gb)
-    return rows
+    return rows if keep is None else select(rows, keep)
 
 
-def _disk_full(root: Path, source: Path, keep: Path | None) -> str:
+def select(rows: TokenRows, keep: Path) -> TokenRows:
+    """The rows whose example_id the Parquet file `keep` lists (ids it lists that `rows` lacks
+    are not rows), as a view of `rows`: the same mapped arrays, another order (8 bytes a row
+    in memory). A split used to be an entry of its own: each trial of a sweep over
+    `split.ratio` built both sides again, two passes over OUT/data and the corpus' size on
+    each node's disk per trial."""
+    import pyarrow.parquet as pq
+
+    listed = pq.read_table(keep, columns=["example_id"]).column("example_id")
+    wanted = np.unique(listed.to_numpy().astype(np.int64, copy=False))
+    ids = rows.ids()  # ascending
+    at = np.searchsorted(ids, wanted)
+    inside = at < len(ids)
+    found = np.zeros(len(wanted), dtype=bool)
+    found[inside] = ids[at[inside]] == wanted[inside]
+    return dataclasses.replace(rows, order=np.ascontiguousarray(rows.order[at[found]]))
+
+
+def _disk_full(root: Path, source: Path) -> str:
     """The error of a build that filled the cache's disk: where, how much it needs."""
     import pyarrow.parquet as pq
 
@@ -222,8 +238,7 @@ def _disk_full(root: Path, source: Path, keep: Path | None) -> str:
         needed = (8 * tokens + 24 * rows) / 2**30  # ids and labels int32; three int64s a row
         free = shutil.disk_usage(root).free / 2**30
         size = f", which take up to {needed:.1f} GB ({tokens} tokens, {rows} rows)"
-        size += f"{' of which its split file keeps some' if keep is not None else ''}; "
-        size += f"{free:.1f} GB free now"
+        size += f"; {free:.1f} GB free now"
     except (OSError, ValueError):  # the message without the figures, never another error
         size = ""
     return (
