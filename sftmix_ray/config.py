@@ -304,6 +304,10 @@ class TrainConfig:
     eval_steps: int = 0  # held-out eval_loss every N steps (0 = only at the end); Tune/ASHA
     save_steps: int = 0  # 0 = only at the end (reference checkpoints are separate)
     save_total_limit: int = 2  # Ray Train checkpoints kept
+    # Every N steps the ranks ask Ray Train whether a node of the run is being reclaimed (a
+    # spot or preemptible node's notice); on a notice a checkpoint is saved at once, so the
+    # restart loses the steps since then, not those since the last save_steps. 0 = never ask.
+    preemption_check_steps: int = 10
     # After a successful export the run's resume checkpoints are removed (~96 GB each at 8B
     # with Adam; nothing resumes a finished run); true keeps them, as TRL's output_dir does.
     keep_resume_checkpoints: bool = False
@@ -348,6 +352,7 @@ class TrainConfig:
             logging_steps=1,
             save_steps=0,
             save_total_limit=1,
+            preemption_check_steps=0,
             collective_timeout_s=60,
         )
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")

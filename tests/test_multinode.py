@@ -1,6 +1,7 @@
 """Several raylet nodes (ray.cluster_utils.Cluster): STRICT_SPREAD workers train across two
-nodes; one node is removed mid-run and a new one added, and training finishes from the last
-checkpoint in the shared storage path."""
+nodes; one node gets a reclaim notice (a drain for preemption, as a spot instance's), is
+removed a moment later and a new one added, and training finishes from the checkpoint saved on
+the notice, in the shared storage path."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.test_train import write_split
 STEPS = 8
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, os, sys, threading, time
     from pathlib import Path
     import ray
     from ray.cluster_utils import Cluster
@@ -28,6 +29,13 @@ SCRIPT = textwrap.dedent(
     from tests.conftest import tiny_config
 
     out, storage, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    # Ray Train's controller looks for node drains every 0.2 s (5 s by default); the nodes'
+    # processes inherit it from here.
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # the suite turns it off
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
+    # The ranks wait after step 2 until the notice is out (a tiny step takes milliseconds).
+    go_on = out / "go-on"
+    os.environ["SFTMIX_HOLD_AFTER_STEP"] = f"2:{go_on}"
     # Fast node-death detection (defaults take ~30 s): the GCS declares a silent raylet dead
     # after 3 missed 500 ms health checks.
     fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
@@ -40,7 +48,10 @@ SCRIPT = textwrap.dedent(
     cfg = tiny_config(
         "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD",
         "train.per_device_train_batch_size=4", f"train.max_steps={steps}",
-        "train.save_steps=1", "train.max_failures=1", "train.keep_resume_checkpoints=true",
+        # No periodic save before the end: the one checkpoint to resume from is the one saved
+        # on the reclaim notice.
+        "train.save_steps=100", "train.preemption_check_steps=1",
+        "train.max_failures=1", "train.keep_resume_checkpoints=true",
         f"train.storage_path={storage}", f"ray.address={cluster.address}",
     )
     result = {}
@@ -56,11 +67,42 @@ SCRIPT = textwrap.dedent(
     trainer = threading.Thread(target=train)
     trainer.start()
     local = Path(storage.removeprefix("file://"))
-    # Checkpoint directories (written straight into the shared storage: checkpoint-<step>-...).
-    while len(list(local.glob("train-*/checkpoint-*/"))) < 2 and trainer.is_alive():
-        time.sleep(0.1)
-    # Two checkpoints are in the shared storage: the second node goes away (its raylet and
-    # the worker on it die) and a fresh node joins in its place.
+    from ray._private import state
+
+    def watching():  # Ray Train's PreemptionWatcher actor is up (it starts with the workers)
+        actors = state.actors().values()
+        return any(a["ActorClassName"].endswith("PreemptionWatcher") and a["State"] == "ALIVE"
+                   for a in actors)
+
+    while not watching() and trainer.is_alive():
+        time.sleep(0.05)
+    # The second node gets a reclaim notice, as a spot instance does: a drain for preemption
+    # with a deadline (the GCS API `ray drain-node` calls, which Ray's autoscaler v2 uses for
+    # preemption-based termination), and is removed a moment later.
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    deadline_ms = time.time_ns() // 1_000_000 + 120_000
+    accepted, why = gcs.drain_node(doomed.node_id, reason, "spot reclaim", deadline_ms)
+    assert accepted, why
+    time.sleep(3)  # the watcher sees the drain (every 0.2 s) and tells every worker
+    go_on.write_text("")
+    # The checkpoint saved on the notice (checkpoint-<step>-..., straight into the storage),
+    # once Ray Train has registered it (every rank reported it).
+    def registered():
+        for snapshot in local.glob("train-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return True
+            except ValueError:  # being written
+                pass
+        return False
+
+    while not registered() and trainer.is_alive():
+        time.sleep(0.05)
+    # The reclaimed node goes away (its raylet and the worker on it die without grace) and a
+    # fresh node joins in its place.
     cluster.remove_node(doomed, allow_graceful=False)
     added = cluster.add_node(num_cpus=1).node_id
     trainer.join()
@@ -96,16 +138,21 @@ def test_training_survives_losing_a_node(prepared_out: Path, tmp_path: Path):
     assert "error" not in report, report.get("error")
     summary = report["summary"]
     # The run restarted once, on the surviving node and the new one, one worker on each.
-    assert summary["restarts"] == 1 and summary["steps"] == STEPS
+    said = "\n".join(x for x in result.stderr.splitlines() if "preempt" in x or "step " in x)
+    assert summary["restarts"] == 1 and summary["steps"] == STEPS, said[-4000:]
     head = next(n for n in report["first_nodes"] if n != report["removed"])
     assert sorted(summary["nodes"]) == sorted([head, report["added"]])
     history = json.loads((out / "logs" / "train-model-history.json").read_text())["history"]
     assert [h["step"] for h in history] == list(range(1, STEPS + 1)), "resumed, no step redone"
     assert np.isfinite([h["loss"] for h in history]).all()
-    # The last checkpoints are whole in the shared storage (the lost attempt may leave one
-    # more directory behind, which Ray Train never registered).
+    # The checkpoint saved on the reclaim notice (no periodic save before the last step) is the
+    # one the run resumed from: the steps up to it ran in the first attempt (restarts 0), the
+    # rest after the restart. Without it the run started again from step 1.
     states = [
         json.loads(p.read_text()) for p in storage.glob("train-*/checkpoint-*/train_state.json")
     ]
-    assert len(states) >= 2 and max(s["step"] for s in states) == STEPS
+    noticed = min(s["step"] for s in states)
+    assert noticed in (1, 2) and max(s["step"] for s in states) == STEPS, said[-4000:]
+    restarts = [int(h["restarts"]) for h in history]
+    assert restarts == [0] * noticed + [1] * (STEPS - noticed), (noticed, restarts)
     assert (out / "model" / "model.safetensors").exists()

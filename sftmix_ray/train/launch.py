@@ -105,7 +105,7 @@ ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 def _worker_env(cfg: Config) -> dict[str, str]:
     """Environment for the training workers."""
-    from sftmix_ray.train.loop import FAULT_ENV
+    from sftmix_ray.train.loop import FAULT_ENV, HOLD_ENV
 
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # Ray Train's print patch logs every print and, once a library has wrapped sys.stdout,
@@ -118,8 +118,9 @@ def _worker_env(cfg: Config) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     else:  # variable-length batches fragment the caching allocator (a user's value wins)
         env[ALLOC_CONF] = os.environ.get(ALLOC_CONF, "expandable_segments:True")
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for hook in (FAULT_ENV, HOLD_ENV):  # the reliability tests' hooks
+        if os.environ.get(hook):
+            env[hook] = os.environ[hook]
     return env
 
 

@@ -459,6 +459,20 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
             os._exit(17)
 
 
+HOLD_ENV = "SFTMIX_HOLD_AFTER_STEP"
+
+
+def _maybe_hold(step: int) -> None:
+    """Test hook: `SFTMIX_HOLD_AFTER_STEP=STEP:FILE` makes every rank wait after `STEP` until
+    FILE exists (the multi-node test sends a reclaim notice meanwhile)."""
+    value = os.environ.get(HOLD_ENV)
+    if not value:
+        return
+    hold_step, path = value.split(":", 1)
+    while step == int(hold_step) and not Path(path).exists():
+        time.sleep(0.05)
+
+
 def record_start(path: Path, run_name: str) -> int:
     """Count one more worker-group start of `run_name` in `path`; returns the count so far.
 
@@ -489,6 +503,39 @@ def worker_threads(requested: int, cpus: int, local_workers: int) -> int:
     return min(requested, share) if requested > 0 else share
 
 
+class PreemptionNotices:
+    """Whether a node of the run got a reclaim notice since the last check (Ray Train's
+    `get_preemption_info`, which watches Ray's node drains: a spot reclaim, a preemptible
+    VM's, an autoscaler's). Asked every `every` steps, on every rank at the same steps (it is
+    a collective); each new notice answers True once, and the loop saves a checkpoint then,
+    where a reclaimed node used to cost every step since the last `train.save_steps`."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.seen: set[tuple[str, ...]] = set()
+
+    def new_notice(self, step: int) -> bool:
+        if not self.every or step % self.every:
+            return False
+        import ray.train
+
+        try:
+            info = ray.train.get_preemption_info()
+        except (RuntimeError, DeprecationWarning) as exc:  # not a Ray Train worker
+            log.warning("preemption notices are not available (%s); not asking again", exc)
+            self.every = 0
+            return False
+        if info is None:
+            return False
+        nodes = tuple(info.preempted_node_ids)
+        if nodes in self.seen:
+            return False
+        self.seen.add(nodes)
+        log.warning("step %d: node(s) %s will be reclaimed (deadline %s ms): saving a "
+                    "checkpoint now", step, ", ".join(nodes), info.deadline_ms)  # fmt: skip
+        return True
+
+
 def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
     """Ray Train entry (`train_loop_config={"spec": RunSpec}`): resume if a checkpoint exists,
     train, report, export."""
@@ -509,6 +556,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         with checkpoint.as_directory() as d:
             trainer.restore(Path(d))
     save_every = spec.train.save_steps
+    notices = PreemptionNotices(spec.train.preemption_check_steps)
     export_steps = set()
     if spec.export_count:
         per_epoch = trainer.plan.steps_per_epoch() if spec.export_at == "epochs" else None
@@ -528,6 +576,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         metrics = trainer.train_step()
         step = trainer.step
         _maybe_inject_fault(step, trainer.rank)
+        _maybe_hold(step)
         now = time.perf_counter()
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(now - last_time, 1e-9)
         last_time = now
@@ -548,6 +597,7 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         if step in export_steps:
             trainer.export_hf(str(Path(spec.export_dir) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
+        save = notices.new_notice(step) or save  # asked on every rank alike: a collective
         # Every eval is reported (a Tune scheduler stops trials on it), whatever logging_steps.
         if not (save or step % log_every == 0 or "eval_loss" in metrics):
             continue
