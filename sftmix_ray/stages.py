@@ -27,7 +27,7 @@ TRAIN_NEUTRAL = frozenset(
         "logging_steps", "report_to", "mlflow_tracking_uri", "mlflow_experiment",
         "wandb_project", "wandb_entity", "wandb_tags", "wandb_mode",
         "progress_bar", "eval_steps", "save_steps", "save_total_limit", "async_checkpoint",
-        "keep_resume_checkpoints", "storage_path",
+        "keep_resume_checkpoints", "storage_path", "preemption_check_steps",
         "collective_timeout_s", "max_failures", "max_skipped_steps", "placement_strategy",
         "loss_chunk_size", "loss_chunk_mb", "token_cache_gb", "token_cache_dir",
         "fsdp_defer_grad_sync", "gradient_checkpointing", "strategy", "num_workers",

@@ -26,6 +26,7 @@ NEUTRAL = [
     ["train.logging_steps=3"],
     ["train.report_to=tensorboard,mlflow", "train.mlflow_experiment=other"],
     ["train.eval_steps=2", "train.save_steps=1", "train.save_total_limit=5"],
+    ["train.preemption_check_steps=7"],
     ["train.storage_path=/tmp/elsewhere", "train.max_failures=3", "train.progress_bar=false"],
     ["train.num_workers=2", "train.per_device_train_batch_size=4"],
     ["train.strategy=deepspeed", "train.gradient_accumulation_steps=2",

@@ -3,6 +3,7 @@ served in example_id order whatever the file order, filtered by a split file."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import shutil
 from pathlib import Path
@@ -155,12 +156,19 @@ def test_cache_keeps_to_its_budget_least_recently_opened_first(tmp_path):
         pool.map(_open_in_process, [(str(corpora[1]), str(split), str(root), 0.0)])
     assert b in _entries(root)
     shutil.rmtree(corpora[1])
+    # An entry of one split side, as builds before sides were views made: nothing opens it.
+    old_side = root / ("0" * 32)
+    old_side.mkdir()
+    record = {"source": str(corpora[0]), "keep": str(split)}
+    (old_side / "source.json").write_text(json.dumps(record))
     (root / ".deadbeef.12345.tmp").mkdir()
     (root / ".deadbeef.12345.tmp" / "input_ids.i32").write_bytes(b"\0" * 64)
     _write(tmp_path / "e")
     with ctx.Pool(1) as pool:
         removed = pool.map(_open_in_process, [(str(tmp_path / "e"), None, str(root), 0.0)])
-    assert sorted(r for _, r in removed[0]) == ["leftover", "stale"]
+    assert sorted(removed[0]) == sorted(
+        [(".deadbeef.12345.tmp", "leftover"), (b, "stale"), (old_side.name, "stale")]
+    ), removed[0]
     assert not list(root.glob(".*.tmp"))
 
 

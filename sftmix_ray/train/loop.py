@@ -597,11 +597,13 @@ def train_loop_per_worker(config: dict[str, RunSpec]) -> None:
         if step in export_steps:
             trainer.export_hf(str(Path(spec.export_dir) / f"checkpoint-{step}"))
         save = is_last or (save_every and step % save_every == 0) or step in export_steps
-        save = notices.new_notice(step) or save  # asked on every rank alike: a collective
+        noticed = notices.new_notice(step)  # asked on every rank alike: a collective
         # Every eval is reported (a Tune scheduler stops trials on it), whatever logging_steps.
-        if not (save or step % log_every == 0 or "eval_loss" in metrics):
+        if not (save or noticed or step % log_every == 0 or "eval_loss" in metrics):
             continue
-        reporter.report(metrics, step, save=bool(save), final=is_last)
+        # On a reclaim notice the save is written and registered now, never in the background
+        # (a background save is registered at a later report, which may never come).
+        reporter.report(metrics, step, save=bool(save or noticed), final=is_last or noticed)
         if trainer.rank == 0:
             log.info("step %d/%d %s", step, trainer.total_steps, _fmt(metrics))
     reporter.close()

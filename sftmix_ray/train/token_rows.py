@@ -312,19 +312,21 @@ def _last_opened(entry: Path) -> float:
 
 
 def _is_stale(entry: Path) -> bool:
-    """Whether the entry's recorded sources are gone or no longer hash to its key. An entry
-    without a readable record, or whose sources cannot be read for another reason (a
+    """Whether the entry's recorded sources are gone or no longer hash to its key, or it holds
+    one split side (sides are views of their corpus' entry now). An entry without a readable
+    record, or whose sources cannot be read for another reason (a
     permission, a network filesystem's hiccup), is not called stale: the budget decides."""
     try:
         paths = json.loads((entry / SOURCE_FILE).read_text(encoding="utf-8"))
-        keep = Path(paths["keep"]) if paths["keep"] else None
         source = Path(paths["source"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    if paths.get("keep"):  # a split side's own entry (before sides were views): never opened
+        return True
     try:
-        return cache_key(source, keep) != entry.name
+        return cache_key(source, None) != entry.name
     except FileNotFoundError:
-        return True  # the corpus or the split file is gone
+        return True  # the corpus is gone
     except OSError:
         return False
 
