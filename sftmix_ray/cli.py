@@ -287,8 +287,9 @@ class ResultStdout:
         sys.stdout.flush()
         if restore:
             os.dup2(self._saved, 1)
-            if self._result is not None:
-                print(self._result, flush=True)
+            if self._result is not None:  # the stream, not a (patched) `print`
+                sys.stdout.write(self._result + "\n")
+                sys.stdout.flush()
         elif self._result is not None:
             with os.fdopen(os.dup(self._saved), "w", encoding="utf-8") as stream:
                 stream.write(self._result + "\n")
@@ -385,9 +386,12 @@ def _interrupted(command: str, exc: KeyboardInterrupt) -> tuple[int, str]:
 
 
 def _last_line(message: str) -> None:
-    """The one line that ends stderr on failure (Ray has already been shut down)."""
+    """The one line that ends stderr on failure (Ray has already been shut down). Written to
+    the stream, not through `print`: Ray's tqdm_ray replaces `builtins.print` in a process
+    that showed its progress bars, and an in-process caller's print may be patched again."""
     sys.stderr.flush()
-    print(message, file=sys.stderr, flush=True)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def console_main() -> None:
