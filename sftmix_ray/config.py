@@ -307,7 +307,8 @@ class TrainConfig:
     # Every N steps the ranks ask Ray Train whether a node of the run is being reclaimed (a
     # spot or preemptible node's notice; GCP gives 30 s); on a notice a checkpoint is saved at
     # once, so the restart loses the steps since then, not those since the last save_steps.
-    # One call to a Ray actor per rank (milliseconds). 0 = never ask.
+    # One call per rank to Ray Train's synchronization actor per check (its cost at 64 ranks
+    # is not measured). 0 = never ask.
     preemption_check_steps: int = 1
     # After a successful export the run's resume checkpoints are removed (~96 GB each at 8B
     # with Adam; nothing resumes a finished run); true keeps them, as TRL's output_dir does.
